@@ -1,0 +1,3 @@
+from kvtriton.cli import main
+
+raise SystemExit(main())

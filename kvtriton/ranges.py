@@ -1,0 +1,241 @@
+"""Token ranges, block spans and the per-group alignment rules of DESIGN.md §1.
+
+Pure Python: importing this module never imports torch.
+
+Conventions used throughout kvtriton:
+
+* positions are 0-based; a prompt of ``P`` tokens holds positions ``[0, P)``;
+* every range is half-open ``[start, end)`` and may be empty;
+* with ``tokens_per_block = B``, logical block ``b`` holds positions ``[b*B, (b+1)*B)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "BlockSpan",
+    "TokenRange",
+    "WindowedGroup",
+    "ceil_div",
+    "needed_range",
+    "state_needs_transfer",
+    "transfer_range",
+]
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ``a`` and positive ``b``."""
+    return -(-a // b)
+
+
+def _check_int(name: str, value: object, *, minimum: int = 0) -> int:
+    # bool is an int subclass; a True/False token count is always a caller bug.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRange:
+    """Half-open range of token positions ``[start, end)``; empty when ``start == end``."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        _check_int("TokenRange.start", self.start)
+        _check_int("TokenRange.end", self.end)
+        if self.start > self.end:
+            raise ValueError(
+                f"TokenRange needs start <= end, got [{self.start}, {self.end})"
+            )
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+    def __contains__(self, position: object) -> bool:
+        return isinstance(position, int) and self.start <= position < self.end
+
+    def __repr__(self) -> str:
+        return f"TokenRange[{self.start}, {self.end})"
+
+    @property
+    def length(self) -> int:
+        """Number of positions in the range."""
+        return self.end - self.start
+
+    @property
+    def is_empty(self) -> bool:
+        return self.start == self.end
+
+    def intersect(self, other: TokenRange) -> TokenRange:
+        """Positions in both ranges; an empty range (anchored at the larger start) if disjoint."""
+        start = max(self.start, other.start)
+        return TokenRange(start, max(start, min(self.end, other.end)))
+
+    def shift(self, offset: int) -> TokenRange:
+        """The same range moved by ``offset`` positions (the result must stay non-negative)."""
+        return TokenRange(self.start + offset, self.end + offset)
+
+    def blocks(self, tokens_per_block: int) -> range:
+        """Logical block indices touched by the range (empty for an empty range)."""
+        _check_int("tokens_per_block", tokens_per_block, minimum=1)
+        if self.is_empty:
+            return range(0)
+        return range(self.start // tokens_per_block, ceil_div(self.end, tokens_per_block))
+
+    def num_blocks(self, tokens_per_block: int) -> int:
+        """How many blocks of ``tokens_per_block`` positions the range touches."""
+        return len(self.blocks(tokens_per_block))
+
+    def block_chunks(self, tokens_per_block: int) -> Iterator[tuple[int, TokenRange]]:
+        """Split the range at block boundaries: yields ``(logical_block, sub_range)``."""
+        for block in self.blocks(tokens_per_block):
+            lo = max(self.start, block * tokens_per_block)
+            hi = min(self.end, (block + 1) * tokens_per_block)
+            yield block, TokenRange(lo, hi)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSpan:
+    """A block table with an explicit anchor.
+
+    ``block_ids[i]`` is the physical block holding logical block ``first_block + i``, so the
+    span covers positions ``[first_block * B, (first_block + len(block_ids)) * B)`` for a
+    group with ``tokens_per_block = B``. Nothing is inferred from the list's length alone.
+    """
+
+    first_block: int
+    block_ids: tuple[int, ...]
+
+    def __init__(self, first_block: int, block_ids: Sequence[int]) -> None:
+        _check_int("BlockSpan.first_block", first_block)
+        ids = tuple(block_ids)
+        for i, block_id in enumerate(ids):
+            if isinstance(block_id, bool) or not isinstance(block_id, int):
+                # numpy / torch integers are accepted through __index__.
+                try:
+                    block_id = block_id.__index__()  # type: ignore[union-attr]
+                except AttributeError:
+                    raise TypeError(
+                        f"BlockSpan.block_ids[{i}] must be an int, got {block_id!r}"
+                    ) from None
+            if block_id < 0:
+                raise ValueError(f"BlockSpan.block_ids[{i}] is negative ({block_id})")
+        object.__setattr__(self, "first_block", first_block)
+        object.__setattr__(self, "block_ids", tuple(int(b) for b in ids))
+
+    def __len__(self) -> int:
+        return len(self.block_ids)
+
+    @property
+    def end_block(self) -> int:
+        """One past the last logical block held (half-open)."""
+        return self.first_block + len(self.block_ids)
+
+    def logical_blocks(self) -> range:
+        return range(self.first_block, self.end_block)
+
+    def covered(self, tokens_per_block: int) -> TokenRange:
+        """Token positions held by the span, ``[first_block*B, end_block*B)``."""
+        _check_int("tokens_per_block", tokens_per_block, minimum=1)
+        return TokenRange(self.first_block * tokens_per_block, self.end_block * tokens_per_block)
+
+    def check_covers(
+        self, positions: TokenRange, tokens_per_block: int, *, group: str = "?", side: str = ""
+    ) -> None:
+        """Raise ``ValueError`` naming the group and the positions this span does not hold."""
+        if positions.is_empty:
+            return
+        held = self.covered(tokens_per_block)
+        if held.start <= positions.start and positions.end <= held.end:
+            return
+        missing: list[str] = []
+        if positions.start < held.start:
+            missing.append(f"[{positions.start}, {min(held.start, positions.end)})")
+        if positions.end > held.end:
+            missing.append(f"[{max(held.end, positions.start)}, {positions.end})")
+        who = f"{side} " if side else ""
+        raise ValueError(
+            f"group {group!r}: {who}block span (logical blocks [{self.first_block}, "
+            f"{self.end_block}), positions {held.start}..{held.end}) does not cover "
+            f"positions {' and '.join(missing)} of the needed range {positions}"
+        )
+
+    def block_id(self, logical_block: int, *, group: str = "?") -> int:
+        """Physical id of ``logical_block``; ``ValueError`` if the span does not hold it."""
+        if not self.first_block <= logical_block < self.end_block:
+            raise ValueError(
+                f"group {group!r}: logical block {logical_block} is outside the span "
+                f"[{self.first_block}, {self.end_block})"
+            )
+        return self.block_ids[logical_block - self.first_block]
+
+    def block_ids_for(
+        self, positions: TokenRange, tokens_per_block: int, *, group: str = "?"
+    ) -> tuple[int, ...]:
+        """Physical ids of the blocks touched by ``positions``, in logical order."""
+        self.check_covers(positions, tokens_per_block, group=group)
+        blocks = positions.blocks(tokens_per_block)
+        lo = blocks.start - self.first_block
+        return self.block_ids[lo : lo + len(blocks)]
+
+
+class WindowedGroup(Protocol):
+    """What the range rules need to know about a layer group (``spec.LayerGroup`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def window(self) -> int | None: ...
+
+
+def needed_range(group: WindowedGroup, num_tokens: int) -> TokenRange:
+    """Positions the receiver needs to decode the first generated token (``q = P``).
+
+    ``[max(0, P + 1 - W), P)`` for a sliding window ``W`` (a query at ``q`` attends
+    ``(q - W, q]``), ``[0, P)`` for full attention. State groups hold no per-token KV
+    (their fixed-size state moves whole): their needed token range is empty ``[P, P)``.
+    """
+    p = _check_int("num_tokens", num_tokens, minimum=1)
+    if group.kind == "full":
+        return TokenRange(0, p)
+    if group.kind == "sliding":
+        window = group.window
+        if window is None or window < 1:
+            raise ValueError(f"group {group.name!r}: sliding window must be >= 1, got {window}")
+        return TokenRange(max(0, p + 1 - window), p)
+    if group.kind == "state":
+        return TokenRange(p, p)
+    raise ValueError(f"group {group.name!r}: unknown kind {group.kind!r}")
+
+
+def transfer_range(group: WindowedGroup, num_tokens: int, cached_tokens: int) -> TokenRange:
+    """Positions to move: ``[max(cached, needed.start), P)``, empty when ``cached >= P``.
+
+    ``cached_tokens`` says the receiver already holds every needed position below it; it
+    need not be block-aligned and may exceed ``P`` (a full hit).
+    """
+    needed = needed_range(group, num_tokens)
+    cached = _check_int(f"cached tokens of group {group.name!r}", cached_tokens)
+    start = min(max(cached, needed.start), needed.end)
+    return TokenRange(start, needed.end)
+
+
+def state_needs_transfer(num_tokens: int, cached_tokens: int) -> bool:
+    """A state group's state moves unless the receiver holds the state at exactly ``P``."""
+    _check_int("num_tokens", num_tokens, minimum=1)
+    _check_int("cached tokens", cached_tokens)
+    return cached_tokens != num_tokens

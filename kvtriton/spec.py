@@ -1,0 +1,562 @@
+"""Model KV-cache specifications: layer groups, TP/PP sharding and built-in presets.
+
+Pure Python (no torch import): a spec names its dtype as a string and only converts it to a
+``torch.dtype`` on request (:attr:`KVCacheSpec.torch_dtype`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+__all__ = [
+    "DTYPE_BYTES",
+    "GroupKind",
+    "KVCacheSpec",
+    "LayerGroup",
+    "PRESETS",
+    "preset",
+]
+
+GroupKind = Literal["full", "sliding", "state"]
+GROUP_KINDS: tuple[str, ...] = ("full", "sliding", "state")
+
+#: Bytes per element of every dtype a pool may hold. fp8 KV moves as raw bytes.
+DTYPE_BYTES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "uint8": 1,
+    "int8": 1,
+}
+
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "float8_e4m3": "float8_e4m3fn",
+    "e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+    "e5m2": "float8_e5m2",
+}
+
+
+def canonical_dtype(name: object) -> str:
+    """Canonical dtype name (``"bfloat16"`` ...) from a string alias or a ``torch.dtype``."""
+    text = str(name).removeprefix("torch.")
+    text = _DTYPE_ALIASES.get(text, text)
+    if text not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_BYTES)}")
+    return text
+
+
+def _positive(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers that share one attention window and one paged pool.
+
+    Attributes:
+        name: unique within a spec.
+        kind: ``"full"`` (window = infinity), ``"sliding"`` (window ``W`` tokens: a query at
+            ``q`` attends ``(q - W, q]``) or ``"state"`` (one fixed-size state per request).
+        layer_ids: global layer indices held (sorted, unique). A PP stage holds a subset.
+        num_kv_heads: KV heads of the whole model (before TP sharding).
+        head_dim: elements per head (the contiguous dimension of a pool).
+        window: sliding window in tokens (sliding groups only).
+        kv_factor: 2 for K and V, 1 for an MLA latent or K-only cache.
+        state_shape: per-layer state shape of a state group (``state_shape[0]`` is split by TP).
+        state_dtype: element dtype of the state (defaults to the spec's dtype).
+        head_start, head_end: the global kv-head range ``[head_start, head_end)`` this shard
+            holds; the whole model's range unless the spec was sharded.
+        state_head_start, state_head_end: likewise for ``state_shape[0]`` of a state group.
+    """
+
+    name: str
+    kind: str
+    layer_ids: tuple[int, ...]
+    num_kv_heads: int = 1
+    head_dim: int = 1
+    window: int | None = None
+    kv_factor: int = 2
+    state_shape: tuple[int, ...] | None = None
+    state_dtype: str | None = None
+    head_start: int = 0
+    head_end: int | None = None
+    state_head_start: int = 0
+    state_head_end: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"layer group name must be a non-empty string, got {self.name!r}")
+        where = f"layer group {self.name!r}"
+        if self.kind not in GROUP_KINDS:
+            raise ValueError(f"{where}: unknown kind {self.kind!r}; expected one of {GROUP_KINDS}")
+        ids = tuple(self.layer_ids)
+        for layer in ids:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"{where}: layer ids must be non-negative ints, got {layer!r}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: duplicate layer ids in {ids}")
+        object.__setattr__(self, "layer_ids", tuple(sorted(ids)))
+        _positive(f"{where}: num_kv_heads", self.num_kv_heads)
+        _positive(f"{where}: head_dim", self.head_dim)
+        if self.kv_factor not in (1, 2):
+            raise ValueError(f"{where}: kv_factor must be 1 or 2, got {self.kv_factor!r}")
+        if self.kind == "sliding":
+            if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+                raise ValueError(f"{where}: sliding window must be an int >= 1, got {self.window!r}")
+        elif self.window is not None:
+            raise ValueError(f"{where}: only sliding groups take a window (kind {self.kind!r})")
+        if self.kind == "state":
+            if not self.state_shape:
+                raise ValueError(f"{where}: a state group needs a non-empty state_shape")
+            shape = tuple(self.state_shape)
+            for dim in shape:
+                _positive(f"{where}: state_shape entries", dim)
+            object.__setattr__(self, "state_shape", shape)
+            if self.state_dtype is not None:
+                object.__setattr__(self, "state_dtype", canonical_dtype(self.state_dtype))
+            end = shape[0] if self.state_head_end is None else self.state_head_end
+            object.__setattr__(self, "state_head_end", end)
+            if not 0 <= self.state_head_start < end <= shape[0]:
+                raise ValueError(
+                    f"{where}: state head range [{self.state_head_start}, {end}) is not inside "
+                    f"[0, {shape[0]})"
+                )
+        elif self.state_shape is not None:
+            raise ValueError(f"{where}: only state groups take a state_shape")
+        end = self.num_kv_heads if self.head_end is None else self.head_end
+        object.__setattr__(self, "head_end", end)
+        if not 0 <= self.head_start < end <= self.num_kv_heads:
+            raise ValueError(
+                f"{where}: head range [{self.head_start}, {end}) is not inside "
+                f"[0, {self.num_kv_heads})"
+            )
+
+    # -- sizes --------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_ids)
+
+    @property
+    def local_heads(self) -> int:
+        """KV heads held by this shard."""
+        assert self.head_end is not None
+        return self.head_end - self.head_start
+
+    @property
+    def local_state_shape(self) -> tuple[int, ...]:
+        """Per-layer state shape held by this shard (state groups only)."""
+        if self.state_shape is None:
+            raise ValueError(f"layer group {self.name!r} ({self.kind}) has no state")
+        assert self.state_head_end is not None
+        return (self.state_head_end - self.state_head_start, *self.state_shape[1:])
+
+    def elements_per_token(self) -> int:
+        """Pool elements per token position over this shard's layers (0 for state groups)."""
+        if self.kind == "state":
+            return 0
+        return self.num_layers * self.kv_factor * self.local_heads * self.head_dim
+
+    def elements_per_block(self, tokens_per_block: int) -> int:
+        return self.elements_per_token() * tokens_per_block
+
+    def state_elements(self) -> int:
+        """State elements per request over this shard's layers (0 for attention groups)."""
+        if self.kind != "state":
+            return 0
+        return self.num_layers * math.prod(self.local_state_shape)
+
+    def _model_fields(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "window": self.window,
+            "kv_factor": self.kv_factor,
+            "state_shape": list(self.state_shape) if self.state_shape else None,
+            "state_dtype": self.state_dtype,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._model_fields()
+        out.update(
+            layer_ids=list(self.layer_ids),
+            head_start=self.head_start,
+            head_end=self.head_end,
+            state_head_start=self.state_head_start,
+            state_head_end=self.state_head_end,
+        )
+        return out
+
+
+def _split_even(total: int, parts: int, index: int, what: str) -> tuple[int, int]:
+    """``[start, end)`` of part ``index`` when ``total`` items split evenly in ``parts``."""
+    if total % parts:
+        raise ValueError(f"{what}: {total} does not split evenly into {parts} parts")
+    size = total // parts
+    return index * size, (index + 1) * size
+
+
+def _check_rank(what: str, rank: int, size: int) -> None:
+    _positive(f"{what}_size", size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
+        raise ValueError(f"{what}_rank must be in [0, {size}), got {rank!r}")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The KV-cache shape of a model (or of one TP/PP shard of it).
+
+    Attributes:
+        groups: layer groups in a fixed order (the wire order, DESIGN.md §2).
+        tokens_per_block: positions per paged block (any positive int).
+        dtype: pool element dtype name, e.g. ``"bfloat16"``.
+        name: a label for tables and plots.
+        tp_rank, tp_size, pp_rank, pp_size: which shard this is (``0, 1, 0, 1`` = the model).
+        model: the unsharded spec this shard came from (``None`` for the model itself).
+    """
+
+    groups: tuple[LayerGroup, ...]
+    tokens_per_block: int
+    dtype: str = "bfloat16"
+    name: str = "model"
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    model: KVCacheSpec | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        groups = tuple(self.groups)
+        if not groups:
+            raise ValueError("a KVCacheSpec needs at least one layer group")
+        for group in groups:
+            if not isinstance(group, LayerGroup):
+                raise TypeError(f"groups must be LayerGroup objects, got {type(group).__name__}")
+        object.__setattr__(self, "groups", groups)
+        names = [g.name for g in groups]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate layer group names: {duplicates}")
+        seen: dict[int, str] = {}
+        for group in groups:
+            for layer in group.layer_ids:
+                if layer in seen:
+                    raise ValueError(
+                        f"duplicate layer id {layer}: in group {seen[layer]!r} and {group.name!r}"
+                    )
+                seen[layer] = group.name
+        _positive("tokens_per_block", self.tokens_per_block)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        _check_rank("tp", self.tp_rank, self.tp_size)
+        _check_rank("pp", self.pp_rank, self.pp_size)
+
+    # -- lookup -------------------------------------------------------------------------
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups)
+
+    def group(self, name: str) -> LayerGroup:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(f"no layer group {name!r} in spec {self.name!r}; groups: {self.group_names}")
+
+    @property
+    def num_layers(self) -> int:
+        return sum(g.num_layers for g in self.groups)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per pool element."""
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def torch_dtype(self):  # type: ignore[no-untyped-def]
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def root(self) -> KVCacheSpec:
+        """The unsharded model spec."""
+        return self.model if self.model is not None else self
+
+    # -- sizes --------------------------------------------------------------------------
+    def bytes_per_token(self, group: str | LayerGroup) -> int:
+        """Bytes of KV per token position in ``group`` over this shard's layers and heads."""
+        g = self.group(group) if isinstance(group, str) else group
+        return g.elements_per_token() * self.itemsize
+
+    def bytes_per_block(self, group: str | LayerGroup) -> int:
+        return self.bytes_per_token(group) * self.tokens_per_block
+
+    def state_bytes(self, group: str | LayerGroup) -> int:
+        """Bytes of one request's state in ``group`` (0 for attention groups)."""
+        g = self.group(group) if isinstance(group, str) else group
+        itemsize = DTYPE_BYTES[g.state_dtype or self.dtype]
+        return g.state_elements() * itemsize
+
+    # -- identity -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tokens_per_block": self.tokens_per_block,
+            "dtype": self.dtype,
+            "tp": [self.tp_rank, self.tp_size],
+            "pp": [self.pp_rank, self.pp_size],
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+    def digest(self) -> str:
+        """Stable hash of everything in this (possibly sharded) spec."""
+        return _sha(self.to_dict())
+
+    def model_digest(self) -> str:
+        """Stable hash of the model's KV shape: equal on every shard, for handshakes.
+
+        Excludes ``tokens_per_block`` and the shard layout (sender and receiver may differ in
+        both) and includes group order, kinds, windows, global layer ids, heads and dtypes.
+        """
+        root = self.root
+        layers = {g.name: list(g.layer_ids) for g in root.groups}
+        payload = {
+            "dtype": root.dtype,
+            "groups": [{**g._model_fields(), "layer_ids": layers[g.name]} for g in root.groups],
+        }
+        return _sha(payload)
+
+    # -- parallelism --------------------------------------------------------------------
+    def shard(self, tp_rank: int, tp_size: int) -> KVCacheSpec:
+        """The spec held by tensor-parallel rank ``tp_rank`` of ``tp_size``.
+
+        KV heads split evenly: with ``H`` kv heads and ``H % tp_size == 0`` rank ``r`` holds
+        heads ``[r*H/tp, (r+1)*H/tp)``. With fewer heads than ranks (``tp_size % H == 0``)
+        each head is replicated on ``tp_size / H`` consecutive ranks and rank ``r`` holds head
+        ``r // (tp_size / H)``. A state group splits ``state_shape[0]`` the same way.
+        Sharding an already-sharded spec is not supported (shard the model spec).
+        """
+        _check_rank("tp", tp_rank, tp_size)
+        if self.tp_size != 1:
+            raise ValueError(f"spec {self.name!r} is already TP-sharded ({self.tp_size} ranks)")
+        groups = []
+        for g in self.groups:
+            start, end = _head_split(g.num_kv_heads, tp_rank, tp_size, g.name, "kv heads")
+            if g.kind == "state":
+                assert g.state_shape is not None
+                s0, s1 = _head_split(g.state_shape[0], tp_rank, tp_size, g.name, "state_shape[0]")
+                groups.append(replace(g, head_start=start, head_end=end, state_head_start=s0,
+                                      state_head_end=s1))
+            else:
+                groups.append(replace(g, head_start=start, head_end=end))
+        return replace(self, groups=tuple(groups), tp_rank=tp_rank, tp_size=tp_size,
+                       model=self.root)
+
+    def stage(self, pp_rank: int, pp_size: int) -> KVCacheSpec:
+        """The spec held by pipeline stage ``pp_rank`` of ``pp_size``.
+
+        The model's layers (the union of all groups' ids, sorted) split into ``pp_size``
+        contiguous runs whose sizes differ by at most one (earlier stages take the extra
+        layer). Each group keeps the ids inside the stage; groups left with no layer are
+        dropped. Staging a spec that is already staged is not supported.
+        """
+        _check_rank("pp", pp_rank, pp_size)
+        if self.pp_size != 1:
+            raise ValueError(f"spec {self.name!r} is already PP-staged ({self.pp_size} stages)")
+        all_layers = sorted(layer for g in self.groups for layer in g.layer_ids)
+        if pp_size > len(all_layers):
+            raise ValueError(f"cannot split {len(all_layers)} layers into {pp_size} stages")
+        base, extra = divmod(len(all_layers), pp_size)
+        lo = pp_rank * base + min(pp_rank, extra)
+        hi = lo + base + (1 if pp_rank < extra else 0)
+        held = set(all_layers[lo:hi])
+        groups = []
+        for g in self.groups:
+            ids = tuple(layer for layer in g.layer_ids if layer in held)
+            if ids:
+                groups.append(replace(g, layer_ids=ids))
+        return replace(self, groups=tuple(groups), pp_rank=pp_rank, pp_size=pp_size,
+                       model=self.root)
+
+    def shard_for(self, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> KVCacheSpec:
+        """Convenience: ``self.stage(pp_rank, pp_size).shard(tp_rank, tp_size)``."""
+        staged = self.stage(pp_rank, pp_size) if pp_size > 1 else self
+        return staged.shard(tp_rank, tp_size) if tp_size > 1 else staged
+
+    def with_block_size(self, tokens_per_block: int) -> KVCacheSpec:
+        """The same spec with another ``tokens_per_block`` (the receiver may differ)."""
+        return replace(self, tokens_per_block=tokens_per_block)
+
+
+def _head_split(total: int, rank: int, size: int, group: str, what: str) -> tuple[int, int]:
+    if total % size == 0:
+        return _split_even(total, size, rank, f"group {group!r} {what}")
+    if size % total == 0:
+        head = rank // (size // total)
+        return head, head + 1
+    raise ValueError(
+        f"group {group!r}: {total} {what} cannot be split over {size} TP ranks "
+        f"(need {what} % tp == 0 or tp % {what} == 0)"
+    )
+
+
+def _sha(payload: object) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Presets: real shapes (from the public configs) with no weights.
+# ---------------------------------------------------------------------------------------
+
+
+def _groups_from_layer_types(
+    layer_types: Sequence[str],
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    window: int | None = None,
+    state_shape: tuple[int, ...] | None = None,
+    state_dtype: str | None = None,
+    full_heads: int | None = None,
+    full_head_dim: int | None = None,
+) -> tuple[LayerGroup, ...]:
+    by_kind: dict[str, list[int]] = {}
+    for layer, kind in enumerate(layer_types):
+        by_kind.setdefault(kind, []).append(layer)
+    groups: list[LayerGroup] = []
+    for kind in ("full", "sliding", "state"):
+        ids = by_kind.get(kind)
+        if not ids:
+            continue
+        if kind == "full":
+            groups.append(LayerGroup("full", "full", tuple(ids), full_heads or num_kv_heads,
+                                     full_head_dim or head_dim))
+        elif kind == "sliding":
+            groups.append(LayerGroup(f"sliding{window}", "sliding", tuple(ids), num_kv_heads,
+                                     head_dim, window=window))
+        else:
+            groups.append(LayerGroup("state", "state", tuple(ids), state_shape=state_shape,
+                                     state_dtype=state_dtype))
+    return tuple(groups)
+
+
+def _every(n: int, period: int, full_at: int) -> list[str]:
+    """Layer types where layer ``i`` is full when ``i % period == full_at``, else sliding."""
+    return ["full" if i % period == full_at else "sliding" for i in range(n)]
+
+
+def _gpt_oss_20b() -> KVCacheSpec:
+    # openai/gpt-oss-20b: 24 layers alternating sliding(128)/full, 8 kv heads x 64.
+    types = ["sliding" if i % 2 == 0 else "full" for i in range(24)]
+    return KVCacheSpec(_groups_from_layer_types(types, num_kv_heads=8, head_dim=64, window=128),
+                       tokens_per_block=16, dtype="bfloat16", name="gpt-oss-20b")
+
+
+def _gpt_oss_120b() -> KVCacheSpec:
+    types = ["sliding" if i % 2 == 0 else "full" for i in range(36)]
+    return KVCacheSpec(_groups_from_layer_types(types, num_kv_heads=8, head_dim=64, window=128),
+                       tokens_per_block=16, dtype="bfloat16", name="gpt-oss-120b")
+
+
+def _gemma3_4b() -> KVCacheSpec:
+    # google/gemma-3-4b: 34 layers, 5 sliding(1024) : 1 full, 4 kv heads x 256.
+    return KVCacheSpec(
+        _groups_from_layer_types(_every(34, 6, 5), num_kv_heads=4, head_dim=256, window=1024),
+        tokens_per_block=16, dtype="bfloat16", name="gemma-3-4b")
+
+
+def _gemma3_27b() -> KVCacheSpec:
+    # google/gemma-3-27b: 62 layers, 5 sliding(1024) : 1 full, 16 kv heads x 128.
+    return KVCacheSpec(
+        _groups_from_layer_types(_every(62, 6, 5), num_kv_heads=16, head_dim=128, window=1024),
+        tokens_per_block=16, dtype="bfloat16", name="gemma-3-27b")
+
+
+def _llama3_8b() -> KVCacheSpec:
+    # meta-llama/Llama-3.1-8B: 32 full-attention layers, 8 kv heads x 128.
+    return KVCacheSpec(_groups_from_layer_types(["full"] * 32, num_kv_heads=8, head_dim=128),
+                       tokens_per_block=16, dtype="bfloat16", name="llama-3-8b")
+
+
+def _qwen3_next_80b() -> KVCacheSpec:
+    # Qwen/Qwen3-Next-80B-A3B: 48 layers, 3 Gated DeltaNet : 1 full attention (2 kv heads
+    # x 256). Linear-attention state per layer: 32 value heads x 128 (k) x 128 (v) in fp32
+    # (the conv state is small and left out of this preset).
+    types = ["full" if i % 4 == 3 else "state" for i in range(48)]
+    return KVCacheSpec(
+        _groups_from_layer_types(types, num_kv_heads=2, head_dim=256, state_shape=(32, 128, 128),
+                                 state_dtype="float32"),
+        tokens_per_block=16, dtype="bfloat16", name="qwen3-next-80b")
+
+
+def _deepseek_v3() -> KVCacheSpec:
+    # deepseek-ai/DeepSeek-V3: 61 layers of MLA; one latent of 512 + 64 rope dims (kv_factor 1).
+    group = LayerGroup("mla", "full", tuple(range(61)), num_kv_heads=1, head_dim=576, kv_factor=1)
+    return KVCacheSpec((group,), tokens_per_block=64, dtype="bfloat16", name="deepseek-v3")
+
+
+def _tiny_hybrid() -> KVCacheSpec:
+    # A small hybrid for CPU demos and tests: full + sliding(8) + state, 2 kv heads x 16.
+    groups = (
+        LayerGroup("full", "full", (1, 4), num_kv_heads=2, head_dim=16),
+        LayerGroup("sliding8", "sliding", (0, 2, 5), num_kv_heads=2, head_dim=16, window=8),
+        LayerGroup("state", "state", (3,), state_shape=(2, 4, 8), state_dtype="float32"),
+    )
+    return KVCacheSpec(groups, tokens_per_block=4, dtype="float32", name="tiny-hybrid")
+
+
+PRESETS: dict[str, Any] = {
+    "gpt-oss-20b": _gpt_oss_20b,
+    "gpt-oss-120b": _gpt_oss_120b,
+    "gemma-3-4b": _gemma3_4b,
+    "gemma-3-27b": _gemma3_27b,
+    "llama-3-8b": _llama3_8b,
+    "qwen3-next-80b": _qwen3_next_80b,
+    "deepseek-v3": _deepseek_v3,
+    "tiny-hybrid": _tiny_hybrid,
+}
+
+
+def preset(name: str, *, tokens_per_block: int | None = None, dtype: str | None = None
+           ) -> KVCacheSpec:
+    """A built-in spec by name (see :data:`PRESETS`), optionally with another block size/dtype."""
+    try:
+        spec: KVCacheSpec = PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
+    if tokens_per_block is not None:
+        spec = spec.with_block_size(tokens_per_block)
+    if dtype is not None:
+        spec = replace(spec, dtype=dtype)
+    return spec
+
+
+def iter_layer_positions(spec: KVCacheSpec) -> Iterable[tuple[str, int, int]]:
+    """``(group name, local layer index, global layer id)`` for every layer of the spec."""
+    for g in spec.groups:
+        for local, layer in enumerate(g.layer_ids):
+            yield g.name, local, layer
