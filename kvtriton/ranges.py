@@ -62,7 +62,11 @@ class TokenRange:
         return iter(range(self.start, self.end))
 
     def __contains__(self, position: object) -> bool:
-        return isinstance(position, int) and self.start <= position < self.end
+        return (
+            isinstance(position, int)
+            and not isinstance(position, bool)
+            and self.start <= position < self.end
+        )
 
     def __repr__(self) -> str:
         return f"TokenRange[{self.start}, {self.end})"
@@ -120,7 +124,9 @@ class BlockSpan:
         _check_int("BlockSpan.first_block", first_block)
         ids = tuple(block_ids)
         for i, block_id in enumerate(ids):
-            if isinstance(block_id, bool) or not isinstance(block_id, int):
+            if isinstance(block_id, bool):
+                raise TypeError(f"BlockSpan.block_ids[{i}] must be an int, got {block_id!r}")
+            if not isinstance(block_id, int):
                 # numpy / torch integers are accepted through __index__.
                 try:
                     block_id = block_id.__index__()  # type: ignore[union-attr]
@@ -166,7 +172,7 @@ class BlockSpan:
         who = f"{side} " if side else ""
         raise ValueError(
             f"group {group!r}: {who}block span (logical blocks [{self.first_block}, "
-            f"{self.end_block}), positions {held.start}..{held.end}) does not cover "
+            f"{self.end_block}), positions [{held.start}, {held.end})) does not cover "
             f"positions {' and '.join(missing)} of the needed range {positions}"
         )
 
