@@ -1,0 +1,709 @@
+"""Validation and normalised move plans shared by the reference and the Triton backends.
+
+Every public entry validates its arguments here *before* any write and turns them into a
+small plan object (:class:`PagedSide`, :class:`KVMove`, :class:`StateMove`,
+:class:`KVBatch`, :class:`StateBatch`). Backends only execute plans, so both backends see
+exactly the same checks and the same normalised indices.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvtriton.layout import PackedLayout, Segment
+from kvtriton.ranges import BlockSpan, TokenRange
+from kvtriton.spec import KVCacheSpec, LayerGroup
+
+__all__ = [
+    "BACKENDS",
+    "BITS_DTYPE",
+    "KVBatch",
+    "KVBatchItem",
+    "KVMove",
+    "PackedRequest",
+    "PagedSide",
+    "StateBatch",
+    "StateMove",
+    "bits",
+]
+
+BACKENDS = ("auto", "triton", "reference")
+
+#: Pool dtypes and the same-width integer type their bytes move as (bit-exact, NaN payloads
+#: and fp8 included: no backend ever does floating-point arithmetic on KV values).
+BITS_DTYPE: dict[torch.dtype, torch.dtype] = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float8_e4m3fn: torch.uint8,
+    torch.float8_e5m2: torch.uint8,
+    torch.uint8: torch.uint8,
+    torch.int8: torch.uint8,
+    torch.int16: torch.int16,
+    torch.int32: torch.int32,
+}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as the same-width integer dtype (a view: writes go through)."""
+    target = BITS_DTYPE[t.dtype]
+    return t if t.dtype == target else t.view(target)
+
+
+# ---------------------------------------------------------------------------------------
+# argument checks (each raises ValueError naming the argument)
+# ---------------------------------------------------------------------------------------
+def _is_int(v: object) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    return hasattr(v, "__index__") and not isinstance(v, float)
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return str(backend)
+
+
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in BITS_DTYPE:
+        raise ValueError(
+            f"{name}: dtype {t.dtype} is not supported; expected one of "
+            f"{[str(d).removeprefix('torch.') for d in BITS_DTYPE]}"
+        )
+
+
+def check_pool(name: str, pool: object, *, writable: bool = False) -> torch.Tensor:
+    """A 6-D ``[layers, blocks, kv, tokens_per_block, heads, head_dim]`` pool view."""
+    if not isinstance(pool, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(pool).__name__}")
+    if pool.dim() != 6:
+        raise ValueError(
+            f"{name} must be the 6-D view [layers, blocks, kv, tokens_per_block, heads, "
+            f"head_dim], got shape {tuple(pool.shape)}"
+        )
+    _check_dtype(name, pool)
+    layers, blocks, kv, tpb, heads, head_dim = pool.shape
+    if kv not in (1, 2):
+        raise ValueError(f"{name}: kv dimension (dim 2) must be 1 or 2, got {kv}")
+    if min(layers, blocks, tpb, heads, head_dim) < 1:
+        raise ValueError(f"{name}: every dimension must be >= 1, got shape {tuple(pool.shape)}")
+    if head_dim > 1 and pool.stride(5) != 1:
+        raise ValueError(
+            f"{name}: head_dim (dim 5) must have stride 1, got strides {tuple(pool.stride())}"
+        )
+    if writable:
+        _check_no_self_overlap(name, pool)
+    return pool
+
+
+def _check_no_self_overlap(name: str, t: torch.Tensor) -> None:
+    # 1 == MemOverlap::Yes: two indices of the view address one element (e.g. an expand()).
+    probe = getattr(torch, "_debug_has_internal_overlap", None)
+    zero_stride = any(s > 1 and st == 0 for s, st in zip(t.shape, t.stride(), strict=True))
+    if zero_stride or (probe is not None and probe(t) == 1):
+        raise ValueError(
+            f"{name}: the destination has overlapping elements (strides {tuple(t.stride())}); "
+            "writes would collide"
+        )
+
+
+def check_range(name: str, tokens: object) -> TokenRange:
+    if not isinstance(tokens, TokenRange):
+        raise ValueError(f"{name} must be a TokenRange, got {type(tokens).__name__}")
+    return tokens
+
+
+def check_span(
+    name: str, span: object, tokens: TokenRange, pool: torch.Tensor, *, unique: bool = False
+) -> tuple[tuple[int, ...], int]:
+    """Physical ids of the blocks ``tokens`` touches and the in-block offset of its start.
+
+    ``unique``: the ids must be distinct (a destination: two logical blocks in one physical
+    block would make writes collide).
+    """
+    if not isinstance(span, BlockSpan):
+        raise ValueError(f"{name} must be a BlockSpan, got {type(span).__name__}")
+    tpb = int(pool.shape[3])
+    num_blocks = int(pool.shape[1])
+    if tokens.is_empty:
+        return (), 0
+    held = span.covered(tpb)
+    if not (held.start <= tokens.start and tokens.end <= held.end):
+        raise ValueError(
+            f"{name}: the span holds positions [{held.start}, {held.end}) (logical blocks "
+            f"[{span.first_block}, {span.end_block}) of {tpb} tokens) but the copy needs "
+            f"{tokens}"
+        )
+    first = tokens.start // tpb
+    last = -(-tokens.end // tpb)
+    ids = span.block_ids[first - span.first_block : last - span.first_block]
+    for i, block_id in enumerate(ids):
+        if not 0 <= block_id < num_blocks:
+            raise ValueError(
+                f"{name}: block id {block_id} (logical block {first + i}) is outside the "
+                f"pool's blocks [0, {num_blocks})"
+            )
+    if unique and len(set(ids)) != len(ids):
+        dup = sorted({b for b in ids if ids.count(b) > 1})
+        raise ValueError(
+            f"{name}: destination block ids {dup} appear more than once among the blocks "
+            f"written for {tokens}; writes would collide"
+        )
+    return tuple(ids), tokens.start - first * tpb
+
+
+def check_layers(name: str, layers: object, num_layers: int) -> tuple[int, ...]:
+    """Local layer indices into dim 0 (``None``: all), distinct, in the given order."""
+    if layers is None:
+        return tuple(range(num_layers))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        try:
+            layers = list(layers)  # type: ignore[call-overload]
+        except TypeError:
+            raise ValueError(
+                f"{name} must be a sequence of layer indices, got {type(layers).__name__}"
+            ) from None
+    out: list[int] = []
+    for v in layers:
+        if not _is_int(v):
+            raise ValueError(f"{name}: layer indices must be ints, got {v!r}")
+        i = int(v)  # type: ignore[call-overload]
+        if not 0 <= i < num_layers:
+            raise ValueError(f"{name}: layer index {i} is outside [0, {num_layers})")
+        out.append(i)
+    if not out:
+        raise ValueError(f"{name}: the layer selection is empty")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: duplicate layer indices in {out}")
+    return tuple(out)
+
+
+def check_heads(name: str, heads: object, num_heads: int) -> tuple[int, int]:
+    """Local head range ``[start, end)`` into the pool's head dim (``None``: all)."""
+    if heads is None:
+        return 0, num_heads
+    try:
+        start, end = heads  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (start, end) pair, got {heads!r}") from None
+    if not (_is_int(start) and _is_int(end)):
+        raise ValueError(f"{name} must hold ints, got {heads!r}")
+    start, end = int(start), int(end)
+    if not 0 <= start < end <= num_heads:
+        raise ValueError(f"{name}: head range [{start}, {end}) is not inside [0, {num_heads})")
+    return start, end
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the pool is on {device}")
+
+
+def check_dense(
+    name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A contiguous packed tensor of exactly ``shape`` / ``dtype`` on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype} (the pool's)")
+    check_device(name, t, device)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {tuple(t.stride())})")
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# plans
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PagedSide:
+    """The paged side of a token move.
+
+    ``ids[i]`` is the physical block of the ``i``-th touched logical block; the first moved
+    position sits at in-block offset ``offset`` of ``ids[0]``.
+    """
+
+    pool: torch.Tensor
+    ids: tuple[int, ...]
+    offset: int
+    layers: tuple[int, ...]
+    heads: tuple[int, int]
+
+    @property
+    def tokens_per_block(self) -> int:
+        return int(self.pool.shape[3])
+
+
+@dataclass(frozen=True)
+class KVMove:
+    """One token move: paged->dense (gather), dense->paged (scatter) or paged->paged (copy)."""
+
+    n_tokens: int
+    src: PagedSide | torch.Tensor
+    dst: PagedSide | torch.Tensor
+
+
+@dataclass(frozen=True)
+class StateMove:
+    """One state-slot move between ``pool[layers, slot, h0:h1]`` and a dense tensor."""
+
+    pool: torch.Tensor
+    slot: int
+    layers: tuple[int, ...]
+    heads: tuple[int, int]
+    dense: torch.Tensor
+    to_dense: bool
+
+
+def plan_gather(
+    pool: object, span: object, tokens: object, layers: object, heads: object, out: object
+) -> KVMove:
+    pool = check_pool("pool", pool)
+    tokens = check_range("tokens", tokens)
+    ids, offset = check_span("span", span, tokens, pool)
+    lay = check_layers("layers", layers, pool.shape[0])
+    hd = check_heads("heads", heads, pool.shape[4])
+    shape = (len(lay), pool.shape[2], len(tokens), hd[1] - hd[0], pool.shape[5])
+    if out is None:
+        out = torch.empty(shape, dtype=pool.dtype, device=pool.device)
+    else:
+        out = check_dense("out", out, shape, pool.dtype, pool.device)
+        _check_no_self_overlap("out", out)
+        _check_disjoint("out", out, "pool", pool)
+    return KVMove(len(tokens), PagedSide(pool, ids, offset, lay, hd), out)
+
+
+def plan_scatter(
+    packed: object, pool: object, span: object, tokens: object, layers: object, heads: object
+) -> KVMove:
+    pool = check_pool("pool", pool, writable=True)
+    tokens = check_range("tokens", tokens)
+    ids, offset = check_span("span", span, tokens, pool, unique=True)
+    lay = check_layers("layers", layers, pool.shape[0])
+    hd = check_heads("heads", heads, pool.shape[4])
+    shape = (len(lay), pool.shape[2], len(tokens), hd[1] - hd[0], pool.shape[5])
+    packed = check_dense("packed", packed, shape, pool.dtype, pool.device)
+    _check_disjoint("packed", packed, "pool", pool)
+    return KVMove(len(tokens), packed, PagedSide(pool, ids, offset, lay, hd))
+
+
+def plan_copy(
+    src_pool: object, src_span: object, dst_pool: object, dst_span: object, tokens: object,
+    src_layers: object, dst_layers: object, src_heads: object, dst_heads: object,
+) -> KVMove:
+    src_pool = check_pool("src_pool", src_pool)
+    dst_pool = check_pool("dst_pool", dst_pool, writable=True)
+    check_device("dst_pool", dst_pool, src_pool.device)
+    if dst_pool.dtype != src_pool.dtype:
+        raise ValueError(f"dst_pool has dtype {dst_pool.dtype}, src_pool has {src_pool.dtype}")
+    for dim, what in ((2, "kv"), (5, "head_dim")):
+        if dst_pool.shape[dim] != src_pool.shape[dim]:
+            raise ValueError(
+                f"dst_pool has {what} {dst_pool.shape[dim]} (dim {dim}), src_pool has "
+                f"{src_pool.shape[dim]}"
+            )
+    tokens = check_range("tokens", tokens)
+    sids, soff = check_span("src_span", src_span, tokens, src_pool)
+    dids, doff = check_span("dst_span", dst_span, tokens, dst_pool, unique=True)
+    slay = check_layers("src_layers", src_layers, src_pool.shape[0])
+    dlay = check_layers("dst_layers", dst_layers, dst_pool.shape[0])
+    if len(slay) != len(dlay):
+        raise ValueError(
+            f"dst_layers selects {len(dlay)} layers but src_layers selects {len(slay)}"
+        )
+    shd = check_heads("src_heads", src_heads, src_pool.shape[4])
+    dhd = check_heads("dst_heads", dst_heads, dst_pool.shape[4])
+    if shd[1] - shd[0] != dhd[1] - dhd[0]:
+        raise ValueError(
+            f"dst_heads {dhd} selects {dhd[1] - dhd[0]} heads but src_heads {shd} selects "
+            f"{shd[1] - shd[0]}"
+        )
+    src = PagedSide(src_pool, sids, soff, slay, shd)
+    dst = PagedSide(dst_pool, dids, doff, dlay, dhd)
+    if _same_storage(src_pool, dst_pool) and len(tokens):
+        _check_copy_overlap(src, dst)
+    return KVMove(len(tokens), src, dst)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return lo, lo + span * t.element_size()
+
+
+def _check_disjoint(name: str, t: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if t.numel() == 0 or not _same_storage(t, other):
+        return
+    a0, a1 = _byte_extent(t)
+    b0, b1 = _byte_extent(other)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"{name} overlaps the memory of {other_name}")
+
+
+def _check_copy_overlap(src: PagedSide, dst: PagedSide) -> None:
+    same_view = (
+        src.pool.data_ptr() == dst.pool.data_ptr()
+        and src.pool.shape == dst.pool.shape
+        and src.pool.stride() == dst.pool.stride()
+    )
+    if not same_view:
+        raise ValueError(
+            "dst_pool shares memory with src_pool through a different view; a copy between "
+            "overlapping views is not supported"
+        )
+    shared_layers = set(src.layers) & set(dst.layers)
+    shared_blocks = set(src.ids) & set(dst.ids)
+    heads_overlap = src.heads[0] < dst.heads[1] and dst.heads[0] < src.heads[1]
+    if shared_layers and shared_blocks and heads_overlap:
+        raise ValueError(
+            f"dst_span and src_span both touch physical blocks {sorted(shared_blocks)} of "
+            f"layers {sorted(shared_layers)} in the same pool; source and destination overlap"
+        )
+
+
+def check_state_pool(name: str, pool: object, *, writable: bool = False) -> torch.Tensor:
+    """A ``[layers, slots, heads, *rest]`` state pool; the ``rest`` dims row-major contiguous."""
+    if not isinstance(pool, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(pool).__name__}")
+    if pool.dim() < 3:
+        raise ValueError(
+            f"{name} must be [layers, slots, *state_shape] with a non-empty state_shape, got "
+            f"shape {tuple(pool.shape)}"
+        )
+    _check_dtype(name, pool)
+    if min(pool.shape) < 1:
+        raise ValueError(f"{name}: every dimension must be >= 1, got shape {tuple(pool.shape)}")
+    expected = 1
+    for dim in range(pool.dim() - 1, 2, -1):
+        if pool.shape[dim] > 1 and pool.stride(dim) != expected:
+            raise ValueError(
+                f"{name}: the state dims after the head dim must be row-major contiguous, got "
+                f"strides {tuple(pool.stride())} for shape {tuple(pool.shape)}"
+            )
+        expected *= pool.shape[dim]
+    if pool.dim() == 3 and pool.shape[2] > 1 and pool.stride(2) < 1:
+        raise ValueError(f"{name}: bad strides {tuple(pool.stride())}")
+    if writable:
+        _check_no_self_overlap(name, pool)
+    return pool
+
+
+def check_slot(name: str, slot: object, num_slots: int) -> int:
+    if not _is_int(slot):
+        raise ValueError(f"{name} must be an int, got {slot!r}")
+    s = int(slot)  # type: ignore[call-overload]
+    if not 0 <= s < num_slots:
+        raise ValueError(f"{name} {s} is outside the pool's slots [0, {num_slots})")
+    return s
+
+
+def plan_state(
+    pool: object, slot: object, layers: object, heads: object, dense: object, to_dense: bool
+) -> StateMove:
+    pool_name = "state_pool"
+    pool = check_state_pool(pool_name, pool, writable=not to_dense)
+    s = check_slot("slot", slot, pool.shape[1])
+    lay = check_layers("layers", layers, pool.shape[0])
+    hd = check_heads("heads", heads, pool.shape[2])
+    shape = (len(lay), hd[1] - hd[0], *pool.shape[3:])
+    if to_dense and dense is None:
+        dense = torch.empty(shape, dtype=pool.dtype, device=pool.device)
+    else:
+        name = "out" if to_dense else "packed"
+        dense = check_dense(name, dense, shape, pool.dtype, pool.device)
+        _check_disjoint(name, dense, pool_name, pool)
+    return StateMove(pool, s, lay, hd, dense, to_dense)
+
+
+# ---------------------------------------------------------------------------------------
+# request-level plans
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedRequest:
+    """One request of a batched :func:`~kvtriton.kernels.pack_requests` call.
+
+    Attributes:
+        layout: the request's packed layout (global layer ids / heads in its segments).
+        spans: block span per attention group with a segment in ``layout``.
+        state_slots: state slot per state group with a segment in ``layout``.
+        offset: byte offset of this request's packed bytes in the shared buffer (a multiple
+            of ``kvtriton.layout.SEGMENT_ALIGN``); the request occupies
+            ``[offset, offset + layout.nbytes)``.
+    """
+
+    layout: PackedLayout
+    spans: Mapping[str, BlockSpan] = field(default_factory=dict)
+    state_slots: Mapping[str, int] = field(default_factory=dict)
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class KVBatchItem:
+    n_tokens: int
+    ids: tuple[int, ...]
+    offset: int  # in-block offset of the first position in ids[0]
+    dense_offset: int  # element offset of the [L, kv, T, H, D] segment in the flat buffer
+
+
+@dataclass(frozen=True)
+class KVBatch:
+    """All requests' segments of one attention group sharing one layer/head selection."""
+
+    group: str
+    pool: torch.Tensor
+    layers: tuple[int, ...]
+    heads: tuple[int, int]
+    flat: torch.Tensor  # the whole buffer viewed as a 1-D tensor of the pool dtype
+    items: tuple[KVBatchItem, ...]
+    to_dense: bool
+
+
+@dataclass(frozen=True)
+class StateBatch:
+    group: str
+    pool: torch.Tensor
+    layers: tuple[int, ...]
+    heads: tuple[int, int]
+    flat: torch.Tensor
+    items: tuple[tuple[int, int], ...]  # (slot, element offset of the segment)
+    to_dense: bool
+
+
+def _local_layers(group: LayerGroup, seg: Segment, where: str) -> tuple[int, ...]:
+    pos = {lid: i for i, lid in enumerate(group.layer_ids)}
+    missing = [lid for lid in seg.layer_ids if lid not in pos]
+    if missing:
+        raise ValueError(
+            f"{where}: segment layers {missing} of group {group.name!r} are not held by the "
+            f"local spec (it holds {list(group.layer_ids)})"
+        )
+    return tuple(pos[lid] for lid in seg.layer_ids)
+
+
+def _local_heads(group: LayerGroup, seg: Segment, where: str) -> tuple[int, int]:
+    if group.kind == "state":
+        lo, hi = group.state_head_start, group.state_head_end
+    else:
+        lo, hi = group.head_start, group.head_end
+    assert hi is not None
+    start, end = seg.heads
+    if not lo <= start < end <= hi:
+        raise ValueError(
+            f"{where}: segment heads [{start}, {end}) of group {group.name!r} are not inside "
+            f"the local range [{lo}, {hi})"
+        )
+    return start - lo, end - lo
+
+
+def _check_group_pool(
+    spec: KVCacheSpec, group: LayerGroup, pools: Mapping[str, Any], writable: bool
+) -> torch.Tensor:
+    name = f"pools[{group.name!r}]"
+    if group.name not in pools:
+        raise ValueError(f"pools has no tensor for group {group.name!r}")
+    if group.kind == "state":
+        pool = check_state_pool(name, pools[group.name], writable=writable)
+        expected = (group.num_layers, *group.local_state_shape)
+        got = (pool.shape[0], *pool.shape[2:])
+        dtype = getattr(torch, group.state_dtype or spec.dtype)
+        if got != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(pool.shape)}; expected [layers={expected[0]}, slots, "
+                f"*{list(expected[1:])}] for state group {group.name!r}"
+            )
+    else:
+        pool = check_pool(name, pools[group.name], writable=writable)
+        expected = (group.num_layers, group.kv_factor, group.local_heads, group.head_dim)
+        got = (pool.shape[0], pool.shape[2], pool.shape[4], pool.shape[5])
+        dtype = getattr(torch, spec.dtype)
+        if got != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(pool.shape)}; expected [layers={expected[0]}, blocks, "
+                f"kv={expected[1]}, tokens_per_block, heads={expected[2]}, "
+                f"head_dim={expected[3]}] for group {group.name!r}"
+            )
+    if pool.dtype != dtype:
+        raise ValueError(f"{name} has dtype {pool.dtype}, the spec says {dtype}")
+    return pool
+
+
+def plan_requests(
+    spec: KVCacheSpec,
+    requests: Sequence[PackedRequest],
+    pools: Mapping[str, Any],
+    buffer: object,
+    *,
+    to_dense: bool,
+    exact_size: bool,
+) -> list[KVBatch | StateBatch]:
+    """Validate a (batched) pack/unpack and group the work into one batch per launch."""
+    if not isinstance(spec, KVCacheSpec):
+        raise ValueError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
+    if not isinstance(pools, Mapping):
+        raise ValueError(f"pools must be a mapping {{group: tensor}}, got {type(pools).__name__}")
+    if not isinstance(buffer, torch.Tensor):
+        raise ValueError(f"buffer must be a torch.Tensor, got {type(buffer).__name__}")
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError(
+            f"buffer must be a contiguous 1-D uint8 tensor, got dtype {buffer.dtype}, shape "
+            f"{tuple(buffer.shape)}"
+        )
+    from kvtriton.layout import SEGMENT_ALIGN
+
+    # -- requests: types, offsets, buffer extent --------------------------------------
+    extents: list[tuple[int, int, int]] = []
+    for r, req in enumerate(requests):
+        where = f"requests[{r}]"
+        if not isinstance(req, PackedRequest):
+            raise ValueError(f"{where} must be a PackedRequest, got {type(req).__name__}")
+        if not isinstance(req.layout, PackedLayout):
+            raise ValueError(f"{where}.layout must be a PackedLayout")
+        if not _is_int(req.offset) or req.offset < 0 or req.offset % SEGMENT_ALIGN:
+            raise ValueError(
+                f"{where}.offset must be a non-negative multiple of {SEGMENT_ALIGN}, got "
+                f"{req.offset!r}"
+            )
+        extents.append((int(req.offset), int(req.offset) + req.layout.nbytes, r))
+    if exact_size:
+        need = requests[0].layout.nbytes if requests else 0
+        if buffer.numel() != need:
+            raise ValueError(
+                f"buffer has {buffer.numel()} bytes, the packed layout needs exactly {need}"
+            )
+    else:
+        end = max((e for _, e, _ in extents), default=0)
+        if buffer.numel() < end:
+            raise ValueError(f"buffer has {buffer.numel()} bytes, the requests need {end}")
+        ordered = sorted(e for e in extents if e[1] > e[0])
+        for (_, e0, r0), (s1, _, r1) in itertools.pairwise(ordered):
+            if s1 < e0:
+                raise ValueError(
+                    f"requests[{r1}] bytes overlap requests[{r0}] in buffer (offset {s1} < {e0})"
+                )
+
+    # -- pools ----------------------------------------------------------------------
+    groups = {g.name: g for g in spec.groups}
+    used = {seg.group for req in requests for seg in req.layout.segments}
+    unknown = sorted(used - set(groups))
+    if unknown:
+        raise ValueError(f"layout names groups {unknown} that the spec does not have")
+    checked: dict[str, torch.Tensor] = {}
+    for g in spec.groups:
+        if g.name in used:
+            checked[g.name] = _check_group_pool(spec, g, pools, writable=not to_dense)
+    device = next(iter(checked.values())).device if checked else buffer.device
+    for name, pool in checked.items():
+        check_device(f"pools[{name!r}]", pool, device)
+    check_device("buffer", buffer, device)
+    if checked:
+        for name, pool in checked.items():
+            _check_disjoint("buffer", buffer, f"pools[{name!r}]", pool)
+
+    # -- segments -> batches keyed by (group, layers, heads) -------------------------
+    kv_items: dict[tuple[str, tuple[int, ...], tuple[int, int]], list[KVBatchItem]] = {}
+    st_items: dict[tuple[str, tuple[int, ...], tuple[int, int]], list[tuple[int, int]]] = {}
+    for r, req in enumerate(requests):
+        where = f"requests[{r}]" if not exact_size else "layout"
+        for seg in req.layout.segments:
+            g = groups[seg.group]
+            pool = checked[g.name]
+            lay = _local_layers(g, seg, where)
+            hd = _local_heads(g, seg, where)
+            dtype = getattr(torch, seg.dtype)
+            if dtype != pool.dtype:
+                raise ValueError(
+                    f"{where}: segment of group {g.name!r} has dtype {seg.dtype}, the pool "
+                    f"{pool.dtype}"
+                )
+            byte0 = int(req.offset) + seg.offset
+            if byte0 % pool.element_size():
+                raise ValueError(f"{where}: segment of group {g.name!r} is misaligned")
+            elem0 = byte0 // pool.element_size()
+            if seg.kind == "state":
+                if g.kind != "state":
+                    raise ValueError(f"{where}: state segment for attention group {g.name!r}")
+                slots = req.state_slots
+                if g.name not in slots:
+                    raise ValueError(f"{where}: state_slots has no slot for group {g.name!r}")
+                s = check_slot(f"{where} state_slots[{g.name!r}]", slots[g.name], pool.shape[1])
+                if tuple(seg.shape) != (len(lay), hd[1] - hd[0], *pool.shape[3:]):
+                    raise ValueError(f"{where}: segment shape {seg.shape} does not match the pool")
+                st_items.setdefault((g.name, lay, hd), []).append((s, elem0))
+            else:
+                if g.kind == "state":
+                    raise ValueError(f"{where}: kv segment for state group {g.name!r}")
+                if tuple(seg.shape) != (
+                    len(lay), pool.shape[2], len(seg.tokens), hd[1] - hd[0], pool.shape[5]
+                ):
+                    raise ValueError(f"{where}: segment shape {seg.shape} does not match the pool")
+                if g.name not in req.spans:
+                    raise ValueError(f"{where}: spans has no BlockSpan for group {g.name!r}")
+                ids, off = check_span(
+                    f"{where} spans[{g.name!r}]", req.spans[g.name], seg.tokens, pool,
+                    unique=not to_dense,
+                )
+                kv_items.setdefault((g.name, lay, hd), []).append(
+                    KVBatchItem(len(seg.tokens), ids, off, elem0)
+                )
+
+    if not to_dense:
+        # two requests writing the same physical block position of one group would collide
+        for (name, _, _), items in kv_items.items():
+            if len(items) > 1:
+                _check_batch_positions(name, items, checked[name])
+        for (name, _, _), sitems in st_items.items():
+            slots = [s for s, _ in sitems]
+            if len(set(slots)) != len(slots):
+                raise ValueError(f"two requests write the same state slot of group {name!r}")
+
+    plans: list[KVBatch | StateBatch] = []
+    flats: dict[torch.dtype, torch.Tensor] = {}
+
+    def flat(dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in flats:
+            size = torch.empty((), dtype=dtype).element_size()
+            usable = buffer.numel() // size * size
+            flats[dtype] = buffer[:usable].view(dtype)
+        return flats[dtype]
+
+    for (name, lay, hd), items in kv_items.items():
+        pool = checked[name]
+        plans.append(KVBatch(name, pool, lay, hd, flat(pool.dtype), tuple(items), to_dense))
+    for (name, lay, hd), sitems in st_items.items():
+        pool = checked[name]
+        plans.append(StateBatch(name, pool, lay, hd, flat(pool.dtype), tuple(sitems), to_dense))
+    order = {g.name: i for i, g in enumerate(spec.groups)}
+    plans.sort(key=lambda p: order[p.group])
+    return plans
+
+
+def _check_batch_positions(name: str, items: Sequence[KVBatchItem], pool: torch.Tensor) -> None:
+    tpb = int(pool.shape[3])
+    seen: dict[int, list[tuple[int, int]]] = {}
+    for item in items:
+        n = item.n_tokens
+        for i, block in enumerate(item.ids):
+            lo = item.offset if i == 0 else 0
+            hi = min(tpb, item.offset + n - i * tpb)
+            for a, b in seen.get(block, ()):
+                if lo < b and a < hi:
+                    raise ValueError(
+                        f"two requests write positions [{max(a, lo)}, {min(b, hi)}) of physical "
+                        f"block {block} of group {name!r}; writes would collide"
+                    )
+            seen.setdefault(block, []).append((lo, hi))
