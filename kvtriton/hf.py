@@ -1,0 +1,588 @@
+"""A :class:`~kvtriton.spec.KVCacheSpec` from a Hugging Face ``transformers`` model config.
+
+No network and no weights: the input is a config object, a plain dict, a local
+``config.json`` (or a directory holding one) or the name of a ``transformers`` config class
+(instantiated with its defaults, e.g. ``"Gemma3TextConfig"``) or ``model_type``
+(``"gpt_oss"``). Reading a dict or a ``config.json`` needs no ``transformers``; a class name
+or ``model_type`` does.
+
+Mapping (per decoder layer ``i``, in this order of precedence):
+
+* ``layer_types[i]`` (or the older ``layers_block_type``): ``full_attention`` -> full,
+  ``sliding_attention`` -> sliding, ``linear_attention`` / ``mamba`` -> state,
+  ``mlp`` / ``moe`` (no token mixer) -> attention-free (no group);
+* without ``layer_types``: Jamba's ``attn_layer_period`` / ``attn_layer_offset`` (attention iff
+  ``i % period == offset``, else Mamba), Bamba's ``attn_layer_indices``, Qwen3-Next's
+  ``full_attention_interval``, Mamba / Mamba-2 models (all state), Gemma-2 (even layers
+  sliding), ``sliding_window_pattern = N`` (Gemma-3 / Cohere-2 / EXAONE-4: layer ``i`` is
+  sliding iff ``(i + 1) % N != 0``), Qwen2-style ``use_sliding_window`` +
+  ``max_window_layers`` (layers ``i >= max_window_layers`` slide), and finally Mistral's
+  convention: a non-null global ``sliding_window`` makes **every** layer sliding;
+* the last ``num_kv_shared_layers`` layers (Gemma-3n / Gemma-4) reuse an earlier layer's KV
+  and hold no cache of their own: attention-free here.
+
+Shapes: ``num_key_value_heads`` (default ``num_attention_heads``) x ``head_dim`` (default
+``hidden_size // num_attention_heads``), per-layer ``per_layer_config`` overrides of
+``head_dim`` / ``num_key_value_heads`` / ``sliding_window`` honoured. MLA (DeepSeek-V2/V3,
+``kv_lora_rank`` set): one latent of ``kv_lora_rank + qk_rope_head_dim`` elements, 1 head,
+``kv_factor = 1``, group name ``"mla"``. The multi-token-prediction layers
+(``num_nextn_predict_layers``) are not decoder layers of the config and are left out.
+
+**Sliding windows.** ``transformers`` masks a sliding layer with
+``kv_idx > q_idx - sliding_window`` (``masking_utils.sliding_window_overlay``; the
+flash-attention path uses ``window_size=(W - 1, W - 1)``): a query at ``q`` attends the
+``W`` keys ``(q - W, q]``, itself included. That is exactly kvtriton's window ``W``
+(DESIGN.md §1), so ``sliding_window`` is taken as is for every causal model, Gemma-2/3 and
+GPT-OSS included (their original reference code also keeps ``W`` keys). Mistral's original
+``mistral-src`` reference mask kept ``W + 1`` keys (``[q - W, q]``); transformers (and
+kvtriton) use ``W``. Gemma-3's ``use_bidirectional_attention`` (EmbeddingGemma) is an
+encoder and is refused.
+
+**State groups** hold one state per request and layer, ``state_shape[0]`` = the heads (or
+channels) tensor parallelism splits. The convolution state is folded into the same tensor as
+extra elements per head so that one state tensor per layer moves whole (pass
+``include_conv_state=False`` for the recurrent state alone). The conv state is the
+``d_conv - 1`` previous inputs (vLLM's convention; ``transformers`` keeps ``d_conv`` slots):
+
+* gated DeltaNet / KDA (Qwen3-Next, Qwen3.5, Kimi-Linear): ``(Hv, Dk*Dv + C)`` with
+  ``C = (2*Hk*Dk + Hv*Dv) * (K - 1) / Hv`` (the q, k, v conv channels apportioned evenly over
+  the ``Hv`` value heads);
+* Mamba-2 (Bamba, Granite-4 hybrid, Nemotron-H, Mamba2): ``(H, P*N + C)`` with
+  ``C = (H*P + 2*G*N) * (K - 1) / H`` (``H`` heads of ``P`` dims, ``N`` state size,
+  ``G`` groups). Exact for the model; under TP, vLLM replicates B/C groups when ``G < tp``,
+  so per-rank state bytes are then slightly under-counted;
+* Mamba-1 (Jamba, Mamba): ``(E, N + K - 1)`` with ``E = expand * hidden_size`` channels.
+
+The state dtype is ``state_dtype`` if given, else the config's ``mamba_ssm_cache_dtype``,
+else the spec's dtype. The spec dtype is ``dtype`` if given, else the config's ``dtype`` /
+``torch_dtype``, else ``bfloat16``.
+
+Groups come in the order full (or ``mla``), sliding by increasing window, state; names are
+``"full"``, ``f"sliding{W}"``, ``"state"`` (with a ``_{heads}x{head_dim}`` suffix only if one
+kind holds layers of different shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvtriton.spec import KVCacheSpec, LayerGroup, canonical_dtype
+
+__all__ = ["HF_CONFIG_CHOICES", "hf_config_choices", "hf_layer_kinds", "spec_from_hf_config"]
+
+#: Config classes the CLI offers (each is mapped in tests/test_hf.py with its defaults).
+HF_CONFIG_CHOICES: tuple[str, ...] = (
+    "BambaConfig",
+    "Cohere2Config",
+    "DeepseekV2Config",
+    "DeepseekV3Config",
+    "Exaone4Config",
+    "Gemma2Config",
+    "Gemma3Config",
+    "Gemma3TextConfig",
+    "GptOssConfig",
+    "GraniteMoeHybridConfig",
+    "JambaConfig",
+    "LlamaConfig",
+    "Mamba2Config",
+    "MambaConfig",
+    "MistralConfig",
+    "MixtralConfig",
+    "NemotronHConfig",
+    "Olmo3Config",
+    "Phi3Config",
+    "Qwen2Config",
+    "Qwen3Config",
+    "Qwen3NextConfig",
+)
+
+_FULL, _SLIDING, _STATE, _NONE = "full", "sliding", "state", None
+
+_LAYER_TYPE_KINDS: dict[str, str | None] = {
+    "full_attention": _FULL,
+    "attention": _FULL,
+    "global": _FULL,
+    "sliding_attention": _SLIDING,
+    "local": _SLIDING,
+    "linear_attention": _STATE,
+    "mamba": _STATE,
+    "mamba2": _STATE,
+    "mlp": _NONE,
+    "moe": _NONE,
+    "dense": _NONE,
+    "sparse": _NONE,
+}
+
+_UNSUPPORTED_LAYER_TYPES: dict[str, str] = {
+    "chunked_attention": "chunked attention (a query attends its own chunk only) is not a "
+    "sliding window; pass chunked_as_sliding=True to map it to a window of "
+    "attention_chunk_size (an over-estimate of what is needed)",
+    "hybrid": "a layer running attention and a recurrent state in parallel would need two "
+    "groups for one layer id",
+    "hybrid_sliding": "a layer running sliding attention and a recurrent state in parallel "
+    "would need two groups for one layer id",
+    "window_attention": "non-overlapping (ViT-style) windows are not causal decoder attention",
+    "conv": "short-convolution layers (LFM2) have no mapping to a state shape yet",
+}
+
+
+def hf_config_choices() -> tuple[str, ...]:
+    """Class names accepted by ``--hf-config`` that are known to map (tested with defaults).
+
+    Any other ``transformers`` config class name, ``model_type`` or ``config.json`` path is
+    also accepted by :func:`spec_from_hf_config`; it raises ``ValueError`` if it cannot map.
+    """
+    return HF_CONFIG_CHOICES
+
+
+class _View:
+    """Uniform read access to a config object or dict (``None`` for missing keys)."""
+
+    def __init__(self, source: Any, label: str, parent: _View | None = None) -> None:
+        self.source = source
+        self.label = label
+        self.parent = parent
+
+    def _serialized(self) -> Mapping[str, Any]:
+        if not hasattr(self, "_dict"):
+            to_dict = getattr(self.source, "to_dict", None)
+            self._dict: Mapping[str, Any] = to_dict() if callable(to_dict) else {}
+        return self._dict
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if isinstance(self.source, Mapping):
+            value = self.source.get(key, default)
+        elif key == "per_layer_config":  # the serialized form is a plain {layer: overrides}
+            value = self._serialized().get(key, default)
+        else:
+            try:
+                value = getattr(self.source, key)
+            except Exception:
+                # Missing, or a per-layer attribute that transformers refuses to read globally
+                # (heterogeneous configs): the serialized global value, overridden per layer.
+                value = self._serialized().get(key, default)
+        return default if value is None else value
+
+    def has(self, key: str) -> bool:
+        if isinstance(self.source, Mapping):
+            return key in self.source
+        try:
+            getattr(self.source, key)
+        except Exception:
+            return key in self._serialized()
+        return True
+
+    @property
+    def model_type(self) -> str:
+        return str(self.get("model_type", "") or "")
+
+
+def _load(config_or_path: Any) -> tuple[Any, str]:
+    """The config source (object or dict) and a default spec name."""
+    if isinstance(config_or_path, Mapping):
+        return dict(config_or_path), str(config_or_path.get("model_type") or "hf-config")
+    if isinstance(config_or_path, (str, os.PathLike)):
+        text = os.fspath(config_or_path)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+            if not path.is_file():
+                raise ValueError(f"directory {text!r} holds no config.json")
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"cannot read {str(path)!r} as JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise ValueError(
+                    f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+            default = path.parent.name if path.name == "config.json" else path.stem
+            return data, default or str(data.get("model_type") or "hf-config")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text):
+            raise ValueError(
+                f"{text!r} is neither a config.json file, a directory holding one, nor a "
+                "transformers config class name or model_type"
+            )
+        return _from_transformers_name(text)
+    if hasattr(config_or_path, "to_dict") or hasattr(config_or_path, "model_type"):
+        return config_or_path, str(getattr(config_or_path, "model_type", "") or "hf-config")
+    raise TypeError(
+        "spec_from_hf_config takes a transformers config object, a dict, a config.json path "
+        f"or a config class name, got {type(config_or_path).__name__}"
+    )
+
+
+def _from_transformers_name(text: str) -> tuple[Any, str]:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            f"{text!r} is not a file; a config class name or model_type needs transformers "
+            "(pip install 'kvtriton[hf]')"
+        ) from None
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    cls = getattr(transformers, text, None)
+    if isinstance(cls, type) and issubclass(cls, base) and cls is not base:
+        config = cls()
+        return config, str(getattr(config, "model_type", "") or text)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if text in CONFIG_MAPPING_NAMES:
+        return transformers.AutoConfig.for_model(text), text
+    raise ValueError(
+        f"{text!r} is not a file, nor a transformers config class (e.g. 'Gemma3TextConfig') "
+        f"nor a model_type (e.g. 'gpt_oss') known to transformers {transformers.__version__}; "
+        f"known to map: {', '.join(HF_CONFIG_CHOICES)}"
+    )
+
+
+def _text_view(source: Any, label: str) -> _View:
+    """The decoder (text) part of a config, refusing encoders and non-LM configs."""
+    top = _View(source, label)
+    if top.get("is_encoder_decoder", False):
+        raise ValueError(
+            f"{label}: encoder-decoder models (model_type {top.model_type!r}) are not supported: "
+            "kvtriton maps decoder-only KV caches (self-attention of a causal LM)"
+        )
+    text: Any = None
+    if isinstance(source, Mapping):
+        if isinstance(source.get("text_config"), Mapping):
+            text = source["text_config"]
+    elif hasattr(source, "get_text_config"):
+        candidate = source.get_text_config(decoder=True)
+        if candidate is not source:
+            text = candidate
+    view = _View(text, label, parent=top) if text is not None else top
+    _check_causal(view, label)
+    return view
+
+
+def _check_causal(view: _View, label: str) -> None:
+    model_type = view.model_type
+    if view.get("use_bidirectional_attention", False):
+        raise ValueError(
+            f"{label}: use_bidirectional_attention=True (an embedding/encoder variant of "
+            f"{model_type!r}) has no causal decode-time KV cache to transfer"
+        )
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        modeling_auto = None  # type: ignore[assignment]
+    if modeling_auto is not None and model_type:
+        causal = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        masked = set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+        if model_type in masked and not view.get("is_decoder", False):
+            raise ValueError(
+                f"{label}: model_type {model_type!r} is a bidirectional encoder (masked-LM "
+                "family, is_decoder=False): it has no decode-time KV cache; kvtriton maps "
+                "causal decoder configs (e.g. LlamaConfig, GptOssConfig)"
+            )
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type in CONFIG_MAPPING_NAMES and model_type not in causal:
+            raise ValueError(
+                f"{label}: model_type {model_type!r} is not a causal language model "
+                "(transformers has no *ForCausalLM for it and the config has no text_config); "
+                "kvtriton maps decoder KV caches"
+            )
+    if not view.get("num_hidden_layers") and not view.get("layer_types") and not view.get(
+        "layers_block_type"
+    ):
+        raise ValueError(
+            f"{label}: no num_hidden_layers / layer_types: not a decoder language-model config"
+        )
+
+
+def _kind_of(layer_type: Any, label: str, chunked_as_sliding: bool) -> str | None:
+    text = str(layer_type)
+    if text in _LAYER_TYPE_KINDS:
+        return _LAYER_TYPE_KINDS[text]
+    if text == "chunked_attention" and chunked_as_sliding:
+        return "chunked"
+    why = _UNSUPPORTED_LAYER_TYPES.get(text, "unknown layer type")
+    raise ValueError(f"{label}: cannot map layer type {text!r}: {why}")
+
+
+def hf_layer_kinds(config_or_path: Any, *, chunked_as_sliding: bool = False) -> list[str | None]:
+    """Per decoder layer: ``"full"``, ``"sliding"``, ``"state"`` or ``None`` (no KV, no state).
+
+    Applies the precedence rules of this module's docstring; a chunked-attention layer reads
+    ``"sliding"`` when ``chunked_as_sliding`` (else ``ValueError``).
+    """
+    source, name = _load(config_or_path)
+    view = _text_view(source, _label(source, name))
+    kinds = _layer_kinds(view, view.label, chunked_as_sliding)
+    return [_SLIDING if k == "chunked" else k for k in kinds]
+
+
+def _label(source: Any, name: str) -> str:
+    if isinstance(source, Mapping):
+        return f"config {name!r}"
+    return type(source).__name__
+
+
+def _int(view: _View, key: str, label: str) -> int:
+    value = view.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{label}: {key} must be a positive int, got {value!r}")
+    return value
+
+
+def _layer_kinds(view: _View, label: str, chunked_as_sliding: bool) -> list[str | None]:
+    types = view.get("layer_types") or view.get("layers_block_type")
+    n_cfg = view.get("num_hidden_layers")
+    if types is not None and not isinstance(types, str) and isinstance(types, Sequence):
+        kinds = [_kind_of(t, label, chunked_as_sliding) for t in types]
+        if n_cfg is not None and n_cfg != len(kinds) and not view.has("layers_block_type"):
+            raise ValueError(
+                f"{label}: num_hidden_layers={n_cfg} but layer_types has {len(kinds)} entries"
+            )
+    else:
+        n = _int(view, "num_hidden_layers", label)
+        kinds = _derived_kinds(view, n, label)
+    shared = view.get("num_kv_shared_layers", 0) or 0
+    if shared:
+        if not 0 < shared <= len(kinds):
+            raise ValueError(f"{label}: num_kv_shared_layers={shared} outside [0, {len(kinds)}]")
+        kinds[len(kinds) - shared:] = [_NONE] * shared
+    return kinds
+
+
+def _derived_kinds(view: _View, n: int, label: str) -> list[str | None]:
+    model_type = view.model_type
+    period, offset = view.get("attn_layer_period"), view.get("attn_layer_offset")
+    if period is not None and offset is not None:  # Jamba
+        return [_FULL if i % period == offset else _STATE for i in range(n)]
+    if model_type == "bamba" or view.has("attn_layer_indices"):
+        indices = set(view.get("attn_layer_indices") or ())
+        return [_FULL if i in indices else _STATE for i in range(n)]
+    interval = view.get("full_attention_interval")
+    if interval:  # Qwen3-Next before layer_types
+        return [_FULL if (i + 1) % interval == 0 else _STATE for i in range(n)]
+    if model_type in ("mamba", "mamba2", "falcon_mamba"):
+        return [_STATE] * n
+    window = view.get("sliding_window")
+    pattern = view.get("sliding_window_pattern") or view.get("_sliding_window_pattern")
+    if model_type == "gemma2":
+        return [_SLIDING if i % 2 == 0 else _FULL for i in range(n)]
+    if pattern and window is not None:
+        return [_SLIDING if (i + 1) % pattern else _FULL for i in range(n)]
+    if view.has("use_sliding_window"):  # Qwen2 / Qwen3 convention
+        if not view.get("use_sliding_window", False) or window is None:
+            return [_FULL] * n
+        first = view.get("max_window_layers", 0)
+        return [_SLIDING if i >= first else _FULL for i in range(n)]
+    if window is not None:  # Mistral convention: one global window for every layer
+        return [_SLIDING] * n
+    return [_FULL] * n
+
+
+def _attention_shape(view: _View, layer: int, label: str) -> tuple[int, int, int]:
+    """``(num_kv_heads, head_dim, kv_factor)`` of attention layer ``layer``."""
+    rank = view.get("kv_lora_rank")
+    if rank:
+        rope = view.get("qk_rope_head_dim")
+        if not isinstance(rope, int) or rope < 0:
+            raise ValueError(f"{label}: MLA (kv_lora_rank={rank}) needs qk_rope_head_dim")
+        return 1, rank + rope, 1
+    override = _override(view, layer)
+    heads = override.get("num_key_value_heads") or view.get("num_key_value_heads") or view.get(
+        "num_attention_heads")
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"{label}: num_key_value_heads / num_attention_heads missing or invalid "
+                         f"({heads!r})")
+    head_dim = override.get("head_dim") or view.get("head_dim")
+    if head_dim is None:
+        hidden = _int(view, "hidden_size", label)
+        q_heads = _int(view, "num_attention_heads", label)
+        if hidden % q_heads:
+            raise ValueError(f"{label}: head_dim unset and hidden_size {hidden} is not a multiple "
+                             f"of num_attention_heads {q_heads}")
+        head_dim = hidden // q_heads
+    return heads, head_dim, 2
+
+
+def _override(view: _View, layer: int) -> Mapping[str, Any]:
+    per_layer = view.get("per_layer_config")
+    if not isinstance(per_layer, Mapping):
+        return {}
+    for key, value in per_layer.items():
+        try:
+            if int(key) == layer and isinstance(value, Mapping):
+                return value
+        except (TypeError, ValueError):
+            continue
+    return {}
+
+
+def _first(view: _View, *keys: str) -> Any:
+    for key in keys:
+        value = view.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _state_shape(view: _View, label: str, include_conv: bool) -> tuple[int, ...]:
+    """Per-layer state shape of a linear-attention / Mamba layer (see the module docstring)."""
+    hv = _first(view, "linear_num_value_heads", "linear_num_heads")
+    if hv is not None:  # gated DeltaNet / KDA
+        hk = _first(view, "linear_num_key_heads", "linear_num_heads")
+        dk = _first(view, "linear_key_head_dim", "linear_head_dim")
+        dv = _first(view, "linear_value_head_dim", "linear_head_dim")
+        kernel = _first(view, "linear_conv_kernel_dim")
+        if None in (hk, dk, dv, kernel):
+            raise ValueError(f"{label}: linear attention needs linear_num_key_heads, "
+                             "linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim")
+        if not include_conv:
+            return (hv, dk, dv)
+        return (hv, dk * dv + _per_head(2 * hk * dk + hv * dv, kernel - 1, hv, label))
+    heads = _first(view, "mamba_n_heads", "mamba_num_heads")
+    if heads is None and view.model_type == "mamba2":
+        heads = view.get("num_heads")
+    d_state = _first(view, "mamba_d_state", "ssm_state_size", "state_size")
+    d_conv = _first(view, "mamba_d_conv", "conv_kernel")
+    if heads is not None:  # Mamba-2
+        head_dim = _first(view, "mamba_d_head", "mamba_head_dim")
+        if head_dim is None and view.model_type == "mamba2":
+            head_dim = view.get("head_dim")
+        groups = _first(view, "mamba_n_groups", "n_groups")
+        if None in (head_dim, d_state, d_conv, groups) or head_dim == "auto":
+            raise ValueError(f"{label}: Mamba-2 layers need head dim, state size, groups and "
+                             f"conv kernel (got {head_dim!r}, {d_state!r}, {groups!r}, {d_conv!r})")
+        if not include_conv:
+            return (heads, head_dim * d_state)
+        conv_dim = heads * head_dim + 2 * groups * d_state
+        return (heads, head_dim * d_state + _per_head(conv_dim, d_conv - 1, heads, label))
+    expand = _first(view, "mamba_expand", "expand")
+    if d_state is not None and d_conv is not None and expand is not None:  # Mamba-1
+        channels = int(expand * _int(view, "hidden_size", label))
+        return (channels, d_state + (d_conv - 1 if include_conv else 0))
+    raise ValueError(
+        f"{label}: cannot determine the recurrent state shape of model_type {view.model_type!r} "
+        "(expected linear_num_value_heads/... (gated DeltaNet), mamba_n_heads/... (Mamba-2) or "
+        "mamba_d_state + mamba_expand + mamba_d_conv (Mamba-1))"
+    )
+
+
+def _per_head(channels: int, taps: int, heads: int, label: str) -> int:
+    if channels * taps % heads:
+        raise ValueError(f"{label}: {channels} conv channels x {taps} taps do not split evenly "
+                         f"over {heads} state heads; pass include_conv_state=False")
+    return channels * taps // heads
+
+
+def _dtype_of(view: _View, dtype: Any) -> str:
+    if dtype is not None:
+        return canonical_dtype(dtype)
+    for v in (view, view.parent):
+        if v is None:
+            continue
+        keys = ("dtype", "torch_dtype") if isinstance(v.source, Mapping) else ("dtype",)
+        value = _first(v, *keys)
+        if value is not None and str(value) != "auto":
+            return canonical_dtype(value)
+    return "bfloat16"
+
+
+def spec_from_hf_config(
+    config_or_path: Any,
+    *,
+    tokens_per_block: int = 16,
+    dtype: Any = None,
+    name: str | None = None,
+    state_dtype: Any = None,
+    include_conv_state: bool = True,
+    chunked_as_sliding: bool = False,
+) -> KVCacheSpec:
+    """The KV-cache spec of a ``transformers`` model config (see the module docstring).
+
+    Args:
+        config_or_path: a config object, a dict, a ``config.json`` path or a directory holding
+            one, or a ``transformers`` config class name / ``model_type``.
+        tokens_per_block: positions per paged block.
+        dtype: pool dtype (default: the config's ``dtype``/``torch_dtype``, else bfloat16).
+        name: spec label (default: the config's directory name or ``model_type``).
+        state_dtype: element dtype of state groups (default: ``mamba_ssm_cache_dtype`` if the
+            config sets one, else the spec dtype).
+        include_conv_state: fold the ``d_conv - 1`` convolution inputs into the state.
+        chunked_as_sliding: map chunked attention (Llama-4) to a sliding window of
+            ``attention_chunk_size`` keys (a superset of what a chunk needs) instead of failing.
+
+    Raises:
+        ValueError: the config is not a causal decoder or has a layer kvtriton cannot map
+            (the message names the config, the field and why).
+    """
+    source, default_name = _load(config_or_path)
+    label = _label(source, default_name)
+    view = _text_view(source, label)
+    kinds = _layer_kinds(view, label, chunked_as_sliding)
+    spec_dtype = _dtype_of(view, dtype)
+    if state_dtype is None:
+        cache_dtype = view.get("mamba_ssm_cache_dtype")
+        state_dtype = cache_dtype if cache_dtype not in (None, "auto") else None
+    state_dt = canonical_dtype(state_dtype) if state_dtype is not None else None
+
+    # key -> layer ids; key = (order, kind, window, heads, head_dim, kv_factor, state_shape)
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    state_shape: tuple[int, ...] | None = None
+    for layer, kind in enumerate(kinds):
+        if kind is None:
+            continue
+        if kind == _STATE:
+            if state_shape is None:
+                state_shape = _state_shape(view, label, include_conv_state)
+            key: tuple[Any, ...] = (2, _STATE, 0, 1, 1, 2, state_shape)
+        else:
+            heads, head_dim, kv_factor = _attention_shape(view, layer, label)
+            if kind == _FULL:
+                key = (0, _FULL, 0, heads, head_dim, kv_factor, None)
+            else:
+                if kind == "chunked":
+                    window = view.get("attention_chunk_size")
+                    what = "attention_chunk_size"
+                else:
+                    window = _override(view, layer).get("sliding_window") or view.get(
+                        "sliding_window")
+                    what = "sliding_window"
+                if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                    raise ValueError(f"{label}: layer {layer} is sliding but {what} is "
+                                     f"{window!r} (expected an int >= 1)")
+                key = (1, _SLIDING, window, heads, head_dim, kv_factor, None)
+        buckets.setdefault(key, []).append(layer)
+    if not buckets:
+        raise ValueError(f"{label}: no layer holds a KV cache or a recurrent state")
+
+    base_names = {key: _base_name(key) for key in buckets}
+    groups = []
+    for key in sorted(buckets, key=lambda k: (k[0], k[2], k[3], k[4])):
+        _, kind, window, heads, head_dim, kv_factor, shape = key
+        group_name = base_names[key]
+        if list(base_names.values()).count(group_name) > 1:
+            group_name += f"_{heads}x{head_dim}" if shape is None else "_" + "x".join(
+                map(str, shape))
+        ids = tuple(buckets[key])
+        if kind == _STATE:
+            groups.append(LayerGroup(group_name, "state", ids, state_shape=shape,
+                                     state_dtype=state_dt))
+        else:
+            groups.append(LayerGroup(group_name, kind, ids, num_kv_heads=heads, head_dim=head_dim,
+                                     window=window if kind == _SLIDING else None,
+                                     kv_factor=kv_factor))
+    return KVCacheSpec(tuple(groups), tokens_per_block=tokens_per_block, dtype=spec_dtype,
+                       name=name or default_name)
+
+
+def _base_name(key: tuple[Any, ...]) -> str:
+    _, kind, window, _heads, _head_dim, kv_factor, _shape = key
+    if kind == _STATE:
+        return "state"
+    prefix = "mla" if kv_factor == 1 else ""
+    if kind == _FULL:
+        return prefix or "full"
+    return f"{prefix}_sliding{window}" if prefix else f"sliding{window}"
