@@ -1,0 +1,486 @@
+"""Hugging Face ``transformers`` KV caches to and from paged kvtriton pools.
+
+What is supported (``transformers`` 5.x ``DynamicCache``, batch size 1 = one request):
+
+* full-attention layers (``DynamicLayer``): the layer holds positions ``[0, T)``;
+* sliding-window layers (``DynamicSlidingWindowLayer``): the layer holds the **last**
+  ``min(T, W - 1)`` positions, ``[T - held, T)`` with ``T = cumulative_length`` (more while
+  ``record_past`` is on). ``transformers`` masks a sliding layer with
+  ``kv_idx > q_idx - sliding_window``: a query at ``q`` attends ``(q - W, q]`` -- exactly
+  kvtriton's window ``W`` (DESIGN.md §1), so ``sliding_window`` maps to ``window`` unchanged
+  and the ``W - 1`` positions a layer keeps are exactly ``needed(g, P) = [P + 1 - W, P)``;
+* layers without a cache of their own (``DummyLayer``: attention-free or KV-sharing layers)
+  are not in the spec and are skipped.
+
+Not supported (a clear ``ValueError``): recurrent/linear-attention state layers
+(``LinearAttentionLayer``: Qwen3-Next, Jamba, Mamba, ...), hybrid layers that hold both,
+chunked attention (Llama-4: its mask is not a sliding window), static / quantized /
+offloaded caches, batch sizes other than 1, and MLA caches whose layout differs from
+``[batch, heads, tokens, head_dim]`` keys and values.
+
+Two directions:
+
+* :func:`cache_to_pools` -- copy the positions a model's cache holds (or a sub-range) into
+  each group's pool at the request's :class:`~kvtriton.ranges.BlockSpan` (sender side after a
+  prefill; receiver side after decoding, to commit the new tokens);
+* :func:`pools_to_cache` -- build a ``DynamicCache`` from the pools that lets the model
+  continue at position ``P``: full layers hold ``[0, P)``, sliding layers exactly
+  ``needed(g, P)`` (``W - 1`` positions once ``P >= W - 1``), with ``cumulative_length = P``.
+
+Both go through :mod:`kvtriton.kernels` (``scatter`` / ``gather``), one call per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvtriton.ranges import BlockSpan, TokenRange, needed_range
+from kvtriton.spec import KVCacheSpec, LayerGroup
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "cache_layer_kind",
+    "check_spec",
+    "held_positions",
+    "held_ranges",
+    "cache_to_pools",
+    "pools_to_cache",
+    "spec_for_model",
+]
+
+PoolsLike = Any  # Mapping[str, torch.Tensor] or kvtriton.cache.CachePools (both index by group)
+
+
+# ------------------------------------------------------------------------------------------
+# cache layer introspection
+# ------------------------------------------------------------------------------------------
+
+
+def _cache_utils() -> Any:
+    try:
+        from transformers import cache_utils
+    except ImportError as exc:  # pragma: no cover - the hf extra is missing
+        raise ImportError(
+            "kvtriton.integrations.transformers needs the transformers package "
+            "(pip install 'kvtriton[hf]')"
+        ) from exc
+    return cache_utils
+
+
+def cache_layer_kind(layer: object) -> str | None:
+    """``"full"``, ``"sliding"`` or ``None`` (no per-token KV of its own) for a cache layer.
+
+    Raises ``ValueError`` for layer classes this module cannot move (state layers, static,
+    quantized or indexed layers, anything unknown), naming the class.
+    """
+    cu = _cache_utils()
+    cls = type(layer)
+    name = cls.__name__
+    if isinstance(layer, cu.DummyLayer):
+        return None
+    if isinstance(layer, getattr(cu, "LinearAttentionCacheLayerMixin", ())):
+        raise ValueError(
+            f"cache layer {name} holds a recurrent/linear-attention state: state layers are not "
+            "supported by kvtriton.integrations.transformers (attention KV only)"
+        )
+    # Exact classes: subclasses (quantized, indexed, offloaded variants) keep extra tensors
+    # this module would silently drop.
+    if cls is cu.DynamicSlidingWindowLayer:
+        return "sliding"
+    if cls is cu.DynamicLayer:
+        return "full"
+    raise ValueError(
+        f"cache layer {name} is not supported: expected DynamicLayer (full attention), "
+        "DynamicSlidingWindowLayer (sliding window) or DummyLayer (no KV) of a DynamicCache"
+    )
+
+
+def held_positions(cache: Any, layer_idx: int) -> TokenRange:
+    """Absolute positions ``[start, end)`` whose K/V cache layer ``layer_idx`` holds.
+
+    Full layers hold ``[0, T)``; a sliding layer holds its last ``held`` entries,
+    ``[cumulative_length - held, cumulative_length)``. An uninitialised layer holds ``[0, 0)``.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ValueError(f"expected a transformers Cache with .layers, got {type(cache).__name__}")
+    if not 0 <= layer_idx < len(layers):
+        raise ValueError(f"layer {layer_idx} is outside the cache's {len(layers)} layers")
+    layer = layers[layer_idx]
+    kind = cache_layer_kind(layer)
+    if kind is None:
+        raise ValueError(f"layer {layer_idx} ({type(layer).__name__}) holds no KV of its own")
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        end = int(getattr(layer, "cumulative_length", 0)) if kind == "sliding" else 0
+        return TokenRange(end, end)
+    held = int(layer.keys.shape[-2])
+    if kind == "full":
+        return TokenRange(0, held)
+    total = int(layer.cumulative_length)
+    if held > total:
+        raise ValueError(f"sliding layer {layer_idx} holds {held} entries but has only seen "
+                         f"{total} positions")
+    return TokenRange(total - held, total)
+
+
+def held_ranges(cache: Any, spec: KVCacheSpec) -> dict[str, TokenRange]:
+    """``{attention group: positions every layer of the group holds}`` (the intersection).
+
+    Layers of one group normally hold the same range; a mismatch means the cache was built for
+    another spec and raises ``ValueError`` naming the layers.
+    """
+    ranges: dict[str, TokenRange] = {}
+    for group in spec.groups:
+        if group.kind == "state":
+            continue
+        per_layer = {layer: held_positions(cache, layer) for layer in group.layer_ids}
+        distinct = set(per_layer.values())
+        if len(distinct) != 1:
+            raise ValueError(
+                f"group {group.name!r}: its layers hold different positions "
+                f"({ {k: str(v) for k, v in per_layer.items()} }); expected one range per group"
+            )
+        ranges[group.name] = distinct.pop()
+    return ranges
+
+
+# ------------------------------------------------------------------------------------------
+# spec <-> model
+# ------------------------------------------------------------------------------------------
+
+
+def _text_config(config: Any) -> Any:
+    config = getattr(config, "config", config)  # a model -> its config
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config(decoder=True)
+    return config
+
+
+def _model_dtype(model_or_config: Any) -> str | None:
+    dtype = getattr(model_or_config, "dtype", None)
+    if dtype is None:
+        return None
+    text = str(dtype).removeprefix("torch.")
+    return None if text == "auto" else text
+
+
+def spec_for_model(
+    model_or_config: Any,
+    *,
+    tokens_per_block: int = 16,
+    dtype: Any = None,
+    name: str | None = None,
+) -> KVCacheSpec:
+    """The kvtriton spec of a ``transformers`` model (or config), checked against the model.
+
+    Uses :func:`kvtriton.hf.spec_from_hf_config`; ``dtype`` defaults to the model's parameter
+    dtype (the dtype its cache holds), so pools and cache tensors match bit for bit.
+    """
+    from kvtriton.hf import spec_from_hf_config
+
+    config = _text_config(model_or_config)
+    if dtype is None and hasattr(model_or_config, "parameters"):
+        dtype = _model_dtype(model_or_config)
+    spec = spec_from_hf_config(config, tokens_per_block=tokens_per_block, dtype=dtype, name=name)
+    check_spec(spec, config)
+    return spec
+
+
+def _config_layer_kinds(config: Any) -> list[str | None]:
+    """Per layer, what ``DynamicCache(config=...)`` builds: full / sliding / None (no KV)."""
+    cu = _cache_utils()
+    text = _text_config(config)
+    cache = cu.DynamicCache(config=text)
+    if not cache.layers:
+        raise ValueError(
+            f"{type(text).__name__}: DynamicCache(config=...) built no layers; kvtriton needs a "
+            "config with layer_types or sliding_window information"
+        )
+    types = getattr(text, "layer_types", None) or []
+    for i, layer_type in enumerate(types):
+        if layer_type == "chunked_attention":
+            raise ValueError(
+                f"{type(text).__name__}: layer {i} uses chunked attention; its mask is not a "
+                "sliding window and is not supported"
+            )
+    return [cache_layer_kind(layer) for layer in cache.layers]
+
+
+def check_spec(spec: KVCacheSpec, config: Any) -> None:
+    """Check that ``spec`` (the model spec, or a TP/PP shard of it) describes ``config``'s cache.
+
+    Every layer with KV must sit in a group of the same kind, a sliding group's window must
+    equal the layer's ``sliding_window``, and heads/head_dim must match the config; state
+    groups are refused (not supported here). Raises ``ValueError`` naming the first mismatch.
+    """
+    cu = _cache_utils()
+    text = _text_config(config)
+    root = spec.root
+    kinds = _config_layer_kinds(text)
+    cache_layers = cu.DynamicCache(config=text).layers
+    by_layer: dict[int, LayerGroup] = {}
+    for group in root.groups:
+        if group.kind == "state":
+            raise ValueError(
+                f"group {group.name!r} is a state group: recurrent states are not supported by "
+                "kvtriton.integrations.transformers"
+            )
+        for layer in group.layer_ids:
+            by_layer[layer] = group
+    for layer, kind in enumerate(kinds):
+        group = by_layer.pop(layer, None)
+        if kind is None:
+            if group is not None:
+                raise ValueError(f"group {group.name!r} lists layer {layer}, which holds no KV "
+                                 f"in {type(text).__name__}")
+            continue
+        if group is None:
+            raise ValueError(f"layer {layer} ({kind}) of {type(text).__name__} is in no group "
+                             f"of spec {spec.name!r}")
+        if group.kind != kind:
+            raise ValueError(f"layer {layer} is {kind} in {type(text).__name__} but group "
+                             f"{group.name!r} is {group.kind}")
+        if kind == "sliding":
+            window = int(cache_layers[layer].sliding_window)
+            if group.window != window:
+                raise ValueError(
+                    f"group {group.name!r}: window {group.window} but layer {layer} has "
+                    f"sliding_window={window} (a query at q attends (q - W, q] in both)"
+                )
+    if by_layer:
+        raise ValueError(f"spec {spec.name!r} lists layers {sorted(by_layer)} that "
+                         f"{type(text).__name__} does not have ({len(kinds)} layers)")
+    heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    for group in root.groups:
+        if (group.num_kv_heads, group.head_dim, group.kv_factor) != (heads, head_dim, 2):
+            raise ValueError(
+                f"group {group.name!r}: {group.num_kv_heads} kv heads x {group.head_dim} "
+                f"(kv_factor {group.kv_factor}) but the model caches {heads} x {head_dim} K and V"
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# cache -> pools
+# ------------------------------------------------------------------------------------------
+
+
+def _check_layer_tensor(what: str, t: Any, group: LayerGroup, dtype: Any, device: Any,
+                        batch_index: int) -> None:
+    if t is None or t.dim() != 4:
+        shape = None if t is None else tuple(t.shape)
+        raise ValueError(f"{what}: expected [batch, heads, tokens, head_dim], got {shape}")
+    batch, heads, _, head_dim = t.shape
+    if not 0 <= batch_index < batch:
+        raise ValueError(f"{what}: batch_index {batch_index} outside batch size {batch}")
+    if (heads, head_dim) != (group.num_kv_heads, group.head_dim):
+        raise ValueError(f"{what}: {heads} heads x {head_dim} but group {group.name!r} has "
+                         f"{group.num_kv_heads} x {group.head_dim}")
+    if t.dtype != dtype:
+        raise ValueError(f"{what}: dtype {t.dtype} but the pool holds {dtype} (build the spec "
+                         "with the model's dtype: copies are bit-exact, never casts)")
+    if t.device != device:
+        raise ValueError(f"{what}: on {t.device} but the pool is on {device}")
+
+
+def cache_to_pools(
+    cache: Any,
+    spec: KVCacheSpec,
+    pools: PoolsLike,
+    spans: Mapping[str, BlockSpan],
+    tokens: Mapping[str, TokenRange] | None = None,
+    *,
+    batch_index: int = 0,
+    backend: str = "auto",
+) -> dict[str, TokenRange]:
+    """Copy K/V of ``cache`` at positions ``tokens[g]`` into ``pools[g]`` through ``spans[g]``.
+
+    Args:
+        cache: a ``DynamicCache`` (see the module docstring for the layers supported).
+        spec: the local spec (TP/PP shards allowed: only the shard's layers and heads move).
+        pools: ``{group: 6-D pool view}`` or a :class:`kvtriton.cache.CachePools`.
+        spans: ``{group: BlockSpan}`` covering the positions written.
+        tokens: ``{group: half-open positions}``; groups left out write nothing. Default: every
+            position each attention group holds (:func:`held_ranges`).
+        batch_index: which sequence of the cache's batch to copy.
+        backend: kernel backend (see :mod:`kvtriton.kernels`).
+
+    Returns:
+        the ranges written, per group. Everything is validated before the first write.
+    """
+    import torch
+
+    from kvtriton import kernels
+
+    held = held_ranges(cache, spec)
+    if tokens is None:
+        tokens = {name: rng for name, rng in held.items() if not rng.is_empty}
+    unknown = sorted(set(tokens) - set(held))
+    if unknown:
+        raise ValueError(f"tokens names {unknown}, which are not attention groups of spec "
+                         f"{spec.name!r} ({sorted(held)})")
+    jobs: list[tuple[LayerGroup, TokenRange, torch.Tensor, BlockSpan]] = []
+    for group in spec.groups:
+        rng = tokens.get(group.name)
+        if group.kind == "state" or rng is None or rng.is_empty:
+            continue
+        have = held[group.name]
+        if not (have.start <= rng.start and rng.end <= have.end):
+            raise ValueError(f"group {group.name!r}: the cache holds positions {have}, which do "
+                             f"not cover the requested {rng}")
+        if group.name not in spans:
+            raise ValueError(f"no block span for group {group.name!r}")
+        span = spans[group.name]
+        span.check_covers(rng, spec.tokens_per_block, group=group.name, side="destination")
+        pool = pools[group.name]
+        for layer in group.layer_ids:
+            entry = cache.layers[layer]
+            for what, t in (("keys", entry.keys), ("values", entry.values)):
+                _check_layer_tensor(f"cache layer {layer} {what}", t, _unsharded(spec, group),
+                                    pool.dtype, pool.device, batch_index)
+        jobs.append((group, rng, pool, span))
+    for group, rng, pool, span in jobs:
+        lo, hi = group.head_start, group.head_end
+        rows = []
+        for layer in group.layer_ids:
+            entry = cache.layers[layer]
+            first = held[group.name].start
+            sel = slice(rng.start - first, rng.end - first)
+            k = entry.keys[batch_index, lo:hi, sel]  # [H, T, D]
+            v = entry.values[batch_index, lo:hi, sel]
+            rows.append(torch.stack((k, v)).transpose(1, 2))  # [kv, T, H, D]
+        packed = torch.stack(rows).contiguous()  # [L, kv, T, H, D]
+        kernels.scatter(packed, pool, span, rng, backend=backend)
+    return {group.name: rng for group, rng, _, _ in jobs}
+
+
+def _unsharded(spec: KVCacheSpec, group: LayerGroup) -> LayerGroup:
+    """The model's version of ``group`` (the cache holds every head of every layer)."""
+    return spec.root.group(group.name)
+
+
+# ------------------------------------------------------------------------------------------
+# pools -> cache
+# ------------------------------------------------------------------------------------------
+
+
+def _fill_layer(layer: Any, keys: Any, values: Any, num_tokens: int, kind: str) -> None:
+    """Install ``keys``/``values`` ([1, H, T, D]) into a fresh cache layer resuming at ``P``."""
+    layer.lazy_initialization(keys, values)
+    layer.keys = keys
+    layer.values = values
+    if kind == "sliding":
+        if getattr(layer, "record_past", False):
+            raise ValueError("sliding cache layer records its past (record_past=True); expected a "
+                             "fresh DynamicCache layer")
+        layer.cumulative_length = num_tokens
+
+
+def pools_to_cache(
+    spec: KVCacheSpec,
+    pools: PoolsLike,
+    spans: Mapping[str, BlockSpan],
+    num_tokens: int,
+    config: Any,
+    *,
+    backend: str = "auto",
+) -> Any:
+    """A ``DynamicCache`` holding what ``config``'s model needs to continue at position ``P``.
+
+    For each attention group ``g`` it gathers ``needed(g, P)`` from ``pools[g]`` through
+    ``spans[g]``: full layers get ``[0, P)``; sliding layers exactly ``[max(0, P + 1 - W), P)``
+    -- the ``W - 1`` keys ``DynamicSlidingWindowLayer`` keeps -- and ``cumulative_length = P``,
+    so the next forward places its first query at position ``P`` with the right mask.
+
+    Args:
+        spec: the model spec (not a TP/PP shard: the cache needs every layer and head).
+        pools: ``{group: 6-D pool view}`` or a :class:`kvtriton.cache.CachePools`.
+        spans: ``{group: BlockSpan}`` covering ``needed(g, P)``.
+        num_tokens: ``P >= 1``, the number of positions already processed.
+        config: the model's config (or the model); decides the cache layer classes.
+        backend: kernel backend (see :mod:`kvtriton.kernels`).
+    """
+    from kvtriton import kernels
+
+    if spec.tp_size != 1 or spec.pp_size != 1:
+        raise ValueError(f"pools_to_cache needs the whole model's spec; {spec.name!r} is a shard "
+                         f"(tp {spec.tp_rank}/{spec.tp_size}, pp {spec.pp_rank}/{spec.pp_size})")
+    text = _text_config(config)
+    check_spec(spec, text)
+    cu = _cache_utils()
+    ranges = {g.name: needed_range(g, num_tokens) for g in spec.groups}
+    for group in spec.groups:
+        if group.name not in spans:
+            raise ValueError(f"no block span for group {group.name!r}")
+        spans[group.name].check_covers(ranges[group.name], spec.tokens_per_block,
+                                       group=group.name, side="source")
+        pool = pools[group.name]
+        if pool.dim() != 6 or pool.shape[0] != group.num_layers:
+            raise ValueError(f"pool of group {group.name!r}: expected a 6-D view with "
+                             f"{group.num_layers} layers, got shape {tuple(pool.shape)}")
+    cache = cu.DynamicCache(config=text)
+    for group in spec.groups:
+        rng = ranges[group.name]
+        packed = kernels.gather(pools[group.name], spans[group.name], rng, backend=backend)
+        for local, layer in enumerate(group.layer_ids):
+            # [kv, T, H, D] -> K, V as [1, H, T, D] contiguous (what torch.cat would produce).
+            kv = packed[local].transpose(1, 2).unsqueeze(1)
+            _fill_layer(cache.layers[layer], kv[0].contiguous(), kv[1].contiguous(),
+                        num_tokens, group.kind)
+    return cache
+
+
+# ------------------------------------------------------------------------------------------
+# tiny seeded models (tests, notebooks, demos): real config classes, no downloads
+# ------------------------------------------------------------------------------------------
+
+#: Model families :func:`tiny_model` builds.
+TINY_MODELS: tuple[str, ...] = ("gemma3", "gpt-oss", "mistral")
+
+
+def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager") -> Any:
+    """A small real ``transformers`` config: 4-6 layers, hidden 32, 2 kv heads x 8, vocab 96.
+
+    * ``"gemma3"``: ``Gemma3TextConfig``, layers sliding, sliding, full, sliding, sliding, full;
+    * ``"gpt-oss"``: ``GptOssConfig``, sliding/full alternating (4 layers), 4 experts, top-2;
+    * ``"mistral"``: ``MistralConfig`` with ``sliding_window`` (every layer slides, 3 layers).
+    """
+    import transformers as tf
+
+    common: dict[str, Any] = dict(vocab_size=96, hidden_size=32, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, sliding_window=window,
+                                  attn_implementation=attn_implementation,
+                                  max_position_embeddings=512)
+    if kind == "gemma3":
+        types = ["sliding_attention", "sliding_attention", "full_attention",
+                 "sliding_attention", "sliding_attention", "full_attention"]
+        return tf.Gemma3TextConfig(intermediate_size=64, num_hidden_layers=len(types),
+                                   layer_types=types, query_pre_attn_scalar=8, **common)
+    if kind == "gpt-oss":
+        common["max_position_embeddings"] = 131072  # = yarn factor 32 x original 4096
+        return tf.GptOssConfig(intermediate_size=32, num_hidden_layers=4, num_local_experts=4,
+                               num_experts_per_tok=2, **common)
+    if kind == "mistral":
+        return tf.MistralConfig(intermediate_size=64, num_hidden_layers=3, **common)
+    raise ValueError(f"unknown tiny model {kind!r}; expected one of {TINY_MODELS}")
+
+
+def tiny_model(kind: str, *, seed: int = 0, window: int = 6,
+               attn_implementation: str = "eager") -> Any:
+    """A randomly initialised float32 causal LM from :func:`tiny_config`, in eval mode.
+
+    Weights come from ``torch.manual_seed(seed)`` then the model's own init, so the same
+    ``(kind, seed, window)`` gives the same model in every process.
+    """
+    import torch
+    import transformers as tf
+
+    config = tiny_config(kind, window=window, attn_implementation=attn_implementation)
+    classes = {"gemma3": tf.Gemma3ForCausalLM, "gpt-oss": tf.GptOssForCausalLM,
+               "mistral": tf.MistralForCausalLM}
+    torch.manual_seed(seed)
+    model = classes[kind](config)
+    return model.to(torch.float32).eval()
