@@ -32,7 +32,7 @@ Both go through :mod:`kvtriton.kernels` (``scatter`` / ``gather``), one call per
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvtriton.ranges import BlockSpan, TokenRange, needed_range
@@ -43,10 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cache_layer_kind",
+    "cache_to_pools",
     "check_spec",
     "held_positions",
     "held_ranges",
-    "cache_to_pools",
     "pools_to_cache",
     "spec_for_model",
 ]
@@ -253,7 +253,7 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
     if by_layer:
         raise ValueError(f"spec {spec.name!r} lists layers {sorted(by_layer)} that "
                          f"{type(text).__name__} does not have ({len(kinds)} layers)")
-    heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads")
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     for group in root.groups:
         if (group.num_kv_heads, group.head_dim, group.kv_factor) != (heads, head_dim, 2):
