@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 __all__ = [
     "DTYPE_BYTES",
+    "PRESETS",
     "GroupKind",
     "KVCacheSpec",
     "LayerGroup",
-    "PRESETS",
     "preset",
 ]
 
@@ -119,7 +119,9 @@ class LayerGroup:
             raise ValueError(f"{where}: kv_factor must be 1 or 2, got {self.kv_factor!r}")
         if self.kind == "sliding":
             if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-                raise ValueError(f"{where}: sliding window must be an int >= 1, got {self.window!r}")
+                raise ValueError(
+                    f"{where}: sliding window must be an int >= 1, got {self.window!r}"
+                )
         elif self.window is not None:
             raise ValueError(f"{where}: only sliding groups take a window (kind {self.kind!r})")
         if self.kind == "state":
