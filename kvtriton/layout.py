@@ -135,13 +135,19 @@ def packed_layout(
         layers: global layer ids per group (default: every layer of the group in ``spec``).
         heads: global head range per group (default: the shard's whole range).
     """
-    unknown = sorted((set(tokens) | set(states)) - set(spec.group_names))
-    if unknown:
-        raise ValueError(f"packed layout names unknown groups {unknown}; spec has "
-                         f"{list(spec.group_names)}")
-    state_set = set(states)
+    states = tuple(states)  # may be a one-shot iterable; it is read twice below
     layers = layers or {}
     heads = heads or {}
+    for what, names in (("tokens", tokens), ("states", states), ("layers", layers),
+                        ("heads", heads)):
+        unknown = sorted(set(names) - set(spec.group_names))
+        if unknown:
+            raise ValueError(f"packed layout {what} names unknown groups {unknown}; spec "
+                             f"{spec.name!r} has {list(spec.group_names)}")
+    for name, rng in tokens.items():
+        if not isinstance(rng, TokenRange):
+            raise TypeError(f"tokens[{name!r}] must be a TokenRange, got {type(rng).__name__}")
+    state_set = set(states)
     segments: list[Segment] = []
     offset = 0
     for g in spec.groups:
