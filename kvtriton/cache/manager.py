@@ -162,6 +162,8 @@ class RequestState:
         num_known_tokens: positions whose token ids the manager knows (commit stops there).
         committed_tokens: the largest ``num_tokens`` committed so far.
         spans: ``{attention group: BlockSpan}``; state_slots: ``{state group: slot}``.
+        valid_from: ``{attention group: first position whose KV is valid}`` (commit publishes
+            only blocks wholly at or after it).
     """
 
     request_id: RequestId
@@ -171,6 +173,7 @@ class RequestState:
     committed_tokens: int
     spans: Mapping[str, BlockSpan]
     state_slots: Mapping[str, int]
+    valid_from: Mapping[str, int]
     extra_key: ExtraKey = None
 
 
@@ -230,7 +233,7 @@ class _Group:
 
 class _Request:
     __slots__ = ("blocks", "committed", "extra_key", "first_block", "hashes", "num_draft",
-                 "num_tokens", "request_id", "root", "slots", "token_bytes")
+                 "num_tokens", "request_id", "root", "slots", "token_bytes", "valid_from")
 
     def __init__(self, request_id: RequestId, extra_key: ExtraKey, root: BlockHash,
                  token_bytes: bytes, hashes: list[BlockHash], num_tokens: int, num_draft: int
@@ -245,6 +248,7 @@ class _Request:
         self.first_block: dict[str, int] = {}
         self.blocks: dict[str, list[int]] = {}
         self.slots: dict[str, int] = {}
+        self.valid_from: dict[str, int] = {}
         self.committed = 0
 
     @property
@@ -463,6 +467,7 @@ class KVCacheManager:
         *,
         extra_key: ExtraKey = None,
         prefix: PrefixMatch | None = None,
+        prefill: bool = False,
     ) -> Allocation:
         """Start request ``request_id`` with prompt ``tokens`` (``P = len(tokens)``).
 
@@ -475,7 +480,14 @@ class KVCacheManager:
         mode reuses it (per group: any hit; single boundary: ``c == P``).
 
         ``prefix`` may pass the :meth:`match` result for the same tokens and extra key to skip
-        rehashing (it is re-checked against the current cache). Raises
+        rehashing (it is re-checked against the current cache).
+
+        What :meth:`commit` may publish depends on which positions will hold valid KV: by
+        default (a receiver) the reused blocks plus the transfer range
+        ``[max(cached, needed.start), P)``, so a sliding group's first block is published only
+        if it was reused or ``needed.start`` is block-aligned (its head was never written).
+        ``prefill=True`` says the caller computes every position of every span (a prefill
+        rank), so whole spans become publishable. Raises
         :class:`OutOfBlocksError` (no change) if a group lacks blocks or slots, ``ValueError``
         if ``request_id`` is live already.
         """
@@ -509,6 +521,7 @@ class KVCacheManager:
         plan: list[tuple[_Group, int, list[int], int]] = []  # group, first, reused ids, fresh
         cached: dict[str, int] = {}
         reused_blocks: dict[str, range] = {}
+        valid: dict[str, int] = {}
         for gs in self._attention:
             g = gs.group
             first = 0 if g.kind == "full" else needed_range(g, p).start // bsz
@@ -528,6 +541,8 @@ class KVCacheManager:
                 raise OutOfBlocksError(request_id, g.name, fresh, available, gs.detail())
             plan.append((gs, first, ids, fresh))
             reused_blocks[g.name] = take
+            valid[g.name] = first * bsz if (prefill or ids or g.kind == "full") else (
+                needed_range(g, p).start)
         state_plan: list[tuple[_Group, int | None]] = []
         state_hits: dict[str, bool] = {}
         for gs in self._states:
@@ -543,6 +558,7 @@ class KVCacheManager:
             cached[g.name] = (p if hit else 0) if mode == "per_group" else match.boundary
 
         req = _Request(request_id, extra_key, root, data, hashes, p, k)
+        req.valid_from = valid
         for gs, first, ids, fresh in plan:
             gs.take(ids)
             ids = ids + gs.fresh(fresh)
@@ -609,10 +625,13 @@ class KVCacheManager:
         return {gs.name: req.span(gs.name) for gs in self._attention}
 
     def commit(self, request_id: RequestId, num_tokens: int | None = None) -> dict[str, int]:
-        """Publish the request's full blocks below ``num_tokens`` (default: ``L``).
+        """Publish the request's full blocks below ``num_tokens`` (default: ``L``, or the
+        known-id prefix of it when positions were appended as a bare count).
 
         Call it once KV for positions ``[0, num_tokens)`` is written. Every full block the
-        request's spans still hold below ``num_tokens`` enters its group's prefix index
+        request's spans still hold below ``num_tokens`` whose every position holds valid KV
+        (see ``prefill`` in :meth:`allocate`; appended positions are written by decoding)
+        enters its group's prefix index
         (unless another block already holds the same hash; that duplicate stays private).
         When ``num_tokens == L`` is a non-zero multiple of ``B``, each state group also
         snapshots the request's slot (the state must then summarise ``[0, L)``) into a free
@@ -620,7 +639,7 @@ class KVCacheManager:
         before is a no-op. Returns ``{group: entries published}``.
         """
         req = self._request(request_id)
-        n = req.num_tokens if num_tokens is None else _check_count(
+        n = min(req.num_tokens, req.num_known) if num_tokens is None else _check_count(
             f"request {request_id!r}: num_tokens", num_tokens, 0)
         if n > req.num_tokens:
             raise ValueError(
@@ -648,7 +667,8 @@ class KVCacheManager:
             blocks = req.blocks[gs.name]
             cache = gs.cache
             count = 0
-            for b in range(max(lo_all, first), min(nb, first + len(blocks))):
+            lo = max(lo_all, first, ceil_div(req.valid_from[gs.name], bsz))
+            for b in range(lo, min(nb, first + len(blocks))):
                 bid = blocks[b - first]
                 if cache.hash_of(bid) is None and cache.insert(hashes[b], bid):
                     count += 1
@@ -749,6 +769,7 @@ class KVCacheManager:
             committed_tokens=req.committed,
             spans=self.spans(request_id),
             state_slots=dict(req.slots),
+            valid_from=dict(req.valid_from),
             extra_key=req.extra_key,
         )
 
