@@ -453,7 +453,7 @@ def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager
     common: dict[str, Any] = dict(vocab_size=96, hidden_size=32, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=8, sliding_window=window,
                                   attn_implementation=attn_implementation,
-                                  max_position_embeddings=512)
+                                  max_position_embeddings=512, initializer_range=0.2)
     if kind == "gemma3":
         types = ["sliding_attention", "sliding_attention", "full_attention",
                  "sliding_attention", "sliding_attention", "full_attention"]
