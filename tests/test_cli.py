@@ -1,0 +1,318 @@
+"""The ``kvtriton`` command: plan / presets / demo, errors, the subcommand registry, and the
+table helpers it prints with."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtriton import cli
+from kvtriton.cli import CliError, Command, main
+from kvtriton.spec import PRESETS
+from kvtriton.table import Column, Table, format_bytes, format_count, format_percent
+
+ROOT = Path(__file__).resolve().parents[1]
+DONE_WHEN = ["plan", "--preset", "gpt-oss-20b", "--prompt", "8192", "--cached", "full=6000",
+             "--cached", "sliding128=0"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def table_lines(out: str) -> list[str]:
+    """The table block of a plan/presets output: from the column header to the last row."""
+    lines = out.splitlines()
+    first_rule = next(i for i, line in enumerate(lines) if set(line) == {"-"})
+    end = first_rule + 1
+    while end < len(lines) and lines[end].strip():
+        end += 1
+    return lines[first_rule - 1 : end]
+
+
+def row(out: str, name: str) -> list[str]:
+    return next(line.split() for line in table_lines(out) if line.split()[:1] == [name])
+
+
+# -- plan ---------------------------------------------------------------------------------
+
+
+def test_plan_shows_the_issue_done_when_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, *DONE_WHEN)
+    assert status == 0 and err == ""
+    # group kind layers window needed cached | per-group | single boundary | no reuse
+    assert row(out, "full") == [
+        "full", "full", "12", "-", "[0,", "8192)", "6,000",
+        "2,192", "137", "51.4", "MiB",     # per-group: [6000, 8192)
+        "8,192", "512", "192", "MiB",      # single boundary c = 0: everything
+        "8,192", "512", "192", "MiB",
+    ]
+    assert row(out, "sliding128") == [
+        "sliding128", "sliding", "12", "128", "[8065,", "8192)", "0",
+        "127", "8", "2.98", "MiB", "127", "8", "2.98", "MiB", "127", "8", "2.98", "MiB",
+    ]
+    assert row(out, "total") == ["total", "24", "2,319", "145", "54.4", "MiB",
+                                 "8,319", "520", "195", "MiB", "8,319", "520", "195", "MiB"]
+    assert "single boundary c = 0 (min over groups)" in out
+    assert "per-group vs single boundary: saves 141 MiB (72.1% of 195 MiB)" in out
+    assert "per-group vs no reuse: saves 141 MiB (72.1% of 195 MiB)" in out
+
+
+def test_plan_table_is_aligned(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(capsys, "plan", "--preset", "tiny-hybrid", "--prompt", "50",
+                    "--cached", "full=40", "--cached", "state=35")
+    lines = table_lines(out)
+    # The last column is right-aligned, so every header, rule and row has the same width.
+    assert len({len(line) for line in lines}) == 1, lines
+    header = lines[0]
+    spans = out.splitlines()[out.splitlines().index(header) - 1]
+    for title in ("per-group", "single boundary", "no reuse"):
+        assert title in spans
+    for title in ("group", "kind", "layers", "window", "needed", "cached", "tokens", "blocks",
+                  "bytes"):
+        assert title in header.split()
+    assert row(out, "state")[:6] == ["state", "state", "1", "-", "state", "35"]
+
+
+def test_plan_json_is_compare_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, *DONE_WHEN, "--json")
+    assert status == 0
+    data = json.loads(out)
+    assert list(data) == ["per_group", "single_boundary", "no_reuse"]
+    per = {g["group"]: g for g in data["per_group"]["groups"]}
+    single = {g["group"]: g for g in data["single_boundary"]["groups"]}
+    assert per["full"]["tokens"] == [6000, 8192] and per["full"]["num_tokens"] == 2192
+    assert per["sliding128"]["tokens"] == [8065, 8192]
+    assert single["full"]["tokens"] == [0, 8192] and single["full"]["cached_tokens"] == 0
+    assert data["per_group"]["total_bytes"] == (2192 + 127) * 24576
+    assert data["per_group"]["mode"] == "per_group"
+    assert data["no_reuse"]["total_bytes"] == (8192 + 127) * 24576
+
+
+def test_plan_cached_all_block_size_and_drafts(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(capsys, "plan", "--preset", "gpt-oss-20b", "--prompt", "100",
+                    "--cached-all", "90", "--cached", "full=10", "--block-size", "7",
+                    "--draft", "5", "--json")
+    data = json.loads(out)
+    per = {g["group"]: g for g in data["per_group"]["groups"]}
+    assert per["full"]["tokens"] == [10, 100] and per["full"]["num_blocks"] == 15 - 1  # 1..14
+    assert per["sliding128"]["tokens"] == [90, 100]
+    assert data["per_group"]["tokens_per_block"] == 7
+    assert data["per_group"]["num_draft_tokens"] == 5
+    _, table, _ = run(capsys, "plan", "--preset", "gpt-oss-20b", "--prompt", "100",
+                      "--draft", "5")
+    assert "prompt P = 100 tokens + 5 draft (never moved)" in table
+
+
+def test_full_hit_prints_zero_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "plan", "--preset", "llama-3-8b", "--prompt", "64",
+                         "--cached-all", "64")
+    assert status == 0
+    assert row(out, "full")[7:10] == ["0", "0", "0"]  # per-group: tokens, blocks, "0 B"
+    assert "per-group vs single boundary: both move nothing (full hit)" in out
+    assert "per-group vs no reuse: saves 8.00 MiB (100.0% of 8.00 MiB)" in out
+
+
+# -- presets and demo ---------------------------------------------------------------------
+
+
+def test_presets_lists_every_preset_with_its_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "presets")
+    assert status == 0
+    for name in PRESETS:
+        assert row(out, name)[0] == name
+    assert row(out, "gpt-oss-20b") == ["gpt-oss-20b", "16", "bfloat16", "full", "full", "-",
+                                       "12", "8", "x", "64", "24.0", "KiB", "-"]
+    assert any(line.split()[:3] == ["sliding128", "sliding", "128"]
+               for line in table_lines(out))
+    assert any(line.split()[:2] == ["state", "state"] and "72.0 MiB" in line
+               for line in table_lines(out))
+    _, js, _ = run(capsys, "presets", "--json")
+    assert [s["name"] for s in json.loads(js)] == list(PRESETS)
+
+
+def test_demo_prints_the_plan_and_explains_it(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "demo")
+    assert status == 0 and err == ""
+    assert row(out, "full")[6:11] == ["6,000", "2,192", "137", "51.4", "MiB"]
+    text = " ".join(out.split("What this shows:", 1)[1].split())
+    assert "(c = 0)" in text
+    assert "[6000, 8192) (2,192 tokens)" in text
+    assert "[8065, 8192): 54.4 MiB instead of 195 MiB (72.1% less)" in text
+
+
+def test_help_and_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "--help")
+    assert status == 0
+    for name in ("plan", "presets", "demo"):
+        assert name in out
+    status, out2, _ = run(capsys)
+    assert status == 0 and "COMMAND" in out2
+    status, out3, _ = run(capsys, "plan", "--help")
+    assert status == 0 and "--cached GROUP=N" in out3 and "example: kvtriton plan" in out3
+
+
+# -- user mistakes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "--preset", "llama-4", "--prompt", "8"],
+         r"unknown preset 'llama-4'; available: gpt-oss-20b, .*tiny-hybrid \(see 'kvtriton "
+         r"presets'\)"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "0"],
+         r"argument --prompt: the prompt length P must be >= 1, got 0"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "ten"],
+         r"argument --prompt: the prompt length P must be an integer, got 'ten'"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full:3"],
+         r"argument --cached: expected GROUP=TOKENS \(for example full=6000\), got 'full:3'"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "=3"],
+         r"argument --cached: expected GROUP=TOKENS"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=x"],
+         r"argument --cached: cached tokens of group 'full' must be an integer, got 'x'"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=-1"],
+         r"cached tokens of group 'full' must be >= 0, got -1"),
+        (["plan", "--preset", "gpt-oss-20b", "--prompt", "8", "--cached", "sliding=3"],
+         r"unknown layer group 'sliding' in --cached; preset 'gpt-oss-20b' has groups: full, "
+         r"sliding128$"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=1",
+          "--cached", "full=2"],
+         r"--cached names group 'full' twice \(1 and 2\)"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--block-size", "0"],
+         r"argument --block-size: the value must be >= 1, got 0"),
+        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--draft", "-2"],
+         r"argument --draft: token count must be >= 0, got -2"),
+        (["plan", "--prompt", "8"], r"the following arguments are required: --preset"),
+        (["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ],
+)
+def test_user_mistakes_print_one_error_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kvtriton: error: ")
+    assert "Traceback" not in err
+    assert re.search(message, lines[0]), lines[0]
+
+
+# -- registry -----------------------------------------------------------------------------
+
+
+def test_a_new_subcommand_is_one_registry_entry(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n", type=cli.positive_int, required=True)
+
+    def run_hello(args: argparse.Namespace) -> int:
+        if args.n == 13:
+            raise CliError("13 is unlucky")
+        print("hello" * args.n)
+        return 0
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, Command("hello", "say hello", add,
+                                                                 run_hello)])
+    assert run(capsys, "hello", "--n", "2") == (0, "hellohello\n", "")
+    assert run(capsys, "hello", "--n", "13") == (2, "", "kvtriton: error: 13 is unlucky\n")
+    assert "say hello" in run(capsys, "--help")[1]
+
+
+def test_demo_is_replaced_by_swapping_one_function(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = next(c for c in cli.COMMANDS if c.name == "demo")
+    assert entry.run is cli.run_demo and entry.add_arguments is cli.add_demo_arguments
+    replaced = [Command(c.name, c.help, c.add_arguments, lambda _: print("e2e") or 0)
+                if c.name == "demo" else c for c in cli.COMMANDS]
+    monkeypatch.setattr(cli, "COMMANDS", replaced)
+    assert run(capsys, "demo") == (0, "e2e\n", "")
+
+
+# -- process-level ------------------------------------------------------------------------
+
+
+def test_module_help_and_plan_never_import_torch() -> None:
+    help_run = subprocess.run([sys.executable, "-m", "kvtriton", "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert help_run.returncode == 0, help_run.stderr
+    assert "plan" in help_run.stdout and "demo" in help_run.stdout
+    probe = (
+        "import sys\n"
+        "from kvtriton.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        f"assert main({DONE_WHEN!r}) == 0\n"
+        "assert main(['presets']) == 0\n"
+        "assert 'torch' not in sys.modules, 'kvtriton plan imported torch'\n"
+        "assert 'triton' not in sys.modules, 'kvtriton plan imported triton'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "2,192" in proc.stdout
+
+
+def test_console_script_points_at_main() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["kvtriton"] == "kvtriton.cli:main"
+
+
+# -- table helpers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "text"),
+    [(0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (1536, "1.50 KiB"),
+     (10 * 1024, "10.0 KiB"), (1023 * 1024, "1023 KiB"), (1024**2 - 1, "1.00 MiB"),
+     (53_870_592, "51.4 MiB"), (201_326_592, "192 MiB"), (3 * 1024**3, "3.00 GiB"),
+     (-2048, "-2.00 KiB"), (2**70, "1024 EiB")],
+)
+def test_format_bytes(nbytes: int, text: str) -> None:
+    assert format_bytes(nbytes) == text
+
+
+def test_format_helpers() -> None:
+    assert format_count(8192) == "8,192" and format_count(0) == "0"
+    assert format_percent(1, 3) == "33.3%" and format_percent(0, 0) == "-"
+    with pytest.raises(TypeError, match=r"nbytes must be an int, got float 1.5"):
+        format_bytes(1.5)  # type: ignore[arg-type]
+
+
+def test_table_alignment_spans_and_rules() -> None:
+    t = Table(["name", Column("n")], spans=[("", 1), ("a wide title", 1)])
+    t.add_row("x", 5)
+    t.add_row("longer", None)
+    t.add_rule()
+    t.add_row("total", 12345)
+    lines = str(t).splitlines()
+    assert lines == [
+        "        a wide title",
+        "name               n",
+        "--------------------",
+        "x                  5",
+        "longer             -",
+        "--------------------",
+        "total          12345",
+    ]
+
+
+def test_table_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match=r"row has 1 cells, the table has 2 columns \(a, b\)"):
+        Table(["a", "b"]).add_row(1)
+    with pytest.raises(ValueError, match=r"spans cover 3 columns, the table has 2"):
+        Table(["a", "b"], spans=[("x", 3)])
+    with pytest.raises(ValueError, match=r"needs at least one column"):
+        Table([])
