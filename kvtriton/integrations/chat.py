@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kvtriton.adapter import ReceivePlan
 from kvtriton.layout import packed_layout
-from kvtriton.plan import Mode, TransferPlan, plan_transfer
+from kvtriton.plan import Mode, TransferPlan
 from kvtriton.ranges import BlockSpan, TokenRange, needed_range
 from kvtriton.spec import KVCacheSpec
 
@@ -35,13 +36,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ContextService",
     "ContextWorker",
-    "DistContext",
-    "GenerationWorker",
+        "GenerationWorker",
     "LocalContext",
     "TurnResult",
     "greedy_reference",
     "run_chat",
-    "serve_context",
 ]
 
 
@@ -133,21 +132,16 @@ class ContextWorker:
         """The packed buffer (1-D uint8) of ``tokens`` per group for a live request."""
         import torch
 
+        from kvtriton.adapter import source_spans
         from kvtriton.kernels import pack_request
 
-        try:
-            p, spans = self._live[request_id]
-        except KeyError:
-            raise KeyError(f"request {request_id!r} is not live on the context side") from None
-        for name, rng in tokens.items():
-            group = self.spec.group(name)
-            held = needed_range(group, p)
-            if not (held.start <= rng.start and rng.end <= held.end) and not rng.is_empty:
-                raise ValueError(f"request {request_id!r}, group {name!r}: the context side "
-                                 f"holds {held}, which does not cover the requested {rng}")
+        if request_id not in self._live:
+            raise KeyError(f"request {request_id!r} is not live on the context side")
+        src = source_spans(self.manager, request_id, dict(tokens))
         layout = packed_layout(self.spec, tokens)
         buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=_device(self.model))
-        pack_request(self.spec, layout, self.pools.kv, spans, {}, buffer, backend=self.backend)
+        pack_request(self.spec, layout, self.pools.kv, src.spans, {}, buffer,
+                     backend=self.backend)
         return buffer
 
     def release(self, request_id: str) -> None:
@@ -156,35 +150,53 @@ class ContextWorker:
 
 
 class ContextService(Protocol):
-    """How the generation side reaches a context worker."""
+    """How the generation side reaches a context worker.
 
-    def prefill(self, request_id: str, prompt: Sequence[int]) -> torch.Tensor: ...
+    ``prefill`` runs the prompt on the context side and returns its last-position logits;
+    ``send=False`` says nothing will be fetched (a full hit), so the context side frees the
+    request at once. ``transfer`` lands ``rx.tokens`` (per-group positions) into the
+    receiver's ``pools`` at ``rx.spans``, frees the context side's blocks and returns the
+    bytes that crossed; it raises if the transfer failed (the receiver then aborts).
+    """
 
-    def fetch(self, request_id: str, tokens: Mapping[str, TokenRange], nbytes: int
-              ) -> torch.Tensor: ...
+    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True
+                ) -> torch.Tensor: ...
 
-    def release(self, request_id: str) -> None: ...
+    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
+                 ) -> int: ...
 
 
 class LocalContext:
-    """A :class:`ContextService` in the same process (the buffer is copied, as on a wire)."""
+    """A :class:`ContextService` in the same process: pack on the context side, copy the
+    buffer (as a wire would), unpack into the receiver's pools."""
 
-    def __init__(self, worker: ContextWorker) -> None:
+    def __init__(self, worker: ContextWorker, *, backend: str = "auto") -> None:
         self.worker = worker
+        self.backend = backend
 
-    def prefill(self, request_id: str, prompt: Sequence[int]) -> torch.Tensor:
-        return self.worker.prefill(request_id, prompt)
+    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True
+                ) -> torch.Tensor:
+        logits = self.worker.prefill(request_id, prompt)
+        if not send:
+            self.worker.release(request_id)
+        return logits
 
-    def fetch(self, request_id: str, tokens: Mapping[str, TokenRange], nbytes: int
-              ) -> torch.Tensor:
-        buffer = self.worker.pack(request_id, tokens)
-        if buffer.numel() != nbytes:
+    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
+                 ) -> int:
+        from kvtriton.kernels import unpack_request
+
+        try:
+            moved = {name: rng for name, rng in rx.tokens.items() if not rng.is_empty}
+            buffer = self.worker.pack(request_id, moved).clone()
+        finally:
+            self.worker.release(request_id)
+        spec = rx.plan.spec
+        layout = packed_layout(spec, moved)
+        if buffer.numel() != layout.nbytes:
             raise ValueError(f"request {request_id!r}: context packed {buffer.numel()} bytes, "
-                             f"the receiver expects {nbytes}")
-        return buffer.clone()
-
-    def release(self, request_id: str) -> None:
-        self.worker.release(request_id)
+                             f"the receiver expects {layout.nbytes}")
+        unpack_request(spec, layout, buffer, pools, rx.spans, {}, backend=self.backend)
+        return layout.nbytes
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,35 +262,27 @@ class GenerationWorker:
         """
         import torch
 
+        from kvtriton.adapter import abort_receive, complete_receive, prepare_receive
         from kvtriton.integrations.transformers import cache_to_pools, pools_to_cache
-        from kvtriton.kernels import unpack_request
 
         prompt = [int(t) for t in prompt]
         p = len(prompt)
-        first_logits = context.prefill(request_id, prompt)
-        released = False
+        rx = prepare_receive(self.manager, request_id, prompt, mode=mode)
+        moves = any(not rng.is_empty for rng in rx.tokens.values())
         try:
-            alloc = self.manager.allocate(request_id, prompt, mode=mode)
+            first_logits = context.prefill(request_id, prompt, send=moves)
+            wire_bytes = context.transfer(request_id, rx, self.pools.kv) if moves else 0
         except BaseException:
-            context.release(request_id)
+            abort_receive(self.manager, rx)
             raise
-        try:
-            cached = alloc.cached_tokens()
-            plan = plan_transfer(self.spec, p, cached)
-            moved = {g.name: g.tokens for g in plan.groups if not g.tokens.is_empty}
-            layout = packed_layout(self.spec, moved)
-            buffer = context.fetch(request_id, moved, layout.nbytes)
-            context.release(request_id)
-            released = True
-            unpack_request(self.spec, layout, buffer, self.pools.kv, alloc.spans, {},
-                           backend=self.backend)
-            self.manager.commit(request_id, p)
+        complete_receive(self.manager, rx)
+        moved = {name: rng for name, rng in rx.tokens.items() if not rng.is_empty}
 
-            config = self.model.config
+        try:
             rows = [first_logits.float()]
             tokens = [int(first_logits.argmax())]
             with torch.no_grad():
-                cache = pools_to_cache(self.spec, self.pools.kv, alloc.spans, p, config,
+                cache = pools_to_cache(self.spec, self.pools.kv, rx.spans, p, self.model.config,
                                        backend=self.backend)
                 for i in range(steps):
                     q = p + i
@@ -293,12 +297,13 @@ class GenerationWorker:
                     tokens.append(int(rows[-1].argmax()))
             self.manager.commit(request_id)
         finally:
-            if not released:
-                context.release(request_id)
             self.manager.free(request_id)
+        alloc = rx.allocation
+        plan = rx.plan
+        cached = alloc.cached_tokens()
         return TurnResult(request_id=request_id, prompt_len=p, mode=mode, tokens=tokens,
                           logits=torch.stack(rows), plan=plan, cached=cached, moved=moved,
-                          wire_bytes=layout.nbytes, reused_blocks=dict(alloc.reused_blocks))
+                          wire_bytes=wire_bytes, reused_blocks=dict(alloc.reused_blocks))
 
     def evict_sliding(self) -> int:
         """Evict every unreferenced cached block of the sliding-window groups.
@@ -329,122 +334,3 @@ def run_chat(generation: GenerationWorker, context: ContextService,
         if evict_sliding_between_turns:
             generation.evict_sliding()
     return results
-
-
-# ------------------------------------------------------------------------------------------
-# torch.distributed: the context rank serves, the generation rank asks
-# ------------------------------------------------------------------------------------------
-
-_PREFILL, _FETCH, _RELEASE, _STOP = 1, 2, 3, 4
-
-
-def _send_ints(values: Sequence[int], dst: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    data = torch.tensor([len(values), *values], dtype=torch.long)
-    dist.send(data[:1], dst)
-    dist.send(data[1:], dst)
-
-
-def _recv_ints(src: int) -> list[int]:
-    import torch
-    import torch.distributed as dist
-
-    n = torch.empty(1, dtype=torch.long)
-    dist.recv(n, src)
-    data = torch.empty(int(n), dtype=torch.long)
-    dist.recv(data, src)
-    return [int(x) for x in data]
-
-
-def _encode_id(request_id: str) -> list[int]:
-    return list(request_id.encode())
-
-
-def _decode_id(values: Sequence[int]) -> str:
-    return bytes(values).decode()
-
-
-class DistContext:
-    """A :class:`ContextService` on another rank (``torch.distributed`` send/recv, CPU tensors).
-
-    Control messages are int64 tensors (op, request id, prompt or per-group ranges); the KV
-    moves as one uint8 packed buffer whose size both sides derive from the same layout.
-    """
-
-    def __init__(self, peer: int, vocab_size: int) -> None:
-        self.peer = peer
-        self.vocab_size = vocab_size
-
-    def prefill(self, request_id: str, prompt: Sequence[int]) -> torch.Tensor:
-        import torch
-        import torch.distributed as dist
-
-        rid = _encode_id(request_id)
-        _send_ints([_PREFILL, len(rid), *rid, *prompt], self.peer)
-        logits = torch.empty(self.vocab_size, dtype=torch.float32)
-        dist.recv(logits, self.peer)
-        return logits
-
-    def fetch(self, request_id: str, tokens: Mapping[str, TokenRange], nbytes: int
-              ) -> torch.Tensor:
-        import torch
-        import torch.distributed as dist
-
-        rid = _encode_id(request_id)
-        ranges: list[int] = []
-        for name, rng in tokens.items():
-            enc = _encode_id(name)
-            ranges += [len(enc), *enc, rng.start, rng.end]
-        _send_ints([_FETCH, len(rid), *rid, nbytes, *ranges], self.peer)
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            dist.recv(buffer, self.peer)
-        return buffer
-
-    def release(self, request_id: str) -> None:
-        rid = _encode_id(request_id)
-        _send_ints([_RELEASE, len(rid), *rid], self.peer)
-
-    def stop(self) -> None:
-        _send_ints([_STOP], self.peer)
-
-
-def serve_context(worker: ContextWorker, peer: int) -> int:
-    """Serve :class:`DistContext` requests from rank ``peer`` until it sends stop.
-
-    Returns the number of KV bytes sent.
-    """
-    import torch.distributed as dist
-
-    sent = 0
-    while True:
-        msg = _recv_ints(peer)
-        op = msg[0]
-        if op == _STOP:
-            return sent
-        n = msg[1]
-        rid = _decode_id(msg[2:2 + n])
-        rest = msg[2 + n:]
-        if op == _PREFILL:
-            dist.send(worker.prefill(rid, rest).contiguous(), peer)
-        elif op == _FETCH:
-            nbytes, rest = rest[0], rest[1:]
-            tokens: dict[str, TokenRange] = {}
-            while rest:
-                k = rest[0]
-                name = _decode_id(rest[1:1 + k])
-                tokens[name] = TokenRange(rest[1 + k], rest[2 + k])
-                rest = rest[3 + k:]
-            buffer = worker.pack(rid, tokens)
-            if buffer.numel() != nbytes:
-                raise ValueError(f"request {rid!r}: packed {buffer.numel()} bytes but the "
-                                 f"receiver expects {nbytes}")
-            if nbytes:
-                dist.send(buffer, peer)
-            sent += nbytes
-        elif op == _RELEASE:
-            worker.release(rid)
-        else:
-            raise ValueError(f"unknown context op {op}")
