@@ -1,0 +1,1060 @@
+"""The transfer agent: protocol, sessions and chunked pipelining over torch.distributed.
+
+One :class:`TransferAgent` per rank. A context rank serves requests (:meth:`register_source`
+then :meth:`serve`); a generation rank asks for them (:meth:`request`, :meth:`cancel`,
+:meth:`wait`). Control messages (:mod:`kvtriton.transfer.protocol`) always travel over a gloo
+group; data travels over the data group: NCCL for CUDA pools, gloo for CPU pools.
+
+Threads. gloo point-to-point ``Work`` objects never report completion without a blocking
+``wait()`` (and ``wait(timeout)`` closes the pair on expiry), so every blocking gloo call runs
+on a per-peer thread: a *listener* receives control messages (and, on gloo, the data frames
+announced by a ``Schedule``) and a *writer* sends control messages (and gloo data frames) in
+order. The owning thread runs the state machines in :meth:`progress`: it never blocks on the
+network, so timeouts, cancellation and dead peers are handled while transfers are in flight.
+NCCL calls are issued only from the owning thread.
+
+Pipelining. A request is cut into chunks (:mod:`kvtriton.transfer.chunking`). The sender
+gathers chunk ``k+1`` while chunk ``k`` is on the wire: on gloo the writer thread sends
+while the owning thread gathers the next chunk; on CUDA gathers run on their own stream and
+each ``isend`` waits only for its own gather, staging buffers are a ring whose reuse waits
+for the send that last used the slot. The receiver scatters chunk ``k`` while chunk ``k+1``
+arrives: gloo frames are received by the listener while the owning thread scatters; on CUDA,
+``irecv`` of frame ``k`` waits only for the scatter that last used its slot, and scatters run
+on their own stream. Several single-chunk requests to the same receiver share one frame
+(``kernels.pack_requests``, one launch per group for the batch).
+
+Safety. The receiver scatters only into blocks of live sessions, commits (``on_commit``) only
+after every chunk of every sender arrived, was scattered and (optionally) matched its
+checksum, and releases (``on_release``) on error or cancel once no scatter into the blocks is
+still in flight. Terminal session states are never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kvtriton import kernels
+from kvtriton.kernels import PackedRequest
+from kvtriton.layout import SEGMENT_ALIGN, select_heads, select_layers
+from kvtriton.ranges import BlockSpan, TokenRange
+from kvtriton.spec import KVCacheSpec
+from kvtriton.transfer import protocol as P
+from kvtriton.transfer.chunking import DEFAULT_CHUNK_BYTES, Chunk, plan_chunks
+from kvtriton.transfer.session import Session, SessionState
+from kvtriton.transfer.topology import Topology
+
+__all__ = [
+    "FaultInjection",
+    "RecvHandle",
+    "TransferAgent",
+    "TransferOptions",
+    "checksum",
+]
+
+_CTRL_TAG = 11
+_DATA_TAG = 12
+#: Every control message is one fixed-size gloo message (header + inline payload); a longer
+#: payload sends its remainder as a second message. One message per control message halves
+#: the gloo rendezvous count (each costs a round trip to learn the receiver posted its recv).
+CTRL_FRAME_BYTES = 512
+_INLINE = CTRL_FRAME_BYTES - P.HEADER_BYTES
+
+
+def checksum(buf: torch.Tensor) -> int:
+    """Position-weighted 64-bit checksum of a 1-D uint8 tensor (same value on any device).
+
+    ``sum(x) + sum(x * (i + 1))`` over the bytes viewed as int32 words (wrapping int64
+    arithmetic), mixed with the length: any single corrupted byte changes it.
+    """
+    return _checksum_value(*_checksum_async(buf))
+
+
+def _checksum_value(total: torch.Tensor, n: int) -> int:
+    return (int(total.item()) ^ (n * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
+
+
+def _checksum_async(buf: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The device-side part of :func:`checksum` (no host sync): ``(int64 scalar, nbytes)``."""
+    n = buf.numel()
+    words = n // 4
+    total = torch.zeros((), dtype=torch.int64, device=buf.device)
+    if words:
+        x = buf[: words * 4].view(torch.int32).to(torch.int64)
+        idx = torch.arange(1, words + 1, dtype=torch.int64, device=buf.device)
+        total = total + x.sum() + (x * idx).sum()
+    if n % 4:
+        tail = buf[words * 4:].to(torch.int64)
+        total = total + (tail * torch.arange(7, 7 + tail.numel(), device=buf.device)).sum()
+    return total, n
+
+
+@dataclass
+class FaultInjection:
+    """Deliberate faults on the sender, for tests (all off by default).
+
+    Attributes:
+        die_after_frames: the process exits (``os._exit``) right after handing this many
+            data frames to the wire.
+        stall: accept requests but never send data (the receiver must time out).
+        corrupt_chunk: flip one byte of this chunk index after its checksum was taken.
+    """
+
+    die_after_frames: int | None = None
+    stall: bool = False
+    corrupt_chunk: int | None = None
+
+
+@dataclass
+class TransferOptions:
+    """Tunables of a :class:`TransferAgent`.
+
+    Attributes:
+        chunk_bytes: target bytes per data chunk (see ``chunking.DEFAULT_CHUNK_BYTES``).
+        timeout_s: per-session deadline in seconds from creation (both sides).
+        checksum: receivers ask senders for per-chunk checksums.
+        batch: pack several single-chunk requests to one receiver into one frame.
+        max_frames_in_flight: gloo frames handed to a peer's writer and not yet sent.
+        staging_slots: ring size of the CUDA staging buffers per peer and direction.
+        backend: kernel backend for pack/unpack (``"auto"``, ``"triton"``, ``"reference"``).
+        faults: :class:`FaultInjection` (tests).
+    """
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    timeout_s: float = 60.0
+    checksum: bool = False
+    batch: bool = True
+    max_frames_in_flight: int = 2
+    staging_slots: int = 3
+    backend: str = "auto"
+    faults: FaultInjection = field(default_factory=FaultInjection)
+
+
+# ---------------------------------------------------------------------------------------
+# per-peer threads
+# ---------------------------------------------------------------------------------------
+class _Peer:
+    """Listener + writer threads of one peer rank."""
+
+    def __init__(self, agent: TransferAgent, rank: int) -> None:
+        self.agent = agent
+        self.rank = rank
+        self.outbox: queue.Queue[Any] = queue.Queue()
+        self.lost: str | None = None
+        self.bye_received = False
+        self.bye_sent = False
+        self.listener = threading.Thread(target=self._listen, daemon=True,
+                                         name=f"kvtr-listen-{agent.rank}<-{rank}")
+        self.writer = threading.Thread(target=self._write, daemon=True,
+                                       name=f"kvtr-write-{agent.rank}->{rank}")
+        self.listener.start()
+        self.writer.start()
+
+    # listener: control messages, and gloo data frames right after their Schedule
+    def _listen(self) -> None:
+        agent, events = self.agent, self.agent._events
+        try:
+            while True:
+                frame = torch.empty(CTRL_FRAME_BYTES, dtype=torch.uint8)
+                dist.recv(frame, src=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
+                raw = frame.numpy().tobytes()
+                kind, length = P.decode_header(raw[:P.HEADER_BYTES])
+                payload = raw[P.HEADER_BYTES:P.HEADER_BYTES + min(length, _INLINE)]
+                if length > _INLINE:
+                    rest = torch.empty(length - _INLINE, dtype=torch.uint8)
+                    dist.recv(rest, src=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
+                    payload += rest.numpy().tobytes()
+                msg = P.decode(kind, payload)
+                if isinstance(msg, P.Schedule) and not agent.nccl_data:
+                    bufs = []
+                    for frame in msg.frames:
+                        buf = torch.empty(frame.nbytes, dtype=torch.uint8)
+                        dist.recv(buf, src=self.rank, group=agent.data_group, tag=_DATA_TAG)
+                        bufs.append(buf)
+                    events.put(("frames", self.rank, msg, bufs))
+                else:
+                    events.put(("msg", self.rank, msg, None))
+                if isinstance(msg, P.Bye):
+                    return
+        except Exception as exc:  # peer died, pair closed, protocol error
+            events.put(("lost", self.rank, f"{type(exc).__name__}: {exc}", None))
+
+    def _write(self) -> None:
+        agent = self.agent
+        while True:
+            item = self.outbox.get()
+            if item is None:
+                return
+            kind, obj, token = item
+            if self.lost is not None:
+                if token is not None:
+                    agent._events.put(("sent", self.rank, token, False))
+                continue
+            try:
+                if kind == "msg":
+                    header, payload = P.encode(obj)
+                    frame = bytearray(CTRL_FRAME_BYTES)
+                    frame[:P.HEADER_BYTES] = header
+                    inline = payload[:_INLINE]
+                    frame[P.HEADER_BYTES:P.HEADER_BYTES + len(inline)] = inline
+                    dist.send(torch.frombuffer(frame, dtype=torch.uint8),
+                              dst=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
+                    if len(payload) > _INLINE:
+                        dist.send(torch.frombuffer(bytearray(payload[_INLINE:]),
+                                                   dtype=torch.uint8),
+                                  dst=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
+                else:  # gloo data frame
+                    dist.send(obj, dst=self.rank, group=agent.data_group, tag=_DATA_TAG)
+                if token is not None:
+                    agent._events.put(("sent", self.rank, token, True))
+            except Exception as exc:
+                self.lost = f"{type(exc).__name__}: {exc}"
+                agent._events.put(("lost", self.rank, self.lost, None))
+                if token is not None:
+                    agent._events.put(("sent", self.rank, token, False))
+
+    def send_msg(self, msg: P.Message) -> None:
+        self.outbox.put(("msg", msg, None))
+
+    def send_data(self, tensor: torch.Tensor, token: Any) -> None:
+        self.outbox.put(("data", tensor, token))
+
+
+# ---------------------------------------------------------------------------------------
+# sender side
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Source:
+    num_tokens: int
+    spans: Mapping[str, BlockSpan]
+    state_slots: Mapping[str, int]
+    on_finished: Callable[[str, dict[int, Session]], None] | None
+
+
+@dataclass
+class _SendJob:
+    session: Session
+    request: P.Request
+    chunks: tuple[Chunk, ...] = ()
+    next_chunk: int = 0
+    sent_chunks: int = 0
+    checksums: dict[int, int] = field(default_factory=dict)
+    queued: bool = False
+    done_sent: bool = False
+
+
+@dataclass
+class _Frame:
+    peer: int
+    parts: list[tuple[_SendJob, Chunk, int]]  # (job, chunk, offset)
+    buffer: torch.Tensor
+    work: Any = None  # NCCL work
+
+
+# ---------------------------------------------------------------------------------------
+# receiver side
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _RecvPart:
+    request: P.Request
+    chunks: tuple[Chunk, ...]
+    received: set[int] = field(default_factory=set)
+    checksums: dict[int, Any] = field(default_factory=dict)
+    done: P.Done | None = None
+
+
+@dataclass(eq=False)
+class RecvHandle:
+    """A receiver-side request: its session, what it asked each sender for, and stats.
+
+    Attributes:
+        session: the receiver session (``session.state``, ``session.error``).
+        num_tokens: prompt length ``P``.
+        tokens, states: what moves, per group (the same for every sender).
+        spans, state_slots: the destination blocks / slots on this rank.
+        parts: per sender rank, the request sent and the progress of its chunks.
+        bytes_received: payload bytes received so far (all senders).
+        t_first_data, t_last_data: monotonic times of the first/last data arrival.
+    """
+
+    session: Session
+    num_tokens: int
+    tokens: Mapping[str, TokenRange]
+    states: tuple[str, ...]
+    spans: Mapping[str, BlockSpan]
+    state_slots: Mapping[str, int]
+    parts: dict[int, _RecvPart] = field(default_factory=dict)
+    on_commit: Callable[[RecvHandle], None] | None = None
+    on_release: Callable[[RecvHandle], None] | None = None
+    bytes_received: int = 0
+    t_first_data: float | None = None
+    t_last_data: float | None = None
+    pending: list[Any] = field(default_factory=list)  # CUDA events of in-flight scatters
+    released: bool = False
+    commit_error: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.session.request_id
+
+    @property
+    def state(self) -> SessionState:
+        return self.session.state
+
+    @property
+    def bytes_expected(self) -> int:
+        return sum(c.nbytes for p in self.parts.values() for c in p.chunks)
+
+
+# ---------------------------------------------------------------------------------------
+# the agent
+# ---------------------------------------------------------------------------------------
+class TransferAgent:
+    """Transfer endpoint of one rank (context or generation side).
+
+    Args:
+        topology: the world split; ``rank`` must be in it.
+        rank: this process's rank in ``ctrl_group``/``data_group`` (world ranks).
+        pools: this rank's pool tensors ``{group: tensor}`` for ``topology.spec(rank)``.
+        ctrl_group: a gloo process group for control messages.
+        data_group: a gloo (CPU pools) or NCCL (CUDA pools) group for data.
+        options: :class:`TransferOptions`.
+    """
+
+    def __init__(self, topology: Topology, rank: int, pools: Mapping[str, torch.Tensor],
+                 ctrl_group: Any, data_group: Any, options: TransferOptions | None = None
+                 ) -> None:
+        self.topology = topology
+        self.rank = rank
+        self.info = topology.info(rank)
+        self.spec: KVCacheSpec = topology.spec(rank)
+        self.model = topology.model
+        self.digest = self.model.model_digest()
+        self.pools = dict(pools)
+        missing = [g for g in self.spec.group_names if g not in self.pools]
+        if missing:
+            raise ValueError(f"rank {rank}: pools lack groups {missing} of its spec")
+        self.options = options or TransferOptions()
+        if dist.get_backend(ctrl_group) != "gloo":
+            raise ValueError(f"ctrl_group must be a gloo group, got "
+                             f"{dist.get_backend(ctrl_group)!r}")
+        self.ctrl_group = ctrl_group
+        self.data_group = data_group
+        self.nccl_data = dist.get_backend(data_group) == "nccl"
+        self.device = next(iter(self.pools.values())).device
+        if self.nccl_data and self.device.type != "cuda":
+            raise ValueError("an NCCL data group needs CUDA pools")
+        if not self.nccl_data and self.device.type != "cpu":
+            raise ValueError("CUDA pools need an NCCL data group (gloo data moves CPU tensors)")
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._peers = {p: _Peer(self, p) for p in topology.peers(rank)}
+        self._receivers = topology.receivers(rank) if self.info.side == "ctx" else ()
+        self.closed = False
+        # sender state
+        self._sources: dict[str, _Source] = {}
+        self._send_jobs: dict[tuple[int, str], _SendJob] = {}
+        self._send_queue: dict[int, deque[_SendJob]] = {p: deque() for p in self._peers}
+        self._inflight: dict[int, int] = dict.fromkeys(self._peers, 0)
+        self._frames_out = 0
+        self._frame_tokens: dict[int, _Frame] = {}
+        self._nccl_sends: deque[_Frame] = deque()
+        # receiver state
+        self._recv: dict[str, RecvHandle] = {}
+        self._zombies: list[RecvHandle] = []
+        if self.nccl_data:
+            self._gather_stream = torch.cuda.Stream(self.device)
+            self._scatter_stream = torch.cuda.Stream(self.device)
+            self._post_stream = torch.cuda.Stream(self.device)
+            self._send_ring: dict[int, list[Any]] = {p: [] for p in self._peers}
+            self._recv_ring: dict[int, list[Any]] = {p: [] for p in self._peers}
+            self._send_slot = dict.fromkeys(self._peers, 0)
+            self._recv_slot = dict.fromkeys(self._peers, 0)
+        self.stats: dict[str, float] = {"gather_s": 0.0, "scatter_s": 0.0, "frames_sent": 0,
+                                        "frames_received": 0, "bytes_sent": 0}
+
+    # ------------------------------------------------------------------ sender API
+    def register_source(self, request_id: str, num_tokens: int, spans: Mapping[str, BlockSpan],
+                        state_slots: Mapping[str, int] | None = None, *,
+                        on_finished: Callable[[str, dict[int, Session]], None] | None = None
+                        ) -> None:
+        """Make ``request_id``'s KV on this rank available to receivers.
+
+        ``spans``: source block span per attention group of this rank; ``state_slots``: the
+        request's slot per state group. ``on_finished(request_id, {receiver: session})`` runs
+        once every receiver that this rank serves ended its session (then the blocks may be
+        freed).
+        """
+        if request_id in self._sources:
+            raise ValueError(f"request {request_id!r} is already registered on rank {self.rank}")
+        unknown = sorted((set(spans) | set(state_slots or {})) - set(self.spec.group_names))
+        if unknown:
+            raise ValueError(f"request {request_id!r}: unknown groups {unknown}")
+        self._sources[request_id] = _Source(num_tokens, dict(spans), dict(state_slots or {}),
+                                            on_finished)
+        for (_peer, rid), job in list(self._send_jobs.items()):
+            if rid == request_id and job.session.state is SessionState.INIT:
+                self._accept(job)
+
+    def send_sessions(self, request_id: str) -> dict[int, Session]:
+        """This rank's sender sessions of ``request_id`` by receiver rank."""
+        return {p: j.session for (p, r), j in self._send_jobs.items() if r == request_id}
+
+    # ------------------------------------------------------------------ receiver API
+    def request(self, request_id: str, num_tokens: int, tokens: Mapping[str, TokenRange],
+                states: Sequence[str], spans: Mapping[str, BlockSpan],
+                state_slots: Mapping[str, int] | None = None, *,
+                mode: str = "per_group",
+                on_commit: Callable[[RecvHandle], None] | None = None,
+                on_release: Callable[[RecvHandle], None] | None = None) -> RecvHandle:
+        """Ask the senders holding this rank's heads and layers for one request's KV.
+
+        Args:
+            request_id: unique among this rank's live requests.
+            num_tokens: prompt length ``P``.
+            tokens: half-open positions to move per attention group (a group's transfer
+                range; empty or absent = nothing moves).
+            states: state groups whose state moves.
+            spans: destination block span per attention group with tokens (this rank's
+                block size); ``state_slots``: destination slot per moving state group.
+            on_commit: called once after every chunk arrived intact and was scattered
+                (publish the blocks to the prefix cache here); raising fails the session.
+            on_release: called once on ERROR/CANCELLED after no scatter is in flight
+                (free the blocks here).
+        Returns the :class:`RecvHandle`; drive it with :meth:`progress` / :meth:`wait`.
+        """
+        if self.info.side != "gen":
+            raise ValueError(f"rank {self.rank} is a context rank; request() runs on "
+                             f"generation ranks {list(self.topology.gen_ranks)}")
+        if request_id in self._recv:
+            raise ValueError(f"request {request_id!r} is already live on rank {self.rank}")
+        state_slots = dict(state_slots or {})
+        tokens = {g: r for g, r in tokens.items() if not r.is_empty}
+        states = tuple(states)
+        # validation before anything is sent
+        for g in tokens:
+            group = self.spec.group(g)
+            if group.kind == "state":
+                raise ValueError(f"request {request_id!r}: group {g!r} is a state group; "
+                                 f"list it in states, not tokens")
+            if g not in spans:
+                raise ValueError(f"request {request_id!r}: no destination span for group {g!r}")
+            spans[g].check_covers(tokens[g], self.spec.tokens_per_block, group=g,
+                                  side="receiver")
+            if tokens[g].end > num_tokens:
+                raise ValueError(f"request {request_id!r}: group {g!r} range {tokens[g]} "
+                                 f"goes past the prompt length {num_tokens}")
+        for s in states:
+            if self.spec.group(s).kind != "state":
+                raise ValueError(f"request {request_id!r}: {s!r} is not a state group")
+            if s not in state_slots:
+                raise ValueError(f"request {request_id!r}: no destination slot for state "
+                                 f"group {s!r}")
+        session = Session(request_id, "recv", timeout_s=self.options.timeout_s)
+        handle = RecvHandle(session, num_tokens, tokens, states, dict(spans), state_slots,
+                            on_commit=on_commit, on_release=on_release)
+        for src in self.topology.sources(self.rank):
+            req = P.Request(
+                request_id=request_id, model_digest=self.digest, num_tokens=num_tokens,
+                tokens={g: r for g, r in tokens.items() if g in src.layers},
+                states=tuple(s for s in states if s in src.layers),
+                layers={g: v for g, v in src.layers.items()
+                        if g in tokens or g in states},
+                heads={g: v for g, v in src.heads.items() if g in tokens or g in states},
+                chunk_bytes=self.options.chunk_bytes, checksum=self.options.checksum,
+                mode=mode)
+            chunks = plan_chunks(self.model, req.tokens, req.states, layers=req.layers,
+                                 heads=req.heads, chunk_bytes=req.chunk_bytes)
+            if chunks:
+                handle.parts[src.sender] = _RecvPart(req, chunks)
+        self._recv[request_id] = handle
+        if not handle.parts:  # full hit: nothing moves, still a success
+            self._finish_recv(handle)
+            return handle
+        for sender, part in handle.parts.items():
+            peer = self._peers[sender]
+            if peer.lost is not None:
+                self._fail_recv(handle, f"sender rank {sender} is unreachable: {peer.lost}",
+                                notify=sender)
+                return handle
+            peer.send_msg(part.request)
+        session.advance(SessionState.READY)
+        return handle
+
+    def cancel(self, request_id: str, reason: str = "cancelled by the receiver") -> bool:
+        """Cancel a live receiver request (before or during its transfer). Returns whether
+        it was cancelled (``False`` when it already ended)."""
+        handle = self._recv.get(request_id)
+        if handle is None:
+            raise KeyError(f"no live request {request_id!r} on rank {self.rank}")
+        if not handle.session.cancel(reason):
+            return False
+        self._notify_senders(handle, reason, error=False)
+        self._release(handle)
+        return True
+
+    def handle(self, request_id: str) -> RecvHandle:
+        return self._recv[request_id]
+
+    def forget(self, request_id: str) -> None:
+        """Drop a terminal receiver request from the agent's table."""
+        handle = self._recv[request_id]
+        if not handle.session.is_terminal:
+            raise ValueError(f"request {request_id!r} is still {handle.state.value}")
+        if handle.pending:
+            self._zombies.append(handle)
+        del self._recv[request_id]
+
+    # ------------------------------------------------------------------ event loop
+    def progress(self, timeout: float = 0.0) -> None:
+        """Handle arrived messages and frames, push sends, check deadlines and CUDA work.
+
+        Blocks up to ``timeout`` seconds waiting for the first event.
+        """
+        if self.nccl_data and (self._nccl_sends or self._has_gpu_pending()):
+            timeout = min(timeout, 0.0002)
+        try:
+            ev = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+        except queue.Empty:
+            ev = None
+        while ev is not None:
+            self._handle_event(ev)
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                ev = None
+        self._pump_sends()
+        if self.nccl_data:
+            self._poll_gpu()
+        self._check_deadlines()
+
+    def wait(self, request_ids: Sequence[str] | None = None, timeout: float | None = None
+             ) -> bool:
+        """Progress until the given receiver requests (default: all live ones) are terminal
+        and released. Returns ``False`` if ``timeout`` seconds passed first."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ids = list(self._recv) if request_ids is None else list(request_ids)
+            if all(self._recv[r].session.is_terminal and not self._recv[r].pending
+                   for r in ids if r in self._recv):
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
+            self.progress(0.01)
+
+    def serve(self, until: Callable[[], bool] | None = None, timeout: float | None = None
+              ) -> bool:
+        """Sender loop: progress until ``until()`` holds (default: every receiver peer said
+        Bye or was lost, and no send is in flight). Returns ``False`` on timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def default() -> bool:
+            return (all(p.bye_received or p.lost is not None for p in self._peers.values())
+                    and not self._nccl_sends and not any(self._inflight.values()))
+
+        cond = until or default
+        while not cond():
+            if end is not None and time.monotonic() >= end:
+                return False
+            self.progress(0.01)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Say Bye to every peer and stop the threads (after the peers' Bye arrived, or
+        ``timeout`` seconds)."""
+        if self.closed:
+            return
+        for p in self._peers.values():
+            if p.lost is None and not p.bye_sent:
+                p.send_msg(P.Bye())
+                p.bye_sent = True
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not all(
+                p.bye_received or p.lost is not None for p in self._peers.values()):
+            self.progress(0.01)
+        for p in self._peers.values():
+            p.outbox.put(None)
+        for p in self._peers.values():
+            p.writer.join(timeout=max(0.0, end - time.monotonic()) + 1.0)
+        if self.nccl_data:
+            torch.cuda.synchronize(self.device)
+        self.closed = True
+
+    # ------------------------------------------------------------------ events
+    def _handle_event(self, ev: tuple[str, int, Any, Any]) -> None:
+        kind, peer, obj, extra = ev
+        if kind == "msg":
+            self._on_message(peer, obj)
+        elif kind == "frames":
+            self._on_frames(peer, obj, extra)
+        elif kind == "sent":
+            self._on_sent(peer, obj, extra)
+        elif kind == "lost":
+            self._on_lost(peer, obj)
+
+    def _on_message(self, peer: int, msg: P.Message) -> None:
+        if isinstance(msg, P.Request):
+            self._on_request(peer, msg)
+        elif isinstance(msg, P.Cancel):
+            job = self._send_jobs.get((peer, msg.request_id))
+            if job is not None:
+                why = f"receiver rank {peer}: {msg.reason}"
+                (job.session.fail(why) if msg.error else job.session.cancel(why))
+                self._maybe_source_finished(msg.request_id)
+        elif isinstance(msg, P.Ack):
+            job = self._send_jobs.get((peer, msg.request_id))
+            if job is not None and job.done_sent and not job.session.is_terminal:
+                job.session.advance(SessionState.TRANSFERRED)
+                self._maybe_source_finished(msg.request_id)
+        elif isinstance(msg, P.Schedule):  # NCCL data: post the receives
+            self._post_nccl_recvs(peer, msg)
+        elif isinstance(msg, P.Done):
+            self._on_done(peer, msg)
+        elif isinstance(msg, (P.Refuse, P.Abort)):
+            handle = self._recv.get(msg.request_id)
+            if handle is not None:
+                verb = "refused" if isinstance(msg, P.Refuse) else "aborted"
+                self._fail_recv(handle, f"sender rank {peer} {verb} request "
+                                        f"{msg.request_id!r}: {msg.reason}", notify=peer)
+        elif isinstance(msg, P.Bye):
+            self._peers[peer].bye_received = True
+
+    def _on_lost(self, peer: int, why: str) -> None:
+        p = self._peers[peer]
+        if p.bye_received:
+            return
+        if p.lost is None:
+            p.lost = why
+        for handle in list(self._recv.values()):
+            if peer in handle.parts and not handle.session.is_terminal:
+                self._fail_recv(handle, f"lost sender rank {peer}: {why}", notify=peer)
+        for (q, rid), job in list(self._send_jobs.items()):
+            if q == peer and job.session.fail(f"lost receiver rank {peer}: {why}"):
+                self._maybe_source_finished(rid)
+
+    # ------------------------------------------------------------------ sender internals
+    def _on_request(self, peer: int, req: P.Request) -> None:
+        key = (peer, req.request_id)
+        old = self._send_jobs.get(key)
+        if old is not None and not old.session.is_terminal:
+            self._peers[peer].send_msg(P.Refuse(req.request_id, "duplicate request id "
+                                                f"{req.request_id!r} while one is live"))
+            return
+        session = Session(req.request_id, "send", peer=peer, timeout_s=self.options.timeout_s)
+        job = _SendJob(session, req)
+        self._send_jobs[key] = job
+        if req.model_digest != self.digest:
+            self._refuse(job, f"spec mismatch: receiver model digest {req.model_digest}, "
+                              f"sender rank {self.rank} holds {self.model.name!r} with digest "
+                              f"{self.digest}")
+            return
+        try:
+            P.validate_request_shape(req, self.spec.group_names)
+            for g in [*req.tokens, *req.states]:
+                group = self.spec.group(g)
+                select_layers(group, req.layers.get(g))
+                select_heads(group, req.heads.get(g))
+            job.chunks = plan_chunks(self.model, req.tokens, req.states, layers=req.layers,
+                                     heads=req.heads, chunk_bytes=req.chunk_bytes)
+        except (ValueError, KeyError) as exc:
+            self._refuse(job, f"bad request: {exc}")
+            return
+        if req.request_id in self._sources:
+            self._accept(job)
+
+    def _refuse(self, job: _SendJob, reason: str) -> None:
+        job.session.fail(reason)
+        self._peers[job.session.peer].send_msg(P.Refuse(job.request.request_id, reason))
+        self._maybe_source_finished(job.request.request_id)
+
+    def _accept(self, job: _SendJob) -> None:
+        src = self._sources[job.request.request_id]
+        req = job.request
+        try:
+            if src.num_tokens != req.num_tokens:
+                raise ValueError(f"prompt length: receiver says {req.num_tokens}, sender "
+                                 f"registered {src.num_tokens}")
+            for g, rng in req.tokens.items():
+                if g not in src.spans:
+                    raise ValueError(f"group {g!r}: no source span registered")
+                src.spans[g].check_covers(rng, self.spec.tokens_per_block, group=g,
+                                          side="sender")
+            for s in req.states:
+                if s not in src.state_slots:
+                    raise ValueError(f"state group {s!r}: no source slot registered")
+        except ValueError as exc:
+            self._refuse(job, str(exc))
+            return
+        job.session.advance(SessionState.READY)
+        if not job.chunks:  # nothing to move from this rank
+            job.session.advance(SessionState.TRANSFERRING)
+            self._send_done(job)
+            return
+        if not self.options.faults.stall:
+            self._send_queue[job.session.peer].append(job)
+            job.queued = True
+
+    def _send_done(self, job: _SendJob) -> None:
+        if job.done_sent:
+            return
+        job.done_sent = True
+        sums = tuple(job.checksums[k] for k in range(len(job.chunks))) \
+            if job.request.checksum else ()
+        self._peers[job.session.peer].send_msg(P.Done(job.request.request_id, len(job.chunks),
+                                                      sums))
+        # The session ends TRANSFERRED when the receiver's Ack arrives.
+
+    def _maybe_source_finished(self, request_id: str) -> None:
+        src = self._sources.get(request_id)
+        if src is None or src.on_finished is None:
+            return
+        expected = self._receivers
+        sessions = self.send_sessions(request_id)
+        if all(r in sessions and sessions[r].is_terminal for r in expected):
+            cb, src.on_finished = src.on_finished, None
+            cb(request_id, sessions)
+
+    def _next_frame(self, peer: int) -> list[tuple[_SendJob, Chunk]] | None:
+        q = self._send_queue[peer]
+        while q and q[0].session.is_terminal:
+            q.popleft().queued = False
+        if not q:
+            return None
+        head = q[0]
+        if (self.options.batch and len(head.chunks) == 1 and head.next_chunk == 0):
+            parts: list[tuple[_SendJob, Chunk]] = []
+            used = 0
+            for job in list(q):
+                if job.session.is_terminal:
+                    continue
+                if len(job.chunks) != 1 or job.next_chunk != 0:
+                    break
+                size = -(-job.chunks[0].nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
+                if parts and used + size > self.options.chunk_bytes:
+                    break
+                parts.append((job, job.chunks[0]))
+                used += size
+            for job, _ in parts:
+                job.next_chunk = 1
+                q.remove(job)
+                job.queued = False
+            return parts
+        chunk = head.chunks[head.next_chunk]
+        head.next_chunk += 1
+        if head.next_chunk == len(head.chunks):
+            q.popleft()
+            head.queued = False
+        return [(head, chunk)]
+
+    def _pump_sends(self) -> None:
+        for peer in self._peers:
+            if self._peers[peer].lost is not None:
+                continue
+            while self.nccl_data or self._inflight[peer] < self.options.max_frames_in_flight:
+                parts = self._next_frame(peer)
+                if parts is None:
+                    break
+                self._send_frame(peer, parts)
+
+    def _source_args(self, job: _SendJob) -> tuple[Mapping[str, BlockSpan], Mapping[str, int]]:
+        src = self._sources[job.request.request_id]
+        return src.spans, src.state_slots
+
+    def _send_frame(self, peer: int, parts: list[tuple[_SendJob, Chunk]]) -> None:
+        offsets, total = [], 0
+        for _, chunk in parts:
+            offsets.append(total)
+            total += -(-chunk.nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
+        total = offsets[-1] + parts[-1][1].nbytes
+        t0 = time.perf_counter()
+        if self.nccl_data:
+            buf, slot = self._staging(self._send_ring[peer], self._send_slot, peer, total,
+                                      self._gather_stream, send=True)
+            stream_ctx: Any = torch.cuda.stream(self._gather_stream)
+        else:
+            buf = torch.empty(total, dtype=torch.uint8)
+            stream_ctx = _nullctx()
+        with stream_ctx:
+            self._pack(parts, offsets, buf)
+            for (job, chunk), off in zip(parts, offsets, strict=True):
+                if job.request.checksum:
+                    job.checksums[chunk.index] = checksum(buf[off:off + chunk.nbytes])
+                    if self.options.faults.corrupt_chunk == chunk.index:
+                        buf[off] ^= 0xFF
+        self.stats["gather_s"] += time.perf_counter() - t0
+        for job, _ in parts:
+            job.session.advance_to(SessionState.TRANSFERRING)
+        frame_parts = tuple(P.FramePart(j.request.request_id, c.index, o, c.nbytes)
+                            for (j, c), o in zip(parts, offsets, strict=True))
+        sched = P.Schedule((P.Frame(total, frame_parts),))
+        frame = _Frame(peer, [(j, c, o) for (j, c), o in zip(parts, offsets, strict=True)], buf)
+        self._frames_out += 1
+        self.stats["frames_sent"] += 1
+        self.stats["bytes_sent"] += total
+        p = self._peers[peer]
+        p.send_msg(sched)
+        if self.nccl_data:
+            with torch.cuda.stream(self._gather_stream):
+                frame.work = dist.isend(buf, dst=peer, group=self.data_group)
+            self._send_ring[peer][slot] = (self._send_ring[peer][slot][0], frame.work)
+            self._nccl_sends.append(frame)
+        else:
+            token = id(frame)
+            self._frame_tokens[token] = frame
+            self._inflight[peer] += 1
+            p.send_data(buf, token)
+        faults = self.options.faults
+        if faults.die_after_frames is not None and self._frames_out >= faults.die_after_frames:
+            time.sleep(0.2)  # let the writer put the frame on the wire
+            os._exit(17)
+
+    def _pack(self, parts: list[tuple[_SendJob, Chunk]], offsets: list[int],
+              buf: torch.Tensor) -> None:
+        if len(parts) == 1:
+            job, chunk = parts[0]
+            spans, slots = self._source_args(job)
+            kernels.pack_request(self.spec, chunk.layout, self.pools, spans, slots,
+                                 buf[: chunk.nbytes], backend=self.options.backend)
+            return
+        reqs = []
+        for (job, chunk), off in zip(parts, offsets, strict=True):
+            spans, slots = self._source_args(job)
+            reqs.append(PackedRequest(chunk.layout, spans, slots, off))
+        kernels.pack_requests(self.spec, reqs, self.pools, buf, backend=self.options.backend)
+
+    def _on_sent(self, peer: int, token: int, ok: bool) -> None:
+        frame = self._frame_tokens.pop(token, None)
+        if frame is None:
+            return
+        self._inflight[peer] -= 1
+        if ok:
+            self._frame_delivered(frame)
+
+    def _frame_delivered(self, frame: _Frame) -> None:
+        for job, _chunk, _ in frame.parts:
+            job.sent_chunks += 1
+            if job.sent_chunks == len(job.chunks) and not job.session.is_terminal:
+                self._send_done(job)
+
+    # ------------------------------------------------------------------ CUDA staging
+    def _staging(self, ring: list[Any], slots: dict[int, int], peer: int, nbytes: int,
+                 stream: Any, *, send: bool) -> tuple[torch.Tensor, int]:
+        """A staging buffer of ``nbytes`` from the peer's ring; ``stream`` waits for the
+        previous user of the slot (its send, or its scatter)."""
+        n = self.options.staging_slots
+        i = slots[peer] % n
+        slots[peer] += 1
+        while len(ring) < n:
+            ring.append(None)
+        prev = ring[i]
+        if prev is not None:
+            buf, waitable = prev
+            if waitable is None:
+                pass
+            elif send:
+                with torch.cuda.stream(stream):
+                    waitable.wait()  # the slot's previous send must be done
+            else:
+                stream.wait_event(waitable)  # the slot's previous scatter must be done
+        else:
+            buf = None
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+        ring[i] = (buf, None)
+        return buf[:nbytes], i
+
+    def _has_gpu_pending(self) -> bool:
+        return any(h.pending for h in self._recv.values()) or any(
+            h.pending for h in self._zombies)
+
+    def _poll_gpu(self) -> None:
+        while self._nccl_sends and self._nccl_sends[0].work.is_completed():
+            self._frame_delivered(self._nccl_sends.popleft())
+        for handle in [*self._recv.values(), *self._zombies]:
+            while handle.pending and handle.pending[0][0].query():
+                _, frame_parts = handle.pending.pop(0)
+                for sender, chunk_index in frame_parts:
+                    self._chunk_landed(handle, sender, chunk_index)
+            if not handle.pending:
+                if handle.session.is_terminal:
+                    self._release(handle)
+                else:
+                    self._maybe_complete(handle)
+        self._zombies = [h for h in self._zombies if h.pending]
+
+    # ------------------------------------------------------------------ receiver internals
+    def _post_nccl_recvs(self, peer: int, sched: P.Schedule) -> None:
+        for frame in sched.frames:
+            buf, slot = self._staging(self._recv_ring[peer], self._recv_slot, peer,
+                                      frame.nbytes, self._post_stream, send=False)
+            with torch.cuda.stream(self._post_stream):
+                work = dist.irecv(buf, src=peer, group=self.data_group)
+            with torch.cuda.stream(self._scatter_stream):
+                work.wait()
+                landed = self._unpack_frame(peer, frame, buf)
+                ev = torch.cuda.Event()
+                ev.record(self._scatter_stream)
+            self._recv_ring[peer][slot] = (self._recv_ring[peer][slot][0], ev)
+            for handle, parts in landed.items():
+                handle.pending.append((ev, parts))
+            self.stats["frames_received"] += 1
+
+    def _on_frames(self, peer: int, sched: P.Schedule, bufs: list[torch.Tensor]) -> None:
+        for frame, buf in zip(sched.frames, bufs, strict=True):
+            landed = self._unpack_frame(peer, frame, buf)
+            self.stats["frames_received"] += 1
+            for handle, parts in landed.items():
+                for sender, chunk_index in parts:
+                    self._chunk_landed(handle, sender, chunk_index)
+                self._maybe_complete(handle)
+
+    def _unpack_frame(self, peer: int, frame: P.Frame, buf: torch.Tensor
+                      ) -> dict[RecvHandle, list[tuple[int, int]]]:
+        """Scatter the live parts of one frame (checksums first); returns, per handle, the
+        (sender, chunk) pairs whose scatter was issued."""
+        now = time.monotonic()
+        live: list[tuple[RecvHandle, Chunk, P.FramePart]] = []
+        for part in frame.parts:
+            handle = self._recv.get(part.request_id)
+            if handle is None or handle.session.is_terminal or peer not in handle.parts:
+                continue  # drained: cancelled / failed / unknown request
+            rp = handle.parts[peer]
+            if not 0 <= part.chunk < len(rp.chunks) or part.chunk in rp.received \
+                    or rp.chunks[part.chunk].nbytes != part.nbytes:
+                self._fail_recv(handle, f"sender rank {peer} sent an unexpected chunk "
+                                        f"{part.chunk} ({part.nbytes} bytes)", notify=None)
+                continue
+            if handle.t_first_data is None:
+                handle.t_first_data = now
+            handle.t_last_data = now
+            handle.bytes_received += part.nbytes
+            handle.session.advance_to(SessionState.TRANSFERRING)
+            if rp.request.checksum:
+                view = buf[part.offset: part.offset + part.nbytes]
+                rp.checksums[part.chunk] = (_checksum_async(view) if self.nccl_data
+                                            else checksum(view))
+            live.append((handle, rp.chunks[part.chunk], part))
+        t0 = time.perf_counter()
+        if len(live) == 1:
+            handle, chunk, part = live[0]
+            kernels.unpack_request(self.spec, chunk.layout,
+                                   buf[part.offset: part.offset + part.nbytes], self.pools,
+                                   handle.spans, handle.state_slots,
+                                   backend=self.options.backend)
+        elif live:
+            reqs = [PackedRequest(c.layout, h.spans, h.state_slots, p.offset)
+                    for h, c, p in live]
+            kernels.unpack_requests(self.spec, reqs, buf, self.pools,
+                                    backend=self.options.backend)
+        self.stats["scatter_s"] += time.perf_counter() - t0
+        out: dict[RecvHandle, list[tuple[int, int]]] = {}
+        for handle, chunk, _ in live:
+            out.setdefault(handle, []).append((peer, chunk.index))
+        return out
+
+    def _chunk_landed(self, handle: RecvHandle, sender: int, chunk_index: int) -> None:
+        rp = handle.parts.get(sender)
+        if rp is not None:
+            rp.received.add(chunk_index)
+
+    def _on_done(self, peer: int, msg: P.Done) -> None:
+        handle = self._recv.get(msg.request_id)
+        if handle is None or handle.session.is_terminal or peer not in handle.parts:
+            return
+        rp = handle.parts[peer]
+        if msg.num_chunks != len(rp.chunks):
+            self._fail_recv(handle, f"sender rank {peer} planned {msg.num_chunks} chunks, "
+                                    f"this receiver {len(rp.chunks)}", notify=peer)
+            return
+        rp.done = msg
+        handle.session.advance_to(SessionState.TRANSFERRING)
+        self._maybe_complete(handle)
+
+    def _maybe_complete(self, handle: RecvHandle) -> None:
+        if handle.session.is_terminal or handle.pending:
+            return
+        for rp in handle.parts.values():
+            if rp.done is None or len(rp.received) != len(rp.chunks):
+                return
+        for sender, rp in handle.parts.items():
+            if not rp.request.checksum:
+                continue
+            assert rp.done is not None
+            for k, expected in enumerate(rp.done.checksums):
+                got = rp.checksums.get(k)
+                if isinstance(got, tuple):
+                    got = _checksum_value(*got)
+                if got != expected:
+                    self._fail_recv(handle, f"checksum mismatch in chunk {k} from sender rank "
+                                            f"{sender}: got {got:#x}, sender sent "
+                                            f"{expected:#x} (corrupted in flight)", notify=None)
+                    return
+        self._finish_recv(handle)
+
+    def _finish_recv(self, handle: RecvHandle) -> None:
+        handle.session.advance_to(SessionState.TRANSFERRING)
+        if handle.on_commit is not None:
+            try:
+                handle.on_commit(handle)
+            except Exception as exc:
+                handle.commit_error = f"{type(exc).__name__}: {exc}"
+                self._fail_recv(handle, f"commit failed: {handle.commit_error}", notify=None)
+                return
+        handle.session.advance(SessionState.TRANSFERRED)
+        for sender in handle.parts:
+            peer = self._peers[sender]
+            if peer.lost is None:
+                peer.send_msg(P.Ack(handle.request_id))
+
+    def _notify_senders(self, handle: RecvHandle, reason: str, *, error: bool,
+                        skip: int | None = None) -> None:
+        for sender in handle.parts:
+            if sender == skip:
+                continue
+            peer = self._peers[sender]
+            if peer.lost is None:
+                peer.send_msg(P.Cancel(handle.request_id, reason, error))
+
+    def _fail_recv(self, handle: RecvHandle, reason: str, *, notify: int | None) -> None:
+        if not handle.session.fail(reason):
+            return
+        self._notify_senders(handle, f"receiver rank {self.rank} failed: {reason}", error=True,
+                             skip=notify)
+        self._release(handle)
+
+    def _release(self, handle: RecvHandle) -> None:
+        if handle.released or handle.pending:
+            return  # released once the in-flight scatters are done (_poll_gpu)
+        handle.released = True
+        if handle.on_release is not None:
+            handle.on_release(handle)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for handle in list(self._recv.values()):
+            if handle.session.check_deadline(now):
+                self._notify_senders(handle, f"receiver rank {self.rank} timed out: "
+                                             f"{handle.session.error}", error=True)
+                self._release(handle)
+        for (peer, rid), job in list(self._send_jobs.items()):
+            if job.session.check_deadline(now):
+                p = self._peers[peer]
+                if p.lost is None:
+                    p.send_msg(P.Abort(rid, f"sender rank {self.rank}: {job.session.error}"))
+                self._maybe_source_finished(rid)
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
