@@ -256,9 +256,10 @@ class GenerationWorker:
                  context: ContextService, *, mode: Mode = "per_group") -> TurnResult:
         """One request: remote prefill, per-group transfer, local greedy decode of ``steps``.
 
-        Every decoded position's KV is written back into the pools (``append`` + write +
-        ``slide`` per step) and ``commit`` publishes ``[0, P + steps)`` at the end; the
-        request is then freed (its committed blocks stay matchable).
+        Every decoded position's KV is written back into the pools; per step: ``append``,
+        write, ``commit`` (blocks are published as they fill, as a serving engine does) and
+        ``slide`` (sliding-window blocks that left the window lose the request's reference
+        but stay matchable until evicted). The request is freed at the end.
         """
         import torch
 
@@ -292,10 +293,10 @@ class GenerationWorker:
                     new = {g.name: TokenRange(q, q + 1) for g in self.spec.groups}
                     cache_to_pools(cache, self.spec, self.pools.kv, spans, new,
                                    backend=self.backend)
+                    self.manager.commit(request_id)  # blocks are published as they fill
                     self.manager.slide(request_id)
                     rows.append(out.logits[0, -1].float().clone())
                     tokens.append(int(rows[-1].argmax()))
-            self.manager.commit(request_id)
         finally:
             self.manager.free(request_id)
         alloc = rx.allocation

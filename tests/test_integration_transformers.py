@@ -1,0 +1,274 @@
+"""End to end on real transformers model code: KV moved by kvtriton, generation continues.
+
+Tiny randomly initialised float32 models built from real config classes (Gemma 3 text,
+GPT-OSS, Mistral with a sliding window), eager attention, no downloads.
+
+Tolerances. Everything that is the *same computation* is compared bit for bit: a cache
+rebuilt from pools decodes exactly like the original cache; turn 1 of a disaggregated chat
+and turn 2 in single-boundary mode (where every position the receiver uses was computed by
+the context side's prefill of the whole prompt) equal the single-process reference exactly.
+Turn 2 in per-group mode reuses full-attention KV that the receiver computed itself in turn
+1 (positions ``[P1, c)`` by one-token decode steps; for GPT-OSS also ``[0, P1)``, since
+its MoE routes a different token set per expert when the prompt is longer), while the
+reference computes them inside one prefill of the turn-2 prompt: the same math with
+different matmul shapes, so float32 sums round in a different order (~1e-7 relative in
+K/V). Those logits are compared with ``atol = rtol = 1e-5`` (measured: <= 3e-6 absolute on
+logits of magnitude ~5) and the generated tokens must be identical (argmax margins >= 0.02).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import DynamicCache
+
+from kvtriton.adapter import preview_plan
+from kvtriton.cache import allocate_pools
+from kvtriton.integrations import transformers as kt
+from kvtriton.integrations.chat import (
+    ContextWorker,
+    GenerationWorker,
+    LocalContext,
+    greedy_reference,
+    run_chat,
+)
+from kvtriton.kernels import gather
+from kvtriton.ranges import BlockSpan, TokenRange, needed_range
+
+BACKEND = "reference"  # kernels are tested against it elsewhere; keeps this file fast
+ATOL = RTOL = 1e-5
+WINDOW = 6
+STEPS = 8
+USER_TURNS = (21, 13)  # turn-1 prompt, then new user tokens of turn 2
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, object]:
+    return {kind: kt.tiny_model(kind, window=WINDOW) for kind in kt.TINY_MODELS}
+
+
+def _prompt(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (n,), generator=g).tolist()
+
+
+def _prefill(model, tokens, cache):
+    with torch.no_grad():
+        return model(torch.tensor([tokens]), cache=cache, use_cache=True)
+
+
+def _decode(model, cache, token):
+    with torch.no_grad():
+        return model(torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
+
+
+# ---------------------------------------------------------------------------------------
+# window convention
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", kt.TINY_MODELS)
+def test_window_convention_is_kvtriton_needed_range(models, kind):
+    """transformers' sliding_window W: the query at P attends (P - W, P] -- kvtriton's W."""
+    model = models[kind]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    (group,) = [g for g in spec.groups if g.kind == "sliding"]
+    assert group.window == model.config.sliding_window == WINDOW
+    p = 17
+    assert needed_range(group, p) == TokenRange(p + 1 - WINDOW, p)
+    tokens = _prompt(p + 1)
+    base_cache = DynamicCache()  # no config: every layer keeps every position
+    _prefill(model, tokens[:p], base_cache)
+    base = _decode(model, copy.deepcopy(base_cache), tokens[p])
+
+    def perturbed(position: int) -> torch.Tensor:
+        cache = copy.deepcopy(base_cache)
+        for layer in group.layer_ids:
+            cache.layers[layer].keys[:, :, position] += 1.0
+            cache.layers[layer].values[:, :, position] += 1.0
+        return _decode(model, cache, tokens[p])
+
+    assert torch.equal(perturbed(p - WINDOW), base)  # just outside the window: unused
+    assert not torch.allclose(perturbed(p + 1 - WINDOW), base)  # needed.start: attended
+
+
+# ---------------------------------------------------------------------------------------
+# cache <-> pools
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "layout", "block"), [("gemma3", "NHD", 4), ("gpt-oss", "HND", 3),
+                                                       ("mistral", "HND", 5)])
+def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block):
+    model = models[kind]
+    spec = kt.spec_for_model(model, tokens_per_block=block)
+    p = 23
+    tokens = _prompt(p)
+    cache = DynamicCache(config=model.config)
+    out = _prefill(model, tokens, cache)
+    held = kt.held_ranges(cache, spec)
+    for g in spec.groups:
+        assert held[g.name] == needed_range(g, p)  # a sliding layer keeps exactly W - 1
+    pools = allocate_pools(spec, 16, layout=layout)
+    spans = {}  # sliding spans anchored at the window's first block, scattered block ids
+    for g in spec.groups:
+        first = needed_range(g, p).start // block
+        spans[g.name] = BlockSpan(first, [15 - 2 * i for i in range(-(-p // block) - first)])
+    assert kt.cache_to_pools(cache, spec, pools.kv, spans, backend=BACKEND) == held
+    rebuilt = kt.pools_to_cache(spec, pools.kv, spans, p, model.config, backend=BACKEND)
+    assert kt.held_ranges(rebuilt, spec) == held
+    for layer, (a, b) in enumerate(zip(cache.layers, rebuilt.layers, strict=True)):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), layer
+        assert a.get_seq_length() == b.get_seq_length() == p
+    token = int(out.logits[0, -1].argmax())
+    for _ in range(4):
+        expected, got = _decode(model, cache, token), _decode(model, rebuilt, token)
+        assert torch.equal(expected, got)
+        token = int(expected.argmax())
+
+
+def test_tp_shards_export_their_heads(models):
+    model = models["gemma3"]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    cache = DynamicCache(config=model.config)
+    _prefill(model, _prompt(11), cache)
+    for rank in range(2):
+        shard = spec.shard(rank, 2)
+        pools = allocate_pools(shard, 4)
+        spans = {g.name: BlockSpan(0, range(3)) for g in shard.groups}
+        written = kt.cache_to_pools(cache, shard, pools.kv, spans, backend=BACKEND)
+        for g in shard.groups:
+            packed = gather(pools.kv[g.name], spans[g.name], written[g.name], backend=BACKEND)
+            for local, layer in enumerate(g.layer_ids):
+                first = kt.held_positions(cache, layer).start
+                sel = slice(written[g.name].start - first, written[g.name].end - first)
+                k = cache.layers[layer].keys[0, rank:rank + 1, sel].transpose(0, 1)
+                assert torch.equal(packed[local, 0], k)
+
+
+def test_errors_are_raised_before_any_write(models):
+    model = models["gpt-oss"]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    cache = DynamicCache(config=model.config)
+    _prefill(model, _prompt(14), cache)
+    pools = allocate_pools(spec, 8)
+    for t in pools.kv.values():
+        t.fill_(float("nan"))
+    spans = {g.name: BlockSpan(0, range(4)) for g in spec.groups}
+    # The sliding layers only hold [9, 14): asking for [0, 14) fails, and the full group
+    # (validated first and fine) must not have been written either.
+    with pytest.raises(ValueError, match=r"sliding6.*holds positions TokenRange\[9, 14\)"):
+        kt.cache_to_pools(cache, spec, pools.kv, spans,
+                          {"full": TokenRange(0, 14), "sliding6": TokenRange(0, 14)},
+                          backend=BACKEND)
+    assert all(bool(t.isnan().all()) for t in pools.kv.values())
+    bf16 = replace(spec, dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"float32 but the pool holds torch\.bfloat16"):
+        kt.cache_to_pools(cache, bf16, allocate_pools(bf16, 8).kv, spans, backend=BACKEND)
+    with pytest.raises(ValueError, match="whole model"):
+        kt.pools_to_cache(spec.shard(0, 2), pools.kv, spans, 14, model.config)
+    short = {**spans, "full": BlockSpan(0, range(2))}
+    with pytest.raises(ValueError, match=r"'full'.*does not cover"):
+        kt.pools_to_cache(spec, pools.kv, short, 14, model.config)
+
+
+def test_spec_must_match_the_model(models):
+    model = models["gemma3"]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    wrong = replace(spec, groups=tuple(replace(g, window=WINDOW + 1) if g.kind == "sliding"
+                                       else g for g in spec.groups))
+    with pytest.raises(ValueError, match=r"window 7 but layer 0 has sliding_window=6"):
+        kt.check_spec(wrong, model.config)
+    from transformers import Qwen3NextConfig
+
+    config = Qwen3NextConfig(vocab_size=32, hidden_size=32, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             linear_num_value_heads=2, linear_num_key_heads=2,
+                             linear_key_head_dim=8, linear_value_head_dim=8)
+    with pytest.raises(ValueError, match="state"):
+        kt.spec_for_model(config, tokens_per_block=4)
+
+
+# ---------------------------------------------------------------------------------------
+# disaggregated chat, single process
+# ---------------------------------------------------------------------------------------
+
+
+def _chat(model, mode: str):
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    ctx = ContextWorker(model, spec, num_blocks=32, backend=BACKEND)
+    gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=32, backend=BACKEND)
+    turns = [_prompt(USER_TURNS[0], seed=1), _prompt(USER_TURNS[1], seed=2)]
+    results = run_chat(gen, LocalContext(ctx, backend=BACKEND), turns, steps=STEPS, mode=mode,
+                       evict_sliding_between_turns=True)
+    gen.manager.check_invariants()
+    assert gen.manager.requests == () and ctx.manager.requests == ()
+    return gen, turns, results
+
+
+@pytest.mark.parametrize("kind", kt.TINY_MODELS)
+def test_disaggregated_chat_matches_single_process(models, kind):
+    model = models[kind]
+    runs = {mode: _chat(model, mode) for mode in ("per_group", "single_boundary")}
+    gen, turns, _ = runs["per_group"]
+    p1 = USER_TURNS[0]
+    p2 = p1 + STEPS + 1 + USER_TURNS[1]
+    c = (p1 + STEPS) // 5 * 5  # receiver commits [0, P1 + STEPS); blocks of 5 tokens
+    prompts = [turns[0], turns[0] + runs["per_group"][2][0].tokens + turns[1]]
+    refs = [greedy_reference(model, prompt, STEPS) for prompt in prompts]
+    full = [g for g in gen.spec.groups if g.kind == "full"]
+    sliding = next(g for g in gen.spec.groups if g.kind == "sliding")
+    for mode, (_, _, results) in runs.items():
+        first, second = results
+        assert [r.prompt_len for r in results] == [p1, p2]
+        # Turn 1: everything moved from the context side, exactly the reference.
+        assert first.tokens == refs[0][0] and torch.equal(first.logits, refs[0][1]), mode
+        for g in full:
+            assert first.moved[g.name] == TokenRange(0, p1)
+        assert first.moved[sliding.name] == needed_range(sliding, p1)
+        # Turn 2.
+        assert second.tokens == refs[1][0], mode
+        start = c if mode == "per_group" else 0
+        for g in full:
+            assert second.moved[g.name] == TokenRange(start, p2), (mode, g.name)
+        assert second.moved[sliding.name] == needed_range(sliding, p2)
+        if mode == "single_boundary" or not full:
+            assert torch.equal(second.logits, refs[1][1]), mode
+        else:
+            torch.testing.assert_close(second.logits, refs[1][1], atol=ATOL, rtol=RTOL)
+    per_group, single = runs["per_group"][2][1], runs["single_boundary"][2][1]
+    saved = sum(c * gen.spec.bytes_per_token(g) for g in full)
+    assert single.kv_bytes - per_group.kv_bytes == saved
+    if full:
+        assert per_group.kv_bytes < single.kv_bytes
+        assert per_group.reused_blocks["full"] == range(0, c // 5)
+    else:  # every layer slides: nothing before the window is ever needed
+        assert per_group.kv_bytes == single.kv_bytes
+
+
+def test_single_boundary_collapses_only_when_window_pages_are_gone(models):
+    """With its turn-1 window pages still cached, even one boundary resumes at c; once memory
+    pressure evicts the released sliding-window pages the single boundary falls to 0 while
+    per-group reuse keeps every full-attention block."""
+    model = models["gemma3"]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    ctx = ContextWorker(model, spec, num_blocks=32, backend=BACKEND)
+    gen = GenerationWorker(model, spec, num_blocks=32, backend=BACKEND)
+    prompt1 = _prompt(USER_TURNS[0])
+    first = gen.run_turn("t1", prompt1, STEPS, LocalContext(ctx, backend=BACKEND))
+    prompt2 = prompt1 + first.tokens + _prompt(USER_TURNS[1], seed=2)
+    c = (USER_TURNS[0] + STEPS) // 4 * 4
+    before = {m: preview_plan(gen.manager, prompt2, mode=m).group("full").tokens
+              for m in ("per_group", "single_boundary")}
+    assert before == dict.fromkeys(before, TokenRange(c, len(prompt2)))
+    assert gen.evict_sliding() > 0
+    after = {m: preview_plan(gen.manager, prompt2, mode=m).group("full").tokens
+             for m in ("per_group", "single_boundary")}
+    assert after == {"per_group": TokenRange(c, len(prompt2)),
+                     "single_boundary": TokenRange(0, len(prompt2))}
