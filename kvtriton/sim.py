@@ -9,9 +9,10 @@ A request trace runs through the real receiver cache manager
   every group could resume (what systems with one committed-token counter do);
 * ``per_group`` -- each layer group keeps its own boundary (kvtriton).
 
-For each request, in trace order: ``allocate`` in the policy's mode (the manager matches the
-prompt and reuses cached blocks), the bytes of :func:`kvtriton.plan.plan_transfer` with the
-allocation's cached counts are counted, the prompt is ``commit``-ted (the KV was received);
+For each request, in trace order: :func:`kvtriton.adapter.prepare_receive` in the policy's
+mode (the manager matches the prompt, reuses cached blocks, allocates the rest, and the plan is
+:func:`kvtriton.plan.plan_transfer` with the allocation's cached counts), its bytes are
+counted, :func:`kvtriton.adapter.complete_receive` commits the prompt (the KV was received);
 then the receiver decodes the response: each step ``append``-s the fed token, ``commit``-s at
 block boundaries and ``slide``-s the windows, so sliding-window pages really leave the window
 (they stay matchable until evicted); at the end the request is ``free``-d. A response of
@@ -65,6 +66,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvtriton.adapter import complete_receive, prepare_receive
 from kvtriton.cache.manager import KVCacheManager, OutOfBlocksError
 from kvtriton.cache.pools import blocks_for_bytes, resolve_num_blocks
 from kvtriton.plan import plan_transfer
@@ -752,15 +754,16 @@ def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], s
                 break
             rid = req.request_id
             try:
-                alloc = mgr.allocate(rid, req.prompt, mode=mode)  # type: ignore[arg-type]
+                rx = prepare_receive(mgr, rid, req.prompt, mode=mode)  # type: ignore[arg-type]
             except OutOfBlocksError as exc:
                 if live:
                     waits += 1
                     break
                 raise ValueError(f"{policy}: request {rid!r} (P={len(req.prompt)}) does not fit "
                                  f"the pool even alone: {exc}; raise the capacity") from None
-            cached = alloc.cached_tokens() if publish else 0
-            plan = plan_transfer(spec, len(req.prompt), cached)
+            # no_reuse never publishes, so its match finds nothing: the plan is cached = 0
+            # (a sliding group's vacuous count needed.start moves the same positions).
+            plan = rx.plan if publish else plan_transfer(spec, len(req.prompt), 0)
             for gt in plan.groups:
                 a = acc[gt.name]
                 a.needed += len(gt.needed)
@@ -770,7 +773,7 @@ def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], s
                 a.state_moves += int(gt.moves_state)
             full_hits += int(plan.is_full_hit)
             if publish:
-                mgr.commit(rid, len(req.prompt))
+                complete_receive(mgr, rx)
             live[rid] = _Live(req)
             pending.pop(i)
             if progress is not None:
