@@ -310,6 +310,21 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- simulate (options and run live in kvtriton.sim) ----------------------------------------
+
+
+def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    from kvtriton.sim import add_simulate_arguments as add
+
+    add(p)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from kvtriton.sim import run_simulate as run
+
+    return run(args)
+
+
 # -- registry and entry point ---------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -320,6 +335,11 @@ COMMANDS: list[Command] = [
             add_presets_arguments, run_presets),
     Command("demo", "the main job: the per-group plan of a hybrid model (gpt-oss-20b, "
             "P = 8192, 6000 tokens cached)", add_demo_arguments, run_demo),
+    Command("simulate", "run a request trace through a receiver cache under no reuse, single "
+            "boundary and per-group reuse: bytes moved, hit rates, peak blocks per layer group",
+            add_simulate_arguments, run_simulate,
+            epilog="example: kvtriton simulate --hf-config GptOssConfig --trace chat "
+                   "--plot sim.png"),
 ]
 
 

@@ -82,11 +82,15 @@ __all__ = [
     "Request",
     "SimResult",
     "Trace",
+    "add_simulate_arguments",
     "agent_trace",
     "chat_trace",
+    "default_capacity_blocks",
     "load_trace",
+    "run_simulate",
     "simulate",
     "synthetic_trace",
+    "trace_from_records",
 ]
 
 POLICIES: tuple[str, ...] = ("no_reuse", "single_boundary", "per_group")
@@ -823,3 +827,152 @@ def default_capacity_blocks(spec: KVCacheSpec, trace: Trace, *, concurrency: int
     over (room for a prefix cache beside the live requests), in blocks per group."""
     longest = max(_final_length(r) for r in trace.requests)
     return max(1, math.ceil(factor * concurrency * ceil_div(longest, spec.tokens_per_block)))
+
+
+# =============================================================================================
+# ``kvtriton simulate`` (registered in kvtriton/cli.py; options and run live here)
+# =============================================================================================
+
+
+def _pair(text: str) -> tuple[int, int]:
+    import argparse
+
+    lo, sep, hi = text.partition(":")
+    try:
+        pair = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX token counts, got {text!r}") from None
+    if not 0 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return pair
+
+
+def _gib(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in GiB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the capacity must be > 0 GiB, got {text!r}")
+    return value
+
+
+def add_simulate_arguments(p: Any) -> None:
+    """Options of ``kvtriton simulate`` (``p`` is an ``argparse.ArgumentParser``)."""
+    from kvtriton.cli import positive_int
+
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", metavar="NAME", help="built-in model spec ('kvtriton presets')")
+    model.add_argument("--hf-config", metavar="PATH_OR_CLASS",
+                       help="a transformers config: config.json, a directory holding one, or a "
+                            "config class name such as GptOssConfig or Gemma3TextConfig "
+                            "(instantiated with its defaults; no network, no weights)")
+    p.add_argument("--block-size", type=positive_int, metavar="B",
+                   help="tokens per block (default: the preset's, 16 for --hf-config)")
+    p.add_argument("--trace", default="chat", metavar="chat|agent|FILE.jsonl",
+                   help="a synthetic trace kind or a JSONL trace file (format: kvtriton.sim)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace (0)")
+    p.add_argument("--users", type=positive_int, metavar="N",
+                   help="chat users / agents (default 8 / 4)")
+    p.add_argument("--turns", type=positive_int, metavar="N",
+                   help="chat turns per user / agent steps (default 4 / 8)")
+    p.add_argument("--system-prompts", type=positive_int, metavar="N",
+                   help="distinct chat system prompts shared by the users (default 2)")
+    p.add_argument("--system-len", type=int, metavar="N",
+                   help="shared system / tool prompt tokens (default 1024 chat, 2048 agent)")
+    p.add_argument("--input-len", type=_pair, metavar="MIN:MAX",
+                   help="new tokens per turn: chat message / agent tool output "
+                        "(default 32:256 / 16:128)")
+    p.add_argument("--context-len", type=_pair, metavar="MIN:MAX",
+                   help="agent task context at step 0 (default 4096:8192)")
+    p.add_argument("--output-len", type=_pair, metavar="MIN:MAX",
+                   help="response tokens (default 64:384 chat, 16:96 agent)")
+    cap = p.add_mutually_exclusive_group()
+    cap.add_argument("--capacity-blocks", type=positive_int, metavar="N",
+                     help="receiver pool: blocks per attention group (default: 4x what "
+                          "--concurrency of the longest requests hold)")
+    cap.add_argument("--capacity-gib", type=_gib, metavar="GIB",
+                     help="receiver pool: GiB over all groups (same block count per group)")
+    p.add_argument("--concurrency", type=positive_int, default=8, metavar="N",
+                   help="requests decoding at once (8)")
+    p.add_argument("--state-slots", type=positive_int, metavar="N",
+                   help="slots per state group (default 4 x concurrency)")
+    p.add_argument("--policies", default=",".join(POLICIES), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(POLICIES)}")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--plot", metavar="PATH", help="also save a plot (png, svg, pdf ...)")
+    p.add_argument("--save-trace", metavar="PATH", help="also write the trace as JSONL")
+
+
+def _cli_trace(args: Any) -> Trace:
+    from kvtriton.cli import CliError
+
+    if args.trace in TRACE_KINDS:
+        params: dict[str, Any] = {"seed": args.seed}
+        chat = args.trace == "chat"
+        for option, key in (("users", "users" if chat else "agents"),
+                            ("turns", "turns" if chat else "steps"),
+                            ("system_len", "system_len"), ("output_len", "response_len"),
+                            ("input_len", "user_len" if chat else "step_len")):
+            if getattr(args, option) is not None:
+                params[key] = getattr(args, option)
+        only = {"system_prompts": chat, "context_len": not chat}
+        for option, allowed in only.items():
+            if getattr(args, option) is not None:
+                if not allowed:
+                    raise CliError(f"--{option.replace('_', '-')} does not apply to "
+                                   f"--trace {args.trace}")
+                params[option] = getattr(args, option)
+        return synthetic_trace(args.trace, **params)
+    if not os.path.exists(args.trace):
+        raise CliError(f"--trace {args.trace!r} is neither {' nor '.join(TRACE_KINDS)} nor an "
+                       "existing JSONL file")
+    generator = [o for o in ("users", "turns", "system_prompts", "system_len", "input_len",
+                             "context_len", "output_len") if getattr(args, o) is not None]
+    if generator:
+        raise CliError(f"--{generator[0].replace('_', '-')} shapes synthetic traces only, not "
+                       f"the trace file {args.trace!r}")
+    return load_trace(args.trace)
+
+
+def run_simulate(args: Any) -> int:
+    """``kvtriton simulate``: print the per-policy table (or JSON) and optionally a plot."""
+    from kvtriton.cli import CliError, _load_preset
+
+    try:
+        if args.preset is not None:
+            spec = _load_preset(args.preset, args.block_size)
+        else:
+            from kvtriton.hf import spec_from_hf_config
+
+            spec = spec_from_hf_config(args.hf_config, tokens_per_block=args.block_size or 16)
+        trace = _cli_trace(args)
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        if args.capacity_gib is not None:
+            capacity: dict[str, Any] = {"capacity_bytes": int(args.capacity_gib * 1024**3)}
+        else:
+            capacity = {"capacity_blocks": args.capacity_blocks or default_capacity_blocks(
+                spec, trace, concurrency=args.concurrency)}
+        if args.save_trace:
+            trace.save(args.save_trace)
+        from tqdm import tqdm
+
+        with tqdm(total=len(trace) * len(policies), unit="req", desc="simulate",
+                  disable=None, leave=False) as bar:
+            result = simulate(spec, trace, policies=policies, concurrency=args.concurrency,
+                              state_slots=args.state_slots, progress=bar.update, **capacity)
+    except (ValueError, TypeError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    if args.plot:
+        from kvtriton.viz import plot_simulation
+
+        try:
+            plot_simulation(result, args.plot)
+        except (ImportError, ValueError, OSError) as exc:
+            raise CliError(f"--plot {args.plot!r}: {exc}") from exc
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0

@@ -327,3 +327,61 @@ def test_bad_arguments_are_refused():
         synthetic_trace("batch")
     with pytest.raises(ValueError, match="user_len"):
         synthetic_trace("chat", user_len=(10, 5))
+
+
+# -- the kvtriton simulate command -------------------------------------------------------------
+
+_SMALL_ARGS = ["--users", "2", "--turns", "2", "--system-len", "64", "--input-len", "8:32",
+               "--output-len", "8:32"]
+
+
+def test_cli_simulate_table_json_plot_and_trace(tmp_path, capsys):
+    from kvtriton.cli import main
+
+    plot, saved = tmp_path / "p.png", tmp_path / "t.jsonl"
+    args = ["simulate", "--preset", "gpt-oss-20b", *_SMALL_ARGS, "--save-trace", str(saved)]
+    if _has_matplotlib():
+        args += ["--plot", str(plot)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "per-group vs single boundary: saves" in out and "sliding128" in out
+    assert load_trace(saved).requests == synthetic_trace(
+        "chat", users=2, turns=2, system_len=64, user_len=(8, 32), response_len=(8, 32)).requests
+    if _has_matplotlib():
+        assert plot.stat().st_size > 1000
+    assert main(["simulate", "--preset", "gpt-oss-20b", "--trace", str(saved), "--json",
+                 "--capacity-blocks", "500", "--policies", "per_group,single_boundary"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["policies"]) == {"per_group", "single_boundary"}
+    assert data["pool_blocks"] == {"full": 500, "sliding128": 500}
+
+
+def test_cli_simulate_hf_config(capsys):
+    pytest.importorskip("transformers")
+    from kvtriton.cli import main
+
+    assert main(["simulate", "--hf-config", "GptOssConfig", *_SMALL_ARGS]) == 0
+    assert "gpt_oss on trace 'chat'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--trace", "missing.jsonl"], "neither chat nor agent"),
+    (["--context-len", "5:9"], "does not apply to --trace chat"),
+    (["--capacity-blocks", "2"], "does not fit the pool even alone"),
+    (["--policies", "per_group,bogus"], "policies must be"),
+    (["--input-len", "9:3"], "MIN <= MAX"),
+])
+def test_cli_simulate_errors_are_one_line(args, message, capsys):
+    from kvtriton.cli import main
+
+    assert main(["simulate", "--preset", "gpt-oss-20b", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
