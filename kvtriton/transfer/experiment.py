@@ -47,7 +47,9 @@ __all__ = [
     "DisaggConfig",
     "format_report",
     "kv_values",
+    "launch_cases",
     "launch_local",
+    "make_groups",
     "run_rank",
     "state_values",
 ]
@@ -61,8 +63,8 @@ class DisaggConfig:
     """One experiment.
 
     Attributes:
-        model: preset name (``kvtriton.spec.PRESETS``) or a Hugging Face config path/name
-            (read with ``kvtriton.hf``).
+        model: a :class:`KVCacheSpec`, a preset name (``kvtriton.spec.PRESETS``) or a
+            Hugging Face config path/name (read with ``kvtriton.hf``).
         ctx_tp, ctx_pp, gen_tp, gen_pp: parallelism of the two sides.
         gen_tokens_per_block: receiver block size (default: the model's).
         dtype: pool dtype override.
@@ -80,10 +82,13 @@ class DisaggConfig:
         kernel_backend: ``kernels`` backend for pack/unpack (``"auto"``/``"reference"``/...).
         seed: token ids of the stream.
         faults: ``{rank: FaultInjection}`` (tests).
-        cancel: request ids the receiver cancels right after asking (tests).
+        cancel: request ids (``"c0t0"``) the receiver cancels right after asking (tests).
+        cancel_during: request ids the receiver cancels once their first data arrived.
+        gen_dtype: give the generation side a different dtype: a model-digest mismatch that
+            the senders must refuse (tests).
     """
 
-    model: str = "tiny-hybrid"
+    model: str | KVCacheSpec = "tiny-hybrid"
     ctx_tp: int = 1
     ctx_pp: int = 1
     gen_tp: int = 1
@@ -107,16 +112,20 @@ class DisaggConfig:
     seed: int = 0
     faults: dict[int, FaultInjection] = field(default_factory=dict)
     cancel: tuple[str, ...] = ()
+    cancel_during: tuple[str, ...] = ()
+    gen_dtype: str | None = None
 
     @property
     def world_size(self) -> int:
         return self.ctx_tp * self.ctx_pp + self.gen_tp * self.gen_pp
 
 
-def load_model(name: str, dtype: str | None = None) -> KVCacheSpec:
-    """A preset by name, else a Hugging Face config via ``kvtriton.hf``."""
+def load_model(name: str | KVCacheSpec, dtype: str | None = None) -> KVCacheSpec:
+    """A spec as is, a preset by name, else a Hugging Face config via ``kvtriton.hf``."""
     from kvtriton.spec import PRESETS
 
+    if isinstance(name, KVCacheSpec):
+        return replace(name, dtype=dtype) if dtype else name
     if name in PRESETS:
         return preset(name, dtype=dtype)
     from kvtriton import hf
@@ -269,6 +278,8 @@ class _Stats:
     t_handshake: float
     t_data: float
     t_total: float
+    t_first_data: float | None
+    t_last_data: float | None
     mismatches: list[str]
 
 
@@ -340,7 +351,8 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
             state=h.state.value, error=sess.error, t_plan=t_plan,
             t_handshake=(first - created) if first else 0.0,
             t_data=((h.t_last_data or first) - first) if first else 0.0,
-            t_total=t_end - t0, mismatches=mism))
+            t_total=t_end - t0, t_first_data=h.t_first_data, t_last_data=h.t_last_data,
+            mismatches=mism))
         agent.forget(rid)
 
     pending = [c for c in range(len(convs))]
@@ -351,6 +363,9 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
         agent.progress(0.005)
         for rid in list(live):
             h = agent.handle(rid)
+            if (rid.split("/", 1)[1] in cfg.cancel_during and h.bytes_received > 0
+                    and not h.session.is_terminal):
+                agent.cancel(rid, "cancelled by the experiment during the transfer")
             if h.session.is_terminal and not h.pending:
                 finish(rid)
                 c = int(rid.split("/")[1].split("t")[0][1:])
@@ -360,22 +375,43 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
     return stats
 
 
-def run_rank(cfg: DisaggConfig, rank: int, world_size: int, *, device: str = "cpu",
-             data_backend: str = "gloo") -> dict[str, Any] | None:
-    """Run the experiment on this rank (the process group must already be initialised).
+def make_groups(world_size: int, data_backend: str, timeout_s: float = 120.0
+                ) -> tuple[Any, Any]:
+    """``(control, data)`` groups over ranks ``[0, world_size)`` of the default group.
 
-    Returns the report (a dict) on the first generation rank, ``None`` elsewhere.
+    Collective: every rank of the default group must call it (non-members get a
+    non-member handle). Control is always gloo; data is ``data_backend``.
     """
-    model = load_model(cfg.model, cfg.dtype)
-    topo = Topology(model, cfg.ctx_tp, cfg.ctx_pp, cfg.gen_tp, cfg.gen_pp,
-                    gen_tokens_per_block=cfg.gen_tokens_per_block)
-    if topo.world_size != world_size:
-        raise ValueError(f"world size {world_size} != ctx {topo.num_ctx} + gen {topo.num_gen}")
-    timeout = datetime.timedelta(seconds=max(120.0, 4 * cfg.timeout_s))
-    ctrl = dist.new_group(backend="gloo", timeout=timeout)
-    data = dist.new_group(backend=data_backend, timeout=timeout)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    ranks = list(range(world_size))
+    ctrl = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+    data = dist.new_group(ranks=ranks, backend=data_backend, timeout=timeout)
+    return ctrl, data
+
+
+def _leaked(manager: KVCacheManager, spec: KVCacheSpec) -> dict[str, int]:
+    return {g.name: sum(manager.refcount(g.name, b) > 0
+                        for b in range(manager.num_blocks(g.name)))
+            for g in spec.groups if g.kind != "state"}
+
+
+def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str = "cpu",
+             data_backend: str = "gloo") -> dict[str, Any] | None:
+    """Run the experiment on this rank over ``ctrl`` (gloo) and ``data`` groups whose ranks
+    are ``[0, cfg.world_size)``.
+
+    Returns the report (a dict, see :func:`format_report`) on the first generation rank,
+    ``None`` elsewhere. A dead peer does not hang the run: the report then holds what the
+    surviving generation rank saw.
+    """
+    topo_ctx = Topology(load_model(cfg.model, cfg.dtype), cfg.ctx_tp, cfg.ctx_pp, cfg.gen_tp,
+                        cfg.gen_pp, gen_tokens_per_block=cfg.gen_tokens_per_block)
+    info = topo_ctx.info(rank)
+    topo = topo_ctx
+    if info.side == "gen" and cfg.gen_dtype is not None:  # a deliberately different model
+        topo = Topology(load_model(cfg.model, cfg.gen_dtype), cfg.ctx_tp, cfg.ctx_pp,
+                        cfg.gen_tp, cfg.gen_pp, gen_tokens_per_block=cfg.gen_tokens_per_block)
     spec = topo.spec(rank)
-    info = topo.info(rank)
     layout = cfg.ctx_layout if info.side == "ctx" else cfg.gen_layout
     nblocks = _blocks_needed(cfg, spec)
     nslots = 2 * cfg.conversations * cfg.turns + 4
@@ -383,6 +419,7 @@ def run_rank(cfg: DisaggConfig, rank: int, world_size: int, *, device: str = "cp
     options = TransferOptions(chunk_bytes=cfg.chunk_bytes, timeout_s=cfg.timeout_s,
                               checksum=cfg.checksum, backend=cfg.kernel_backend,
                               faults=cfg.faults.get(rank, FaultInjection()))
+    healthy = True
     for mode in cfg.modes:
         has_state = any(g.kind == "state" for g in spec.groups)
         pools = allocate_pools(spec, nblocks, num_state_slots=nslots if has_state else 0,
@@ -394,23 +431,36 @@ def run_rank(cfg: DisaggConfig, rank: int, world_size: int, *, device: str = "cp
             out: Any = _run_ctx(agent, cfg, spec, pools, manager, mode)
             agent.serve(timeout=cfg.timeout_s * (cfg.turns + 2))
             out["gather_s"] = agent.stats["gather_s"]
-            out["send_sessions"] = {}
+            out["sessions"] = {
+                f"{rid}@{peer}": [j.session.state.value, j.session.error]
+                for (peer, rid), j in agent._send_jobs.items()}
         else:
-            out = [asdict(s) for s in _run_gen(agent, cfg, spec, pools, manager, mode)]
-            out = {"requests": out, "scatter_s": agent.stats["scatter_s"],
-                   "leaked": {g.name: sum(manager.refcount(g.name, b) > 0
-                                          for b in range(manager.num_blocks(g.name)))
-                              for g in spec.groups if g.kind != "state"}}
+            reqs = [asdict(st) for st in _run_gen(agent, cfg, spec, pools, manager, mode)]
+            out = {"requests": reqs, "scatter_s": agent.stats["scatter_s"]}
         agent.close(timeout=cfg.timeout_s)
+        if info.side == "ctx":
+            out["leaked"] = _leaked(manager, spec)
+        else:
+            out["leaked"] = {g: n for g, n in _leaked(manager, spec).items()}
+        out["cached"] = {g.name: manager.num_cached_blocks(g.name) for g in spec.groups
+                         if g.kind != "state"}
+        out["lost_peers"] = sorted(p for p, q in agent._peers.items() if q.lost is not None)
         out["wall_s"] = time.perf_counter() - t0
         results["modes"][mode] = out
-        dist.barrier(group=ctrl)
-    gathered: list[Any] = [None] * world_size if rank == topo.num_ctx else []
-    dist.gather_object(results, gathered if rank == topo.num_ctx else None,
-                       dst=topo.num_ctx, group=ctrl)
-    if rank != topo.num_ctx:
+        healthy = healthy and not out["lost_peers"]
+        if healthy:
+            dist.barrier(group=ctrl)
+    reporter = topo.num_ctx
+    gathered: list[Any] = [None] * cfg.world_size
+    if healthy:
+        dist.gather_object(results, gathered if rank == reporter else None, dst=reporter,
+                           group=ctrl)
+    elif rank == reporter:
+        gathered = [results]
+    if rank != reporter:
         return None
-    return _summarise(cfg, topo, gathered, device, data_backend)
+    return _summarise(cfg, topo_ctx, [g for g in gathered if g is not None], device,
+                      data_backend)
 
 
 def _summarise(cfg: DisaggConfig, topo: Topology, per_rank: list[Any], device: str,
@@ -463,8 +513,8 @@ def _summarise(cfg: DisaggConfig, topo: Topology, per_rank: list[Any], device: s
             "gbps": (total / data_s / 1e9) if data_s > 0 else None,
             "wall_s": max(r["modes"][mode]["wall_s"] for r in per_rank),
         }
-    # no_reuse bytes are counted over each receiver shard's plan: per rank; keep as is.
     report["verified"] = not report["problems"]
+    report["ranks"] = per_rank  # raw per-rank results (sessions, leaks, requests)
     return report
 
 
@@ -565,12 +615,92 @@ def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
     else:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        report = run_rank(cfg, rank, world, device=device,
-                          data_backend="nccl" if use_nccl else "gloo")
+        backend = "nccl" if use_nccl else "gloo"
+        ctrl, data = make_groups(world, backend, max(120.0, 4 * cfg.timeout_s))
+        report = run_rank(cfg, rank, ctrl=ctrl, data=data, device=device, data_backend=backend)
         if report is not None:
             out_q.put(report)
     finally:
         dist.destroy_process_group()
+    # Interpreter teardown with torch and gloo threads takes seconds on a small CPU box;
+    # everything is flushed, so leave now.
+    out_q.close()
+    out_q.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _case_worker(rank: int, cases: list[tuple[str, DisaggConfig]], world: int, port: int,
+                 out_q: Any) -> None:
+    import traceback
+
+    torch.set_num_threads(1)
+    sys.setswitchinterval(0.0002)
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0,
+                          timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    code = 0
+    for name, cfg in cases:
+        ctrl, data = make_groups(cfg.world_size, "gloo", max(60.0, 4 * cfg.timeout_s))
+        if rank < cfg.world_size:
+            try:
+                report = run_rank(cfg, rank, ctrl=ctrl, data=data)
+            except Exception:
+                out_q.put((name, {"error": f"rank {rank}: {traceback.format_exc()}"}))
+                code = 1
+                break
+            if report is not None:
+                out_q.put((name, report))
+        if any(f.die_after_frames is not None for f in cfg.faults.values()):
+            break  # a rank died: the world is broken, this must be the last case
+    out_q.put(("__exit__", rank))
+    out_q.close()
+    out_q.join_thread()
+    os._exit(code)
+
+
+def launch_cases(cases: Sequence[tuple[str, DisaggConfig]], world_size: int,
+                 timeout_s: float = 200.0) -> dict[str, dict[str, Any]]:
+    """Run several gloo experiments one after another in one spawned world of
+    ``world_size`` CPU ranks (each case uses ranks ``[0, cfg.world_size)``), sharing the
+    process start-up cost. Returns ``{case name: report or {"error": text}}``. A case with
+    a ``die_after_frames`` fault must come last.
+    """
+    import torch.multiprocessing as mp
+
+    for name, cfg in cases:
+        if cfg.world_size > world_size:
+            raise ValueError(f"case {name!r} needs {cfg.world_size} ranks > {world_size}")
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_case_worker, args=(r, list(cases), world_size, port, out_q))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[str, dict[str, Any]] = {}
+    exited = 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and exited < world_size:
+        try:
+            name, rep = out_q.get(timeout=0.5)
+        except Exception:
+            if all(p.exitcode is not None for p in procs):
+                break
+            continue
+        if name == "__exit__":
+            exited += 1
+        else:
+            results.setdefault(name, rep)
+    for p in procs:
+        p.join(timeout=5)
+        if p.exitcode is None:
+            p.kill()
+    for name, _ in cases:
+        results.setdefault(name, {"error": "no report (a rank crashed or hung; exit codes "
+                                           f"{[p.exitcode for p in procs]})"})
+    return results
 
 
 def launch_local(cfg: DisaggConfig) -> dict[str, Any]:

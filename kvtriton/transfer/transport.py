@@ -107,11 +107,13 @@ class FaultInjection:
             data frames to the wire.
         stall: accept requests but never send data (the receiver must time out).
         corrupt_chunk: flip one byte of this chunk index after its checksum was taken.
+        frame_delay_s: wait this long between data frames (a slow sender).
     """
 
     die_after_frames: int | None = None
     stall: bool = False
     corrupt_chunk: int | None = None
+    frame_delay_s: float = 0.0
 
 
 @dataclass
@@ -365,6 +367,7 @@ class TransferAgent:
         self._send_queue: dict[int, deque[_SendJob]] = {p: deque() for p in self._peers}
         self._inflight: dict[int, int] = dict.fromkeys(self._peers, 0)
         self._frames_out = 0
+        self._next_send_at = 0.0
         self._frame_tokens: dict[int, _Frame] = {}
         self._nccl_sends: deque[_Frame] = deque()
         # receiver state
@@ -473,12 +476,10 @@ class TransferAgent:
                 mode=mode)
             chunks = plan_chunks(self.model, req.tokens, req.states, layers=req.layers,
                                  heads=req.heads, chunk_bytes=req.chunk_bytes)
-            if chunks:
-                handle.parts[src.sender] = _RecvPart(req, chunks)
+            # Every source gets the request, even one with nothing to move (a full hit
+            # there): its Done/Ack tells the sender the request was consumed.
+            handle.parts[src.sender] = _RecvPart(req, chunks)
         self._recv[request_id] = handle
-        if not handle.parts:  # full hit: nothing moves, still a success
-            self._finish_recv(handle)
-            return handle
         for sender, part in handle.parts.items():
             peer = self._peers[sender]
             if peer.lost is not None:
@@ -736,7 +737,7 @@ class TransferAgent:
                 if job.session.is_terminal:
                     continue
                 if len(job.chunks) != 1 or job.next_chunk != 0:
-                    break
+                    continue
                 size = -(-job.chunks[0].nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
                 if parts and used + size > self.options.chunk_bytes:
                     break
@@ -747,22 +748,31 @@ class TransferAgent:
                 q.remove(job)
                 job.queued = False
             return parts
+        # Round robin over this peer's requests: one chunk each, so a short request is not
+        # stuck behind a long one (sessions interleave on the wire).
         chunk = head.chunks[head.next_chunk]
         head.next_chunk += 1
+        q.popleft()
         if head.next_chunk == len(head.chunks):
-            q.popleft()
             head.queued = False
+        else:
+            q.append(head)
         return [(head, chunk)]
 
     def _pump_sends(self) -> None:
+        delay = self.options.faults.frame_delay_s
         for peer in self._peers:
             if self._peers[peer].lost is not None:
                 continue
             while self.nccl_data or self._inflight[peer] < self.options.max_frames_in_flight:
+                if delay and time.monotonic() < self._next_send_at:
+                    return
                 parts = self._next_frame(peer)
                 if parts is None:
                     break
                 self._send_frame(peer, parts)
+                if delay:
+                    self._next_send_at = time.monotonic() + delay
 
     def _source_args(self, job: _SendJob) -> tuple[Mapping[str, BlockSpan], Mapping[str, int]]:
         src = self._sources[job.request.request_id]
@@ -1026,8 +1036,7 @@ class TransferAgent:
     def _fail_recv(self, handle: RecvHandle, reason: str, *, notify: int | None) -> None:
         if not handle.session.fail(reason):
             return
-        self._notify_senders(handle, f"receiver rank {self.rank} failed: {reason}", error=True,
-                             skip=notify)
+        self._notify_senders(handle, f"failed: {reason}", error=True, skip=notify)
         self._release(handle)
 
     def _release(self, handle: RecvHandle) -> None:
@@ -1041,8 +1050,7 @@ class TransferAgent:
         now = time.monotonic()
         for handle in list(self._recv.values()):
             if handle.session.check_deadline(now):
-                self._notify_senders(handle, f"receiver rank {self.rank} timed out: "
-                                             f"{handle.session.error}", error=True)
+                self._notify_senders(handle, f"{handle.session.error}", error=True)
                 self._release(handle)
         for (peer, rid), job in list(self._send_jobs.items()):
             if job.session.check_deadline(now):
