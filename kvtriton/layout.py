@@ -144,9 +144,9 @@ def packed_layout(
         if unknown:
             raise ValueError(f"packed layout {what} names unknown groups {unknown}; spec "
                              f"{spec.name!r} has {list(spec.group_names)}")
-    for name, rng in tokens.items():
-        if not isinstance(rng, TokenRange):
-            raise TypeError(f"tokens[{name!r}] must be a TokenRange, got {type(rng).__name__}")
+    for name, given in tokens.items():
+        if not isinstance(given, TokenRange):
+            raise TypeError(f"tokens[{name!r}] must be a TokenRange, got {type(given).__name__}")
     state_set = set(states)
     segments: list[Segment] = []
     offset = 0

@@ -129,7 +129,7 @@ class BlockSpan:
             if not isinstance(block_id, int):
                 # numpy / torch integers are accepted through __index__.
                 try:
-                    block_id = block_id.__index__()  # type: ignore[union-attr]
+                    block_id = block_id.__index__()
                 except AttributeError:
                     raise TypeError(
                         f"BlockSpan.block_ids[{i}] must be an int, got {block_id!r}"
