@@ -92,8 +92,13 @@ def test_layout_invariants_and_both_sides_agree(
         if seg.kind == "kv":
             assert seg.tokens == tokens[seg.group]
     # The other side may hold a different shard (here: the model): same selection, same bytes.
-    explicit_heads = {g.name: (g.state_head_start, g.state_head_end) if g.kind == "state"
-                      else (g.head_start, g.head_end) for g in spec.groups}
+    explicit_heads: dict[str, tuple[int, int]] = {}
+    for g in spec.groups:
+        if g.kind == "state":
+            explicit_heads[g.name] = (g.state_head_start, g.state_head_start
+                                      + g.local_state_shape[0])
+        else:
+            explicit_heads[g.name] = (g.head_start, g.head_start + g.local_heads)
     explicit_heads.update(heads)
     other = packed_layout(spec.root.with_block_size(7), tokens, states, layers=layers,
                           heads=explicit_heads)

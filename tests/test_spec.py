@@ -165,7 +165,7 @@ def test_tp_shards_cover_every_head(heads: int, tp: int) -> None:
             spec.shard(0, tp)
         return
     held = [spec.shard(r, tp).group("g") for r in range(tp)]
-    spans = [(g.head_start, g.head_end) for g in held]
+    spans = [(g.head_start, g.head_start + g.local_heads) for g in held]
     assert sorted({h for a, b in spans for h in range(a, b)}) == list(range(heads))
     if heads % tp == 0:  # a partition: every head on exactly one rank
         assert sum(b - a for a, b in spans) == heads
