@@ -227,6 +227,12 @@ def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[s
     and 0 otherwise. Groups left out count as 0.
     """
     p = _int_arg("num_tokens (prompt length P)", num_tokens, 1)
+    if not isinstance(cached_tokens, Mapping):
+        raise TypeError(
+            f"cached_tokens must be a mapping {{group name: cached count}}, got "
+            f"{type(cached_tokens).__name__} {cached_tokens!r} (a single boundary is already one "
+            f"number: pass it to plan_transfer)"
+        )
     unknown = sorted(set(cached_tokens) - set(spec.group_names))
     if unknown:
         raise ValueError(f"cached_tokens names unknown layer groups {unknown}")
