@@ -390,3 +390,12 @@ def test_bools_and_floats_are_not_counts() -> None:
         plan_transfer(spec, 10, {}, num_draft_tokens=2.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"cached_tokens\['state'\] must be an int, got bool"):
         single_boundary(spec, 10, {"state": True})
+
+
+def test_policies_need_per_group_counts() -> None:
+    spec = preset("tiny-hybrid")
+    with pytest.raises(TypeError, match=r"cached_tokens must be a mapping \{group name: cached "
+                                        r"count\}, got int 5"):
+        compare_policies(spec, 10, 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"cached_tokens must be a mapping"):
+        single_boundary(spec, 10, [("full", 3)])  # type: ignore[arg-type]
