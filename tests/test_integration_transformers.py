@@ -32,10 +32,12 @@ from kvtriton.adapter import preview_plan
 from kvtriton.cache import allocate_pools
 from kvtriton.integrations import transformers as kt
 from kvtriton.integrations.chat import (
+    ChatConfig,
     ContextWorker,
     GenerationWorker,
     LocalContext,
     greedy_reference,
+    launch_chat,
     run_chat,
 )
 from kvtriton.kernels import gather
@@ -46,6 +48,15 @@ ATOL = RTOL = 1e-5
 WINDOW = 6
 STEPS = 8
 USER_TURNS = (21, 13)  # turn-1 prompt, then new user tokens of turn 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: torch's intra-op threads only contend on a loaded 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +283,29 @@ def test_single_boundary_collapses_only_when_window_pages_are_gone(models):
              for m in ("per_group", "single_boundary")}
     assert after == {"per_group": TokenRange(c, len(prompt2)),
                      "single_boundary": TokenRange(0, len(prompt2))}
+
+
+# ---------------------------------------------------------------------------------------
+# two processes, torch.distributed (gloo), kvtriton.transfer
+# ---------------------------------------------------------------------------------------
+
+
+def test_chat_over_torch_distributed_matches_single_process(models):
+    """Rank 0 prefills, rank 1 plans per group, kvtriton's TransferAgent moves the ranges over
+    gloo, rank 1 rebuilds the cache and decodes: bit-identical to the one-process run (which
+    the test above checks against the non-disaggregated reference)."""
+    turns = [_prompt(USER_TURNS[0], seed=1), _prompt(USER_TURNS[1], seed=2)]
+    cfg = ChatConfig(model="gemma3", user_turns=tuple(map(tuple, turns)), steps=STEPS,
+                     window=WINDOW, ctx_tokens_per_block=4, gen_tokens_per_block=5,
+                     backend=BACKEND, timeout_s=30.0)
+    remote = launch_chat(cfg)
+    assert sorted(remote) == ["per_group", "single_boundary"]
+    for mode, records in remote.items():
+        _, _, local = _chat(models["gemma3"], mode)
+        assert len(records) == len(local) == 2
+        for rec, res in zip(records, local, strict=True):
+            assert rec["tokens"] == res.tokens, mode
+            assert torch.equal(torch.from_numpy(rec["logits"]), res.logits), mode
+            assert rec["moved"] == {g: (t.start, t.end) for g, t in res.moved.items()}
+            assert rec["kv_bytes"] == res.kv_bytes and rec["wire_bytes"] > 0
+    assert remote["per_group"][1]["kv_bytes"] < remote["single_boundary"][1]["kv_bytes"]

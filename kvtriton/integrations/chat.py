@@ -34,13 +34,19 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "AgentContext",
+    "ChatConfig",
     "ContextService",
     "ContextWorker",
         "GenerationWorker",
     "LocalContext",
     "TurnResult",
+    "chat_rank",
     "greedy_reference",
+    "launch_chat",
+    "load_model",
     "run_chat",
+    "serve_context",
 ]
 
 
@@ -143,6 +149,13 @@ class ContextWorker:
         pack_request(self.spec, layout, self.pools.kv, src.spans, {}, buffer,
                      backend=self.backend)
         return buffer
+
+    def spans(self, request_id: str) -> dict[str, BlockSpan]:
+        """Source spans of a live request (every attention group)."""
+        try:
+            return dict(self._live[request_id][1])
+        except KeyError:
+            raise KeyError(f"request {request_id!r} is not live on the context side") from None
 
     def release(self, request_id: str) -> None:
         if self._live.pop(request_id, None) is not None:
@@ -335,3 +348,303 @@ def run_chat(generation: GenerationWorker, context: ContextService,
         if evict_sliding_between_turns:
             generation.evict_sliding()
     return results
+
+
+# ------------------------------------------------------------------------------------------
+# torch.distributed: kvtriton.transfer.TransferAgent moves the KV; a small "router" channel
+# carries prompts and first-token logits (what a serving frontend would do)
+# ------------------------------------------------------------------------------------------
+
+_PREFILL, _STOP = 1, 2
+
+
+def _send_ints(values: Sequence[int], dst: int, group: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    data = torch.tensor([len(values), *values], dtype=torch.long)
+    dist.send(data[:1].clone(), dst, group=group)
+    dist.send(data[1:].clone(), dst, group=group)
+
+
+def _recv_ints(src: int, group: Any) -> list[int]:
+    import torch
+    import torch.distributed as dist
+
+    n = torch.empty(1, dtype=torch.long)
+    dist.recv(n, src, group=group)
+    data = torch.empty(int(n), dtype=torch.long)
+    dist.recv(data, src, group=group)
+    return [int(x) for x in data]
+
+
+class AgentContext:
+    """A :class:`ContextService` on another rank: the KV moves through the receiver's
+    :class:`kvtriton.transfer.transport.TransferAgent` (protocol, sessions, chunked
+    pipelining); prompts and logits go over ``router_group``.
+
+    Args:
+        agent: this (generation) rank's agent; its pools are the generation worker's pools.
+        router_group: a gloo group shared with the context rank (not the agent's groups).
+        peer: the context rank (global rank).
+        vocab_size: length of the logits row the context rank sends back.
+        timeout_s: how long to wait for one request's transfer.
+    """
+
+    def __init__(self, agent: Any, router_group: Any, peer: int, vocab_size: int, *,
+                 timeout_s: float = 60.0) -> None:
+        self.agent = agent
+        self.router_group = router_group
+        self.peer = peer
+        self.vocab_size = vocab_size
+        self.timeout_s = timeout_s
+
+    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True
+                ) -> torch.Tensor:
+        import torch
+        import torch.distributed as dist
+
+        rid = list(request_id.encode())
+        _send_ints([_PREFILL, int(send), len(rid), *rid, *prompt], self.peer, self.router_group)
+        logits = torch.empty(self.vocab_size, dtype=torch.float32)
+        dist.recv(logits, self.peer, group=self.router_group)
+        return logits
+
+    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
+                 ) -> int:
+        from kvtriton.transfer.session import SessionState
+
+        for name, tensor in pools.items():
+            if self.agent.pools.get(name) is not tensor:
+                raise ValueError(f"request {request_id!r}: pool {name!r} is not the agent's "
+                                 "pool; build the agent over the generation worker's pools")
+        handle = self.agent.request(request_id, rx.num_tokens, rx.tokens, rx.states, rx.spans,
+                                    rx.state_slots, mode=rx.mode)
+        done = self.agent.wait([request_id], timeout=self.timeout_s)
+        state, error = handle.state, handle.session.error
+        if not done:
+            self.agent.cancel(request_id, f"no transfer within {self.timeout_s} s")
+            self.agent.wait([request_id], timeout=self.timeout_s)
+        self.agent.forget(request_id)
+        if state is not SessionState.TRANSFERRED:
+            raise RuntimeError(f"request {request_id!r}: transfer ended {state.value}: {error}")
+        return int(handle.bytes_received)
+
+    def stop(self) -> None:
+        """Tell :func:`serve_context` on the peer to return."""
+        _send_ints([_STOP], self.peer, self.router_group)
+
+
+def serve_context(worker: ContextWorker, agent: Any, router_group: Any, peer: int, *,
+                  timeout_s: float = 60.0) -> int:
+    """Context rank loop: prefill what ``peer`` asks for, serve its transfer, free, repeat.
+
+    Returns the number of requests served; ends when the peer sends stop.
+    """
+    import torch.distributed as dist
+
+    served = 0
+    finished: set[str] = set()
+    while True:
+        msg = _recv_ints(peer, router_group)
+        if msg[0] == _STOP:
+            return served
+        if msg[0] != _PREFILL:
+            raise ValueError(f"unknown router message {msg[0]} from rank {peer}")
+        send, n = bool(msg[1]), msg[2]
+        request_id = bytes(msg[3:3 + n]).decode()
+        prompt = msg[3 + n:]
+        logits = worker.prefill(request_id, prompt)
+        try:
+            if send:
+                agent.register_source(request_id, len(prompt), worker.spans(request_id),
+                                      on_finished=lambda rid, _sessions: finished.add(rid))
+            dist.send(logits.contiguous(), peer, group=router_group)
+            if send and not agent.serve(until=lambda rid=request_id: rid in finished,
+                                        timeout=timeout_s):
+                raise RuntimeError(f"request {request_id!r}: the receiver did not finish its "
+                                   f"transfer within {timeout_s} s")
+        finally:
+            worker.release(request_id)
+        served += 1
+
+
+# ------------------------------------------------------------------------------------------
+# a two-rank launcher (tests, notebooks, demos)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """A disaggregated chat over two local ranks (rank 0 context, rank 1 generation).
+
+    Attributes:
+        model: a :data:`~kvtriton.integrations.transformers.TINY_MODELS` kind (random weights
+            from ``seed``) or a local directory with a ``transformers`` causal LM.
+        user_turns: token ids of each user turn (turn ``k``'s prompt extends turn ``k-1``'s
+            prompt and reply).
+        steps: decode steps per turn (each turn generates ``steps + 1`` tokens).
+        modes: ``"per_group"`` and/or ``"single_boundary"``; each runs on fresh caches.
+        ctx_tokens_per_block, gen_tokens_per_block: block sizes of the two sides.
+        num_blocks: blocks per group on each side.
+        evict_sliding_between_turns: see :func:`run_chat`.
+        backend: kernel backend (``"auto"``: Triton on CUDA/interpreter, else reference).
+        timeout_s: per-transfer timeout.
+    """
+
+    model: str = "gemma3"
+    user_turns: tuple[tuple[int, ...], ...] = ()
+    steps: int = 8
+    modes: tuple[str, ...] = ("per_group", "single_boundary")
+    seed: int = 0
+    window: int = 6
+    ctx_tokens_per_block: int = 4
+    gen_tokens_per_block: int = 5
+    num_blocks: int = 64
+    evict_sliding_between_turns: bool = True
+    backend: str = "auto"
+    timeout_s: float = 60.0
+
+
+def load_model(cfg: ChatConfig) -> Any:
+    """The model of ``cfg`` (a tiny seeded model, or a local checkpoint in float32, eager)."""
+    import os
+
+    from kvtriton.integrations.transformers import TINY_MODELS, tiny_model
+
+    if cfg.model in TINY_MODELS:
+        return tiny_model(cfg.model, seed=cfg.seed, window=cfg.window)
+    if not os.path.isdir(cfg.model):
+        raise ValueError(f"model {cfg.model!r} is neither a tiny model ({', '.join(TINY_MODELS)}) "
+                         "nor a local checkpoint directory (kvtriton never downloads)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                 attn_implementation="eager",
+                                                 local_files_only=True)
+    return model.eval()
+
+
+def _turn_record(r: TurnResult) -> dict[str, Any]:
+    return {"request_id": r.request_id, "prompt_len": r.prompt_len, "mode": r.mode,
+            "tokens": list(r.tokens), "logits": r.logits.numpy(),
+            "moved": {g: (t.start, t.end) for g, t in r.moved.items()},
+            "cached": r.cached if isinstance(r.cached, int) else dict(r.cached),
+            "kv_bytes": r.kv_bytes, "wire_bytes": r.wire_bytes}
+
+
+def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
+              ) -> dict[str, list[dict[str, Any]]] | None:
+    """Run ``cfg`` on this rank (0: context, 1: generation) over gloo groups of ranks [0, 2).
+
+    Returns ``{mode: [turn record, ...]}`` on the generation rank (records hold tokens,
+    logits as numpy, moved ranges, bytes), ``None`` on the context rank.
+    """
+    import torch.distributed as dist
+
+    from kvtriton.integrations.transformers import spec_for_model
+    from kvtriton.transfer.topology import Topology
+    from kvtriton.transfer.transport import TransferAgent, TransferOptions
+
+    model = load_model(cfg)
+    spec = spec_for_model(model, tokens_per_block=cfg.ctx_tokens_per_block)
+    topology = Topology(spec, gen_tokens_per_block=cfg.gen_tokens_per_block)
+    local = topology.spec(rank)
+    options = TransferOptions(timeout_s=cfg.timeout_s, backend=cfg.backend)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for mode in cfg.modes:
+        if rank == 0:
+            worker = ContextWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
+            agent = TransferAgent(topology, rank, worker.pools.kv, ctrl, data, options)
+            try:
+                serve_context(worker, agent, router, 1, timeout_s=cfg.timeout_s)
+            finally:
+                agent.close(timeout=cfg.timeout_s)
+        else:
+            gen = GenerationWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
+            agent = TransferAgent(topology, rank, gen.pools.kv, ctrl, data, options)
+            context = AgentContext(agent, router, 0, int(model.config.vocab_size),
+                                   timeout_s=cfg.timeout_s)
+            try:
+                results = run_chat(gen, context, cfg.user_turns, steps=cfg.steps,
+                                   mode=mode,  # type: ignore[arg-type]
+                                   evict_sliding_between_turns=cfg.evict_sliding_between_turns,
+                                   prefix=mode)
+            finally:
+                context.stop()
+                agent.close(timeout=cfg.timeout_s)
+            gen.manager.check_invariants()
+            out[mode] = [_turn_record(r) for r in results]
+        dist.barrier(group=ctrl)
+    return out if rank == 1 else None
+
+
+def _chat_worker(rank: int, cfg: ChatConfig, port: int, out_q: Any) -> None:
+    import datetime
+    import os
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    sys.setswitchinterval(0.0002)  # the agent's network threads pass the GIL per message
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0,
+                          timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        timeout = datetime.timedelta(seconds=max(120.0, 4 * cfg.timeout_s))
+        ctrl, data, router = (dist.new_group([0, 1], backend="gloo", timeout=timeout)
+                              for _ in range(3))
+        result = chat_rank(cfg, rank, ctrl, data, router)
+        if result is not None:
+            out_q.put(result)
+    except BaseException as exc:
+        out_q.put({"error": f"rank {rank}: {type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        dist.destroy_process_group()
+    out_q.close()
+    out_q.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # torch/gloo interpreter teardown takes seconds on a small CPU box
+
+
+def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
+    """Spawn the two ranks of ``cfg`` on this machine (gloo) and return the generation
+    rank's records (see :func:`chat_rank`). Raises ``RuntimeError`` with the failing rank's
+    error if either rank fails."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from kvtriton.transfer.experiment import free_port
+
+    if not cfg.user_turns:
+        raise ValueError("ChatConfig.user_turns is empty: give the token ids of each turn")
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_chat_worker, args=(r, cfg, port, out_q)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + 120 + cfg.timeout_s * len(cfg.user_turns) * len(cfg.modes)
+    result: Any = None
+    while result is None and time.monotonic() < deadline:
+        try:
+            result = out_q.get(timeout=0.5)
+        except Exception:
+            if all(p.exitcode is not None for p in procs):
+                break
+    for proc in procs:
+        proc.join(timeout=max(1.0, deadline - time.monotonic()))
+        if proc.exitcode is None:
+            proc.kill()
+    if result is None:
+        raise RuntimeError(f"the chat produced no result (exit codes "
+                           f"{[p.exitcode for p in procs]})")
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
