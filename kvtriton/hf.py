@@ -35,8 +35,10 @@ flash-attention path uses ``window_size=(W - 1, W - 1)``): a query at ``q`` atte
 (DESIGN.md §1), so ``sliding_window`` is taken as is for every causal model, Gemma-2/3 and
 GPT-OSS included (their original reference code also keeps ``W`` keys). Mistral's original
 ``mistral-src`` reference mask kept ``W + 1`` keys (``[q - W, q]``); transformers (and
-kvtriton) use ``W``. Gemma-3's ``use_bidirectional_attention`` (EmbeddingGemma) is an
-encoder and is refused.
+kvtriton) use ``W``. ``use_bidirectional_attention`` (EmbeddingGemma, PaliGemma's prefix-LM)
+is refused: a position's KV then depends on later prompt tokens, so prefixes cannot be reused.
+Multimodal configs map through their text (decoder) config; encoders, encoder-decoders and
+models transformers cannot generate text with are refused with the reason.
 
 **State groups** hold one state per request and layer, ``state_shape[0]`` = the heads (or
 channels) tensor parallelism splits. The convolution state is folded into the same tensor as
@@ -242,7 +244,7 @@ def _from_transformers_name(text: str) -> tuple[Any, str]:
 
 
 def _text_view(source: Any, label: str) -> _View:
-    """The decoder (text) part of a config, refusing encoders and non-LM configs."""
+    """The decoder (text) part of a config, refusing encoders and non-generative configs."""
     top = _View(source, label)
     if top.get("is_encoder_decoder", False):
         raise ValueError(
@@ -257,39 +259,58 @@ def _text_view(source: Any, label: str) -> _View:
         candidate = source.get_text_config(decoder=True)
         if candidate is not source:
             text = candidate
+    _check_generative(top, label)
     view = _View(text, label, parent=top) if text is not None else top
     _check_causal(view, label)
     return view
+
+
+def _generative_types() -> tuple[set[str], set[str], set[str]] | None:
+    """(causal LM, generative multimodal, masked LM) model types, or None without transformers."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return None
+    causal = set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    multimodal: set[str] = set()
+    for table in ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                  "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"):
+        multimodal |= set(getattr(auto, table, {}))
+    known = set(CONFIG_MAPPING_NAMES)
+    return causal | multimodal, known, set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def _check_generative(top: _View, label: str) -> None:
+    """Refuse a top-level config that transformers knows and cannot generate text with."""
+    types = _generative_types()
+    model_type = top.model_type
+    if types is None or not model_type:
+        return
+    generative, known, _ = types
+    if model_type in known and model_type not in generative:
+        raise ValueError(
+            f"{label}: model_type {model_type!r} is not a generative language model "
+            "(transformers has no *ForCausalLM / image-text-to-text model for it); "
+            "kvtriton maps decoder KV caches"
+        )
 
 
 def _check_causal(view: _View, label: str) -> None:
     model_type = view.model_type
     if view.get("use_bidirectional_attention", False):
         raise ValueError(
-            f"{label}: use_bidirectional_attention=True (an embedding/encoder variant of "
-            f"{model_type!r}) has no causal decode-time KV cache to transfer"
+            f"{label}: use_bidirectional_attention=True ({model_type!r} as an encoder or a "
+            "prefix-LM): a position's KV depends on later prompt tokens, so there is no causal "
+            "prefix cache to reuse"
         )
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:
-        modeling_auto = None  # type: ignore[assignment]
-    if modeling_auto is not None and model_type:
-        causal = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-        masked = set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-        if model_type in masked and not view.get("is_decoder", False):
-            raise ValueError(
-                f"{label}: model_type {model_type!r} is a bidirectional encoder (masked-LM "
-                "family, is_decoder=False): it has no decode-time KV cache; kvtriton maps "
-                "causal decoder configs (e.g. LlamaConfig, GptOssConfig)"
-            )
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-        if model_type in CONFIG_MAPPING_NAMES and model_type not in causal:
-            raise ValueError(
-                f"{label}: model_type {model_type!r} is not a causal language model "
-                "(transformers has no *ForCausalLM for it and the config has no text_config); "
-                "kvtriton maps decoder KV caches"
-            )
+    types = _generative_types()
+    if types is not None and model_type in types[2] and not view.get("is_decoder", False):
+        raise ValueError(
+            f"{label}: model_type {model_type!r} is a bidirectional encoder (masked-LM "
+            "family, is_decoder=False): it has no decode-time KV cache; kvtriton maps "
+            "causal decoder configs (e.g. LlamaConfig, GptOssConfig)"
+        )
     if not view.get("num_hidden_layers") and not view.get("layer_types") and not view.get(
         "layers_block_type"
     ):

@@ -120,6 +120,17 @@ def test_deepseek_v3_mla_is_one_latent():
     assert spec.bytes_per_token("mla") == 61 * 576 * 2
 
 
+def test_multimodal_configs_map_through_their_text_config():
+    tf = _tf()
+    vl = tf.Qwen2VLConfig()
+    spec = spec_from_hf_config(vl)
+    text = vl.get_text_config(decoder=True)
+    assert spec.group_names == ("full",) and spec.num_layers == text.num_hidden_layers
+    assert spec.group("full").num_kv_heads == text.num_key_value_heads
+    # A dict with a text_config (a multimodal config.json) maps the same way.
+    assert _shape(spec_from_hf_config(vl.to_dict())) == _shape(spec)
+
+
 def test_nemotron_h_moe_and_mlp_layers_hold_nothing():
     tf = _tf()
     spec = spec_from_hf_config(tf.NemotronHConfig())
@@ -251,9 +262,11 @@ def test_encoder_and_non_lm_configs_are_refused_with_a_reason():
         spec_from_hf_config(tf.BertConfig())
     with pytest.raises(ValueError, match="encoder-decoder"):
         spec_from_hf_config("T5Config")
-    with pytest.raises(ValueError, match="not a causal language model"):
+    with pytest.raises(ValueError, match="not a generative language model"):
         spec_from_hf_config("ViTConfig")
-    with pytest.raises(ValueError, match="bidirectional"):
+    with pytest.raises(ValueError, match="not a generative language model"):
+        spec_from_hf_config("CLIPConfig")
+    with pytest.raises(ValueError, match="depends on later prompt tokens"):
         spec_from_hf_config(tf.Gemma3TextConfig(use_bidirectional_attention=True))
 
 
