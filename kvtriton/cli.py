@@ -343,8 +343,19 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
-    """The argument parser with one subparser per entry of ``commands`` (default COMMANDS)."""
+def build_parser(
+    commands: Sequence[Command] | None = None, *, argv: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
+    """The argument parser with one subparser per entry of ``commands`` (default COMMANDS).
+
+    With ``argv``, only the subcommand that ``argv`` selects (its first non-option word)
+    gets its ``add_arguments`` called: the others are listed by name and help only, so one
+    subcommand's imports never slow down or break another (``kvtriton --help`` calls none).
+    """
+    commands = COMMANDS if commands is None else commands
+    selected: str | None = None
+    if argv is not None:  # top-level options take no value, so the first word is the command
+        selected = next((a for a in argv if not a.startswith("-")), None)
     parser = _Parser(
         prog=PROG,
         description="kvtriton: move exactly the paged KV cache each layer group still needs "
@@ -354,17 +365,19 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS if commands is None else commands:
+    for command in commands:
         p = sub.add_parser(command.name, help=command.help, description=command.help,
                            epilog=command.epilog or None)
-        command.add_arguments(p)
+        if argv is None or command.name == selected:
+            command.add_arguments(p)
         p.set_defaults(_run=command.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kvtriton`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv=argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors (already printed)
