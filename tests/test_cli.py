@@ -230,6 +230,28 @@ def test_a_new_subcommand_is_one_registry_entry(
     assert "say hello" in run(capsys, "--help")[1]
 
 
+def test_only_the_selected_subcommand_declares_its_options(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subcommand's add_arguments (which may import its module) runs only when it is used."""
+    calls: list[str] = []
+
+    def add(p: argparse.ArgumentParser) -> None:
+        calls.append("heavy")
+        p.add_argument("--x", type=int, default=1)
+
+    heavy = Command("heavy", "imports a lot", add, lambda args: print(f"x={args.x}") or 0)
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, heavy])
+    assert run(capsys, "plan", "--preset", "tiny-hybrid", "--prompt", "4")[0] == 0
+    assert run(capsys, "--help")[0] == 0
+    assert calls == []
+    assert run(capsys, "heavy", "--x", "3") == (0, "x=3\n", "")
+    assert calls == ["heavy"]
+    full = cli.build_parser()  # without argv: every subcommand is fully declared
+    assert calls == ["heavy", "heavy"]
+    assert full.parse_args(["plan", "--preset", "p", "--prompt", "3"]).prompt == 3
+
+
 def test_demo_is_replaced_by_swapping_one_function(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
