@@ -20,7 +20,7 @@ then the same kernels run on CPU tensors under the Triton interpreter.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -413,3 +413,22 @@ def run_batches(batches: Sequence[C.KVBatch | C.StateBatch]) -> None:
             launches.append(_kv_launch(src, dst, 0, meta, batch=b))
     if device is not None:
         _execute(launches, meta, device)
+
+
+def prepare_kv(move: C.KVMove) -> Callable[[], None]:
+    """Build the launch of an already-validated move once (metadata on the device) and
+    return a function that only launches the kernel: for benchmarks and CUDA-graph capture
+    of repeated identical moves."""
+    meta = _Meta()
+    launch = _kv_launch(move.src, move.dst, move.n_tokens, meta)
+    device = (move.src.pool if isinstance(move.src, C.PagedSide) else move.src).device
+    if launch is None:
+        return lambda: None
+    launch.args[launch.meta_slot] = meta.tensor(device)
+    kernel = launch.kernel
+
+    def run() -> None:
+        kernel[launch.grid](*launch.args, **launch.constexprs,  # type: ignore[index]
+                            num_warps=launch.num_warps)
+
+    return run

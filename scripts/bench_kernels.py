@@ -1,0 +1,12 @@
+"""Benchmark the paged gather/scatter/copy kernels (see kvtriton/kernels/bench.py).
+
+    python scripts/bench_kernels.py --json bench.json        # on a GPU
+    TRITON_INTERPRET=1 python scripts/bench_kernels.py --device cpu --quick   # smoke test
+"""
+
+import sys
+
+from kvtriton.kernels.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
