@@ -3,8 +3,9 @@
 A chunk is itself a packed buffer (DESIGN.md §2): per group, a token sub-range of the
 request's range with the same layer and head selection, plus whole state segments. Groups are
 walked in spec order and cut by token positions so each chunk holds at most ``chunk_bytes``
-(a chunk always holds at least one token, so a single token larger than ``chunk_bytes`` makes
-a chunk of its own; a state segment is never split). Pure Python.
+(``Chunk.nbytes``, the 128-byte padded size; a chunk always holds at least one token, so a
+single token larger than ``chunk_bytes`` makes a chunk of its own; a state segment is never
+split). Pure Python.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def plan_chunks(
     for name, rng, bpt in work:
         pos = rng.start
         while pos < rng.end:
-            room = chunk_bytes - _align(used)
+            # the layout pads the chunk to SEGMENT_ALIGN: budget in whole aligned units
+            room = (chunk_bytes // SEGMENT_ALIGN) * SEGMENT_ALIGN - _align(used)
             n = min(rng.end - pos, max(room, 0) // bpt)
             if n == 0:
                 if used:
@@ -112,7 +114,7 @@ def plan_chunks(
             if used >= chunk_bytes:
                 flush()
     for name, nbytes in state_list:
-        if used and _align(used) + nbytes > chunk_bytes:
+        if used and _align(_align(used) + nbytes) > chunk_bytes:
             flush()
         cur_states.append(name)
         used = _align(used) + nbytes

@@ -431,6 +431,7 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
             out: Any = _run_ctx(agent, cfg, spec, pools, manager, mode)
             agent.serve(timeout=cfg.timeout_s * (cfg.turns + 2))
             out["gather_s"] = agent.stats["gather_s"]
+            out["frames_sent"] = agent.stats["frames_sent"]
             out["sessions"] = {
                 f"{rid}@{peer}": [j.session.state.value, j.session.error]
                 for (peer, rid), j in agent._send_jobs.items()}
