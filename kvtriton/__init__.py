@@ -6,8 +6,20 @@ The top level stays torch-free: ``kvtriton.ranges``, ``kvtriton.spec``, ``kvtrit
 """
 
 from kvtriton.layout import PackedLayout, Segment, packed_layout
-from kvtriton.plan import GroupTransfer, TransferPlan, compare_policies, plan_transfer, single_boundary
-from kvtriton.ranges import BlockSpan, TokenRange, needed_range, state_needs_transfer, transfer_range
+from kvtriton.plan import (
+    GroupTransfer,
+    TransferPlan,
+    compare_policies,
+    plan_transfer,
+    single_boundary,
+)
+from kvtriton.ranges import (
+    BlockSpan,
+    TokenRange,
+    needed_range,
+    state_needs_transfer,
+    transfer_range,
+)
 from kvtriton.spec import PRESETS, KVCacheSpec, LayerGroup, preset
 
 __version__ = "0.1.0"
