@@ -19,7 +19,10 @@ block boundaries and ``slide``-s the windows, so sliding-window pages really lea
 ``R`` tokens feeds ``R - 1`` of them (the first comes from the sender's prefill, the last is
 never fed), so the receiver holds KV for ``[0, P + R - 1)`` when it ends.
 
-Up to ``concurrency`` requests are live at once and decode in lock-step. A request starts
+Up to ``concurrency`` requests are live at once and decode in lock-step, one step taking each
+request to its next block boundary (at most ``B`` tokens: block allocation, commits and window
+releases happen at block granularity, so the cache contents match token-by-token decoding at
+every block boundary). A request starts
 when the request it continues (``after``) has finished and, per attention group, the free
 plus evictable blocks cover the worst-case growth of every live request plus its own (so
 decoding never runs out of blocks); otherwise it waits. ``OutOfBlocksError`` is only possible
@@ -730,7 +733,12 @@ def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], s
     full_hits = waits = 0
 
     def growth(state: _Live, group_kind: str, window: int | None, name: str) -> int:
-        held = len(mgr.spans(state.req.request_id)[name].block_ids)
+        # Blocks held now (spans end at ceil(L/B); a sliding span, slid after every step,
+        # starts at the block of needed(L).start), without building spans.
+        held = ceil_div(state.length, bsz)
+        if group_kind == "sliding":
+            assert window is not None
+            held -= max(0, state.length + 1 - window) // bsz
         return max(0, _max_blocks(spec, group_kind, window, _final_length(state.req)) - held)
 
     def fits(req: Request) -> bool:
@@ -788,14 +796,17 @@ def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], s
         for rid in list(live):
             state = live[rid]
             req = state.req
-            if state.fed < len(req.response) - 1:
+            left = len(req.response) - 1 - state.fed
+            if left > 0:
+                # One step decodes up to the next block boundary (at most B tokens).
+                n = min(left, bsz - state.length % bsz)
                 try:
-                    mgr.append(rid, [req.response[state.fed]])
+                    mgr.append(rid, req.response[state.fed:state.fed + n])
                 except OutOfBlocksError as exc:
                     raise ValueError(f"{policy}: request {rid!r} ran out of blocks while "
                                      f"decoding: {exc}; raise the capacity") from None
-                state.fed += 1
-                state.length += 1
+                state.fed += n
+                state.length += n
                 if publish and state.length % bsz == 0:
                     mgr.commit(rid, state.length)
                 mgr.slide(rid)
