@@ -499,7 +499,16 @@ class GroupStats:
 
 @dataclass(frozen=True)
 class PolicyResult:
-    """One policy over the whole trace: per-group stats and totals."""
+    """One policy over the whole trace.
+
+    Attributes:
+        policy: ``"no_reuse"``, ``"single_boundary"`` or ``"per_group"``.
+        groups: per layer group, in spec order.
+        requests: requests planned (all of the trace).
+        full_hits: requests that moved nothing at all.
+        waits: admission attempts deferred because the pool could not cover the worst-case
+            growth of the live requests plus the next one (a measure of capacity pressure).
+    """
 
     policy: str
     groups: tuple[GroupStats, ...]
@@ -530,7 +539,14 @@ class PolicyResult:
 
 @dataclass(frozen=True)
 class SimResult:
-    """What :func:`simulate` measured: one :class:`PolicyResult` per policy."""
+    """What :func:`simulate` measured: one :class:`PolicyResult` per policy.
+
+    Attributes:
+        spec_name: the spec's label; trace: :meth:`Trace.summary`.
+        tokens_per_block: ``B``; pool_blocks: ``{attention group: blocks}``; state_slots:
+            slots per state group (0 without state groups); concurrency: live requests.
+        policies: ``{policy: PolicyResult}`` in the order simulated.
+    """
 
     spec_name: str
     trace: Mapping[str, Any]
