@@ -235,6 +235,47 @@ def test_policy_order_with_ample_capacity(name, kind, params):
     _check_order(result)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_policy_order_on_random_hybrids(seed):
+    """Random block sizes, windows, extra sliding/state groups, trace kinds and concurrency:
+    with a pool that never evicts, per-group <= single boundary <= no reuse in every group."""
+    import random
+
+    rng = random.Random(seed)
+    window = rng.randint(1, 64)
+    groups = [LayerGroup("full", "full", (0,), 2, 4),
+              LayerGroup(f"sliding{window}", "sliding", (1,), 2, 4, window=window)]
+    other = rng.randint(1, 64)
+    if rng.random() < 0.4 and other != window:
+        groups.append(LayerGroup(f"sliding{other}", "sliding", (2,), 1, 4, window=other))
+    if rng.random() < 0.3:
+        groups.append(LayerGroup("state", "state", (3,), state_shape=(2, 3)))
+    spec = KVCacheSpec(tuple(groups), tokens_per_block=rng.choice([1, 2, 4, 8, 16]),
+                       dtype="float16")
+    if rng.random() < 0.5:
+        trace = synthetic_trace("chat", seed=seed, users=3, turns=3,
+                                system_len=rng.randint(0, 80), user_len=(1, 40),
+                                response_len=(1, 50))
+    else:
+        trace = synthetic_trace("agent", seed=seed, agents=3, steps=3,
+                                system_len=rng.randint(0, 80), context_len=(1, 100),
+                                step_len=(0, 20), response_len=(1, 30))
+    result = simulate(spec, trace, capacity_blocks=5000, concurrency=rng.randint(1, 4),
+                      state_slots=64)
+    _check_order(result)
+
+
+def test_tp_shard_moves_its_share_of_the_bytes():
+    spec = preset("gpt-oss-20b")
+    trace = synthetic_trace("chat", seed=0, **SMALL_CHAT)
+    whole = simulate(spec, trace, capacity_blocks=20_000)
+    half = simulate(spec.shard(1, 2), trace, capacity_blocks=20_000)
+    for p in POLICIES:
+        assert half[p].total_bytes * 2 == whole[p].total_bytes
+        for g in whole[p].groups:
+            assert half[p].group(g.name).moved_tokens == g.moved_tokens
+
+
 def test_gpt_oss_chat_per_group_saves_over_single_boundary():
     spec = preset("gpt-oss-20b")
     trace = synthetic_trace("chat", seed=0, **SMALL_CHAT)
