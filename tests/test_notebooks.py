@@ -21,6 +21,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 #: Notebook -> wall-clock budget in seconds (2 CPU cores; each runs in well under a minute).
 NOTEBOOKS: dict[str, float] = {
     "01_alignment.ipynb": 60.0,
+    "02_kernels.ipynb": 60.0,
 }
 
 #: Committed notebooks keep small outputs so that they read well on GitHub.
