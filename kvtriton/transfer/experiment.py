@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -39,9 +39,10 @@ from kvtriton.cache import KVCacheManager, allocate_pools
 from kvtriton.plan import plan_transfer
 from kvtriton.ranges import BlockSpan, TokenRange, needed_range
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
+from kvtriton.transfer.config import DisaggConfig, FaultInjection, TransferOptions
 from kvtriton.transfer.session import SessionState
 from kvtriton.transfer.topology import Topology
-from kvtriton.transfer.transport import FaultInjection, RecvHandle, TransferAgent, TransferOptions
+from kvtriton.transfer.transport import RecvHandle, TransferAgent
 
 __all__ = [
     "DisaggConfig",
@@ -58,68 +59,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------
-@dataclass
-class DisaggConfig:
-    """One experiment.
-
-    Attributes:
-        model: a :class:`KVCacheSpec`, a preset name (``kvtriton.spec.PRESETS``) or a
-            Hugging Face config path/name (read with ``kvtriton.hf``).
-        ctx_tp, ctx_pp, gen_tp, gen_pp: parallelism of the two sides.
-        gen_tokens_per_block: receiver block size (default: the model's).
-        dtype: pool dtype override.
-        modes: ``"per_group"`` and/or ``"single_boundary"``: the stream runs once per mode on
-            fresh caches.
-        conversations, turns: the request stream (each turn extends the previous one).
-        first_turn_tokens, turn_tokens: prompt length of turn 1, tokens added per turn.
-        in_flight: requests a receiver keeps in flight at once.
-        evict_sliding: evict unreferenced sliding-window blocks after each turn (the pages a
-            memory-pressured decoder drops first).
-        chunk_bytes, checksum, timeout_s: transfer options.
-        ctx_layout, gen_layout: ``"NHD"`` / ``"HND"`` pools on each side.
-        backend: ``"auto"`` (NCCL data when every rank owns a GPU, else gloo on CPU),
-            ``"gloo"`` or ``"nccl"``.
-        kernel_backend: ``kernels`` backend for pack/unpack (``"auto"``/``"reference"``/...).
-        seed: token ids of the stream.
-        faults: ``{rank: FaultInjection}`` (tests).
-        cancel: request ids (``"c0t0"``) the receiver cancels right after asking (tests).
-        cancel_during: request ids the receiver cancels once their first data arrived.
-        gen_dtype: give the generation side a different dtype: a model-digest mismatch that
-            the senders must refuse (tests).
-    """
-
-    model: str | KVCacheSpec = "tiny-hybrid"
-    ctx_tp: int = 1
-    ctx_pp: int = 1
-    gen_tp: int = 1
-    gen_pp: int = 1
-    gen_tokens_per_block: int | None = None
-    dtype: str | None = None
-    modes: tuple[str, ...] = ("per_group", "single_boundary")
-    conversations: int = 3
-    turns: int = 2
-    first_turn_tokens: int = 40
-    turn_tokens: int = 21
-    in_flight: int = 4
-    evict_sliding: bool = True
-    chunk_bytes: int = 8192
-    checksum: bool = True
-    timeout_s: float = 30.0
-    ctx_layout: str = "NHD"
-    gen_layout: str = "HND"
-    backend: str = "auto"
-    kernel_backend: str = "auto"
-    seed: int = 0
-    faults: dict[int, FaultInjection] = field(default_factory=dict)
-    cancel: tuple[str, ...] = ()
-    cancel_during: tuple[str, ...] = ()
-    gen_dtype: str | None = None
-
-    @property
-    def world_size(self) -> int:
-        return self.ctx_tp * self.ctx_pp + self.gen_tp * self.gen_pp
-
-
 def load_model(name: str | KVCacheSpec, dtype: str | None = None) -> KVCacheSpec:
     """A spec as is, a preset by name, else a Hugging Face config via ``kvtriton.hf``."""
     from kvtriton.spec import PRESETS
@@ -741,3 +680,57 @@ def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
         codes = [p.exitcode for p in procs]
         raise RuntimeError(f"the experiment produced no report (exit codes {codes})")
     return report
+
+
+def _torchrun_env() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def run_torchrun(cfg: DisaggConfig) -> dict[str, Any] | None:
+    """Run this process's rank under ``torchrun`` (env:// rendezvous); the report comes back
+    on the first generation rank, ``None`` elsewhere."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world != cfg.world_size:
+        raise ValueError(f"torchrun started {world} ranks; ctx tp{cfg.ctx_tp}pp{cfg.ctx_pp} + "
+                         f"gen tp{cfg.gen_tp}pp{cfg.gen_pp} needs {cfg.world_size}")
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_nccl = cfg.backend == "nccl" or (cfg.backend == "auto" and ngpu >= local_world > 0)
+    device = "cpu"
+    if use_nccl:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    sys.setswitchinterval(0.0002)
+    try:
+        backend = "nccl" if use_nccl else "gloo"
+        ctrl, data = make_groups(world, backend, max(120.0, 4 * cfg.timeout_s))
+        return run_rank(cfg, rank, ctrl=ctrl, data=data, device=device, data_backend=backend)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_cli(args: Any) -> int:
+    """``scripts/disagg.py`` and ``kvtriton demo``: under torchrun run this rank, otherwise
+    spawn every rank here. Prints the report; exit status 0 when VERIFIED."""
+    import json
+
+    from kvtriton.transfer.config import config_from_args
+
+    cfg = config_from_args(args)
+    if _torchrun_env():
+        report = run_torchrun(cfg)
+    else:
+        report = launch_local(cfg)
+    if report is None:
+        return 0
+    print(format_report(report), flush=True)
+    if getattr(args, "json", None):
+        slim = {k: v for k, v in report.items() if k != "ranks"}
+        with open(args.json, "w") as f:
+            json.dump(slim, f, indent=1, default=str)
+    return 0 if report["verified"] else 1

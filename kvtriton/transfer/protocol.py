@@ -15,7 +15,8 @@ One request, receiver ``R`` asking sender ``S`` (all messages on the control gro
     S -> R  Refuse    (spec mismatch, unknown request, ranges not held ...) -- or:
     S -> R  Schedule  frames that follow on the data channel, in order; a frame holds one
                       chunk of one request, or whole small requests batched together
-    S -> R  Done      all chunks sent, optional per-chunk checksums
+    S -> R  Done      all chunks sent, with per-chunk checksums (sent only when checksums
+                      are on, or when nothing moves from this sender)
     R -> S  Ack       everything arrived intact and was committed (the sender's session
                       ends TRANSFERRED only now)
     R -> S  Cancel    the receiver gave up (cancel, timeout, error); S stops scheduling

@@ -49,7 +49,8 @@ from kvtriton.layout import SEGMENT_ALIGN, select_heads, select_layers
 from kvtriton.ranges import BlockSpan, TokenRange
 from kvtriton.spec import KVCacheSpec
 from kvtriton.transfer import protocol as P
-from kvtriton.transfer.chunking import DEFAULT_CHUNK_BYTES, Chunk, plan_chunks
+from kvtriton.transfer.chunking import Chunk, plan_chunks
+from kvtriton.transfer.config import FaultInjection, TransferOptions
 from kvtriton.transfer.session import Session, SessionState
 from kvtriton.transfer.topology import Topology
 
@@ -96,49 +97,6 @@ def _checksum_async(buf: torch.Tensor) -> tuple[torch.Tensor, int]:
         tail = buf[words * 4:].to(torch.int64)
         total = total + (tail * torch.arange(7, 7 + tail.numel(), device=buf.device)).sum()
     return total, n
-
-
-@dataclass
-class FaultInjection:
-    """Deliberate faults on the sender, for tests (all off by default).
-
-    Attributes:
-        die_after_frames: the process exits (``os._exit``) right after handing this many
-            data frames to the wire.
-        stall: accept requests but never send data (the receiver must time out).
-        corrupt_chunk: flip one byte of this chunk index after its checksum was taken.
-        frame_delay_s: wait this long between data frames (a slow sender).
-    """
-
-    die_after_frames: int | None = None
-    stall: bool = False
-    corrupt_chunk: int | None = None
-    frame_delay_s: float = 0.0
-
-
-@dataclass
-class TransferOptions:
-    """Tunables of a :class:`TransferAgent`.
-
-    Attributes:
-        chunk_bytes: target bytes per data chunk (see ``chunking.DEFAULT_CHUNK_BYTES``).
-        timeout_s: per-session deadline in seconds from creation (both sides).
-        checksum: receivers ask senders for per-chunk checksums.
-        batch: pack several single-chunk requests to one receiver into one frame.
-        max_frames_in_flight: gloo frames handed to a peer's writer and not yet sent.
-        staging_slots: ring size of the CUDA staging buffers per peer and direction.
-        backend: kernel backend for pack/unpack (``"auto"``, ``"triton"``, ``"reference"``).
-        faults: :class:`FaultInjection` (tests).
-    """
-
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    timeout_s: float = 60.0
-    checksum: bool = False
-    batch: bool = True
-    max_frames_in_flight: int = 2
-    staging_slots: int = 3
-    backend: str = "auto"
-    faults: FaultInjection = field(default_factory=FaultInjection)
 
 
 # ---------------------------------------------------------------------------------------
@@ -612,8 +570,8 @@ class TransferAgent:
                 self._maybe_source_finished(msg.request_id)
         elif isinstance(msg, P.Ack):
             job = self._send_jobs.get((peer, msg.request_id))
-            if job is not None and job.done_sent and not job.session.is_terminal:
-                job.session.advance(SessionState.TRANSFERRED)
+            if job is not None and not job.session.is_terminal:
+                job.session.advance_to(SessionState.TRANSFERRED)
                 self._maybe_source_finished(msg.request_id)
         elif isinstance(msg, P.Schedule):  # NCCL data: post the receives
             self._post_nccl_recvs(peer, msg)
@@ -764,13 +722,32 @@ class TransferAgent:
         for peer in self._peers:
             if self._peers[peer].lost is not None:
                 continue
-            while self.nccl_data or self._inflight[peer] < self.options.max_frames_in_flight:
+            if self.nccl_data and not delay:
+                # Everything queued for this peer goes out now: one Schedule announces the
+                # run of frames (the receiver posts all its irecvs at once), then each frame's
+                # gather and isend are enqueued on the GPU without host waits.
+                run: list[list[tuple[_SendJob, Chunk]]] = []
+                while (parts := self._next_frame(peer)) is not None:
+                    run.append(parts)
+                if not run:
+                    continue
+                metas = [self._frame_meta(parts) for parts in run]
+                self._peers[peer].send_msg(P.Schedule(tuple(m[1] for m in metas)))
+                for parts, meta in zip(run, metas, strict=True):
+                    self._send_frame(peer, parts, meta)
+                continue
+            while self._inflight[peer] < self.options.max_frames_in_flight:
                 if delay and time.monotonic() < self._next_send_at:
                     return
                 parts = self._next_frame(peer)
                 if parts is None:
                     break
-                self._send_frame(peer, parts)
+                if self.nccl_data:
+                    meta = self._frame_meta(parts)
+                    self._peers[peer].send_msg(P.Schedule((meta[1],)))
+                    self._send_frame(peer, parts, meta)
+                else:
+                    self._send_frame(peer, parts)
                 if delay:
                     self._next_send_at = time.monotonic() + delay
 
@@ -778,12 +755,23 @@ class TransferAgent:
         src = self._sources[job.request.request_id]
         return src.spans, src.state_slots
 
-    def _send_frame(self, peer: int, parts: list[tuple[_SendJob, Chunk]]) -> None:
+    @staticmethod
+    def _frame_meta(parts: list[tuple[_SendJob, Chunk]]) -> tuple[list[int], P.Frame]:
         offsets, total = [], 0
         for _, chunk in parts:
             offsets.append(total)
             total += -(-chunk.nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
         total = offsets[-1] + parts[-1][1].nbytes
+        frame_parts = tuple(P.FramePart(j.request.request_id, c.index, o, c.nbytes)
+                            for (j, c), o in zip(parts, offsets, strict=True))
+        return offsets, P.Frame(total, frame_parts)
+
+    def _send_frame(self, peer: int, parts: list[tuple[_SendJob, Chunk]],
+                    meta: tuple[list[int], P.Frame] | None = None) -> None:
+        """Gather one frame and put it on the wire. On gloo its Schedule goes right before
+        the data; on NCCL the caller already sent one Schedule for a run of frames."""
+        offsets, pframe = meta or self._frame_meta(parts)
+        total = pframe.nbytes
         t0 = time.perf_counter()
         if self.nccl_data:
             buf, slot = self._staging(self._send_ring[peer], self._send_slot, peer, total,
@@ -802,15 +790,13 @@ class TransferAgent:
         self.stats["gather_s"] += time.perf_counter() - t0
         for job, _ in parts:
             job.session.advance_to(SessionState.TRANSFERRING)
-        frame_parts = tuple(P.FramePart(j.request.request_id, c.index, o, c.nbytes)
-                            for (j, c), o in zip(parts, offsets, strict=True))
-        sched = P.Schedule((P.Frame(total, frame_parts),))
         frame = _Frame(peer, [(j, c, o) for (j, c), o in zip(parts, offsets, strict=True)], buf)
         self._frames_out += 1
         self.stats["frames_sent"] += 1
         self.stats["bytes_sent"] += total
         p = self._peers[peer]
-        p.send_msg(sched)
+        if not self.nccl_data:
+            p.send_msg(P.Schedule((pframe,)))
         if self.nccl_data:
             with torch.cuda.stream(self._gather_stream):
                 frame.work = dist.isend(buf, dst=peer, group=self.data_group)
@@ -851,7 +837,8 @@ class TransferAgent:
     def _frame_delivered(self, frame: _Frame) -> None:
         for job, _chunk, _ in frame.parts:
             job.sent_chunks += 1
-            if job.sent_chunks == len(job.chunks) and not job.session.is_terminal:
+            if (job.sent_chunks == len(job.chunks) and not job.session.is_terminal
+                    and job.request.checksum):
                 self._send_done(job)
 
     # ------------------------------------------------------------------ CUDA staging
@@ -992,8 +979,10 @@ class TransferAgent:
         if handle.session.is_terminal or handle.pending:
             return
         for rp in handle.parts.values():
-            if rp.done is None or len(rp.received) != len(rp.chunks):
+            if len(rp.received) != len(rp.chunks):
                 return
+            if rp.done is None and (rp.request.checksum or not rp.chunks):
+                return  # Done carries the checksums / confirms an empty transfer
         for sender, rp in handle.parts.items():
             if not rp.request.checksum:
                 continue

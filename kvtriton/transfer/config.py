@@ -1,0 +1,186 @@
+"""Configuration dataclasses of the transfer agent and the experiment (pure Python)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvtriton.transfer.chunking import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    from kvtriton.spec import KVCacheSpec
+
+__all__ = ["DisaggConfig", "FaultInjection", "TransferOptions", "add_arguments",
+           "config_from_args"]
+
+
+@dataclass
+class FaultInjection:
+    """Deliberate faults on the sender, for tests (all off by default).
+
+    Attributes:
+        die_after_frames: the process exits (``os._exit``) right after handing this many
+            data frames to the wire.
+        stall: accept requests but never send data (the receiver must time out).
+        corrupt_chunk: flip one byte of this chunk index after its checksum was taken.
+        frame_delay_s: wait this long between data frames (a slow sender).
+    """
+
+    die_after_frames: int | None = None
+    stall: bool = False
+    corrupt_chunk: int | None = None
+    frame_delay_s: float = 0.0
+
+
+@dataclass
+class TransferOptions:
+    """Tunables of a :class:`TransferAgent`.
+
+    Attributes:
+        chunk_bytes: target bytes per data chunk (see ``chunking.DEFAULT_CHUNK_BYTES``).
+        timeout_s: per-session deadline in seconds from creation (both sides).
+        checksum: receivers ask senders for per-chunk checksums.
+        batch: pack several single-chunk requests to one receiver into one frame.
+        max_frames_in_flight: gloo frames handed to a peer's writer and not yet sent.
+        staging_slots: ring size of the CUDA staging buffers per peer and direction.
+        backend: kernel backend for pack/unpack (``"auto"``, ``"triton"``, ``"reference"``).
+        faults: :class:`FaultInjection` (tests).
+    """
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    timeout_s: float = 60.0
+    checksum: bool = False
+    batch: bool = True
+    max_frames_in_flight: int = 2
+    staging_slots: int = 3
+    backend: str = "auto"
+    faults: FaultInjection = field(default_factory=FaultInjection)
+
+
+
+@dataclass
+class DisaggConfig:
+    """One experiment.
+
+    Attributes:
+        model: a :class:`KVCacheSpec`, a preset name (``kvtriton.spec.PRESETS``) or a
+            Hugging Face config path/name (read with ``kvtriton.hf``).
+        ctx_tp, ctx_pp, gen_tp, gen_pp: parallelism of the two sides.
+        gen_tokens_per_block: receiver block size (default: the model's).
+        dtype: pool dtype override.
+        modes: ``"per_group"`` and/or ``"single_boundary"``: the stream runs once per mode on
+            fresh caches.
+        conversations, turns: the request stream (each turn extends the previous one).
+        first_turn_tokens, turn_tokens: prompt length of turn 1, tokens added per turn.
+        in_flight: requests a receiver keeps in flight at once.
+        evict_sliding: evict unreferenced sliding-window blocks after each turn (the pages a
+            memory-pressured decoder drops first).
+        chunk_bytes, checksum, timeout_s: transfer options.
+        ctx_layout, gen_layout: ``"NHD"`` / ``"HND"`` pools on each side.
+        backend: ``"auto"`` (NCCL data when every rank owns a GPU, else gloo on CPU),
+            ``"gloo"`` or ``"nccl"``.
+        kernel_backend: ``kernels`` backend for pack/unpack (``"auto"``/``"reference"``/...).
+        seed: token ids of the stream.
+        faults: ``{rank: FaultInjection}`` (tests).
+        cancel: request ids (``"c0t0"``) the receiver cancels right after asking (tests).
+        cancel_during: request ids the receiver cancels once their first data arrived.
+        gen_dtype: give the generation side a different dtype: a model-digest mismatch that
+            the senders must refuse (tests).
+    """
+
+    model: str | KVCacheSpec = "tiny-hybrid"
+    ctx_tp: int = 1
+    ctx_pp: int = 1
+    gen_tp: int = 1
+    gen_pp: int = 1
+    gen_tokens_per_block: int | None = None
+    dtype: str | None = None
+    modes: tuple[str, ...] = ("per_group", "single_boundary")
+    conversations: int = 3
+    turns: int = 2
+    first_turn_tokens: int = 40
+    turn_tokens: int = 21
+    in_flight: int = 4
+    evict_sliding: bool = True
+    chunk_bytes: int = 8192
+    checksum: bool = True
+    timeout_s: float = 30.0
+    ctx_layout: str = "NHD"
+    gen_layout: str = "HND"
+    backend: str = "auto"
+    kernel_backend: str = "auto"
+    seed: int = 0
+    faults: dict[int, FaultInjection] = field(default_factory=dict)
+    cancel: tuple[str, ...] = ()
+    cancel_during: tuple[str, ...] = ()
+    gen_dtype: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx_tp * self.ctx_pp + self.gen_tp * self.gen_pp
+
+
+# ---------------------------------------------------------------------------------------
+# command-line options (shared by scripts/disagg.py and `kvtriton demo`)
+# ---------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the disaggregated experiment (no torch import)."""
+    d = DisaggConfig()
+    p.add_argument("--model", default=d.model,
+                   help="preset name or Hugging Face config (path, class or model_type); "
+                        "default %(default)s")
+    for side in ("ctx", "gen"):
+        for dim in ("tp", "pp"):
+            p.add_argument(f"--{side}-{dim}", type=_positive, default=1, metavar="N",
+                           help=f"{'context' if side == 'ctx' else 'generation'} side "
+                                f"{dim.upper()} size (default 1)")
+    p.add_argument("--gen-block-size", type=_positive, default=None, metavar="B",
+                   help="receiver tokens_per_block (default: the model's)")
+    p.add_argument("--dtype", default=None, help="pool dtype override (e.g. bfloat16)")
+    p.add_argument("--modes", default="per_group,single_boundary",
+                   help="comma-separated reuse modes to run (default %(default)s)")
+    p.add_argument("--conversations", type=_positive, default=d.conversations)
+    p.add_argument("--turns", type=_positive, default=d.turns)
+    p.add_argument("--first-turn-tokens", type=_positive, default=d.first_turn_tokens)
+    p.add_argument("--turn-tokens", type=_positive, default=d.turn_tokens,
+                   help="tokens each later turn adds (default %(default)s)")
+    p.add_argument("--in-flight", type=_positive, default=d.in_flight,
+                   help="requests a receiver keeps in flight (default %(default)s)")
+    p.add_argument("--chunk-bytes", type=_positive, default=d.chunk_bytes)
+    p.add_argument("--no-checksum", action="store_true", help="skip per-chunk checksums")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="session timeout (s)")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="data transport: auto = NCCL when every rank owns a GPU, else gloo")
+    p.add_argument("--kernel-backend", choices=("auto", "triton", "reference"), default="auto")
+    p.add_argument("--ctx-layout", choices=("NHD", "HND"), default=d.ctx_layout)
+    p.add_argument("--gen-layout", choices=("NHD", "HND"), default=d.gen_layout)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> DisaggConfig:
+    """A :class:`DisaggConfig` from :func:`add_arguments` options (``ValueError`` if bad)."""
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("per_group", "single_boundary")]
+    if bad or not modes:
+        raise ValueError(f"--modes takes per_group and/or single_boundary, got {args.modes!r}")
+    return DisaggConfig(
+        model=args.model, ctx_tp=args.ctx_tp, ctx_pp=args.ctx_pp, gen_tp=args.gen_tp,
+        gen_pp=args.gen_pp, gen_tokens_per_block=args.gen_block_size, dtype=args.dtype,
+        modes=modes, conversations=args.conversations, turns=args.turns,
+        first_turn_tokens=args.first_turn_tokens, turn_tokens=args.turn_tokens,
+        in_flight=args.in_flight, chunk_bytes=args.chunk_bytes,
+        checksum=not args.no_checksum, timeout_s=args.timeout, backend=args.backend,
+        kernel_backend=args.kernel_backend, ctx_layout=args.ctx_layout,
+        gen_layout=args.gen_layout, seed=args.seed)
