@@ -82,6 +82,18 @@ def greedy_reference(model: Any, prompt: Sequence[int], steps: int
     return tokens, torch.stack(rows)
 
 
+def _pools_and_manager(model: Any, spec: KVCacheSpec, num_blocks: int, num_state_slots: int
+                       ) -> tuple[Any, Any]:
+    from kvtriton.cache import KVCacheManager, allocate_pools
+    from kvtriton.integrations.transformers import check_spec
+
+    check_spec(spec, model.config)
+    has_state = any(g.kind == "state" for g in spec.groups)
+    pools = allocate_pools(spec, num_blocks, num_state_slots=num_state_slots if has_state else 0,
+                           device=_device(model))
+    return pools, KVCacheManager(spec, pools=pools)
+
+
 # ------------------------------------------------------------------------------------------
 # context side
 # ------------------------------------------------------------------------------------------
@@ -97,17 +109,13 @@ class ContextWorker:
     """
 
     def __init__(self, model: Any, spec: KVCacheSpec, *, num_blocks: int,
-                 backend: str = "auto") -> None:
-        from kvtriton.cache import KVCacheManager, allocate_pools
-        from kvtriton.integrations.transformers import check_spec
-
-        check_spec(spec, model.config)
+                 num_state_slots: int = 4, backend: str = "auto") -> None:
         self.model = model
         self.spec = spec
         self.backend = backend
-        self.pools = allocate_pools(spec, num_blocks, device=_device(model))
-        self.manager = KVCacheManager(spec, pools=self.pools)
-        self._live: dict[str, tuple[int, dict[str, BlockSpan]]] = {}
+        self.pools, self.manager = _pools_and_manager(model, spec, num_blocks, num_state_slots)
+        self.pool_map: dict[str, torch.Tensor] = {**self.pools.kv, **self.pools.state}
+        self._live: dict[str, tuple[int, dict[str, BlockSpan], dict[str, int]]] = {}
 
     def prefill(self, request_id: str, prompt: Sequence[int]) -> torch.Tensor:
         """Prefill ``prompt``; keep its needed KV; return the last position's logits [vocab]."""
@@ -125,17 +133,20 @@ class ContextWorker:
                 cache = DynamicCache(config=self.model.config)
                 out = self.model(_ids_tensor(prompt, _device(self.model)), cache=cache,
                                  use_cache=True)
-            needed = {g.name: needed_range(g, p) for g in self.spec.groups}
-            cache_to_pools(cache, self.spec, self.pools.kv, alloc.spans, needed,
+            needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.kind != "state"}
+            cache_to_pools(cache, self.spec, self.pool_map, alloc.spans, needed,
+                           state_slots=alloc.state_slots, config=self.model.config,
                            backend=self.backend)
         except BaseException:
             self.manager.free(request_id)
             raise
-        self._live[request_id] = (p, dict(alloc.spans))
+        self._live[request_id] = (p, dict(alloc.spans), dict(alloc.state_slots))
         return out.logits[0, -1].float().clone()
 
-    def pack(self, request_id: str, tokens: Mapping[str, TokenRange]) -> torch.Tensor:
-        """The packed buffer (1-D uint8) of ``tokens`` per group for a live request."""
+    def pack(self, request_id: str, tokens: Mapping[str, TokenRange],
+             states: Sequence[str] = ()) -> torch.Tensor:
+        """The packed buffer (1-D uint8) of ``tokens`` per group (and the whole state of each
+        group in ``states``) for a live request."""
         import torch
 
         from kvtriton.adapter import source_spans
@@ -143,10 +154,10 @@ class ContextWorker:
 
         if request_id not in self._live:
             raise KeyError(f"request {request_id!r} is not live on the context side")
-        src = source_spans(self.manager, request_id, dict(tokens))
-        layout = packed_layout(self.spec, tokens)
+        src = source_spans(self.manager, request_id, dict(tokens), tuple(states))
+        layout = packed_layout(self.spec, tokens, states)
         buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=_device(self.model))
-        pack_request(self.spec, layout, self.pools.kv, src.spans, {}, buffer,
+        pack_request(self.spec, layout, self.pool_map, src.spans, src.state_slots, buffer,
                      backend=self.backend)
         return buffer
 
@@ -154,6 +165,13 @@ class ContextWorker:
         """Source spans of a live request (every attention group)."""
         try:
             return dict(self._live[request_id][1])
+        except KeyError:
+            raise KeyError(f"request {request_id!r} is not live on the context side") from None
+
+    def state_slots(self, request_id: str) -> dict[str, int]:
+        """State slots of a live request (every state group)."""
+        try:
+            return dict(self._live[request_id][2])
         except KeyError:
             raise KeyError(f"request {request_id!r} is not live on the context side") from None
 
@@ -198,17 +216,18 @@ class LocalContext:
                  ) -> int:
         from kvtriton.kernels import unpack_request
 
+        moved = {name: rng for name, rng in rx.tokens.items() if not rng.is_empty}
         try:
-            moved = {name: rng for name, rng in rx.tokens.items() if not rng.is_empty}
-            buffer = self.worker.pack(request_id, moved).clone()
+            buffer = self.worker.pack(request_id, moved, rx.states).clone()
         finally:
             self.worker.release(request_id)
         spec = rx.plan.spec
-        layout = packed_layout(spec, moved)
+        layout = packed_layout(spec, moved, rx.states)
         if buffer.numel() != layout.nbytes:
             raise ValueError(f"request {request_id!r}: context packed {buffer.numel()} bytes, "
                              f"the receiver expects {layout.nbytes}")
-        unpack_request(spec, layout, buffer, pools, rx.spans, {}, backend=self.backend)
+        unpack_request(spec, layout, buffer, pools, rx.spans, rx.state_slots,
+                       backend=self.backend)
         return layout.nbytes
 
 
@@ -229,6 +248,7 @@ class TurnResult:
         plan: the per-group transfer plan that was executed.
         cached: ``cached_tokens`` the plan was made with (mapping or single int).
         moved: ``{group: positions moved}`` (empty ranges left out).
+        states: state groups whose whole state moved.
         wire_bytes: size of the packed buffer that crossed (plan bytes + segment alignment).
         reused_blocks: ``{group: logical blocks reused from the receiver's prefix cache}``.
     """
@@ -241,6 +261,7 @@ class TurnResult:
     plan: TransferPlan
     cached: Mapping[str, int] | int
     moved: dict[str, TokenRange]
+    states: tuple[str, ...]
     wire_bytes: int
     reused_blocks: dict[str, range] = field(default_factory=dict)
 
@@ -249,21 +270,22 @@ class TurnResult:
         """Bytes of KV the plan moved (exact, without alignment padding)."""
         return self.plan.kv_bytes
 
+    @property
+    def bytes(self) -> int:
+        """Bytes the plan moved: KV plus whole states."""
+        return self.plan.total_bytes
+
 
 class GenerationWorker:
     """The decode side: a model, pools and a :class:`KVCacheManager` with a prefix cache."""
 
     def __init__(self, model: Any, spec: KVCacheSpec, *, num_blocks: int,
-                 backend: str = "auto") -> None:
-        from kvtriton.cache import KVCacheManager, allocate_pools
-        from kvtriton.integrations.transformers import check_spec
-
-        check_spec(spec, model.config)
+                 num_state_slots: int = 16, backend: str = "auto") -> None:
         self.model = model
         self.spec = spec
         self.backend = backend
-        self.pools = allocate_pools(spec, num_blocks, device=_device(model))
-        self.manager = KVCacheManager(spec, pools=self.pools)
+        self.pools, self.manager = _pools_and_manager(model, spec, num_blocks, num_state_slots)
+        self.pool_map: dict[str, torch.Tensor] = {**self.pools.kv, **self.pools.state}
 
     def run_turn(self, request_id: str, prompt: Sequence[int], steps: int,
                  context: ContextService, *, mode: Mode = "per_group") -> TurnResult:
@@ -282,10 +304,10 @@ class GenerationWorker:
         prompt = [int(t) for t in prompt]
         p = len(prompt)
         rx = prepare_receive(self.manager, request_id, prompt, mode=mode)
-        moves = any(not rng.is_empty for rng in rx.tokens.values())
+        moves = bool(rx.states) or any(not rng.is_empty for rng in rx.tokens.values())
         try:
             first_logits = context.prefill(request_id, prompt, send=moves)
-            wire_bytes = context.transfer(request_id, rx, self.pools.kv) if moves else 0
+            wire_bytes = context.transfer(request_id, rx, self.pool_map) if moves else 0
         except BaseException:
             abort_receive(self.manager, rx)
             raise
@@ -296,15 +318,18 @@ class GenerationWorker:
             rows = [first_logits.float()]
             tokens = [int(first_logits.argmax())]
             with torch.no_grad():
-                cache = pools_to_cache(self.spec, self.pools.kv, rx.spans, p, self.model.config,
-                                       backend=self.backend)
+                cache = pools_to_cache(self.spec, self.pool_map, rx.spans, p, self.model.config,
+                                       state_slots=rx.state_slots, backend=self.backend)
                 for i in range(steps):
                     q = p + i
                     out = self.model(_ids_tensor(tokens[-1:], _device(self.model)),
                                      cache=cache, use_cache=True)
                     spans = self.manager.append(request_id, tokens[-1:])
-                    new = {g.name: TokenRange(q, q + 1) for g in self.spec.groups}
-                    cache_to_pools(cache, self.spec, self.pools.kv, spans, new,
+                    new = {g.name: TokenRange(q, q + 1) for g in self.spec.groups
+                           if g.kind != "state"}
+                    # the state now summarises [0, q + 1): commit may snapshot it
+                    cache_to_pools(cache, self.spec, self.pool_map, spans, new,
+                                   state_slots=rx.state_slots, config=self.model.config,
                                    backend=self.backend)
                     self.manager.commit(request_id)  # blocks are published as they fill
                     self.manager.slide(request_id)
@@ -317,6 +342,7 @@ class GenerationWorker:
         cached = alloc.cached_tokens()
         return TurnResult(request_id=request_id, prompt_len=p, mode=mode, tokens=tokens,
                           logits=torch.stack(rows), plan=plan, cached=cached, moved=moved,
+                          states=tuple(rx.states),
                           wire_bytes=wire_bytes, reused_blocks=dict(alloc.reused_blocks))
 
     def evict_sliding(self) -> int:
@@ -458,6 +484,7 @@ def serve_context(worker: ContextWorker, agent: Any, router_group: Any, peer: in
         try:
             if send:
                 agent.register_source(request_id, len(prompt), worker.spans(request_id),
+                                      worker.state_slots(request_id),
                                       on_finished=lambda rid, _sessions: finished.add(rid))
             dist.send(logits.contiguous(), peer, group=router_group)
             if send and not agent.serve(until=lambda rid=request_id: rid in finished,
@@ -530,6 +557,7 @@ def _turn_record(r: TurnResult) -> dict[str, Any]:
     return {"request_id": r.request_id, "prompt_len": r.prompt_len, "mode": r.mode,
             "tokens": list(r.tokens), "logits": r.logits.numpy(),
             "moved": {g: (t.start, t.end) for g, t in r.moved.items()},
+            "states": list(r.states), "bytes": r.bytes,
             "cached": r.cached if isinstance(r.cached, int) else dict(r.cached),
             "kv_bytes": r.kv_bytes, "wire_bytes": r.wire_bytes}
 
@@ -556,14 +584,14 @@ def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
     for mode in cfg.modes:
         if rank == 0:
             worker = ContextWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
-            agent = TransferAgent(topology, rank, worker.pools.kv, ctrl, data, options)
+            agent = TransferAgent(topology, rank, worker.pool_map, ctrl, data, options)
             try:
                 serve_context(worker, agent, router, 1, timeout_s=cfg.timeout_s)
             finally:
                 agent.close(timeout=cfg.timeout_s)
         else:
             gen = GenerationWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
-            agent = TransferAgent(topology, rank, gen.pools.kv, ctrl, data, options)
+            agent = TransferAgent(topology, rank, gen.pool_map, ctrl, data, options)
             context = AgentContext(agent, router, 0, int(model.config.vocab_size),
                                    timeout_s=cfg.timeout_s)
             try:

@@ -10,12 +10,22 @@ What is supported (``transformers`` 5.x ``DynamicCache``, batch size 1 = one req
   kvtriton's window ``W`` (DESIGN.md §1), so ``sliding_window`` maps to ``window`` unchanged
   and the ``W - 1`` positions a layer keeps are exactly ``needed(g, P) = [P + 1 - W, P)``;
 * layers without a cache of their own (``DummyLayer``: attention-free or KV-sharing layers)
-  are not in the spec and are skipped.
+  are not in the spec and are skipped;
+* gated-DeltaNet linear-attention layers (``LinearAttentionLayer``, Qwen3-Next family) as
+  kvtriton **state** groups: one state per request and layer that summarises ``[0, P)`` and
+  moves whole. ``kvtriton.hf`` folds the convolution state into the recurrent one:
+  ``state[h] = [recurrent[h] (Dk*Dv) | conv chunk h (C)]`` with ``Hv`` value heads and
+  ``C = conv_dim * (K - 1) / Hv`` -- the ``K - 1`` newest conv inputs, flattened channel-major
+  and cut into ``Hv`` equal chunks. ``transformers`` keeps ``K`` conv slots, but its
+  single-token and chunked updates never read the oldest one (a causal conv of width ``K``
+  sees ``K - 1`` previous inputs), so it is rebuilt as zeros and decoding stays exact.
+  This packing is not a tensor-parallel split of the conv channels: state groups move only
+  between unsharded (``tp = 1``) specs.
 
-Not supported (a clear ``ValueError``): recurrent/linear-attention state layers
-(``LinearAttentionLayer``: Qwen3-Next, Jamba, Mamba, ...), hybrid layers that hold both,
-chunked attention (Llama-4: its mask is not a sliding window), static / quantized /
-offloaded caches, batch sizes other than 1, and MLA caches whose layout differs from
+Not supported (a clear ``ValueError``): other recurrent layers (Mamba/Mamba-2 caches,
+short convolutions), hybrid layers that hold attention and a state in one layer, chunked
+attention (Llama-4: its mask is not a sliding window), static / quantized / offloaded
+caches, batch sizes other than 1, and MLA caches whose layout differs from
 ``[batch, heads, tokens, head_dim]`` keys and values.
 
 Two directions:
@@ -33,6 +43,7 @@ Both go through :mod:`kvtriton.kernels` (``scatter`` / ``gather``), one call per
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvtriton.ranges import BlockSpan, TokenRange, needed_range
@@ -42,6 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "StateLayout",
     "cache_layer_kind",
     "cache_to_pools",
     "check_spec",
@@ -49,6 +61,7 @@ __all__ = [
     "held_ranges",
     "pools_to_cache",
     "spec_for_model",
+    "state_layout",
 ]
 
 PoolsLike = Any  # Mapping[str, torch.Tensor] or kvtriton.cache.CachePools (both index by group)
@@ -71,20 +84,22 @@ def _cache_utils() -> Any:
 
 
 def cache_layer_kind(layer: object) -> str | None:
-    """``"full"``, ``"sliding"`` or ``None`` (no per-token KV of its own) for a cache layer.
+    """``"full"``, ``"sliding"``, ``"state"`` or ``None`` (nothing cached) for a cache layer.
 
-    Raises ``ValueError`` for layer classes this module cannot move (state layers, static,
-    quantized or indexed layers, anything unknown), naming the class.
+    Raises ``ValueError`` for layer classes this module cannot move (hybrid attention+state
+    layers, static, quantized or indexed layers, anything unknown), naming the class.
     """
     cu = _cache_utils()
     cls = type(layer)
     name = cls.__name__
     if isinstance(layer, cu.DummyLayer):
         return None
+    if cls is getattr(cu, "LinearAttentionLayer", None):
+        return "state"
     if isinstance(layer, getattr(cu, "LinearAttentionCacheLayerMixin", ())):
         raise ValueError(
-            f"cache layer {name} holds a recurrent/linear-attention state: state layers are not "
-            "supported by kvtriton.integrations.transformers (attention KV only)"
+            f"cache layer {name} holds attention KV and a recurrent state in one layer: not "
+            "supported (kvtriton would need two groups for one layer id)"
         )
     # Exact classes: subclasses (quantized, indexed, offloaded variants) keep extra tensors
     # this module would silently drop.
@@ -94,7 +109,8 @@ def cache_layer_kind(layer: object) -> str | None:
         return "full"
     raise ValueError(
         f"cache layer {name} is not supported: expected DynamicLayer (full attention), "
-        "DynamicSlidingWindowLayer (sliding window) or DummyLayer (no KV) of a DynamicCache"
+        "DynamicSlidingWindowLayer (sliding window), LinearAttentionLayer (gated DeltaNet "
+        "state) or DummyLayer (no cache) of a DynamicCache"
     )
 
 
@@ -111,8 +127,8 @@ def held_positions(cache: Any, layer_idx: int) -> TokenRange:
         raise ValueError(f"layer {layer_idx} is outside the cache's {len(layers)} layers")
     layer = layers[layer_idx]
     kind = cache_layer_kind(layer)
-    if kind is None:
-        raise ValueError(f"layer {layer_idx} ({type(layer).__name__}) holds no KV of its own")
+    if kind is None or kind == "state":
+        raise ValueError(f"layer {layer_idx} ({type(layer).__name__}) holds no per-token KV")
     if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
         end = int(getattr(layer, "cumulative_length", 0)) if kind == "sliding" else 0
         return TokenRange(end, end)
@@ -145,6 +161,79 @@ def held_ranges(cache: Any, spec: KVCacheSpec) -> dict[str, TokenRange]:
             )
         ranges[group.name] = distinct.pop()
     return ranges
+
+
+# ------------------------------------------------------------------------------------------
+# recurrent state layers (gated DeltaNet)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """How one gated-DeltaNet layer's cache maps to one kvtriton state ``[heads, elements]``.
+
+    Attributes:
+        heads: value heads ``Hv`` (``state_shape[0]``).
+        key_dim, value_dim: ``Dk`` and ``Dv`` per head (recurrent state ``[Hv, Dk, Dv]``).
+        conv_channels: channels of the causal conv (``2*Hk*Dk + Hv*Dv``).
+        conv_kernel: its width ``K``; ``K - 1`` inputs are kept.
+    """
+
+    heads: int
+    key_dim: int
+    value_dim: int
+    conv_channels: int
+    conv_kernel: int
+
+    @property
+    def conv_elements(self) -> int:
+        """Conv elements per head, ``conv_channels * (K - 1) / heads``."""
+        return self.conv_channels * (self.conv_kernel - 1) // self.heads
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        return (self.heads, self.key_dim * self.value_dim + self.conv_elements)
+
+    def pack(self, conv: Any, recurrent: Any) -> Any:
+        """``[conv_channels, K]`` conv and ``[Hv, Dk, Dv]`` recurrent -> ``[Hv, E]``."""
+        import torch
+
+        kept = conv[:, 1:].reshape(self.heads, self.conv_elements)
+        return torch.cat((recurrent.reshape(self.heads, -1), kept.to(recurrent.dtype)), dim=1)
+
+    def unpack(self, state: Any, conv_dtype: Any) -> tuple[Any, Any]:
+        """``[Hv, E]`` -> (``[1, conv_channels, K]`` with a zero oldest slot,
+        ``[1, Hv, Dk, Dv]``), both contiguous."""
+        import torch
+
+        rec = state[:, : self.key_dim * self.value_dim].reshape(
+            1, self.heads, self.key_dim, self.value_dim).contiguous()
+        conv = torch.zeros((1, self.conv_channels, self.conv_kernel), dtype=conv_dtype,
+                           device=state.device)
+        conv[0, :, 1:] = state[:, self.key_dim * self.value_dim:].reshape(
+            self.conv_channels, self.conv_kernel - 1)
+        return conv, rec
+
+
+def state_layout(config: Any) -> StateLayout:
+    """The :class:`StateLayout` of a gated-DeltaNet config (Qwen3-Next family).
+
+    Raises ``ValueError`` for other recurrent layers (Mamba, short convolutions ...).
+    """
+    text = _text_config(config)
+    hv = getattr(text, "linear_num_value_heads", None)
+    if hv is None:
+        raise ValueError(
+            f"{type(text).__name__}: only gated-DeltaNet state layers (linear_num_value_heads, "
+            "Qwen3-Next family) are supported; Mamba-style and convolution states are not"
+        )
+    hk = text.linear_num_key_heads
+    dk, dv, k = text.linear_key_head_dim, text.linear_value_head_dim, text.linear_conv_kernel_dim
+    channels = 2 * hk * dk + hv * dv
+    if channels * (k - 1) % hv:
+        raise ValueError(f"{type(text).__name__}: {channels} conv channels x {k - 1} taps do not "
+                         f"split over {hv} value heads")
+    return StateLayout(hv, dk, dv, channels, k)
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,9 +301,10 @@ def _config_layer_kinds(config: Any) -> list[str | None]:
 def check_spec(spec: KVCacheSpec, config: Any) -> None:
     """Check that ``spec`` (the model spec, or a TP/PP shard of it) describes ``config``'s cache.
 
-    Every layer with KV must sit in a group of the same kind, a sliding group's window must
-    equal the layer's ``sliding_window``, and heads/head_dim must match the config; state
-    groups are refused (not supported here). Raises ``ValueError`` naming the first mismatch.
+    Every layer with a cache must sit in a group of the same kind, a sliding group's window
+    must equal the layer's ``sliding_window``, heads/head_dim must match the config and a
+    state group's ``state_shape`` must be :func:`state_layout`'s. Raises ``ValueError``
+    naming the first mismatch.
     """
     cu = _cache_utils()
     text = _text_config(config)
@@ -223,11 +313,6 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
     cache_layers = cu.DynamicCache(config=text).layers
     by_layer: dict[int, LayerGroup] = {}
     for group in root.groups:
-        if group.kind == "state":
-            raise ValueError(
-                f"group {group.name!r} is a state group: recurrent states are not supported by "
-                "kvtriton.integrations.transformers"
-            )
         for layer in group.layer_ids:
             by_layer[layer] = group
     for layer, kind in enumerate(kinds):
@@ -256,6 +341,14 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     for group in root.groups:
+        if group.kind == "state":
+            expected = state_layout(text).state_shape
+            if tuple(group.state_shape or ()) != expected:
+                raise ValueError(
+                    f"group {group.name!r}: state_shape {group.state_shape} but the model's "
+                    f"gated-DeltaNet state packs to {expected} (recurrent + K-1 conv inputs)"
+                )
+            continue
         if (group.num_kv_heads, group.head_dim, group.kv_factor) != (heads, head_dim, 2):
             raise ValueError(
                 f"group {group.name!r}: {group.num_kv_heads} kv heads x {group.head_dim} "
@@ -286,6 +379,34 @@ def _check_layer_tensor(what: str, t: Any, group: LayerGroup, dtype: Any, device
         raise ValueError(f"{what}: on {t.device} but the pool is on {device}")
 
 
+def _state_tensors(layer: Any, layer_idx: int, batch_index: int) -> tuple[Any, Any]:
+    """The (conv ``[C, K]``, recurrent ``[Hv, Dk, Dv]``) of one sequence of a state layer."""
+    if getattr(layer, "number_of_states", 1) != 1:
+        raise ValueError(f"state layer {layer_idx} holds {layer.number_of_states} conv/recurrent "
+                         "states; one is supported")
+    conv, rec = layer.conv_states.get(0), layer.recurrent_states.get(0)
+    if conv is None or rec is None or not layer.has_previous_state.get(0, False):
+        raise ValueError(f"state layer {layer_idx} has no state yet (run a forward first)")
+    if getattr(layer, "record_past", False):
+        raise ValueError(f"state layer {layer_idx} records its past (record_past=True); "
+                         "expected a plain DynamicCache layer")
+    if not 0 <= batch_index < conv.shape[0]:
+        raise ValueError(f"state layer {layer_idx}: batch_index {batch_index} outside batch "
+                         f"size {conv.shape[0]}")
+    return conv[batch_index], rec[batch_index]
+
+
+def _check_state_group(spec: KVCacheSpec, group: LayerGroup) -> None:
+    root = spec.root.group(group.name)
+    assert root.state_shape is not None
+    if (group.state_head_start, group.state_head_end) != (0, root.state_shape[0]):
+        raise ValueError(
+            f"group {group.name!r}: a gated-DeltaNet state moves only whole (tp = 1); this shard "
+            f"holds state heads [{group.state_head_start}, {group.state_head_end}) of "
+            f"{root.state_shape[0]} (the conv packing is not a tensor-parallel split)"
+        )
+
+
 def cache_to_pools(
     cache: Any,
     spec: KVCacheSpec,
@@ -293,6 +414,8 @@ def cache_to_pools(
     spans: Mapping[str, BlockSpan],
     tokens: Mapping[str, TokenRange] | None = None,
     *,
+    state_slots: Mapping[str, int] | None = None,
+    config: Any = None,
     batch_index: int = 0,
     backend: str = "auto",
 ) -> dict[str, TokenRange]:
@@ -300,16 +423,21 @@ def cache_to_pools(
 
     Args:
         cache: a ``DynamicCache`` (see the module docstring for the layers supported).
-        spec: the local spec (TP/PP shards allowed: only the shard's layers and heads move).
-        pools: ``{group: 6-D pool view}`` or a :class:`kvtriton.cache.CachePools`.
+        spec: the local spec (TP/PP shards allowed for attention: only the shard's layers and
+            heads move; state groups need ``tp = 1``).
+        pools: ``{group: 6-D pool view, state group: [layers, slots, *state_shape]}`` or a
+            :class:`kvtriton.cache.CachePools`.
         spans: ``{group: BlockSpan}`` covering the positions written.
-        tokens: ``{group: half-open positions}``; groups left out write nothing. Default: every
-            position each attention group holds (:func:`held_ranges`).
+        tokens: ``{attention group: half-open positions}``; groups left out write nothing.
+            Default: every position each attention group holds (:func:`held_ranges`).
+        state_slots: ``{state group: slot}``: write the group's current state (it summarises
+            every position the cache has seen) into that slot. Groups left out write nothing.
+        config: the model config (needed only to write state groups).
         batch_index: which sequence of the cache's batch to copy.
         backend: kernel backend (see :mod:`kvtriton.kernels`).
 
     Returns:
-        the ranges written, per group. Everything is validated before the first write.
+        the ranges written, per attention group. Everything is validated before the first write.
     """
     import torch
 
@@ -322,10 +450,44 @@ def cache_to_pools(
     if unknown:
         raise ValueError(f"tokens names {unknown}, which are not attention groups of spec "
                          f"{spec.name!r} ({sorted(held)})")
+    state_slots = dict(state_slots or {})
+    states = [g.name for g in spec.groups if g.kind == "state"]
+    unknown = sorted(set(state_slots) - set(states))
+    if unknown:
+        raise ValueError(f"state_slots names {unknown}, which are not state groups of spec "
+                         f"{spec.name!r} ({states})")
     jobs: list[tuple[LayerGroup, TokenRange, torch.Tensor, BlockSpan]] = []
+    state_jobs: list[tuple[LayerGroup, torch.Tensor, int, StateLayout]] = []
     for group in spec.groups:
+        if group.kind == "state":
+            if group.name not in state_slots:
+                continue
+            if config is None:
+                raise ValueError(f"group {group.name!r}: writing a state needs config=")
+            _check_state_group(spec, group)
+            layout = state_layout(config)
+            pool = pools[group.name]
+            slot = state_slots[group.name]
+            if pool.dim() != 4 or tuple(pool.shape[2:]) != layout.state_shape or not (
+                    0 <= slot < pool.shape[1]) or pool.shape[0] != group.num_layers:
+                raise ValueError(f"group {group.name!r}: state pool {tuple(pool.shape)} / slot "
+                                 f"{slot} do not fit {group.num_layers} layers x "
+                                 f"{layout.state_shape}")
+            for layer in group.layer_ids:
+                if cache_layer_kind(cache.layers[layer]) != "state":
+                    raise ValueError(f"layer {layer} of the cache is not a state layer")
+                conv, rec = _state_tensors(cache.layers[layer], layer, batch_index)
+                if tuple(conv.shape) != (layout.conv_channels, layout.conv_kernel) or tuple(
+                        rec.shape) != (layout.heads, layout.key_dim, layout.value_dim):
+                    raise ValueError(f"state layer {layer}: conv {tuple(conv.shape)} / recurrent "
+                                     f"{tuple(rec.shape)} do not match {layout}")
+                if rec.dtype != pool.dtype or rec.device != pool.device:
+                    raise ValueError(f"state layer {layer}: recurrent state {rec.dtype} on "
+                                     f"{rec.device}, pool {pool.dtype} on {pool.device}")
+            state_jobs.append((group, pool, slot, layout))
+            continue
         rng = tokens.get(group.name)
-        if group.kind == "state" or rng is None or rng.is_empty:
+        if rng is None or rng.is_empty:
             continue
         have = held[group.name]
         if not (have.start <= rng.start and rng.end <= have.end):
@@ -354,6 +516,10 @@ def cache_to_pools(
             rows.append(torch.stack((k, v)).transpose(1, 2))  # [kv, T, H, D]
         packed = torch.stack(rows).contiguous()  # [L, kv, T, H, D]
         kernels.scatter(packed, pool, span, rng, backend=backend)
+    for group, pool, slot, layout in state_jobs:
+        for local, layer in enumerate(group.layer_ids):
+            conv, rec = _state_tensors(cache.layers[layer], layer, batch_index)
+            pool[local, slot] = layout.pack(conv, rec)
     return {group.name: rng for group, rng, _, _ in jobs}
 
 
@@ -379,6 +545,15 @@ def _fill_layer(layer: Any, keys: Any, values: Any, num_tokens: int, kind: str) 
         layer.cumulative_length = num_tokens
 
 
+def _fill_state_layer(layer: Any, conv: Any, rec: Any) -> None:
+    """Install a conv ``[1, C, K]`` and recurrent ``[1, Hv, Dk, Dv]`` state (after a prefill)."""
+    layer.lazy_initialization(conv_states=conv, recurrent_states=rec, state_idx=0,
+                              conv_kernel_size=int(conv.shape[-1]))
+    layer.conv_states[0].copy_(conv)
+    layer.recurrent_states[0].copy_(rec)
+    layer.has_previous_state[0] = True
+
+
 def pools_to_cache(
     spec: KVCacheSpec,
     pools: PoolsLike,
@@ -386,6 +561,7 @@ def pools_to_cache(
     num_tokens: int,
     config: Any,
     *,
+    state_slots: Mapping[str, int] | None = None,
     backend: str = "auto",
 ) -> Any:
     """A ``DynamicCache`` holding what ``config``'s model needs to continue at position ``P``.
@@ -393,14 +569,17 @@ def pools_to_cache(
     For each attention group ``g`` it gathers ``needed(g, P)`` from ``pools[g]`` through
     ``spans[g]``: full layers get ``[0, P)``; sliding layers exactly ``[max(0, P + 1 - W), P)``
     -- the ``W - 1`` keys ``DynamicSlidingWindowLayer`` keeps -- and ``cumulative_length = P``,
-    so the next forward places its first query at position ``P`` with the right mask.
+    so the next forward places its first query at position ``P`` with the right mask. Each
+    state group's layers get the state in ``state_slots[g]`` (which must summarise
+    ``[0, P)``).
 
     Args:
         spec: the model spec (not a TP/PP shard: the cache needs every layer and head).
-        pools: ``{group: 6-D pool view}`` or a :class:`kvtriton.cache.CachePools`.
-        spans: ``{group: BlockSpan}`` covering ``needed(g, P)``.
+        pools: ``{group: pool tensor}`` or a :class:`kvtriton.cache.CachePools`.
+        spans: ``{attention group: BlockSpan}`` covering ``needed(g, P)``.
         num_tokens: ``P >= 1``, the number of positions already processed.
         config: the model's config (or the model); decides the cache layer classes.
+        state_slots: ``{state group: slot}`` (every state group of the spec).
         backend: kernel backend (see :mod:`kvtriton.kernels`).
     """
     from kvtriton import kernels
@@ -411,18 +590,36 @@ def pools_to_cache(
     text = _text_config(config)
     check_spec(spec, text)
     cu = _cache_utils()
-    ranges = {g.name: needed_range(g, num_tokens) for g in spec.groups}
+    state_slots = dict(state_slots or {})
+    ranges: dict[str, TokenRange] = {}
     for group in spec.groups:
+        pool = pools[group.name]
+        if group.kind == "state":
+            if group.name not in state_slots:
+                raise ValueError(f"no state slot for state group {group.name!r}")
+            slot = state_slots[group.name]
+            if pool.dim() < 3 or pool.shape[0] != group.num_layers or not (
+                    0 <= slot < pool.shape[1]):
+                raise ValueError(f"state pool of group {group.name!r} ({tuple(pool.shape)}) has "
+                                 f"no slot {slot} for {group.num_layers} layers")
+            continue
+        ranges[group.name] = needed_range(group, num_tokens)
         if group.name not in spans:
             raise ValueError(f"no block span for group {group.name!r}")
         spans[group.name].check_covers(ranges[group.name], spec.tokens_per_block,
                                        group=group.name, side="source")
-        pool = pools[group.name]
         if pool.dim() != 6 or pool.shape[0] != group.num_layers:
             raise ValueError(f"pool of group {group.name!r}: expected a 6-D view with "
                              f"{group.num_layers} layers, got shape {tuple(pool.shape)}")
     cache = cu.DynamicCache(config=text)
     for group in spec.groups:
+        if group.kind == "state":
+            layout = state_layout(text)
+            pool = pools[group.name]
+            for local, layer in enumerate(group.layer_ids):
+                conv, rec = layout.unpack(pool[local, state_slots[group.name]], pool.dtype)
+                _fill_state_layer(cache.layers[layer], conv, rec)
+            continue
         rng = ranges[group.name]
         packed = kernels.gather(pools[group.name], spans[group.name], rng, backend=backend)
         for local, layer in enumerate(group.layer_ids):
@@ -438,7 +635,7 @@ def pools_to_cache(
 # ------------------------------------------------------------------------------------------
 
 #: Model families :func:`tiny_model` builds.
-TINY_MODELS: tuple[str, ...] = ("gemma3", "gpt-oss", "mistral")
+TINY_MODELS: tuple[str, ...] = ("gemma3", "gpt-oss", "mistral", "qwen3-next")
 
 
 def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager") -> Any:
@@ -446,7 +643,9 @@ def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager
 
     * ``"gemma3"``: ``Gemma3TextConfig``, layers sliding, sliding, full, sliding, sliding, full;
     * ``"gpt-oss"``: ``GptOssConfig``, sliding/full alternating (4 layers), 4 experts, top-2;
-    * ``"mistral"``: ``MistralConfig`` with ``sliding_window`` (every layer slides, 3 layers).
+    * ``"mistral"``: ``MistralConfig`` with ``sliding_window`` (every layer slides, 3 layers);
+    * ``"qwen3-next"``: ``Qwen3NextConfig``, 3 gated-DeltaNet layers then 1 full attention
+      (4 value / 2 key heads x 8, conv width 4), 4 experts, top-2 (``window`` is unused).
     """
     import transformers as tf
 
@@ -465,6 +664,14 @@ def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager
                                num_experts_per_tok=2, **common)
     if kind == "mistral":
         return tf.MistralConfig(intermediate_size=64, num_hidden_layers=3, **common)
+    if kind == "qwen3-next":
+        del common["sliding_window"]
+        return tf.Qwen3NextConfig(intermediate_size=64, moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=32, num_hidden_layers=4,
+                                  linear_num_value_heads=4, linear_num_key_heads=2,
+                                  linear_key_head_dim=8, linear_value_head_dim=8,
+                                  linear_conv_kernel_dim=4, num_experts=4,
+                                  num_experts_per_tok=2, **common)
     raise ValueError(f"unknown tiny model {kind!r}; expected one of {TINY_MODELS}")
 
 
@@ -480,7 +687,7 @@ def tiny_model(kind: str, *, seed: int = 0, window: int = 6,
 
     config = tiny_config(kind, window=window, attn_implementation=attn_implementation)
     classes = {"gemma3": tf.Gemma3ForCausalLM, "gpt-oss": tf.GptOssForCausalLM,
-               "mistral": tf.MistralForCausalLM}
+               "mistral": tf.MistralForCausalLM, "qwen3-next": tf.Qwen3NextForCausalLM}
     torch.manual_seed(seed)
     model = classes[kind](config)
     return model.to(torch.float32).eval()
