@@ -18,8 +18,8 @@ Rules for subcommands: import torch (or anything heavy) only inside ``run`` so t
 mistake (it prints one ``kvtriton: error: ...`` line and exits 2, no traceback); return the
 exit status. Tables go through :mod:`kvtriton.table`.
 
-``demo`` currently prints the plan table for the issue's scenario; the end-to-end demo
-replaces :func:`run_demo` (and, if it takes options, :func:`add_demo_arguments`).
+``demo`` prints the plan table for the issue's scenario, then runs the end-to-end transfer
+demo (:func:`run_demo`, options from :mod:`kvtriton.transfer.config`).
 """
 
 from __future__ import annotations
@@ -277,10 +277,34 @@ DEMO_CACHED = {"full": 6000}
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo takes no options yet."""
+    """The end-to-end demo's options (those of ``scripts/disagg.py``; torch-free)."""
+    from kvtriton.transfer.config import add_arguments
+
+    add_arguments(p)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """The main job: the plan at model scale, then a real transfer between spawned ranks.
+
+    Prints the per-group plan of gpt-oss-20b (P = 8192, 6000 tokens cached), then spawns
+    context and generation ranks on this machine (gloo on CPU, NCCL when every rank owns a
+    GPU), runs a multi-turn request stream with per-group prefix reuse on the receiver and
+    verifies every needed position bit-exact (:mod:`kvtriton.transfer.experiment`).
+    """
+    _plan_preface()
+    print()
+    print("Now for real: the same per-group rule moving KV between spawned ranks "
+          "(scripts/disagg.py has the same options, and runs under torchrun).")
+    print(flush=True)
+    from kvtriton.transfer.experiment import run_cli
+
+    try:
+        return run_cli(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _plan_preface() -> None:
     """Plan table for a hybrid model whose receiver holds 6000 tokens of full attention."""
     spec = _load_preset(DEMO_PRESET)
     cached = cached_counts(spec, list(DEMO_CACHED.items()), 0)
@@ -307,7 +331,6 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(textwrap.fill(text, width=100))
-    return 0
 
 
 # -- simulate (options and run live in kvtriton.sim) ----------------------------------------
@@ -334,7 +357,8 @@ COMMANDS: list[Command] = [
     Command("presets", "list the built-in model specs and their layer groups",
             add_presets_arguments, run_presets),
     Command("demo", "the main job: the per-group plan of a hybrid model (gpt-oss-20b, "
-            "P = 8192, 6000 tokens cached)", add_demo_arguments, run_demo),
+            "P = 8192, 6000 tokens cached), then a real multi-turn transfer between spawned "
+            "context and generation ranks, verified bit-exact", add_demo_arguments, run_demo),
     Command("simulate", "run a request trace through a receiver cache under no reuse, single "
             "boundary and per-group reuse: bytes moved, hit rates, peak blocks per layer group",
             add_simulate_arguments, run_simulate,
