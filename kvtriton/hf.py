@@ -184,8 +184,20 @@ class _View:
         return str(self.get("model_type", "") or "")
 
 
-def _load(config_or_path: Any) -> tuple[Any, str]:
-    """The config source (object or dict) and a default spec name."""
+def _load(config_or_path: Any, overrides: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """The config source (object or dict) and a default spec name, ``overrides`` applied."""
+    if overrides:
+        if not isinstance(overrides, Mapping) or not all(isinstance(k, str) for k in overrides):
+            raise TypeError(f"overrides must map field names to values, got {overrides!r}")
+        if isinstance(config_or_path, str) and not os.path.exists(config_or_path):
+            return _from_transformers_name(config_or_path, overrides)
+        source, name = _load(config_or_path)
+        data = dict(source) if isinstance(source, Mapping) else source.to_dict()
+        if isinstance(data.get("text_config"), Mapping):  # multimodal: the text part
+            data["text_config"] = {**data["text_config"], **overrides}
+        else:
+            data.update(overrides)
+        return data, name
     if isinstance(config_or_path, Mapping):
         return dict(config_or_path), str(config_or_path.get("model_type") or "hf-config")
     if isinstance(config_or_path, (str, os.PathLike)):
@@ -219,7 +231,8 @@ def _load(config_or_path: Any) -> tuple[Any, str]:
     )
 
 
-def _from_transformers_name(text: str) -> tuple[Any, str]:
+def _from_transformers_name(text: str, overrides: Mapping[str, Any] | None = None
+                            ) -> tuple[Any, str]:
     try:
         import transformers
     except ImportError:
@@ -229,18 +242,28 @@ def _from_transformers_name(text: str) -> tuple[Any, str]:
         ) from None
     base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
     cls = getattr(transformers, text, None)
+    kwargs = dict(overrides or {})
     if isinstance(cls, type) and issubclass(cls, base) and cls is not base:
-        config = cls()
+        config = _instantiate(cls, kwargs, text)
         return config, str(getattr(config, "model_type", "") or text)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     if text in CONFIG_MAPPING_NAMES:
-        return transformers.AutoConfig.for_model(text), text
+        return _instantiate(transformers.AutoConfig.for_model, {"model_type": text, **kwargs},
+                            text), text
     raise ValueError(
         f"{text!r} is not a file, nor a transformers config class (e.g. 'Gemma3TextConfig') "
         f"nor a model_type (e.g. 'gpt_oss') known to transformers {transformers.__version__}; "
         f"known to map: {', '.join(HF_CONFIG_CHOICES)}"
     )
+
+
+def _instantiate(factory: Any, kwargs: dict[str, Any], text: str) -> Any:
+    try:
+        return factory(**kwargs)
+    except Exception as exc:  # transformers validates fields with its own exception types
+        shown = {k: v for k, v in kwargs.items() if k != "model_type"}
+        raise ValueError(f"{text} rejects the overrides {shown}: {exc}") from None
 
 
 def _text_view(source: Any, label: str) -> _View:
@@ -520,6 +543,7 @@ def spec_from_hf_config(
     state_dtype: Any = None,
     include_conv_state: bool = True,
     chunked_as_sliding: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> KVCacheSpec:
     """The KV-cache spec of a ``transformers`` model config (see the module docstring).
 
@@ -534,12 +558,16 @@ def spec_from_hf_config(
         include_conv_state: fold the ``d_conv - 1`` convolution inputs into the state.
         chunked_as_sliding: map chunked attention (Llama-4) to a sliding window of
             ``attention_chunk_size`` keys (a superset of what a chunk needs) instead of failing.
+        overrides: config fields to change first, e.g. ``{"sliding_window": 1024}``: a class
+            name is instantiated with them (transformers recomputes derived fields such as
+            ``layer_types``); a dict, ``config.json`` or config object is updated as a dict
+            (a stale ``layer_types`` is not recomputed: override it too if needed).
 
     Raises:
         ValueError: the config is not a causal decoder or has a layer kvtriton cannot map
             (the message names the config, the field and why).
     """
-    source, default_name = _load(config_or_path)
+    source, default_name = _load(config_or_path, overrides)
     label = _label(source, default_name)
     view = _text_view(source, label)
     kinds = _layer_kinds(view, label, chunked_as_sliding)

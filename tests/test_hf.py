@@ -140,6 +140,22 @@ def test_nemotron_h_moe_and_mlp_layers_hold_nothing():
     assert hf_layer_kinds(tf.NemotronHConfig()) == ["state", None, "full", None]
 
 
+def test_overrides_recompute_derived_fields_for_class_names():
+    tf = _tf()
+    spec = spec_from_hf_config("Gemma3TextConfig", overrides={"sliding_window": 1024,
+                                                              "num_hidden_layers": 12})
+    assert spec.group_names == ("full", "sliding1024") and _ids(spec, "full") == (5, 11)
+    # Objects and dicts are updated as dicts.
+    mistral = spec_from_hf_config(tf.MistralConfig(), overrides={"sliding_window": 512})
+    assert mistral.group_names == ("sliding512",)
+    qwen_vl = spec_from_hf_config(tf.Qwen2VLConfig(), overrides={"num_key_value_heads": 4})
+    assert qwen_vl.group("full").num_kv_heads == 4
+    with pytest.raises(ValueError, match="rejects the overrides"):
+        spec_from_hf_config("GptOssConfig", overrides={"num_hidden_layers": "x"})
+    with pytest.raises(TypeError, match="overrides must map"):
+        spec_from_hf_config("GptOssConfig", overrides={1: 2})
+
+
 # -- every advertised choice maps and round-trips through config.json -------------------------
 
 

@@ -265,6 +265,20 @@ def test_policy_order_on_random_hybrids(seed):
     _check_order(result)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_window_longer_than_every_sequence_behaves_like_full_attention(policy):
+    """Oracle: with W above every sequence length, the sliding group needs, caches and moves
+    exactly what the full-attention group does."""
+    groups = (LayerGroup("full", "full", (0,), 2, 4),
+              LayerGroup("sliding100000", "sliding", (1,), 2, 4, window=100_000))
+    spec = KVCacheSpec(groups, tokens_per_block=8, dtype="float16")
+    trace = synthetic_trace("chat", seed=7, **SMALL_CHAT)
+    result = simulate(spec, trace, capacity_blocks=5000, concurrency=3, policies=[policy])
+    full, sliding = (result[policy].group(n) for n in ("full", "sliding100000"))
+    assert (full.needed_tokens, full.moved_tokens, full.bytes, full.peak_blocks_in_use) == (
+        sliding.needed_tokens, sliding.moved_tokens, sliding.bytes, sliding.peak_blocks_in_use)
+
+
 def test_tp_shard_moves_its_share_of_the_bytes():
     spec = preset("gpt-oss-20b")
     trace = synthetic_trace("chat", seed=0, **SMALL_CHAT)
@@ -403,6 +417,11 @@ def test_cli_simulate_hf_config(capsys):
 
     assert main(["simulate", "--hf-config", "GptOssConfig", *_SMALL_ARGS]) == 0
     assert "gpt_oss on trace 'chat'" in capsys.readouterr().out
+    assert main(["simulate", "--hf-config", "Gemma3TextConfig", "--hf-set", "sliding_window=64",
+                 *_SMALL_ARGS]) == 0
+    assert "sliding64" in capsys.readouterr().out
+    assert main(["simulate", "--preset", "gpt-oss-20b", "--hf-set", "sliding_window=64"]) == 2
+    assert "--hf-set applies to --hf-config" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "message"), [
