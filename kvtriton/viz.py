@@ -29,7 +29,9 @@ __all__ = [
     "plot_block_maps",
     "plot_kernel_bandwidth",
     "plot_plan_bytes",
+    "plot_policy_summary",
     "plot_simulation",
+    "plot_sweep",
     "with_window",
 ]
 
@@ -593,6 +595,99 @@ def plot_kernel_bandwidth(bench: Mapping[str, Any], path: str | os.PathLike[str]
     ax.set_title(title or f"paged KV moves on {bench.get('device', '?')} "
                  f"(torch {bench.get('torch', '?')}, triton {bench.get('triton', '?')})",
                  fontsize=10)
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=120)
+    return fig
+
+
+# =============================================================================================
+# Simulations across models and settings (notebooks/03_hybrid_reuse).
+# =============================================================================================
+
+
+def plot_policy_summary(results: Mapping[str, SimResult],
+                        path: str | os.PathLike[str] | None = None, *,
+                        title: str | None = None) -> Any:
+    """One group of bars per simulation (e.g. per model): bytes each policy moved, as a
+    percentage of what ``no_reuse`` moved in the same simulation (absolute bytes on the bars),
+    and the per-group saving over single-boundary above each group. Returns the Figure."""
+    Figure = _figure_class()
+    if not results:
+        raise ValueError("no simulation result to plot")
+    labels = list(results)
+    fig = Figure(figsize=(max(6.0, 1.7 * len(labels) + 2), 4.4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(_POLICY_ORDER)
+    tops = [0.0] * len(labels)
+    for k, policy in enumerate(_POLICY_ORDER):
+        pos, heights, texts = [], [], []
+        for i, label in enumerate(labels):
+            r = results[label]
+            if policy not in r.policies:
+                continue
+            base = r["no_reuse"].total_bytes if "no_reuse" in r.policies else None
+            moved = r[policy].total_bytes
+            pct = 100 * moved / base if base else 0.0
+            pos.append(i + (k - (len(_POLICY_ORDER) - 1) / 2) * width)
+            heights.append(pct)
+            texts.append(format_bytes(moved))
+            tops[i] = max(tops[i], pct)
+        bars = ax.bar(pos, heights, width=width, label=_POLICY_TITLES[policy])
+        ax.bar_label(bars, texts, fontsize=6.5, rotation=90, padding=2)
+    for i, label in enumerate(labels):
+        r = results[label]
+        if "per_group" in r.policies and "single_boundary" in r.policies:
+            _, frac = r.savings("per_group", "single_boundary")
+            ax.annotate(f"per-group saves\n{100 * frac:.0f}% vs single", (i, tops[i]),
+                        xytext=(0, 34), textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=9)
+    ax.set_ylabel("bytes moved (% of no reuse)")
+    ax.set_ylim(0, max(tops) * 1.4 or 1)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center",
+               ncols=len(_POLICY_ORDER), fontsize=8, frameon=False)
+    ax.set_title(title or "bytes the receiver pulls, per reuse policy", fontsize=10)
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=120)
+    return fig
+
+
+def plot_sweep(results: Mapping[float, SimResult], xlabel: str,
+               path: str | os.PathLike[str] | None = None, *, title: str | None = None,
+               logx: bool = False) -> Any:
+    """Total bytes moved per policy against a swept setting (``{x: SimResult}``, e.g. cache
+    capacity), with the per-group saving over single-boundary on a second axis. Returns the
+    Figure (saved to ``path`` if given)."""
+    Figure = _figure_class()
+    if not results:
+        raise ValueError("no simulation result to plot")
+    xs = sorted(results)
+    fig = Figure(figsize=(7.5, 4), layout="constrained")
+    ax = fig.subplots()
+    scale, unit = _byte_scale(max(r[p].total_bytes for r in results.values()
+                                  for p in r.policies))
+    for policy in _POLICY_ORDER:
+        if all(policy in results[x].policies for x in xs):
+            ax.plot(xs, [results[x][policy].total_bytes / scale for x in xs], marker="o",
+                    label=_POLICY_TITLES[policy])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"bytes moved ({unit})")
+    ax.set_ylim(bottom=0)
+    if logx:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(xs, [format_count(x) if float(x).is_integer() else f"{x:g}" for x in xs])
+    handles, labels = ax.get_legend_handles_labels()
+    if all({"per_group", "single_boundary"} <= set(results[x].policies) for x in xs):
+        ax2 = ax.twinx()
+        (line,) = ax2.plot(xs, [100 * results[x].savings()[1] for x in xs], color="black",
+                           linestyle="--", marker=".", label="per-group saving vs single (%)")
+        ax2.set_ylabel("saving (%)")
+        ax2.set_ylim(0, 100)
+        handles.append(line)
+        labels.append(line.get_label())
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    first = results[xs[0]]
+    ax.set_title(title or f"{first.spec_name}, trace {first.trace.get('name')!r}", fontsize=10)
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig

@@ -22,6 +22,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS: dict[str, float] = {
     "01_alignment.ipynb": 60.0,
     "02_kernels.ipynb": 60.0,
+    "03_hybrid_reuse.ipynb": 60.0,
 }
 
 #: Committed notebooks keep small outputs so that they read well on GitHub.
