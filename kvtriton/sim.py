@@ -364,6 +364,8 @@ def chat_trace(
     turn ``t`` continues turn ``t - 1`` (its prompt and response) with a new user message.
     Requests arrive turn by turn, users in a seeded random order each turn. Lengths are tokens,
     drawn uniformly from the inclusive ``(min, max)`` ranges."""
+    _check("seed", seed, 0)
+    _check("vocab_size", vocab_size, 1)
     _check("users", users, 1)
     _check("turns", turns, 1)
     _check("system_prompts", system_prompts, 1)
@@ -404,6 +406,8 @@ def agent_trace(
     long task context (``context_len``), then each step continues the previous one with a short
     tool output (``step_len``) and a short response (``response_len``). Steps arrive round by
     round, agents in a seeded random order."""
+    _check("seed", seed, 0)
+    _check("vocab_size", vocab_size, 1)
     _check("agents", agents, 1)
     _check("steps", steps, 1)
     _check("system_len", system_len, 0)

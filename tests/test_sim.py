@@ -382,6 +382,8 @@ def test_bad_arguments_are_refused():
         synthetic_trace("batch")
     with pytest.raises(ValueError, match="user_len"):
         synthetic_trace("chat", user_len=(10, 5))
+    with pytest.raises(ValueError, match="seed"):
+        synthetic_trace("agent", seed=-1)
 
 
 # -- the kvtriton simulate command -------------------------------------------------------------
