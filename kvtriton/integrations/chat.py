@@ -60,6 +60,17 @@ def _device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
+def _forward(model: Any, tokens: Sequence[int], cache: Any) -> Any:
+    """``model(tokens, <cache kwarg>=cache, use_cache=True)``: newer transformers call the
+    cache argument ``cache`` (``past_key_values`` is deprecated), older ones only know
+    ``past_key_values`` (and would silently drop ``cache``)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    return model(_ids_tensor(tokens, _device(model)), use_cache=True, **{key: cache})
+
+
 def greedy_reference(model: Any, prompt: Sequence[int], steps: int
                      ) -> tuple[list[int], torch.Tensor]:
     """Greedy generation without disaggregation: prefill ``prompt``, then ``steps`` decodes.
@@ -72,11 +83,11 @@ def greedy_reference(model: Any, prompt: Sequence[int], steps: int
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(_ids_tensor(prompt, _device(model)), cache=cache, use_cache=True)
+        out = _forward(model, prompt, cache)
         rows = [out.logits[0, -1].float().clone()]
         tokens = [int(rows[-1].argmax())]
         for _ in range(steps):
-            out = model(_ids_tensor(tokens[-1:], _device(model)), cache=cache, use_cache=True)
+            out = _forward(model, tokens[-1:], cache)
             rows.append(out.logits[0, -1].float().clone())
             tokens.append(int(rows[-1].argmax()))
     return tokens, torch.stack(rows)
@@ -131,8 +142,7 @@ class ContextWorker:
         try:
             with torch.no_grad():
                 cache = DynamicCache(config=self.model.config)
-                out = self.model(_ids_tensor(prompt, _device(self.model)), cache=cache,
-                                 use_cache=True)
+                out = _forward(self.model, prompt, cache)
             needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.kind != "state"}
             cache_to_pools(cache, self.spec, self.pool_map, alloc.spans, needed,
                            state_slots=alloc.state_slots, config=self.model.config,
@@ -322,8 +332,7 @@ class GenerationWorker:
                                        state_slots=rx.state_slots, backend=self.backend)
                 for i in range(steps):
                     q = p + i
-                    out = self.model(_ids_tensor(tokens[-1:], _device(self.model)),
-                                     cache=cache, use_cache=True)
+                    out = _forward(self.model, tokens[-1:], cache)
                     spans = self.manager.append(request_id, tokens[-1:])
                     new = {g.name: TokenRange(q, q + 1) for g in self.spec.groups
                            if g.kind != "state"}

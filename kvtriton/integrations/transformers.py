@@ -72,14 +72,28 @@ PoolsLike = Any  # Mapping[str, torch.Tensor] or kvtriton.cache.CachePools (both
 # ------------------------------------------------------------------------------------------
 
 
+#: Oldest ``transformers`` major version whose cache layout this module follows (developed
+#: and tested against 5.24: per-layer ``Cache.layers``, ``DynamicSlidingWindowLayer`` keeping
+#: ``W - 1`` entries with ``cumulative_length``, ``LinearAttentionLayer``).
+MIN_TRANSFORMERS = (5, 0)
+
+
 def _cache_utils() -> Any:
     try:
+        import transformers
         from transformers import cache_utils
     except ImportError as exc:  # pragma: no cover - the hf extra is missing
         raise ImportError(
             "kvtriton.integrations.transformers needs the transformers package "
             "(pip install 'kvtriton[hf]')"
         ) from exc
+    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
+    if major_minor < MIN_TRANSFORMERS:
+        raise ImportError(
+            f"kvtriton.integrations.transformers needs transformers >= "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (its per-layer DynamicCache); found "
+            f"{transformers.__version__}"
+        )
     return cache_utils
 
 
