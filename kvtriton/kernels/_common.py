@@ -145,12 +145,13 @@ def check_span(
     first = tokens.start // tpb
     last = -(-tokens.end // tpb)
     ids = span.block_ids[first - span.first_block : last - span.first_block]
-    for i, block_id in enumerate(ids):
-        if not 0 <= block_id < num_blocks:
-            raise ValueError(
-                f"{name}: block id {block_id} (logical block {first + i}) is outside the "
-                f"pool's blocks [0, {num_blocks})"
-            )
+    if min(ids) < 0 or max(ids) >= num_blocks:
+        for i, block_id in enumerate(ids):
+            if not 0 <= block_id < num_blocks:
+                raise ValueError(
+                    f"{name}: block id {block_id} (logical block {first + i}) is outside the "
+                    f"pool's blocks [0, {num_blocks})"
+                )
     if unique and len(set(ids)) != len(ids):
         dup = sorted({b for b in ids if ids.count(b) > 1})
         raise ValueError(
@@ -674,19 +675,19 @@ def plan_requests(
     plans: list[KVBatch | StateBatch] = []
     flats: dict[torch.dtype, torch.Tensor] = {}
 
-    def flat(dtype: torch.dtype) -> torch.Tensor:
+    def flat(pool: torch.Tensor) -> torch.Tensor:
+        dtype = pool.dtype
         if dtype not in flats:
-            size = torch.empty((), dtype=dtype).element_size()
-            usable = buffer.numel() // size * size
-            flats[dtype] = buffer[:usable].view(dtype)
+            size = pool.element_size()
+            flats[dtype] = buffer[: buffer.numel() // size * size].view(dtype)
         return flats[dtype]
 
     for (name, lay, hd), items in kv_items.items():
         pool = checked[name]
-        plans.append(KVBatch(name, pool, lay, hd, flat(pool.dtype), tuple(items), to_dense))
+        plans.append(KVBatch(name, pool, lay, hd, flat(pool), tuple(items), to_dense))
     for (name, lay, hd), sitems in st_items.items():
         pool = checked[name]
-        plans.append(StateBatch(name, pool, lay, hd, flat(pool.dtype), tuple(sitems), to_dense))
+        plans.append(StateBatch(name, pool, lay, hd, flat(pool), tuple(sitems), to_dense))
     order = {g.name: i for i, g in enumerate(spec.groups)}
     plans.sort(key=lambda p: order[p.group])
     return plans

@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 from kvtriton import kernels as K
 from kvtriton.kernels import _common as C
@@ -43,6 +45,22 @@ DTYPE = torch.bfloat16
 BYTES_PER_TOKEN = LAYERS * KVF * HEADS * DIM * 2
 POOL_BYTES = 8 << 30
 MIB = 1 << 20
+
+_COPY_BLOCK = 4096  # int32 elements (16 KiB) per program of the contiguous-copy baseline
+
+
+@triton.jit
+def _contig_copy_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+    """The simplest bandwidth-bound copy: one program moves BLOCK contiguous elements."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs))
+
+
+def _triton_copy(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+    d, s = dst.view(torch.int32), src.view(torch.int32)
+    assert d.numel() % _COPY_BLOCK == 0
+    grid = (d.numel() // _COPY_BLOCK,)
+    return lambda: _contig_copy_kernel[grid](s, d, BLOCK=_COPY_BLOCK, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,6 +114,20 @@ def _host_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return statistics.median(samples)
+
+
+def _back_to_back(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    """Mean CPU seconds per call of ``reps`` calls issued back to back (device kept busy)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / reps
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +263,13 @@ def _case(op: str, pools: _Pools, tokens_n: int, *, tpb: int, dst_tpb: int | Non
                 for _ in moves]
     flat_dst = [torch.empty_like(s) for s in flat_src]
     copies = [(lambda d=d, s=s: d.copy_(s)) for s, d in zip(flat_src, flat_dst, strict=True)]
-    t_copy = _time_graph(copies, device, reps)
+    t_memcpy = _time_graph(copies, device, reps)
+    t_tcopy = math.nan
+    if device.type == "cuda" and payload % (_COPY_BLOCK * 4) == 0:
+        t_tcopy = _time_graph([_triton_copy(d, s) for s, d in zip(flat_src, flat_dst,
+                                                                    strict=True)], device, reps)
+    # the limit: the faster of torch's copy_ and a plain Triton copy of the same bytes
+    t_copy = min(t_memcpy, t_tcopy) if not math.isnan(t_tcopy) else t_memcpy
     del flat_src, flat_dst
 
     def gbs(t: float) -> float:
@@ -249,9 +287,11 @@ def _case(op: str, pools: _Pools, tokens_n: int, *, tpb: int, dst_tpb: int | Non
         "mib": payload / MIB,
         "sets": len(moves),
         "us": {"kvtriton": t_fast * 1e6, "torch_1call": t_one * 1e6,
-               "torch_loop": t_loop * 1e6, "copy": t_copy * 1e6},
+               "torch_loop": t_loop * 1e6, "copy": t_copy * 1e6,
+               "copy_torch": t_memcpy * 1e6, "copy_triton": t_tcopy * 1e6},
         "gbs": {"kvtriton": gbs(t_fast), "torch_1call": gbs(t_one),
-                "torch_loop": gbs(t_loop), "copy": gbs(t_copy)},
+                "torch_loop": gbs(t_loop), "copy": gbs(t_copy),
+                "copy_torch": gbs(t_memcpy), "copy_triton": gbs(t_tcopy)},
         "vs_copy": t_copy / t_fast,
         "vs_torch_1call": t_one / t_fast,
         "correct": ok,
@@ -300,18 +340,99 @@ def _host_overheads(device: torch.device, reps: int) -> list[dict]:
             "pack_request_us": _host_time(pack_only, device, reps) * 1e6,
             "unpack_request_us": _host_time(unpack_only, device, reps) * 1e6,
             "plan_layout_pack_us": _host_time(plan_and_pack, device, reps) * 1e6,
+            "plan_layout_pack_b2b_us": _back_to_back(plan_and_pack, device, reps) * 1e6,
         })
         del pools
     return rows
 
 
+def profile_host(device: str | torch.device = "cuda", reps: int = 200) -> dict:
+    """Break the host overhead of one ``pack_request`` down (validation, metadata staging,
+    bare launches) and print a cProfile of it."""
+    import cProfile
+    import pstats
+
+    from kvtriton.layout import packed_layout
+    from kvtriton.plan import plan_transfer
+    from kvtriton.spec import preset
+
+    device = torch.device(device)
+    T = K._triton_module()
+    spec = preset("gpt-oss-20b")
+    prompt, nblocks = 8192, 513
+    gen = torch.Generator().manual_seed(2)
+    pools = {g.name: torch.zeros((g.num_layers, nblocks, g.kv_factor, 16, g.local_heads,
+                                  g.head_dim), dtype=spec.torch_dtype, device=device)
+             for g in spec.groups}
+    spans = {g.name: BlockSpan(0, torch.randperm(nblocks, generator=gen).tolist())
+             for g in spec.groups}
+    plan = plan_transfer(spec, prompt, {g.name: 1000 for g in spec.groups})
+    layout = packed_layout(spec, {g.name: g.tokens for g in plan}, ())
+    buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+    req = C.PackedRequest(layout, spans, {}, 0)
+
+    def validate():
+        return C.plan_requests(spec, [req], pools, buf, to_dense=True, exact_size=True)
+
+    batches = validate()
+
+    def build(staging: str):
+        def f():
+            T.STAGING = staging
+            meta = T._Meta()
+            for b in batches:
+                it = b.items[0]
+                side = C.PagedSide(b.pool, it.ids, it.offset, b.layers, b.heads)
+                T._kv_launch(side, buf, it.n_tokens, meta)
+            return meta.tensor(device)
+        return f
+
+    launches = []
+    for b in batches:
+        it = b.items[0]
+        shape = (len(b.layers), 2, it.n_tokens, b.heads[1] - b.heads[0], b.pool.shape[5])
+        dense = b.flat[it.dense_offset:it.dense_offset + math.prod(shape)].view(shape)
+        launches.append(T.prepare_kv(C.KVMove(it.n_tokens, C.PagedSide(
+            b.pool, it.ids, it.offset, b.layers, b.heads), dense)))
+
+    def launch_only():
+        for f in launches:
+            f()
+
+    def pack():
+        K.pack_request(spec, layout, pools, spans, {}, buf)
+
+    out = {
+        "validate_us": _host_time(validate, device, reps) * 1e6,
+        "meta_pageable_us": _host_time(build("pageable"), device, reps) * 1e6,
+        "meta_pinned_us": _host_time(build("pinned"), device, reps) * 1e6,
+        "meta_ring_us": _host_time(build("ring"), device, reps) * 1e6,
+        "launches_only_us": _host_time(launch_only, device, reps) * 1e6,
+    }
+    for staging in ("pageable", "pinned", "ring"):
+        T.STAGING = staging
+        out[f"pack_request_{staging}_us"] = _host_time(pack, device, reps) * 1e6
+        out[f"pack_request_{staging}_b2b_us"] = _back_to_back(pack, device, reps) * 1e6
+    T.STAGING = "ring"
+    print({k: round(v, 1) for k, v in out.items()})
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        pack()
+    prof.disable()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    return out
+
+
 def run_benchmark(*, device: str | torch.device = "cuda", quick: bool = False,
                   json_path: str | None = None, reps: int = 30, tune: bool = False,
-                  print_table: bool = True) -> dict:
+                  print_table: bool = True, cases: bool = True) -> dict:
     """Run the kernel benchmark; returns (and optionally writes as JSON) all numbers.
 
     ``quick`` uses few and small cases (a smoke test, also on CPU under the interpreter).
-    ``tune`` adds a sweep over the kernel's tile size and warps on a few cases.
+    ``tune`` adds a sweep over the kernel's tile size, warps and grid size on the small cases;
+    ``cases=False`` skips the main table and the host-overhead rows.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -333,14 +454,14 @@ def run_benchmark(*, device: str | torch.device = "cuda", quick: bool = False,
 
     if print_table:
         print(_HEADER, flush=True)
-    for n in sizes:
+    for n in sizes if cases else []:
         add("gather", n, tpb=16)
         add("gather", n, tpb=16, start=5)
         add("scatter", n, tpb=16)
         add("scatter", n, tpb=16, start=5)
     big = sizes[-1]
     mid = sizes[1]
-    for n in (mid, big):
+    for n in (mid, big) if cases else ():
         add("gather", n, tpb=32)
         add("gather", n, tpb=64, start=17)
         add("gather", n, tpb=16, layout="HND")
@@ -355,32 +476,37 @@ def run_benchmark(*, device: str | torch.device = "cuda", quick: bool = False,
         base = dict(T.TUNE)
         for tile in (8192, 16384, 32768):
             for warps in (4, 8):
-                T.TUNE.update(tile_bytes=tile, num_warps=warps)
-                for op, n, kw in [("gather", sizes[0], {}), ("gather", big, {}),
-                                  ("scatter", big, {"start": 5}),
-                                  ("gather", big, {"layout": "HND"})]:
-                    row = _case(op, pools, n, tpb=16, skip_loop=True, **common, **kw)
-                    sweep.append({"tile_bytes": tile, "num_warps": warps, "op": op,
-                                  "mib": row["mib"], "src": row["src"],
-                                  "gbs": row["gbs"]["kvtriton"], "vs_copy": row["vs_copy"]})
-                    if print_table:
-                        print(f"tune tile={tile:6d} warps={warps} {op:8s} {row['src']:14s} "
-                              f"{row['mib']:8.1f} MiB {row['gbs']['kvtriton']:8.0f} GB/s "
-                              f"{row['vs_copy']:6.1%} of copy", flush=True)
+                for pps in (2, 4, 8):
+                    T.TUNE.update(tile_bytes=tile, num_warps=warps, programs_per_sm=pps)
+                    for op, n, kw in [("gather", sizes[0], {}), ("gather", sizes[0], {"start": 5}),
+                                      ("scatter", sizes[0], {"start": 5}),
+                                      ("copy", mid, {"dst_tpb": 32, "start": 5})]:
+                        row = _case(op, pools, n, tpb=16, skip_loop=True, **common, **kw)
+                        sweep.append({"tile_bytes": tile, "num_warps": warps,
+                                      "programs_per_sm": pps, "op": op, "start": row["start"],
+                                      "mib": row["mib"], "src": row["src"], "dst": row["dst"],
+                                      "gbs": row["gbs"]["kvtriton"],
+                                      "vs_copy": row["vs_copy"]})
+                        if print_table:
+                            print(f"tune tile={tile:6d} warps={warps} pps={pps} {op:8s} "
+                                  f"start={row['start']} {row['dst']:14s} {row['mib']:6.1f} MiB "
+                                  f"{row['gbs']['kvtriton']:6.0f} GB/s {row['vs_copy']:6.1%} "
+                                  "of copy", flush=True)
         T.TUNE.clear()
         T.TUNE.update(base)
 
     pools.cache.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    host = _host_overheads(device, 50 if not quick else 3) if not quick else []
+    host = _host_overheads(device, 100) if cases and not quick else []
     if print_table and host:
         print("\nhost overhead per request (median CPU time until the call returns):")
         for h in host:
             print(f"  {h['spec']:12s} P={h['prompt']:5d} cached={h['cached']:5d} "
                   f"groups={h['groups']} blocks={h['blocks']:5d} {h['mib']:8.1f} MiB  "
                   f"pack {h['pack_request_us']:6.1f} us  unpack {h['unpack_request_us']:6.1f} us"
-                  f"  plan+layout+pack {h['plan_layout_pack_us']:6.1f} us")
+                  f"  plan+layout+pack {h['plan_layout_pack_us']:6.1f} us"
+                  f" (back to back {h['plan_layout_pack_b2b_us']:6.1f} us)")
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -419,11 +545,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write all numbers to this JSON file")
     parser.add_argument("--reps", type=int, default=30, help="timed graph replays per case")
     parser.add_argument("--tune", action="store_true", help="also sweep tile size and warps")
+    parser.add_argument("--tune-only", action="store_true", help="only the sweep")
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.quick:
         parser.error("--device cpu needs --quick (the full shapes are 8 GiB pools)")
     out = run_benchmark(device=args.device, quick=args.quick, json_path=args.json,
-                        reps=args.reps, tune=args.tune)
+                        reps=args.reps, tune=args.tune or args.tune_only,
+                        cases=not args.tune_only)
     print(f"\ndevice: {out['device']}  torch {out['torch']}  triton {out['triton']}")
     return 0
 

@@ -19,6 +19,7 @@ then the same kernels run on CPU tensors under the Triton interpreter.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,7 +77,11 @@ def _sm_count(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------
-@triton.jit
+# Per-call scalars that never help vectorization (token counts, table offsets, block sizes):
+# not specialized, so a new value never triggers a recompile. Strides and head offsets stay
+# specialized: their divisibility by 16 is what proves 16-byte accesses.
+@triton.jit(do_not_specialize=["n_tokens", "src_rel", "src_tbl", "src_lay", "dst_rel", "dst_tbl",
+                               "dst_lay", "src_bs", "dst_bs", "batch_tbl"])
 def _move_tokens_kernel(
     src_ptr, dst_ptr, meta_ptr,
     n_tokens,
@@ -179,7 +184,7 @@ def _move_tokens_kernel(
     tl.store(dst_ptr + dst_row[:, None] + dst_col[None, :], vals, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot_off", "lay_off", "items_off"])
 def _move_state_kernel(
     pool_ptr, dense_ptr, meta_ptr,
     slot_off, lay_off, items_off, head_off, row,
@@ -223,9 +228,56 @@ def _move_state_kernel(
 # ---------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------
+class _PinnedRing:
+    """A pinned host ring buffer per device for the small metadata tables.
+
+    Each call writes its table into the next free region and issues one truly asynchronous
+    H2D copy from it; an event recorded after the copy guards the region, and a region is
+    only overwritten after its event completed (in practice long before: a wrap takes
+    thousands of requests). This keeps per-request host cost low and independent of how
+    much work is queued on the stream (a pageable copy may wait for the stream, a fresh
+    pinned allocation costs more than the copy).
+    """
+
+    # 1 Mi entries = 8 MiB pinned per device: thousands of requests' tables between wraps.
+    SIZE = 1 << 20
+
+    def __init__(self, device: torch.device) -> None:
+        self.host = torch.empty(self.SIZE, dtype=torch.int64, pin_memory=True)
+        self.view = self.host.numpy()
+        self.cursor = 0
+        self.pending: list[tuple[int, int, torch.cuda.Event]] = []
+
+    def stage(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
+        n = arr.size
+        if n > self.SIZE:  # larger than the ring: a one-off pinned buffer
+            staged = torch.from_numpy(arr).pin_memory()
+            return staged.to(device, non_blocking=True)
+        if self.cursor + n > self.SIZE:
+            self.cursor = 0
+        lo, hi = self.cursor, self.cursor + n
+        keep = []
+        for a, b, event in self.pending:
+            if a < hi and lo < b:
+                event.synchronize()
+            else:
+                keep.append((a, b, event))
+        self.view[lo:hi] = arr
+        out = self.host[lo:hi].to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        keep.append((lo, hi, event))
+        self.pending = keep
+        self.cursor = hi
+        return out
+
+
+_RINGS: dict[torch.device, _PinnedRing] = {}
+
+
 class _Meta:
     """Small int64 tables (layer lists, block tables, batch rows) of one or more launches,
-    copied to the device in ONE transfer (pinned staging + non_blocking on CUDA)."""
+    copied to the device in ONE transfer."""
 
     def __init__(self) -> None:
         self.parts: list[np.ndarray] = []
@@ -245,12 +297,21 @@ class _Meta:
         arr = np.concatenate(self.parts) if len(self.parts) != 1 else self.parts[0]
         if arr.size == 0:
             arr = np.zeros(1, dtype=np.int64)
-        host = torch.from_numpy(arr)
         if device.type == "cpu":
-            return host
-        staged = torch.empty(host.shape, dtype=torch.int64, pin_memory=True)
-        staged.copy_(host)
-        return staged.to(device, non_blocking=True)
+            return torch.from_numpy(arr)
+        if STAGING == "ring":
+            ring = _RINGS.get(device)
+            if ring is None:
+                ring = _RINGS[device] = _PinnedRing(device)
+            return ring.stage(arr, device)
+        if STAGING == "pinned":
+            return torch.from_numpy(arr).pin_memory().to(device, non_blocking=True)
+        return torch.from_numpy(arr).to(device, non_blocking=True)
+
+
+#: How metadata reaches the device: "ring" (default: the pinned ring), "pinned" (a fresh
+#: pinned buffer per call) or "pageable" (benchmark variants).
+STAGING = "ring"
 
 
 @dataclass
@@ -406,6 +467,16 @@ def run_batches(batches: Sequence[C.KVBatch | C.StateBatch]) -> None:
         if isinstance(b, C.StateBatch):
             launches.append(_state_launch(b.pool, b.flat, b.layers, b.heads, b.to_dense, meta,
                                           items=b.items))
+        elif len(b.items) == 1:
+            # one request: the plain launch (scalar arguments, no per-chunk table)
+            item = b.items[0]
+            side = C.PagedSide(b.pool, item.ids, item.offset, b.layers, b.heads)
+            shape = (len(b.layers), b.pool.shape[2], item.n_tokens, b.heads[1] - b.heads[0],
+                     b.pool.shape[5])
+            numel = math.prod(shape)
+            dense = b.flat[item.dense_offset:item.dense_offset + numel].view(shape)
+            src, dst = (side, dense) if b.to_dense else (dense, side)
+            launches.append(_kv_launch(src, dst, item.n_tokens, meta))
         else:
             first = b.items[0]
             side = C.PagedSide(b.pool, first.ids, first.offset, b.layers, b.heads)
