@@ -39,9 +39,11 @@ from kvtriton.integrations.chat import (
     ContextWorker,
     GenerationWorker,
     LocalContext,
+    format_chat_report,
     greedy_reference,
     launch_chat,
     run_chat,
+    verify_chat,
 )
 from kvtriton.kernels import gather, resolve_backend
 from kvtriton.ranges import BlockSpan, TokenRange, needed_range
@@ -342,3 +344,10 @@ def test_chat_over_torch_distributed_matches_single_process(models):
             assert rec["moved"] == {g: (t.start, t.end) for g, t in res.moved.items()}
             assert rec["kv_bytes"] == res.kv_bytes and rec["wire_bytes"] > 0
     assert remote["per_group"][1]["kv_bytes"] < remote["single_boundary"][1]["kv_bytes"]
+    checks = verify_chat(models["gemma3"], cfg, remote)
+    assert [(c.mode, c.turn, c.tokens_match, c.exact) for c in checks] == [
+        ("per_group", 0, True, True), ("per_group", 1, True, False),
+        ("single_boundary", 0, True, True), ("single_boundary", 1, True, True)]
+    assert 0 < checks[1].max_abs_diff < ATOL
+    report = format_chat_report(remote, checks)
+    assert "full [25, 43), sliding6 [38, 43)" in report and "saves 47.2%" in report
