@@ -338,6 +338,7 @@ class TransferAgent:
             self._send_ring: dict[int, list[Any]] = {p: [] for p in self._peers}
             self._recv_ring: dict[int, list[Any]] = {p: [] for p in self._peers}
             self._send_slot = dict.fromkeys(self._peers, 0)
+            self._retired: list[torch.Tensor] = []
             self._recv_slot = dict.fromkeys(self._peers, 0)
         self.stats: dict[str, float] = {"gather_s": 0.0, "scatter_s": 0.0, "frames_sent": 0,
                                         "frames_received": 0, "bytes_sent": 0}
@@ -545,6 +546,7 @@ class TransferAgent:
             p.writer.join(timeout=max(0.0, end - time.monotonic()) + 1.0)
         if self.nccl_data:
             torch.cuda.synchronize(self.device)
+            self._retired.clear()
         self.closed = True
 
     # ------------------------------------------------------------------ events
@@ -864,7 +866,11 @@ class TransferAgent:
         else:
             buf = None
         if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+            if buf is not None:
+                # an in-flight op may still use it on another stream: keep it alive
+                self._retired.append(buf)
+            size = max(nbytes, min(self.options.chunk_bytes, 256 << 20))
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
         ring[i] = (buf, None)
         return buf[:nbytes], i
 
