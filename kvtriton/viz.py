@@ -32,6 +32,7 @@ __all__ = [
     "plot_policy_summary",
     "plot_simulation",
     "plot_sweep",
+    "plot_transfer_report",
     "with_window",
 ]
 
@@ -688,6 +689,81 @@ def plot_sweep(results: Mapping[float, SimResult], xlabel: str,
     ax.legend(handles, labels, fontsize=8, loc="best")
     first = results[xs[0]]
     ax.set_title(title or f"{first.spec_name}, trace {first.trace.get('name')!r}", fontsize=10)
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=120)
+    return fig
+
+
+# =============================================================================================
+# Distributed transfers (notebooks/04_distributed).
+# =============================================================================================
+
+
+def plot_transfer_report(report: Mapping[str, Any], path: str | os.PathLike[str] | None = None,
+                         *, title: str | None = None) -> Any:
+    """A :func:`kvtriton.transfer.experiment.launch_local` report: bytes moved per mode (bars
+    stacked by layer group, plus what no reuse would have moved), and bytes per request (summed
+    over the generation ranks), turn by turn. Returns the Figure (saved to ``path`` if given)."""
+    import re
+
+    Figure = _figure_class()
+    modes = [m for m in ("single_boundary", "per_group") if m in report["modes"]] + [
+        m for m in report["modes"] if m not in ("single_boundary", "per_group")]
+    if not modes:
+        raise ValueError("the report holds no mode")
+    groups = list(report["modes"][modes[0]]["groups"])
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_total, ax_req = fig.subplots(1, 2, width_ratios=(1, 1.6))
+
+    columns = ["no_reuse", *modes]
+    scale, unit = _byte_scale(max([report["modes"][m]["bytes"] for m in modes]
+                                  + [report["modes"][modes[0]]["no_reuse_bytes"]]))
+    bottom = [0.0] * len(columns)
+    for g in groups:
+        heights = [report["modes"][modes[0]]["groups"][g]["no_reuse_bytes"] / scale]
+        heights += [report["modes"][m]["groups"][g]["bytes"] / scale for m in modes]
+        ax_total.bar(range(len(columns)), heights, bottom=bottom, width=0.6, label=g)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    for i, top in enumerate(bottom):
+        ax_total.annotate(format_bytes(round(top * scale)), (i, top), ha="center", va="bottom",
+                          fontsize=9, xytext=(0, 2), textcoords="offset points")
+    ax_total.set_xticks(range(len(columns)), [_POLICY_TITLES.get(c, c) for c in columns])
+    ax_total.set_ylabel(f"bytes moved ({unit})")
+    ax_total.set_ylim(0, max(bottom) * 1.15 or 1)
+    ax_total.legend(title="layer group", fontsize=8)
+    ax_total.set_title("whole stream, all receivers", fontsize=10)
+
+    per_request: dict[str, dict[str, int]] = {m: {} for m in modes}
+    for rank in report.get("ranks", []):
+        if rank.get("side") != "gen":
+            continue
+        for m in modes:
+            for q in rank["modes"][m]["requests"]:
+                rid = q["rid"].split("/", 1)[-1]
+                per_request[m][rid] = per_request[m].get(rid, 0) + sum(
+                    q["bytes_by_group"].values())
+
+    def order(rid: str) -> tuple[int, int, str]:
+        found = re.fullmatch(r"c(\d+)t(\d+)", rid)
+        return (int(found[2]), int(found[1]), rid) if found else (1 << 30, 0, rid)
+
+    rids = sorted({r for m in modes for r in per_request[m]}, key=order)
+    if rids:
+        width = 0.8 / len(modes)
+        for k, m in enumerate(modes):
+            pos = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(rids))]
+            ax_req.bar(pos, [per_request[m].get(r, 0) / 1024 for r in rids], width=width,
+                       label=_POLICY_TITLES.get(m, m),
+                       color=f"C{_POLICY_ORDER.index(m) if m in _POLICY_ORDER else 5}")
+        ax_req.set_xticks(range(len(rids)), rids, fontsize=8)
+        ax_req.set_xlabel("request (conversation c, turn t)")
+        ax_req.set_ylabel("KiB moved")
+        ax_req.legend(fontsize=8)
+    ax_req.set_title("per request: turn 0 is cold, later turns reuse the receiver's cache",
+                     fontsize=10)
+    fig.suptitle(title or f"{report['model']}: {report['topology']}, data over "
+                 f"{report['data_backend']} on {report['device']}"
+                 + ("" if report.get("verified") else " (NOT VERIFIED)"), fontsize=11)
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig

@@ -23,6 +23,7 @@ NOTEBOOKS: dict[str, float] = {
     "01_alignment.ipynb": 60.0,
     "02_kernels.ipynb": 60.0,
     "03_hybrid_reuse.ipynb": 60.0,
+    "04_distributed.ipynb": 90.0,
 }
 
 #: Committed notebooks keep small outputs so that they read well on GitHub.
