@@ -99,6 +99,23 @@ def _checksum_async(buf: torch.Tensor) -> tuple[torch.Tensor, int]:
     return total, n
 
 
+def _check_blocks(pool: torch.Tensor, span: BlockSpan, rng: TokenRange, group: str,
+                  side: str) -> None:
+    """Every block the range touches must exist in the pool (ValueError otherwise)."""
+    bsz = int(pool.shape[3])
+    ids = span.block_ids_for(rng, bsz, group=group)
+    bad = [b for b in ids if b >= pool.shape[1]]
+    if bad:
+        raise ValueError(f"group {group!r}: {side} block ids {bad[:4]} are outside the pool "
+                         f"of {pool.shape[1]} blocks")
+
+
+def _check_slot(pool: torch.Tensor, slot: int, group: str, side: str) -> None:
+    if not 0 <= slot < pool.shape[1]:
+        raise ValueError(f"state group {group!r}: {side} slot {slot} is outside "
+                         f"[0, {pool.shape[1]})")
+
+
 # ---------------------------------------------------------------------------------------
 # per-peer threads
 # ---------------------------------------------------------------------------------------
@@ -411,6 +428,7 @@ class TransferAgent:
                 raise ValueError(f"request {request_id!r}: no destination span for group {g!r}")
             spans[g].check_covers(tokens[g], self.spec.tokens_per_block, group=g,
                                   side="receiver")
+            _check_blocks(self.pools[g], spans[g], tokens[g], g, "destination")
             if tokens[g].end > num_tokens:
                 raise ValueError(f"request {request_id!r}: group {g!r} range {tokens[g]} "
                                  f"goes past the prompt length {num_tokens}")
@@ -420,6 +438,7 @@ class TransferAgent:
             if s not in state_slots:
                 raise ValueError(f"request {request_id!r}: no destination slot for state "
                                  f"group {s!r}")
+            _check_slot(self.pools[s], state_slots[s], s, "destination")
         session = Session(request_id, "recv", timeout_s=self.options.timeout_s)
         handle = RecvHandle(session, num_tokens, tokens, states, dict(spans), state_slots,
                             on_commit=on_commit, on_release=on_release)
@@ -648,9 +667,11 @@ class TransferAgent:
                     raise ValueError(f"group {g!r}: no source span registered")
                 src.spans[g].check_covers(rng, self.spec.tokens_per_block, group=g,
                                           side="sender")
+                _check_blocks(self.pools[g], src.spans[g], rng, g, "source")
             for s in req.states:
                 if s not in src.state_slots:
                     raise ValueError(f"state group {s!r}: no source slot registered")
+                _check_slot(self.pools[s], src.state_slots[s], s, "source")
         except ValueError as exc:
             self._refuse(job, str(exc))
             return
@@ -783,7 +804,17 @@ class TransferAgent:
             buf = torch.empty(total, dtype=torch.uint8)
             stream_ctx = _nullctx()
         with stream_ctx:
-            self._pack(parts, offsets, buf)
+            try:
+                self._pack(parts, offsets, buf)
+            except (ValueError, RuntimeError) as exc:
+                # Validated at accept time, so this is a bug or a pool that changed under us.
+                # The frame still goes out (an NCCL peer has posted its receive), but every
+                # request in it fails here and is aborted on the receiver.
+                for job, _ in parts:
+                    if job.session.fail(f"gather failed: {exc}"):
+                        self._peers[peer].send_msg(P.Abort(job.request.request_id,
+                                                           f"sender rank {self.rank}: gather "
+                                                           f"failed: {exc}"))
             for (job, chunk), off in zip(parts, offsets, strict=True):
                 if job.request.checksum:
                     job.checksums[chunk.index] = checksum(buf[off:off + chunk.nbytes])
@@ -946,17 +977,22 @@ class TransferAgent:
                                             else checksum(view))
             live.append((handle, rp.chunks[part.chunk], part))
         t0 = time.perf_counter()
-        if len(live) == 1:
-            handle, chunk, part = live[0]
-            kernels.unpack_request(self.spec, chunk.layout,
-                                   buf[part.offset: part.offset + part.nbytes], self.pools,
-                                   handle.spans, handle.state_slots,
-                                   backend=self.options.backend)
-        elif live:
-            reqs = [PackedRequest(c.layout, h.spans, h.state_slots, p.offset)
-                    for h, c, p in live]
-            kernels.unpack_requests(self.spec, reqs, buf, self.pools,
-                                    backend=self.options.backend)
+        try:
+            if len(live) == 1:
+                handle, chunk, part = live[0]
+                kernels.unpack_request(self.spec, chunk.layout,
+                                       buf[part.offset: part.offset + part.nbytes], self.pools,
+                                       handle.spans, handle.state_slots,
+                                       backend=self.options.backend)
+            elif live:
+                reqs = [PackedRequest(c.layout, h.spans, h.state_slots, p.offset)
+                        for h, c, p in live]
+                kernels.unpack_requests(self.spec, reqs, buf, self.pools,
+                                        backend=self.options.backend)
+        except (ValueError, RuntimeError) as exc:  # validation: nothing was written
+            for handle, _, _ in live:
+                self._fail_recv(handle, f"scatter failed: {exc}", notify=None)
+            return {}
         self.stats["scatter_s"] += time.perf_counter() - t0
         out: dict[RecvHandle, list[tuple[int, int]]] = {}
         for handle, chunk, _ in live:
