@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.cuda.set_device(local)
         dev = torch.device(f"cuda:{local}")
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=dev)
+        dist.init_process_group("cpu:gloo,cuda:nccl")  # lazy: p2p gets 2-rank comms
         backend = "nccl"
     sync_dev = torch.cuda.synchronize if not args.cpu else (lambda: None)
     sys.setswitchinterval(0.0002)

@@ -559,8 +559,10 @@ def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
     if use_nccl:
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
+        # no device_id: lazy NCCL init, so each point-to-point pair gets its own 2-rank
+        # communicator (own stream): sends to different peers never queue behind each other
         dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank,
-                                world_size=world, device_id=torch.device(device))
+                                world_size=world)
     else:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
@@ -711,7 +713,7 @@ def run_torchrun(cfg: DisaggConfig) -> dict[str, Any] | None:
     if use_nccl:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device(device))
+        dist.init_process_group("cpu:gloo,cuda:nccl")  # lazy: p2p gets 2-rank comms
     else:
         dist.init_process_group("gloo")
     sys.setswitchinterval(0.0002)
