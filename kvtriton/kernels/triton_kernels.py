@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,14 +36,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Tuning constants (the benchmark may override them to compare variants).
 TUNE = {
-    # Bytes one program moves per tile: 16 KiB over 4 warps is 8 16-byte loads in flight per
-    # thread, enough to cover HBM latency without spilling registers.
-    "tile_bytes": 16384,
-    # 4 warps (128 threads): small programs let many co-reside per SM, so the tail of a
-    # launch and the block-table lookups overlap with other programs' copies.
-    "num_warps": 4,
+    # Bytes one program moves per tile. Measured on H100 (BENCHMARKS.md, sweep 8/16/32 KiB):
+    # 8 KiB was best for small moves and block-size-mismatched copies (short per-program
+    # critical path: table lookup -> load -> store), and equal at >= 256 MiB.
+    "tile_bytes": 8192,
+    # 8 warps x 32 threads x 2 16-byte vectors = 8 KiB: many independent 16-byte accesses
+    # per program; beat 4 warps in the same sweep.
+    "num_warps": 8,
     # Shrink the token tile until the grid has this many programs per SM (small moves need
-    # parallelism more than they need large tiles); 4 waves keep every SM busy.
+    # parallelism more than large tiles); 4 keeps every SM busy through the launch tail.
     "programs_per_sm": 4,
     # Widest row chunk (elements) one program holds per token: bounds registers per thread
     # (4096 x 2 B = 8 KiB per token row) for models with many heads per rank.
@@ -246,28 +248,25 @@ class _PinnedRing:
         self.host = torch.empty(self.SIZE, dtype=torch.int64, pin_memory=True)
         self.view = self.host.numpy()
         self.cursor = 0
-        self.pending: list[tuple[int, int, torch.cuda.Event]] = []
+        # (start, end, event) of staged regions, oldest first (regions are handed out in
+        # ring order, so the ones the cursor reaches next are at the front)
+        self.pending: deque[tuple[int, int, torch.cuda.Event]] = deque()
 
     def stage(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
         n = arr.size
         if n > self.SIZE:  # larger than the ring: a one-off pinned buffer
-            staged = torch.from_numpy(arr).pin_memory()
-            return staged.to(device, non_blocking=True)
+            return torch.from_numpy(arr).pin_memory().to(device, non_blocking=True)
         if self.cursor + n > self.SIZE:
             self.cursor = 0
         lo, hi = self.cursor, self.cursor + n
-        keep = []
-        for a, b, event in self.pending:
-            if a < hi and lo < b:
-                event.synchronize()
-            else:
-                keep.append((a, b, event))
+        pending = self.pending
+        while pending and (len(pending) > 4096 or (pending[0][0] < hi and lo < pending[0][1])):
+            pending.popleft()[2].synchronize()
         self.view[lo:hi] = arr
         out = self.host[lo:hi].to(device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        keep.append((lo, hi, event))
-        self.pending = keep
+        pending.append((lo, hi, event))
         self.cursor = hi
         return out
 
