@@ -289,6 +289,15 @@ class TurnResult:
         """Bytes the plan moved: KV plus whole states."""
         return self.plan.total_bytes
 
+    def to_record(self) -> dict[str, Any]:
+        """Plain data (logits as numpy), as :func:`launch_chat` returns per turn."""
+        return {"request_id": self.request_id, "prompt_len": self.prompt_len,
+                "mode": self.mode, "tokens": list(self.tokens), "logits": self.logits.numpy(),
+                "moved": {g: (t.start, t.end) for g, t in self.moved.items()},
+                "states": list(self.states), "bytes": self.bytes,
+                "cached": self.cached if isinstance(self.cached, int) else dict(self.cached),
+                "kv_bytes": self.kv_bytes, "wire_bytes": self.wire_bytes}
+
 
 class GenerationWorker:
     """The decode side: a model, pools and a :class:`KVCacheManager` with a prefix cache."""
@@ -566,15 +575,6 @@ def load_model(cfg: ChatConfig) -> Any:
     return model.eval()
 
 
-def _turn_record(r: TurnResult) -> dict[str, Any]:
-    return {"request_id": r.request_id, "prompt_len": r.prompt_len, "mode": r.mode,
-            "tokens": list(r.tokens), "logits": r.logits.numpy(),
-            "moved": {g: (t.start, t.end) for g, t in r.moved.items()},
-            "states": list(r.states), "bytes": r.bytes,
-            "cached": r.cached if isinstance(r.cached, int) else dict(r.cached),
-            "kv_bytes": r.kv_bytes, "wire_bytes": r.wire_bytes}
-
-
 def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
               ) -> dict[str, list[dict[str, Any]]] | None:
     """Run ``cfg`` on this rank (0: context, 1: generation) over gloo groups of ranks [0, 2).
@@ -616,7 +616,7 @@ def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
                 context.stop()
                 agent.close(timeout=cfg.timeout_s)
             gen.manager.check_invariants()
-            out[mode] = [_turn_record(r) for r in results]
+            out[mode] = [r.to_record() for r in results]
         dist.barrier(group=ctrl)
     return out if rank == 1 else None
 
