@@ -167,6 +167,26 @@ def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block, backe
         token = int(expected.argmax())
 
 
+@pytest.mark.parametrize("p", [1, 4, 5, 6])
+def test_prompts_shorter_than_the_window_round_trip(models, p):
+    """``P < W - 1``: a sliding layer holds every position; ``P >= W - 1``: exactly W - 1."""
+    model = models["gpt-oss"]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    cache = DynamicCache(config=model.config)
+    out = _prefill(model, _prompt(p), cache)
+    sliding = next(g for g in spec.groups if g.kind == "sliding")
+    assert kt.held_ranges(cache, spec)[sliding.name] == TokenRange(max(0, p + 1 - WINDOW), p)
+    pools = allocate_pools(spec, 4)
+    spans = {g.name: BlockSpan(0, range(2)) for g in spec.groups}
+    kt.cache_to_pools(cache, spec, pools.kv, spans, backend=BACKEND)
+    rebuilt = kt.pools_to_cache(spec, pools.kv, spans, p, model.config, backend=BACKEND)
+    token = int(out.logits[0, -1].argmax())
+    for _ in range(WINDOW):  # decode across the point where the window starts sliding
+        expected, got = _decode(model, cache, token), _decode(model, rebuilt, token)
+        assert torch.equal(expected, got)
+        token = int(expected.argmax())
+
+
 def test_tp_shards_export_their_heads(models):
     model = models["gemma3"]
     spec = kt.spec_for_model(model, tokens_per_block=4)
@@ -296,6 +316,26 @@ def test_disaggregated_chat_matches_single_process(models, kind):
         assert per_group.reused_blocks["full"] == range(0, c // 5)
     else:  # all sliding: nothing before the window is needed; state: the boundary holds
         assert per_group.bytes == single.bytes
+
+
+def test_full_hit_moves_nothing_and_decodes_exactly(models):
+    """The same block-aligned prompt again: every group's needed blocks are in the receiver's
+    prefix cache (they came from the context side's prefill of this prompt), nothing moves,
+    and decoding from the cached blocks is bit-exact."""
+    model = models["gemma3"]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    ctx = LocalContext(ContextWorker(model, spec, num_blocks=32, backend=BACKEND),
+                       backend=BACKEND)
+    gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=32, backend=BACKEND)
+    prompt = _prompt(20)  # P and needed(sliding).start = 15 are multiples of 5
+    first = gen.run_turn("a", prompt, STEPS, ctx)
+    again = gen.run_turn("b", prompt, STEPS, ctx)
+    assert first.wire_bytes > 0 and first.moved
+    assert again.wire_bytes == 0 and again.moved == {} and again.plan.is_full_hit
+    tokens, logits = greedy_reference(model, prompt, STEPS)
+    for result in (first, again):
+        assert result.tokens == tokens and torch.equal(result.logits, logits)
+    gen.manager.check_invariants()
 
 
 def test_single_boundary_collapses_only_when_window_pages_are_gone(models):
