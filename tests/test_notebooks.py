@@ -1,4 +1,5 @@
-"""Execute every notebook in notebooks/ top to bottom (CPU, small sizes) and fail on any cell error.
+"""Execute every notebook in notebooks/ top to bottom (CPU, small sizes) and fail on any cell error;
+check the notebook helpers of kvtriton.viz that compute (block maps, what-if plans).
 
 Each notebook runs in a fresh ``python3`` kernel of *this* interpreter: a kernelspec pointing at
 ``sys.executable`` is written to a temporary ``JUPYTER_PATH`` (nothing is registered globally),
@@ -14,7 +15,22 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from nbclient import NotebookClient
+
+from kvtriton.plan import compare_policies
+from kvtriton.spec import preset
+from kvtriton.viz import (
+    CACHED,
+    DRAFT,
+    MOVED,
+    NOT_NEEDED,
+    PARTLY_MOVED,
+    alignment_plans,
+    block_maps,
+    with_window,
+)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -88,3 +104,77 @@ def test_notebook_runs(name: str, local_kernel: str, monkeypatch: pytest.MonkeyP
     assert Path(ran_with) == Path(sys.executable), (
         f"{name} ran in {ran_with!r}, not in this interpreter {sys.executable!r}")
     assert elapsed < budget, f"{name} took {elapsed:.1f} s, over its {budget:.0f} s budget"
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook helpers of kvtriton.viz that compute something (not just draw).
+# ---------------------------------------------------------------------------------------------
+
+def _expected_token(p: int, window: int | None, cached: int, q: int) -> int:
+    """Brute force from DESIGN.md §1, position by position."""
+    if q >= p:
+        return DRAFT
+    needed = q >= p + 1 - window if window is not None else True
+    if not needed:
+        return NOT_NEEDED
+    return CACHED if q < cached else MOVED
+
+
+@given(p=st.integers(1, 80), window=st.integers(1, 40), c_full=st.integers(0, 100),
+       c_slide=st.integers(0, 100), drafts=st.integers(0, 6), tpb=st.integers(1, 9))
+def test_block_maps_match_brute_force(p: int, window: int, c_full: int, c_slide: int,
+                                      drafts: int, tpb: int) -> None:
+    spec = with_window(preset("tiny-hybrid"), window)
+    cached = {"full": c_full, "sliding": c_slide, "state": p}
+    for policy, plan in alignment_plans(preset("tiny-hybrid"), p, cached, window=window,
+                                        num_draft_tokens=drafts).items():
+        maps = {m.name: m for m in block_maps(plan, tokens_per_block=tpb)}
+        assert [g.name for g in plan.groups] == list(maps) == list(spec.group_names)
+        for g in plan.groups:
+            m = maps[g.name]
+            if g.kind == "state":
+                assert m.tokens == () and m.blocks == () and m.moves_state == g.moves_state
+                continue
+            w = g.group.window if g.kind == "sliding" else None
+            want = [_expected_token(p, w, g.cached_tokens, q) for q in range(p + drafts)]
+            assert list(m.tokens) == want, (policy, g.name)
+            assert m.count(MOVED) == len(g.tokens) and m.bytes == g.bytes
+            for b, status in enumerate(m.blocks):
+                cells = want[b * tpb:(b + 1) * tpb]
+                moved = cells.count(MOVED)
+                if moved == tpb:
+                    assert status == MOVED
+                elif moved:
+                    assert status == PARTLY_MOVED
+                elif CACHED in cells:
+                    assert status == CACHED
+                elif set(cells) == {DRAFT}:
+                    assert status == DRAFT
+                else:
+                    assert status == NOT_NEEDED
+            assert len(m.blocks) == -(-(p + drafts) // tpb)
+
+
+def test_alignment_plans_names_and_kinds() -> None:
+    spec = preset("tiny-hybrid")
+    by_kind = alignment_plans(spec, 30, {"full": 20, "sliding": 25, "state": 30})
+    by_name = compare_policies(spec, 30, {"full": 20, "sliding8": 25, "state": 30})
+    assert by_kind == by_name
+    # a name wins over its kind; the window is replaced and the group renamed
+    plans = alignment_plans(spec, 30, {"sliding": 0, "sliding4": 28}, window=4)
+    assert plans["per_group"].group("sliding4").cached_tokens == 28
+    assert plans["per_group"].group("sliding4").needed.start == 27
+    with pytest.raises(ValueError, match=r"unknown groups or kinds \['sliding8'\]"):
+        alignment_plans(spec, 30, {"sliding8": 3}, window=4)
+
+
+def test_with_window_errors() -> None:
+    with pytest.raises(ValueError, match="0 sliding groups"):
+        with_window(preset("llama-3-8b"), 64)
+    with pytest.raises(ValueError, match=r"'full' .* is 'full', not a sliding-window group"):
+        with_window(preset("tiny-hybrid"), 4, group="full")
+    with pytest.raises(ValueError, match="sliding window must be an int >= 1"):
+        with_window(preset("tiny-hybrid"), 0)
+    with pytest.raises(ValueError, match="tokens_per_block must be a positive int"):
+        block_maps(alignment_plans(preset("tiny-hybrid"), 8, {})["per_group"],
+                   tokens_per_block=0)
