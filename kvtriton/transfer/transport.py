@@ -116,6 +116,29 @@ def _check_slot(pool: torch.Tensor, slot: int, group: str, side: str) -> None:
                          f"[0, {pool.shape[1]})")
 
 
+class _BufferPool:
+    """Reusable CPU uint8 buffers (fresh multi-MiB allocations page-fault on every frame)."""
+
+    def __init__(self, min_bytes: int, keep: int = 4) -> None:
+        self.min_bytes = min_bytes
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= nbytes:
+                    return self._free.pop(i)[:nbytes]
+        return torch.empty(max(nbytes, self.min_bytes), dtype=torch.uint8)[:nbytes]
+
+    def give(self, view: torch.Tensor) -> None:
+        base = view._base if view._base is not None else view
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(base)
+
+
 # ---------------------------------------------------------------------------------------
 # per-peer threads
 # ---------------------------------------------------------------------------------------
@@ -154,7 +177,7 @@ class _Peer:
                 if isinstance(msg, P.Schedule) and not agent.nccl_data:
                     bufs = []
                     for frame in msg.frames:
-                        buf = torch.empty(frame.nbytes, dtype=torch.uint8)
+                        buf = agent._cpu_bufs.take(frame.nbytes)
                         dist.recv(buf, src=self.rank, group=agent.data_group, tag=_DATA_TAG)
                         bufs.append(buf)
                     events.put(("frames", self.rank, msg, bufs))
@@ -333,6 +356,8 @@ class TransferAgent:
         if not self.nccl_data and self.device.type != "cpu":
             raise ValueError("CUDA pools need an NCCL data group (gloo data moves CPU tensors)")
         self._events: queue.Queue[Any] = queue.Queue()
+        self._cpu_bufs = _BufferPool(min(self.options.chunk_bytes, 64 << 20),
+                                     keep=2 * self.options.max_frames_in_flight + 2)
         self._peers = {p: _Peer(self, p) for p in topology.peers(rank)}
         self._receivers = topology.receivers(rank) if self.info.side == "ctx" else ()
         self.closed = False
@@ -801,7 +826,7 @@ class TransferAgent:
                                       self._gather_stream, send=True)
             stream_ctx: Any = torch.cuda.stream(self._gather_stream)
         else:
-            buf = torch.empty(total, dtype=torch.uint8)
+            buf = self._cpu_bufs.take(total)
             stream_ctx = _nullctx()
         with stream_ctx:
             try:
@@ -864,6 +889,7 @@ class TransferAgent:
         if frame is None:
             return
         self._inflight[peer] -= 1
+        self._cpu_bufs.give(frame.buffer)
         if ok:
             self._frame_delivered(frame)
 
@@ -944,6 +970,7 @@ class TransferAgent:
     def _on_frames(self, peer: int, sched: P.Schedule, bufs: list[torch.Tensor]) -> None:
         for frame, buf in zip(sched.frames, bufs, strict=True):
             landed = self._unpack_frame(peer, frame, buf)
+            self._cpu_bufs.give(buf)  # the CPU scatter is synchronous
             self.stats["frames_received"] += 1
             for handle, parts in landed.items():
                 for sender, chunk_index in parts:
