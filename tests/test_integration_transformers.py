@@ -78,12 +78,12 @@ def _prompt(n: int, seed: int = 1) -> list[int]:
 
 def _prefill(model, tokens, cache):
     with torch.no_grad():
-        return model(torch.tensor([tokens]), cache=cache, use_cache=True)
+        return kt.forward(model, tokens, cache)
 
 
 def _decode(model, cache, token):
     with torch.no_grad():
-        return model(torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
+        return kt.forward(model, [token], cache).logits[0, -1]
 
 
 # ---------------------------------------------------------------------------------------

@@ -65,14 +65,9 @@ def _device(model: Any) -> Any:
 
 
 def _forward(model: Any, tokens: Sequence[int], cache: Any) -> Any:
-    """``model(tokens, <cache kwarg>=cache, use_cache=True)``: newer transformers call the
-    cache argument ``cache`` (``past_key_values`` is deprecated), older ones only know
-    ``past_key_values`` (and would silently drop ``cache``)."""
-    import inspect
+    from kvtriton.integrations.transformers import forward
 
-    params = inspect.signature(model.forward).parameters
-    key = "cache" if "cache" in params else "past_key_values"
-    return model(_ids_tensor(tokens, _device(model)), use_cache=True, **{key: cache})
+    return forward(model, tokens, cache)
 
 
 def greedy_reference(model: Any, prompt: Sequence[int], steps: int

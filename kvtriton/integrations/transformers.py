@@ -53,15 +53,19 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "TINY_MODELS",
     "StateLayout",
     "cache_layer_kind",
     "cache_to_pools",
     "check_spec",
+    "forward",
     "held_positions",
     "held_ranges",
     "pools_to_cache",
     "spec_for_model",
     "state_layout",
+    "tiny_config",
+    "tiny_model",
 ]
 
 PoolsLike = Any  # Mapping[str, torch.Tensor] or kvtriton.cache.CachePools (both index by group)
@@ -175,6 +179,26 @@ def held_ranges(cache: Any, spec: KVCacheSpec) -> dict[str, TokenRange]:
             )
         ranges[group.name] = distinct.pop()
     return ranges
+
+
+def forward(model: Any, tokens: Any, cache: Any) -> Any:
+    """``model(tokens, <cache>=cache, use_cache=True)`` for a batch of one sequence.
+
+    ``tokens``: token ids (a sequence of ints or a ``[1, T]`` tensor). Newer ``transformers``
+    name the cache argument ``cache`` (``past_key_values`` is deprecated); older ones only
+    know ``past_key_values`` and would silently ignore ``cache``, so the name is read from
+    the model's signature.
+    """
+    import inspect
+
+    import torch
+
+    if not isinstance(tokens, torch.Tensor):
+        device = next(model.parameters()).device
+        tokens = torch.tensor([[int(t) for t in tokens]], dtype=torch.long, device=device)
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    return model(tokens, use_cache=True, **{key: cache})
 
 
 # ------------------------------------------------------------------------------------------
