@@ -31,6 +31,9 @@ REPLICATED = KVCacheSpec((
     LayerGroup("sliding6", "sliding", (1, 3), num_kv_heads=2, head_dim=8, window=6),
 ), tokens_per_block=4, dtype="bfloat16", name="mqa-hybrid")
 
+FULL_ONLY = KVCacheSpec((LayerGroup("full", "full", (0, 1), num_kv_heads=2, head_dim=8),),
+                        tokens_per_block=4, dtype="float16", name="full-only")
+
 CASES: list[tuple[str, DisaggConfig]] = [
     # the Triton kernels (interpreter on CPU when TRITON_INTERPRET=1) end to end
     ("tp1-tp1", DisaggConfig(**{**BASE, "kernel_backend": "auto"})),
@@ -43,6 +46,10 @@ CASES: list[tuple[str, DisaggConfig]] = [
                                     "chunk_bytes": 1024, "modes": ("per_group",)})),
     ("batched", DisaggConfig(**{**BASE, "conversations": 6, "in_flight": 6,
                                 "chunk_bytes": 1 << 20, "modes": ("per_group",)})),
+    # the second turn repeats a block-aligned prompt: nothing moves, the request still
+    # completes (Done with no chunk, then Ack); drafts are allocated and never sent
+    ("full-hit", DisaggConfig(model=FULL_ONLY, turn_tokens=0, draft_tokens=3,
+                              **{**BASE, "modes": ("per_group",)})),
     ("mismatch", DisaggConfig(gen_dtype="float16", **ONE_TURN)),
     ("corrupt", DisaggConfig(faults={0: FaultInjection(corrupt_chunk=1)}, **ONE_TURN)),
     ("cancel", DisaggConfig(cancel=("c0t0",), cancel_during=("c1t0",), chunk_bytes=512,
@@ -138,6 +145,18 @@ def test_small_requests_share_frames(results: dict[str, Any]) -> None:
     _check_success(rep)
     frames = sum(r["modes"]["per_group"]["frames_sent"] for r in _ranks(rep, "ctx"))
     assert frames < len(_requests(rep)), frames
+
+
+def test_full_hit_moves_nothing_and_completes(results: dict[str, Any]) -> None:
+    rep = _report(results, "full-hit")
+    _check_success(rep)
+    reqs = _requests(rep)
+    first = [q for q in reqs if q["rid"].endswith("t0")]
+    second = [q for q in reqs if q["rid"].endswith("t1")]
+    assert len(first) == len(second) == 2
+    assert all(sum(q["bytes_by_group"].values()) == 40 * 2 * 2 * 2 * 8 * 2 for q in first)
+    assert all(sum(q["bytes_by_group"].values()) == 0 and q["tokens_by_group"]["full"] == 0
+               for q in second)
 
 
 def _check_failed(rep: dict[str, Any], *, recv: str, send: str | None, match: str,

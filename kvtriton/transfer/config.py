@@ -72,7 +72,10 @@ class DisaggConfig:
         modes: ``"per_group"`` and/or ``"single_boundary"``: the stream runs once per mode on
             fresh caches.
         conversations, turns: the request stream (each turn extends the previous one).
-        first_turn_tokens, turn_tokens: prompt length of turn 1, tokens added per turn.
+        first_turn_tokens, turn_tokens: prompt length of turn 1, tokens added per turn
+            (0 repeats the prompt: a full hit when it is block-aligned and nothing was
+            evicted).
+        draft_tokens: speculative positions the receiver allocates past ``P`` (never sent).
         in_flight: requests a receiver keeps in flight at once.
         evict_sliding: evict unreferenced sliding-window blocks after each turn (the pages a
             memory-pressured decoder drops first).
@@ -101,6 +104,7 @@ class DisaggConfig:
     turns: int = 2
     first_turn_tokens: int = 40
     turn_tokens: int = 21
+    draft_tokens: int = 0
     in_flight: int = 4
     evict_sliding: bool = True
     chunk_bytes: int = 8192
@@ -143,8 +147,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conversations", type=_positive, default=d.conversations)
     p.add_argument("--turns", type=_positive, default=d.turns)
     p.add_argument("--first-turn-tokens", type=_positive, default=d.first_turn_tokens)
-    p.add_argument("--turn-tokens", type=_positive, default=d.turn_tokens,
+    p.add_argument("--turn-tokens", type=_count, default=d.turn_tokens,
                    help="tokens each later turn adds (default %(default)s)")
+    p.add_argument("--draft-tokens", type=_count, default=0,
+                   help="speculative positions the receiver allocates past P (never sent)")
+    p.add_argument("--keep-sliding", action="store_true",
+                   help="do not evict the receiver's unreferenced sliding-window blocks")
     p.add_argument("--in-flight", type=_positive, default=d.in_flight,
                    help="requests a receiver keeps in flight (default %(default)s)")
     p.add_argument("--chunk-bytes", type=_positive, default=d.chunk_bytes)
@@ -157,6 +165,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-layout", choices=("NHD", "HND"), default=d.gen_layout)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -180,6 +198,7 @@ def config_from_args(args: argparse.Namespace) -> DisaggConfig:
         gen_pp=args.gen_pp, gen_tokens_per_block=args.gen_block_size, dtype=args.dtype,
         modes=modes, conversations=args.conversations, turns=args.turns,
         first_turn_tokens=args.first_turn_tokens, turn_tokens=args.turn_tokens,
+        draft_tokens=args.draft_tokens, evict_sliding=not args.keep_sliding,
         in_flight=args.in_flight, chunk_bytes=args.chunk_bytes,
         checksum=not args.no_checksum, timeout_s=args.timeout, backend=args.backend,
         kernel_backend=args.kernel_backend, ctx_layout=args.ctx_layout,

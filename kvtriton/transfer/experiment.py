@@ -199,7 +199,7 @@ def conversation_stream(cfg: DisaggConfig) -> list[list[tuple[str, list[int]]]]:
 
 def _blocks_needed(cfg: DisaggConfig, spec: KVCacheSpec) -> int:
     longest = cfg.first_turn_tokens + (cfg.turns - 1) * cfg.turn_tokens
-    per_req = -(-longest // spec.tokens_per_block) + 2
+    per_req = -(-(longest + cfg.draft_tokens) // spec.tokens_per_block) + 2
     return per_req * cfg.conversations * cfg.turns + 8
 
 
@@ -250,7 +250,8 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
         rid0, tokens = convs[c][next_turn[c]]
         rid = f"{mode}/{rid0}"
         t0 = time.perf_counter()
-        rx = prepare_receive(manager, rid, tokens, mode=mode)  # type: ignore[arg-type]
+        rx = prepare_receive(manager, rid, tokens, mode=mode,  # type: ignore[arg-type]
+                             num_draft_tokens=cfg.draft_tokens)
         t_plan = time.perf_counter() - t0
         agent.request(rid, len(tokens), rx.tokens, rx.states, rx.spans, rx.state_slots,
                       mode=mode, on_commit=lambda h, rx=rx: complete_receive(manager, rx),
