@@ -13,7 +13,7 @@ A referenced block may also be in the index (a committed block still in use). Pu
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from kvtriton.cache.hashing import BlockHash
 
@@ -149,7 +149,8 @@ class PrefixCache:
     def items(self) -> Iterable[tuple[BlockHash, int]]:
         return self._index.items()
 
-    def run_length(self, hashes: list[BlockHash], start: int, stop: int | None = None) -> int:
+    def run_length(self, hashes: Sequence[BlockHash], start: int, stop: int | None = None
+                   ) -> int:
         """How many consecutive ``hashes[start:stop]`` are in the index."""
         index = self._index
         end = len(hashes) if stop is None else min(stop, len(hashes))
@@ -157,6 +158,18 @@ class PrefixCache:
         while i < end and hashes[i] in index:
             i += 1
         return i - start
+
+    def run_ids(self, hashes: Sequence[BlockHash], start: int) -> tuple[int, ...]:
+        """Physical ids of the longest run of ``hashes[start:]`` found in the index."""
+        get = self._index.get
+        out: list[int] = []
+        append = out.append
+        for i in range(start, len(hashes)):
+            b = get(hashes[i])
+            if b is None:
+                break
+            append(b)
+        return tuple(out)
 
     # -- updates ----------------------------------------------------------------------------
     def insert(self, block_hash: BlockHash, block_id: int) -> bool:

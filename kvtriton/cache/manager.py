@@ -72,6 +72,9 @@ class PrefixMatch:
             ``range(s, s + k)``).
         state_hits: ``{state group: whether a snapshot at exactly P exists}``.
         boundary: the single-boundary value ``c`` (see :meth:`KVCacheManager.match`).
+        block_ids: ``{group: physical ids}`` of the matched blocks (in ``matched_blocks``
+            order) or of the snapshot slot at ``P`` (a state group; empty on a miss). Valid
+            until the cache changes.
     """
 
     num_tokens: int
@@ -80,6 +83,7 @@ class PrefixMatch:
     matched_blocks: Mapping[str, range]
     state_hits: Mapping[str, bool]
     boundary: int
+    block_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     extra_key: ExtraKey = None
     hashes: tuple[BlockHash, ...] = field(default=(), repr=False)
     token_bytes: bytes = field(default=b"", repr=False, compare=False)
@@ -393,22 +397,29 @@ class KVCacheManager:
         cached: dict[str, int] = {}
         matched: dict[str, range] = {}
         hits: dict[str, bool] = {}
+        ids: dict[str, tuple[int, ...]] = {}
         upper = nfull  # the boundary is at most min over full-attention runs
         for gs in self._groups.values():
             g = gs.group
             if g.kind == "full":
-                run = gs.cache.run_length(hashes, 0)
+                found = gs.cache.run_ids(hashes, 0)
+                run = len(found)
+                ids[g.name] = found
                 matched[g.name] = range(0, run)
                 cached[g.name] = run * bsz
                 upper = min(upper, run)
             elif g.kind == "sliding":
                 start = needed_range(g, p).start
                 s = start // bsz
-                run = gs.cache.run_length(hashes, s)
+                found = gs.cache.run_ids(hashes, s)
+                run = len(found)
+                ids[g.name] = found
                 matched[g.name] = range(s, s + run)
                 cached[g.name] = (s + run) * bsz if run else start
             else:
-                hit = p % bsz == 0 and nfull > 0 and hashes[-1] in gs.cache
+                slot = gs.cache.lookup(hashes[-1]) if p % bsz == 0 and nfull > 0 else None
+                hit = slot is not None
+                ids[g.name] = () if slot is None else (slot,)
                 hits[g.name] = hit
                 cached[g.name] = p if hit else 0
         boundary = self._boundary(hashes, upper) * bsz
@@ -419,6 +430,7 @@ class KVCacheManager:
             matched_blocks=matched,
             state_hits=hits,
             boundary=boundary,
+            block_ids=ids,
             extra_key=extra_key,
             hashes=tuple(hashes),
             token_bytes=data,
@@ -533,8 +545,7 @@ class KVCacheManager:
                 take = range(found.start, max(found.start, min(found.stop,
                                                                match.boundary // bsz)))
                 cached[g.name] = match.boundary
-            lookup = gs.cache._index
-            ids = [lookup[hashes[b]] for b in take]
+            ids = list(match.block_ids[g.name][: len(take)])
             fresh = (end - first) - len(ids)
             available = gs.available - sum(1 for b in ids if gs.cache.is_evictable(b))
             if fresh > available:
@@ -787,6 +798,10 @@ class KVCacheManager:
 
     def refcount(self, group: str, block_id: int) -> int:
         return self._group(group).alloc.refcount(block_id)
+
+    def lookup(self, group: str, block_hash: BlockHash) -> int | None:
+        """The block (or snapshot slot) published under ``block_hash`` in ``group``, or None."""
+        return self._group(group).cache.lookup(block_hash)
 
     def block_hash(self, group: str, block_id: int) -> BlockHash | None:
         """The hash a block (or snapshot slot) is published under, or ``None``."""
