@@ -400,7 +400,10 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
         gathered = [results]
     if rank != reporter:
         return None
-    return _summarise(cfg, topo_ctx, [g for g in gathered if g is not None], device,
+    where = device
+    if device.startswith("cuda"):
+        where = f"{torch.cuda.get_device_name(torch.device(device))} (one per rank)"
+    return _summarise(cfg, topo_ctx, [g for g in gathered if g is not None], where,
                       data_backend)
 
 
