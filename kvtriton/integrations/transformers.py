@@ -25,7 +25,8 @@ What is supported (``transformers`` 5.x ``DynamicCache``, batch size 1 = one req
 Not supported (a clear ``ValueError``): other recurrent layers (Mamba/Mamba-2 caches,
 short convolutions), hybrid layers that hold attention and a state in one layer, chunked
 attention (Llama-4: its mask is not a sliding window), static / quantized / offloaded
-caches, batch sizes other than 1, and MLA caches whose layout differs from
+caches, rebuilding a batch of more than one sequence (export picks one with
+``batch_index``), and MLA caches whose layout differs from
 ``[batch, heads, tokens, head_dim]`` keys and values.
 
 Two directions:
@@ -37,7 +38,9 @@ Two directions:
   continue at position ``P``: full layers hold ``[0, P)``, sliding layers exactly
   ``needed(g, P)`` (``W - 1`` positions once ``P >= W - 1``), with ``cumulative_length = P``.
 
-Both go through :mod:`kvtriton.kernels` (``scatter`` / ``gather``), one call per group.
+Attention groups go through :mod:`kvtriton.kernels` (``scatter`` / ``gather``, one call per
+group); states are copied slot by slot with torch indexing. :func:`forward` calls a model with
+a cache under the argument name its ``transformers`` version takes.
 """
 
 from __future__ import annotations
