@@ -40,6 +40,7 @@ NOTEBOOKS: dict[str, float] = {
     "02_kernels.ipynb": 60.0,
     "03_hybrid_reuse.ipynb": 60.0,
     "04_distributed.ipynb": 90.0,
+    "05_transformers_e2e.ipynb": 90.0,  # kvtriton.integrations (tiny random transformers models)
 }
 
 #: Committed notebooks keep small outputs so that they read well on GitHub.
