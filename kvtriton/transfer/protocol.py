@@ -2,9 +2,9 @@
 
 Every control message travels over a gloo process group as uint8 tensors: a fixed
 :data:`HEADER_BYTES` header (magic, protocol version, message kind, payload length) followed
-by the payload, compact JSON (short keys, no spaces); the transport puts both in one
-fixed-size frame (``transport.CTRL_FRAME_BYTES``), with a second message only for a payload
-that does not fit. Block ids never appear in a message: the
+by the payload, compact JSON (short keys, no spaces); the transport packs one or more
+encoded messages into one fixed-size frame (``transport.CTRL_FRAME_BYTES``), with a second
+gloo message only for what does not fit. Block ids never appear in a message: the
 receiver names *positions* (per-group token ranges), the layers and the head sub-range it
 wants, and both sides derive the packed layout from :func:`kvtriton.layout.packed_layout`.
 

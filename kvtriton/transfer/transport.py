@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import queue
+import struct
 import threading
 import time
 from collections import deque
@@ -64,11 +65,13 @@ __all__ = [
 
 _CTRL_TAG = 11
 _DATA_TAG = 12
-#: Every control message is one fixed-size gloo message (header + inline payload); a longer
-#: payload sends its remainder as a second message. One message per control message halves
-#: the gloo rendezvous count (each costs a round trip to learn the receiver posted its recv).
+#: Control frames: one fixed-size gloo message holding a 4-byte length and then one or more
+#: encoded messages back to back; what does not fit follows as a second message. Each gloo
+#: message costs a round trip (the sender waits until the receiver posted its recv), so small
+#: messages travel inline and queued messages share a frame.
 CTRL_FRAME_BYTES = 512
-_INLINE = CTRL_FRAME_BYTES - P.HEADER_BYTES
+_FRAME_LEN = struct.Struct("<I")
+_INLINE = CTRL_FRAME_BYTES - _FRAME_LEN.size
 
 
 def checksum(buf: torch.Tensor) -> int:
@@ -167,31 +170,39 @@ class _Peer:
                 frame = torch.empty(CTRL_FRAME_BYTES, dtype=torch.uint8)
                 dist.recv(frame, src=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
                 raw = frame.numpy().tobytes()
-                kind, length = P.decode_header(raw[:P.HEADER_BYTES])
-                payload = raw[P.HEADER_BYTES:P.HEADER_BYTES + min(length, _INLINE)]
+                (length,) = _FRAME_LEN.unpack_from(raw)
+                blob = raw[_FRAME_LEN.size:_FRAME_LEN.size + min(length, _INLINE)]
                 if length > _INLINE:
                     rest = torch.empty(length - _INLINE, dtype=torch.uint8)
                     dist.recv(rest, src=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
-                    payload += rest.numpy().tobytes()
-                msg = P.decode(kind, payload)
-                if isinstance(msg, P.Schedule) and not agent.nccl_data:
-                    bufs = []
-                    for frame in msg.frames:
-                        buf = agent._cpu_bufs.take(frame.nbytes)
-                        dist.recv(buf, src=self.rank, group=agent.data_group, tag=_DATA_TAG)
-                        bufs.append(buf)
-                    events.put(("frames", self.rank, msg, bufs))
-                else:
-                    events.put(("msg", self.rank, msg, None))
-                if isinstance(msg, P.Bye):
-                    return
+                    blob += rest.numpy().tobytes()
+                pos = 0
+                while pos < len(blob):  # one or more messages, back to back
+                    kind, size = P.decode_header(blob[pos:pos + P.HEADER_BYTES])
+                    pos += P.HEADER_BYTES
+                    msg = P.decode(kind, blob[pos:pos + size])
+                    pos += size
+                    if isinstance(msg, P.Schedule) and not agent.nccl_data:
+                        bufs = []
+                        for f in msg.frames:
+                            buf = agent._cpu_bufs.take(f.nbytes)
+                            dist.recv(buf, src=self.rank, group=agent.data_group,
+                                      tag=_DATA_TAG)
+                            bufs.append(buf)
+                        events.put(("frames", self.rank, msg, bufs))
+                    else:
+                        events.put(("msg", self.rank, msg, None))
+                    if isinstance(msg, P.Bye):
+                        return
         except Exception as exc:  # peer died, pair closed, protocol error
             events.put(("lost", self.rank, f"{type(exc).__name__}: {exc}", None))
 
     def _write(self) -> None:
         agent = self.agent
+        carry: Any = None
         while True:
-            item = self.outbox.get()
+            item = carry if carry is not None else self.outbox.get()
+            carry = None
             if item is None:
                 return
             kind, obj, token = item
@@ -201,17 +212,33 @@ class _Peer:
                 continue
             try:
                 if kind == "msg":
-                    header, payload = P.encode(obj)
+                    # Coalesce every control message already queued (up to a data frame or
+                    # the end marker) into one control frame: under load, Requests, Acks and
+                    # Schedules of many requests share one gloo round trip.
+                    parts = [b"".join(P.encode(obj))]
+                    while True:
+                        try:
+                            nxt = self.outbox.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is not None and nxt[0] == "msg":
+                            parts.append(b"".join(P.encode(nxt[1])))
+                            continue
+                        carry = nxt if nxt is not None else ("end", None, None)
+                        break
+                    blob = b"".join(parts)
                     frame = bytearray(CTRL_FRAME_BYTES)
-                    frame[:P.HEADER_BYTES] = header
-                    inline = payload[:_INLINE]
-                    frame[P.HEADER_BYTES:P.HEADER_BYTES + len(inline)] = inline
+                    _FRAME_LEN.pack_into(frame, 0, len(blob))
+                    inline = blob[:_INLINE]
+                    frame[_FRAME_LEN.size:_FRAME_LEN.size + len(inline)] = inline
                     dist.send(torch.frombuffer(frame, dtype=torch.uint8),
                               dst=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
-                    if len(payload) > _INLINE:
-                        dist.send(torch.frombuffer(bytearray(payload[_INLINE:]),
+                    if len(blob) > _INLINE:
+                        dist.send(torch.frombuffer(bytearray(blob[_INLINE:]),
                                                    dtype=torch.uint8),
                                   dst=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
+                    if carry is not None and carry[0] == "end":
+                        return
                 else:  # gloo data frame
                     dist.send(obj, dst=self.rank, group=agent.data_group, tag=_DATA_TAG)
                 if token is not None:
