@@ -310,7 +310,10 @@ class RecvHandle:
         spans, state_slots: the destination blocks / slots on this rank.
         parts: per sender rank, the request sent and the progress of its chunks.
         bytes_received: payload bytes received so far (all senders).
-        t_first_data, t_last_data: monotonic times of the first/last data arrival.
+        t_first_data: monotonic time the first frame arrived (gloo) or was announced and
+            its receive posted (NCCL).
+        t_last_data: monotonic time the last frame was scattered (NCCL: when the host saw
+            its scatter event complete).
     """
 
     session: Session
@@ -968,6 +971,7 @@ class TransferAgent:
         for handle in [*self._recv.values(), *self._zombies]:
             while handle.pending and handle.pending[0][0].query():
                 _, frame_parts = handle.pending.pop(0)
+                handle.t_last_data = time.monotonic()  # scattered (CUDA: now, not at post)
                 for sender, chunk_index in frame_parts:
                     self._chunk_landed(handle, sender, chunk_index)
             if not handle.pending:
