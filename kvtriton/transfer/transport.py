@@ -1003,7 +1003,9 @@ class TransferAgent:
             landed = self._unpack_frame(peer, frame, buf)
             self._cpu_bufs.give(buf)  # the CPU scatter is synchronous
             self.stats["frames_received"] += 1
+            done = time.monotonic()
             for handle, parts in landed.items():
+                handle.t_last_data = done  # the CPU scatter is synchronous
                 for sender, chunk_index in parts:
                     self._chunk_landed(handle, sender, chunk_index)
                 self._maybe_complete(handle)
