@@ -338,6 +338,32 @@ def test_full_hit_moves_nothing_and_decodes_exactly(models):
     gen.manager.check_invariants()
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "gpt-oss"])
+def test_shared_system_prompt_needs_no_eviction_for_the_gap(models, kind):
+    """User B shares user A's system prompt. Full attention reuses its blocks; a single
+    boundary cannot resume there, because A's sliding-window blocks around the end of the
+    system prompt were never allocated (A's window started later): it falls to 0."""
+    model = models[kind]
+    spec = kt.spec_for_model(model, tokens_per_block=4)
+    system, user_a, user_b = (_prompt(n, seed=s) for n, s in ((16, 7), (12, 8), (10, 9)))
+    p_b = len(system) + len(user_b)
+    reference = greedy_reference(model, system + user_b, STEPS)
+    seen = {}
+    for mode in ("per_group", "single_boundary"):
+        ctx = LocalContext(ContextWorker(model, spec, num_blocks=32, backend=BACKEND),
+                           backend=BACKEND)
+        gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=32, backend=BACKEND)
+        gen.run_turn("A", system + user_a, STEPS, ctx, mode=mode)
+        seen[mode] = b = gen.run_turn("B", system + user_b, STEPS, ctx, mode=mode)
+        assert b.tokens == reference[0], mode
+        assert b.moved["sliding6"] == TokenRange(p_b + 1 - WINDOW, p_b)
+    assert seen["per_group"].moved["full"] == TokenRange(15, p_b)  # 3 shared blocks of 5
+    assert seen["single_boundary"].moved["full"] == TokenRange(0, p_b)
+    assert seen["per_group"].bytes < seen["single_boundary"].bytes
+    assert torch.equal(seen["single_boundary"].logits, reference[1])
+    torch.testing.assert_close(seen["per_group"].logits, reference[1], atol=ATOL, rtol=RTOL)
+
+
 def test_single_boundary_collapses_only_when_window_pages_are_gone(models):
     """With its turn-1 window pages still cached, even one boundary resumes at c; once memory
     pressure evicts the released sliding-window pages the single boundary falls to 0 while
@@ -391,3 +417,27 @@ def test_chat_over_torch_distributed_matches_single_process(models):
     assert 0 < checks[1].max_abs_diff < ATOL
     report = format_chat_report(remote, checks)
     assert "full [25, 43), sliding6 [38, 43)" in report and "saves 47.2%" in report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", kt.TINY_MODELS)
+def test_chat_on_cuda_through_compiled_triton_kernels(kind):
+    """Model, pools and the compiled Triton kernels on the GPU; same expectations as on CPU."""
+    model = kt.tiny_model(kind, window=WINDOW).cuda()
+    spec = kt.spec_for_model(model, tokens_per_block=16)
+    turns = [_prompt(40, seed=1), _prompt(25, seed=2)]
+    ctx = LocalContext(ContextWorker(model, spec, num_blocks=32, backend="triton"),
+                       backend="triton")
+    gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=64, backend="triton")
+    results = run_chat(gen, ctx, turns, steps=12, evict_sliding_between_turns=True)
+    conversation: list[int] = []
+    for k, result in enumerate(results):
+        prompt = conversation + turns[k]
+        tokens, logits = greedy_reference(model, prompt, 12)
+        assert result.tokens == tokens
+        if k == 0:
+            assert torch.equal(result.logits, logits)
+        else:
+            torch.testing.assert_close(result.logits, logits, atol=ATOL, rtol=RTOL)
+        conversation = prompt + result.tokens
