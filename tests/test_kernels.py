@@ -493,6 +493,8 @@ def test_request_validation_writes_nothing(device, backend):
         (dict(pools={**pools, "state": pools["state"].to(torch.bfloat16)}), "pools"),
         (dict(buffer=buf[1:]), "buffer"),
         (dict(buffer=buf.view(torch.int8)), "buffer"),
+        (dict(buffer=torch.empty(layout.nbytes + 1, dtype=torch.uint8, device=device)[1:]),
+         "buffer"),
     ]
     for override, name in bad:
         kwargs = dict(spec=spec, layout=layout, buffer=buf, pools=pools, spans=spans,

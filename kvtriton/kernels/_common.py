@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvtriton.layout import PackedLayout, Segment
@@ -123,8 +124,9 @@ def check_range(name: str, tokens: object) -> TokenRange:
 
 def check_span(
     name: str, span: object, tokens: TokenRange, pool: torch.Tensor, *, unique: bool = False
-) -> tuple[tuple[int, ...], int]:
-    """Physical ids of the blocks ``tokens`` touches and the in-block offset of its start.
+) -> tuple[np.ndarray, int]:
+    """Physical ids (int64 array) of the blocks ``tokens`` touches, in logical order, and
+    the in-block offset of ``tokens.start`` in the first of them.
 
     ``unique``: the ids must be distinct (a destination: two logical blocks in one physical
     block would make writes collide).
@@ -134,7 +136,7 @@ def check_span(
     tpb = int(pool.shape[3])
     num_blocks = int(pool.shape[1])
     if tokens.is_empty:
-        return (), 0
+        return np.empty(0, dtype=np.int64), 0
     held = span.covered(tpb)
     if not (held.start <= tokens.start and tokens.end <= held.end):
         raise ValueError(
@@ -145,7 +147,8 @@ def check_span(
     first = tokens.start // tpb
     last = -(-tokens.end // tpb)
     ids = span.block_ids[first - span.first_block : last - span.first_block]
-    if min(ids) < 0 or max(ids) >= num_blocks:
+    arr = np.fromiter(ids, dtype=np.int64, count=len(ids))
+    if arr.min() < 0 or arr.max() >= num_blocks:
         for i, block_id in enumerate(ids):
             if not 0 <= block_id < num_blocks:
                 raise ValueError(
@@ -158,7 +161,7 @@ def check_span(
             f"{name}: destination block ids {dup} appear more than once among the blocks "
             f"written for {tokens}; writes would collide"
         )
-    return tuple(ids), tokens.start - first * tpb
+    return arr, tokens.start - first * tpb
 
 
 def check_layers(name: str, layers: object, num_layers: int) -> tuple[int, ...]:
@@ -231,12 +234,12 @@ def check_dense(
 class PagedSide:
     """The paged side of a token move.
 
-    ``ids[i]`` is the physical block of the ``i``-th touched logical block; the first moved
-    position sits at in-block offset ``offset`` of ``ids[0]``.
+    ``ids[i]`` (int64 array) is the physical block of the ``i``-th touched logical block; the
+    first moved position sits at in-block offset ``offset`` of ``ids[0]``.
     """
 
     pool: torch.Tensor
-    ids: tuple[int, ...]
+    ids: np.ndarray
     offset: int
     layers: tuple[int, ...]
     heads: tuple[int, int]
@@ -368,7 +371,7 @@ def _check_copy_overlap(src: PagedSide, dst: PagedSide) -> None:
             "overlapping views is not supported"
         )
     shared_layers = set(src.layers) & set(dst.layers)
-    shared_blocks = set(src.ids) & set(dst.ids)
+    shared_blocks = set(src.ids.tolist()) & set(dst.ids.tolist())
     heads_overlap = src.heads[0] < dst.heads[1] and dst.heads[0] < src.heads[1]
     if shared_layers and shared_blocks and heads_overlap:
         raise ValueError(
@@ -456,7 +459,7 @@ class PackedRequest:
 @dataclass(frozen=True)
 class KVBatchItem:
     n_tokens: int
-    ids: tuple[int, ...]
+    ids: np.ndarray
     offset: int  # in-block offset of the first position in ids[0]
     dense_offset: int  # element offset of the [L, kv, T, H, D] segment in the flat buffer
 
@@ -563,6 +566,11 @@ def plan_requests(
         raise ValueError(
             f"buffer must be a contiguous 1-D uint8 tensor, got dtype {buffer.dtype}, shape "
             f"{tuple(buffer.shape)}"
+        )
+    if buffer.data_ptr() % 16:
+        raise ValueError(
+            f"buffer must start at a 16-byte aligned address (segments are viewed as the pool "
+            f"dtypes), got address {buffer.data_ptr():#x}"
         )
     from kvtriton.layout import SEGMENT_ALIGN
 
@@ -698,7 +706,7 @@ def _check_batch_positions(name: str, items: Sequence[KVBatchItem], pool: torch.
     seen: dict[int, list[tuple[int, int]]] = {}
     for item in items:
         n = item.n_tokens
-        for i, block in enumerate(item.ids):
+        for i, block in enumerate(item.ids.tolist()):
             lo = item.offset if i == 0 else 0
             hi = min(tpb, item.offset + n - i * tpb)
             for a, b in seen.get(block, ()):

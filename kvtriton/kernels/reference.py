@@ -37,7 +37,7 @@ def _token_index(side: C.PagedSide, n: int) -> tuple[torch.Tensor, torch.Tensor,
     dev = side.pool.device
     tpb = side.tokens_per_block
     pos = torch.arange(side.offset, side.offset + n, device=dev)
-    ids = torch.tensor(side.ids, dtype=torch.int64, device=dev)
+    ids = torch.from_numpy(side.ids).to(dev)
     layers = torch.tensor(side.layers, dtype=torch.int64, device=dev)
     return layers[:, None], ids[pos // tpb][None, :], (pos % tpb)[None, :]
 
