@@ -431,8 +431,8 @@ def run_batches(batches: Sequence[C.KVBatch | C.StateBatch]) -> None:
             src, dst = (side, dense) if b.to_dense else (dense, side)
             launches.append(_kv_launch(src, dst, item.n_tokens, meta))
         else:
-            first = b.items[0]
-            side = C.PagedSide(b.pool, first.ids, first.offset, b.layers, b.heads)
+            # per-request block tables go into the batch rows; the side carries no table
+            side = C.PagedSide(b.pool, np.empty(0, dtype=np.int64), 0, b.layers, b.heads)
             src, dst = (side, b.flat) if b.to_dense else (b.flat, side)
             launches.append(_kv_launch(src, dst, 0, meta, batch=b))
     if device is not None:
