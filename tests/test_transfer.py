@@ -56,6 +56,16 @@ CASES: list[tuple[str, DisaggConfig]] = [
                             faults={0: FaultInjection(frame_delay_s=0.02)}, **ONE_TURN)),
     ("timeout", DisaggConfig(faults={0: FaultInjection(stall=True)},
                              **{**ONE_TURN, "timeout_s": 1.5})),
+    # pre-posted receives: the sender owes every announced chunk, in order, dummies included
+    ("prepost-tp1pp2-tp2pp1", DisaggConfig(ctx_pp=2, gen_tp=2, prepost=True, chunk_bytes=1024,
+                                           **BASE)),
+    ("prepost-mismatch", DisaggConfig(gen_dtype="float16", prepost=True, chunk_bytes=512,
+                                      **ONE_TURN)),
+    ("prepost-corrupt", DisaggConfig(faults={0: FaultInjection(corrupt_chunk=0)}, prepost=True,
+                                     **ONE_TURN)),
+    ("prepost-cancel", DisaggConfig(cancel=("c0t0",), cancel_during=("c1t0",), chunk_bytes=512,
+                                    prepost=True, faults={0: FaultInjection(frame_delay_s=0.02)},
+                                    **ONE_TURN)),
     # last: a dead rank breaks the world
     ("sender-dies", DisaggConfig(faults={0: FaultInjection(die_after_frames=2)},
                                  chunk_bytes=512, **ONE_TURN)),
@@ -103,7 +113,7 @@ def _check_success(rep: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", ["tp1-tp1", "tp2-tp1", "tp1-tp2", "pp2-pp1", "tp1pp2-tp2pp1",
-                                  "replicated-tp2-tp2"])
+                                  "replicated-tp2-tp2", "prepost-tp1pp2-tp2pp1"])
 def test_topologies_bit_exact_with_per_group_reuse(results: dict[str, Any], name: str) -> None:
     rep = _report(results, name)
     _check_success(rep)
@@ -178,21 +188,25 @@ def _check_failed(rep: dict[str, Any], *, recv: str, send: str | None, match: st
     assert not rep["verified"]
 
 
-def test_spec_mismatch_is_refused_on_both_sides(results: dict[str, Any]) -> None:
-    rep = _report(results, "mismatch")
+@pytest.mark.parametrize("name", ["mismatch", "prepost-mismatch"])
+def test_spec_mismatch_is_refused_on_both_sides(results: dict[str, Any], name: str) -> None:
+    rep = _report(results, name)
     _check_failed(rep, recv="ERROR", send="ERROR", match="spec mismatch: receiver model digest")
     for r in _ranks(rep, "ctx"):
         for v in r["modes"]["per_group"]["sessions"].values():
             assert "spec mismatch" in v[1]
 
 
-def test_corrupted_chunk_fails_both_sides(results: dict[str, Any]) -> None:
-    rep = _report(results, "corrupt")
-    _check_failed(rep, recv="ERROR", send="ERROR", match="checksum mismatch in chunk 1")
+@pytest.mark.parametrize("name,chunk", [("corrupt", 1), ("prepost-corrupt", 0)])
+def test_corrupted_chunk_fails_both_sides(results: dict[str, Any], name: str, chunk: int
+                                          ) -> None:
+    rep = _report(results, name)
+    _check_failed(rep, recv="ERROR", send="ERROR", match=f"checksum mismatch in chunk {chunk}")
 
 
-def test_cancel_before_and_during(results: dict[str, Any]) -> None:
-    rep = _report(results, "cancel")
+@pytest.mark.parametrize("name", ["cancel", "prepost-cancel"])
+def test_cancel_before_and_during(results: dict[str, Any], name: str) -> None:
+    rep = _report(results, name)
     _check_failed(rep, recv="CANCELLED", send="CANCELLED", match="cancelled by the experiment")
     during = [q for q in _requests(rep) if q["rid"].endswith("c1t0")]
     assert during and during[0]["t_first_data"] is not None  # data had started to arrive

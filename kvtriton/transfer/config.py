@@ -45,6 +45,11 @@ class TransferOptions:
         max_frames_in_flight: gloo frames handed to a peer's writer and not yet sent.
         staging_slots: ring size of the CUDA staging buffers per peer and direction.
         backend: kernel backend for pack/unpack (``"auto"``, ``"triton"``, ``"reference"``).
+        prepost: receivers post their receives (and, on CUDA, the scatters) when they ask,
+            instead of waiting for the sender's Schedule: one control hop less per request.
+            The sender then sends every chunk a receiver expects, strictly in request order
+            and without batching (dummy bytes for a refused or abandoned request), so a hung
+            sender also holds up the requests queued behind it on that pair.
         faults: :class:`FaultInjection` (tests).
     """
 
@@ -55,6 +60,7 @@ class TransferOptions:
     max_frames_in_flight: int = 2
     staging_slots: int = 3
     backend: str = "auto"
+    prepost: bool = False
     faults: FaultInjection = field(default_factory=FaultInjection)
 
 
@@ -84,6 +90,7 @@ class DisaggConfig:
         backend: ``"auto"`` (NCCL data when every rank owns a GPU, else gloo on CPU),
             ``"gloo"`` or ``"nccl"``.
         kernel_backend: ``kernels`` backend for pack/unpack (``"auto"``/``"reference"``/...).
+        prepost: receivers post their receives when they ask (``TransferOptions.prepost``).
         seed: token ids of the stream.
         faults: ``{rank: FaultInjection}`` (tests).
         cancel: request ids (``"c0t0"``) the receiver cancels right after asking (tests).
@@ -115,6 +122,7 @@ class DisaggConfig:
     backend: str = "auto"
     kernel_backend: str = "auto"
     seed: int = 0
+    prepost: bool = False
     faults: dict[int, FaultInjection] = field(default_factory=dict)
     cancel: tuple[str, ...] = ()
     cancel_during: tuple[str, ...] = ()
@@ -163,6 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-backend", choices=("auto", "triton", "reference"), default="auto")
     p.add_argument("--ctx-layout", choices=("NHD", "HND"), default=d.ctx_layout)
     p.add_argument("--gen-layout", choices=("NHD", "HND"), default=d.gen_layout)
+    p.add_argument("--prepost", action="store_true",
+                   help="receivers post their receives when they ask (one control hop less)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
 
@@ -202,4 +212,4 @@ def config_from_args(args: argparse.Namespace) -> DisaggConfig:
         in_flight=args.in_flight, chunk_bytes=args.chunk_bytes,
         checksum=not args.no_checksum, timeout_s=args.timeout, backend=args.backend,
         kernel_backend=args.kernel_backend, ctx_layout=args.ctx_layout,
-        gen_layout=args.gen_layout, seed=args.seed)
+        gen_layout=args.gen_layout, seed=args.seed, prepost=args.prepost)

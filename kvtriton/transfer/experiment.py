@@ -358,6 +358,7 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
     results: dict[str, Any] = {"rank": rank, "side": info.side, "modes": {}}
     options = TransferOptions(chunk_bytes=cfg.chunk_bytes, timeout_s=cfg.timeout_s,
                               checksum=cfg.checksum, backend=cfg.kernel_backend,
+                              prepost=cfg.prepost,
                               faults=cfg.faults.get(rank, FaultInjection()))
     healthy = True
     for mode in cfg.modes:

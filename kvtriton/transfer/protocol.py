@@ -95,6 +95,9 @@ class Request:
         chunk_bytes: target bytes per data chunk (the sender splits by tokens; >= 1 token).
         checksum: whether the sender sends a checksum per chunk.
         mode: ``"per_group"`` or ``"single_boundary"`` (informational, for reports).
+        sizes: pre-posted mode: the receiver already posted one receive per chunk of these
+            byte sizes; the sender must send exactly these chunks, in request order, with
+            dummy bytes if it refuses or the request ends early (empty = Schedule mode).
     """
 
     KIND: ClassVar[int] = 1
@@ -108,6 +111,7 @@ class Request:
     chunk_bytes: int
     checksum: bool = False
     mode: str = "per_group"
+    sizes: tuple[int, ...] = ()
 
     def groups(self) -> tuple[str, ...]:
         """Every group this request touches (attention groups with tokens, then states)."""
@@ -121,6 +125,7 @@ class Request:
             "l": {g: list(v) for g, v in self.layers.items()},
             "h": {g: list(v) for g, v in self.heads.items()},
             "c": self.chunk_bytes, "k": int(self.checksum), "m": self.mode,
+            **({"z": list(self.sizes)} if self.sizes else {}),
         }
 
     @classmethod
@@ -132,6 +137,7 @@ class Request:
             layers={g: tuple(int(x) for x in v) for g, v in d["l"].items()},
             heads={g: (int(v[0]), int(v[1])) for g, v in d["h"].items()},
             chunk_bytes=int(d["c"]), checksum=bool(d["k"]), mode=str(d.get("m", "per_group")),
+            sizes=tuple(int(x) for x in d.get("z", ())),
         )
 
 

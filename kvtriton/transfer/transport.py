@@ -31,6 +31,7 @@ still in flight. Terminal session states are never overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import struct
@@ -161,6 +162,26 @@ class _Peer:
                                        name=f"kvtr-write-{agent.rank}->{rank}")
         self.listener.start()
         self.writer.start()
+        #: pre-posted gloo receives: frames this rank expects from the peer, in order
+        self.expect: queue.Queue[Any] = queue.Queue()
+        self.data_listener: threading.Thread | None = None
+        if agent.options.prepost and not agent.nccl_data:
+            self.data_listener = threading.Thread(target=self._listen_data, daemon=True,
+                                                  name=f"kvtr-data-{agent.rank}<-{rank}")
+            self.data_listener.start()
+
+    def _listen_data(self) -> None:
+        agent, events = self.agent, self.agent._events
+        try:
+            while True:
+                frame = self.expect.get()
+                if frame is None:
+                    return
+                buf = agent._cpu_bufs.take(frame.nbytes)
+                dist.recv(buf, src=self.rank, group=agent.data_group, tag=_DATA_TAG)
+                events.put(("frames", self.rank, P.Schedule((frame,)), [buf]))
+        except Exception as exc:
+            events.put(("lost", self.rank, f"{type(exc).__name__}: {exc}", None))
 
     # listener: control messages, and gloo data frames right after their Schedule
     def _listen(self) -> None:
@@ -277,6 +298,7 @@ class _SendJob:
     checksums: dict[int, int] = field(default_factory=dict)
     queued: bool = False
     done_sent: bool = False
+    prepost: bool = False  # the receiver pre-posted request.sizes: send exactly those
 
 
 @dataclass
@@ -395,6 +417,7 @@ class TransferAgent:
         self._sources: dict[str, _Source] = {}
         self._send_jobs: dict[tuple[int, str], _SendJob] = {}
         self._send_queue: dict[int, deque[_SendJob]] = {p: deque() for p in self._peers}
+        self._pp_queue: dict[int, deque[_SendJob]] = {p: deque() for p in self._peers}
         self._inflight: dict[int, int] = dict.fromkeys(self._peers, 0)
         self._frames_out = 0
         self._next_send_at = 0.0
@@ -509,6 +532,8 @@ class TransferAgent:
                 mode=mode)
             chunks = plan_chunks(self.model, req.tokens, req.states, layers=req.layers,
                                  heads=req.heads, chunk_bytes=req.chunk_bytes)
+            if self.options.prepost and chunks:
+                req = dataclasses.replace(req, sizes=tuple(c.nbytes for c in chunks))
             # Every source gets the request, even one with nothing to move (a full hit
             # there): its Done/Ack tells the sender the request was consumed.
             handle.parts[src.sender] = _RecvPart(req, chunks)
@@ -521,6 +546,18 @@ class TransferAgent:
                 return handle
             peer.send_msg(part.request)
         session.advance(SessionState.READY)
+        if self.options.prepost:
+            for sender, part in handle.parts.items():
+                frames = tuple(P.Frame(c.nbytes, (P.FramePart(request_id, c.index, 0,
+                                                              c.nbytes),))
+                               for c in part.chunks)
+                if not frames:
+                    continue
+                if self.nccl_data:  # receives and scatters enqueued now, before any reply
+                    self._post_nccl_recvs(sender, P.Schedule(frames))
+                else:
+                    for f in frames:
+                        self._peers[sender].expect.put(f)
         return handle
 
     def cancel(self, request_id: str, reason: str = "cancelled by the receiver") -> bool:
@@ -592,7 +629,9 @@ class TransferAgent:
 
         def default() -> bool:
             return (all(p.bye_received or p.lost is not None for p in self._peers.values())
-                    and not self._nccl_sends and not any(self._inflight.values()))
+                    and not self._nccl_sends and not any(self._inflight.values())
+                    and not any(q for peer, q in self._pp_queue.items()
+                                if self._peers[peer].lost is None))
 
         cond = until or default
         while not cond():
@@ -616,6 +655,7 @@ class TransferAgent:
             self.progress(0.01)
         for p in self._peers.values():
             p.outbox.put(None)
+            p.expect.put(None)
         for p in self._peers.values():
             p.writer.join(timeout=max(0.0, end - time.monotonic()) + 1.0)
         if self.nccl_data:
@@ -680,12 +720,18 @@ class TransferAgent:
         key = (peer, req.request_id)
         old = self._send_jobs.get(key)
         if old is not None and not old.session.is_terminal:
-            self._peers[peer].send_msg(P.Refuse(req.request_id, "duplicate request id "
-                                                f"{req.request_id!r} while one is live"))
+            why = f"duplicate request id {req.request_id!r} while one is live"
+            self._peers[peer].send_msg(P.Refuse(req.request_id, why))
+            if req.sizes:  # the receiver posted receives for it: feed them dummy bytes
+                dup = _SendJob(Session(req.request_id, "send", peer=peer), req, prepost=True)
+                dup.session.fail(why)
+                self._pp_queue[peer].append(dup)
             return
         session = Session(req.request_id, "send", peer=peer, timeout_s=self.options.timeout_s)
-        job = _SendJob(session, req)
+        job = _SendJob(session, req, prepost=bool(req.sizes))
         self._send_jobs[key] = job
+        if job.prepost:
+            self._pp_queue[peer].append(job)  # strict request order on this pair
         if req.model_digest != self.digest:
             self._refuse(job, f"spec mismatch: receiver model digest {req.model_digest}, "
                               f"sender rank {self.rank} holds {self.model.name!r} with digest "
@@ -701,6 +747,10 @@ class TransferAgent:
                                      heads=req.heads, chunk_bytes=req.chunk_bytes)
         except (ValueError, KeyError) as exc:
             self._refuse(job, f"bad request: {exc}")
+            return
+        if job.prepost and tuple(c.nbytes for c in job.chunks) != req.sizes:
+            self._refuse(job, f"chunk plan mismatch: receiver posted {list(req.sizes)} bytes, "
+                              f"this sender plans {[c.nbytes for c in job.chunks]}")
             return
         if req.request_id in self._sources:
             self._accept(job)
@@ -735,7 +785,7 @@ class TransferAgent:
             job.session.advance(SessionState.TRANSFERRING)
             self._send_done(job)
             return
-        if not self.options.faults.stall:
+        if not self.options.faults.stall and not job.prepost:
             self._send_queue[job.session.peer].append(job)
             job.queued = True
 
@@ -795,11 +845,58 @@ class TransferAgent:
             q.append(head)
         return [(head, chunk)]
 
+    def _pump_prepost(self, peer: int) -> None:
+        """Pre-posted mode: every expected chunk, strictly in request order; real data for
+        live requests, dummy bytes for refused / cancelled / failed ones."""
+        q = self._pp_queue[peer]
+        delay = self.options.faults.frame_delay_s
+        while q:
+            if not self.nccl_data and self._inflight[peer] >= self.options.max_frames_in_flight:
+                return
+            if delay and time.monotonic() < self._next_send_at:
+                return
+            job = q[0]
+            sizes = job.request.sizes
+            if job.next_chunk >= len(sizes):
+                q.popleft()
+                continue
+            if job.session.state is SessionState.INIT:
+                return  # head of line: waits for its source to be registered (or times out)
+            if self.options.faults.stall and not job.session.is_terminal:
+                return
+            k = job.next_chunk
+            job.next_chunk += 1
+            if job.session.is_terminal:
+                self._send_dummy(peer, sizes[k])
+            else:
+                self._send_frame(peer, [(job, job.chunks[k])], announce=False)
+            if delay:
+                self._next_send_at = time.monotonic() + delay
+
+    def _send_dummy(self, peer: int, nbytes: int) -> None:
+        """Bytes a pre-posted receive expects for a request that will not be served."""
+        if self.nccl_data:
+            buf, slot = self._staging(self._send_ring[peer], self._send_slot, peer, nbytes,
+                                      self._gather_stream, send=True)
+            with torch.cuda.stream(self._gather_stream):
+                work = dist.isend(buf, dst=peer, group=self.data_group)
+            self._send_ring[peer][slot] = (self._send_ring[peer][slot][0], work)
+            self._nccl_sends.append(_Frame(peer, [], buf, work))
+        else:
+            frame = _Frame(peer, [], self._cpu_bufs.take(nbytes))
+            token = id(frame)
+            self._frame_tokens[token] = frame
+            self._inflight[peer] += 1
+            self._peers[peer].send_data(frame.buffer, token)
+        self.stats["frames_sent"] += 1
+
     def _pump_sends(self) -> None:
         delay = self.options.faults.frame_delay_s
         for peer in self._peers:
             if self._peers[peer].lost is not None:
                 continue
+            if self._pp_queue[peer]:
+                self._pump_prepost(peer)
             if self.nccl_data and not delay:
                 # Everything queued for this peer goes out now: one Schedule announces the
                 # run of frames (the receiver posts all its irecvs at once), then each frame's
@@ -845,7 +942,8 @@ class TransferAgent:
         return offsets, P.Frame(total, frame_parts)
 
     def _send_frame(self, peer: int, parts: list[tuple[_SendJob, Chunk]],
-                    meta: tuple[list[int], P.Frame] | None = None) -> None:
+                    meta: tuple[list[int], P.Frame] | None = None, *,
+                    announce: bool = True) -> None:
         """Gather one frame and put it on the wire. On gloo its Schedule goes right before
         the data; on NCCL the caller already sent one Schedule for a run of frames."""
         offsets, pframe = meta or self._frame_meta(parts)
@@ -883,7 +981,7 @@ class TransferAgent:
         self.stats["frames_sent"] += 1
         self.stats["bytes_sent"] += total
         p = self._peers[peer]
-        if not self.nccl_data:
+        if not self.nccl_data and announce:
             p.send_msg(P.Schedule((pframe,)))
         if self.nccl_data:
             with torch.cuda.stream(self._gather_stream):
