@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter() - t0
         return t, (buf.clone() if rank == 1 else None)
 
-    def e2e(nbytes: int, k: int, chunk_bytes: int) -> tuple[float, dict[str, float]]:
+    def e2e(nbytes: int, k: int, chunk_bytes: int, prepost: bool = False
+            ) -> tuple[float, dict[str, float]]:
         """Seconds for k requests of nbytes in flight at once, through the agent."""
         tokens = nbytes // bpt
         nb = -(-tokens // bsz)
         opts = TransferOptions(chunk_bytes=chunk_bytes, timeout_s=120.0, checksum=False,
-                               staging_slots=3)
+                               staging_slots=3, prepost=prepost)
         agent = TransferAgent(topo, rank, {group.name: pool}, ctrl, data, opts)
         rids = []
         for _ in range(k):
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         t_ek = min(r[0] for r in runsk)
         d_e1 = min(r[1]["data_s"] for r in runs1)
         d_ek = min(r[1]["data_s"] for r in runsk)
+        t_p1 = min(e2e(nbytes, 1, chunk_default, True)[0] for _ in range(args.reps))
+        t_pk = min(e2e(nbytes, k, chunk_default, True)[0] for _ in range(args.reps))
         # bit-exact check of the last received request against the raw copy
         if rank == 1 and ref is not None:
             tokens = nbytes // bpt
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "size_mib": nbytes // MiB, "k": k, "chunk_mib": chunk_default / MiB,
             "raw_1_gbps": nbytes / t_raw1 / 1e9, "raw_k_gbps": k * nbytes / t_rawk / 1e9,
             "e2e_1_gbps": nbytes / t_e1 / 1e9, "e2e_k_gbps": k * nbytes / t_ek / 1e9,
+            "prepost_1_gbps": nbytes / t_p1 / 1e9, "prepost_k_gbps": k * nbytes / t_pk / 1e9,
             "data_1_gbps": nbytes / d_e1 / 1e9 if d_e1 > 0 else None,
             "data_k_gbps": k * nbytes / d_ek / 1e9 if d_ek > 0 else None,
             "gather_gbps": nbytes / g_s / 1e9, "scatter_gbps": nbytes / s_s / 1e9,
@@ -257,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                    0, max(sizes) // bpt)}, [], layers={}, heads={},
                    chunk_bytes=chunk_default))}
         print(f"device: {name} x2 ({backend} data, gloo control), torch {torch.__version__}")
-        print(f"{'size':>8} {'K':>3} {'raw x1':>8} {'e2e x1':>8} {'%':>5} {'data x1':>8} "
-              f"{'raw xK':>8} {'e2e xK':>8} {'%':>5} {'data xK':>8} {'gather':>8} "
-              f"{'scatter':>8} exact")
+        print(f"{'size':>8} {'K':>3} {'raw x1':>8} {'e2e x1':>8} {'%':>5} {'pp x1':>8} "
+              f"{'data x1':>8} {'raw xK':>8} {'e2e xK':>8} {'%':>5} {'pp xK':>8} "
+              f"{'data xK':>8} {'gather':>8} {'scatter':>8} exact")
 
         def f(x: float | None) -> str:
             return f"{x:>8.1f}" if x is not None else f"{'-':>8}"
@@ -267,11 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"{r['size_mib']:>5}MiB {r['k']:>3} {f(r['raw_1_gbps'])} "
                   f"{f(r['e2e_1_gbps'])} {100 * r['e2e_1_vs_raw_1']:>4.0f}% "
-                  f"{f(r['data_1_gbps'])} {f(r['raw_k_gbps'])} {f(r['e2e_k_gbps'])} "
-                  f"{100 * r['e2e_k_vs_raw_k']:>4.0f}% {f(r['data_k_gbps'])} "
+                  f"{f(r['prepost_1_gbps'])} {f(r['data_1_gbps'])} {f(r['raw_k_gbps'])} "
+                  f"{f(r['e2e_k_gbps'])} {100 * r['e2e_k_vs_raw_k']:>4.0f}% "
+                  f"{f(r['prepost_k_gbps'])} {f(r['data_k_gbps'])} "
                   f"{f(r['gather_gbps'])} {f(r['scatter_gbps'])} {r['bit_exact']}")
-        print("e2e: ask -> last scatter done (gloo handshake included); data: first receive "
-              "posted -> last scatter done")
+        print("e2e: ask -> last scatter done (gloo handshake included); pp: the same with "
+              "pre-posted receives; data: first receive posted -> last scatter done")
         print("GB/s = payload bytes / s. chunk sweep (e2e GB/s):")
         for s in sweep:
             print(f"  chunk {s['chunk_mib']:>4} MiB, {s['size_mib']:>5} MiB x{s['k']}: "
