@@ -38,7 +38,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes-mib", default="16,64,256,1024")
     p.add_argument("--chunk-mib", type=int, default=None,
                    help="chunk size (default chunking.DEFAULT_CHUNK_BYTES)")
-    p.add_argument("--chunk-sweep", default="8,16,32,64,128",
+    p.add_argument("--chunk-sweep", default="16,64,128,256",
                    help="chunk sizes (MiB) to sweep for e2e xK; empty to skip")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--in-flight-bytes-mib", type=int, default=2048,
