@@ -392,13 +392,14 @@ def test_single_boundary_collapses_only_when_window_pages_are_gone(models):
 
 
 def test_chat_over_torch_distributed_matches_single_process(models):
-    """Rank 0 prefills, rank 1 plans per group, kvtriton's TransferAgent moves the ranges over
-    gloo, rank 1 rebuilds the cache and decodes: bit-identical to the one-process run (which
-    the test above checks against the non-disaggregated reference)."""
+    """Context TP 2 -> generation TP 1 over gloo, three processes: ranks 0 and 1 each prefill
+    and keep one of the two kv heads, rank 2 plans per group and its TransferAgent asks each
+    context rank for its head; it rebuilds the cache and decodes. Bit-identical to the
+    one-process run (which the test above checks against the non-disaggregated reference)."""
     turns = [_prompt(USER_TURNS[0], seed=1), _prompt(USER_TURNS[1], seed=2)]
     cfg = ChatConfig(model="gemma3", user_turns=tuple(map(tuple, turns)), steps=STEPS,
                      window=WINDOW, ctx_tokens_per_block=4, gen_tokens_per_block=5,
-                     backend="auto", timeout_s=30.0)  # Triton (interpreter) where it runs
+                     ctx_tp=2, backend="auto", timeout_s=30.0)  # Triton (interpreter) where it runs
     remote = launch_chat(cfg)
     assert sorted(remote) == ["per_group", "single_boundary"]
     for mode, records in remote.items():

@@ -429,16 +429,19 @@ class AgentContext:
     Args:
         agent: this (generation) rank's agent; its pools are the generation worker's pools.
         router_group: a gloo group shared with the context rank (not the agent's groups).
-        peer: the context rank (global rank).
+        peers: the context ranks (global ranks; several under context TP/PP: each prefills
+            and serves its own heads and layers, the agent asks each for its part).
         vocab_size: length of the logits row the context rank sends back.
         timeout_s: how long to wait for one request's transfer.
     """
 
-    def __init__(self, agent: Any, router_group: Any, peer: int, vocab_size: int, *,
+    def __init__(self, agent: Any, router_group: Any, peers: Sequence[int], vocab_size: int, *,
                  timeout_s: float = 60.0) -> None:
         self.agent = agent
         self.router_group = router_group
-        self.peer = peer
+        self.peers = tuple(peers)
+        if not self.peers:
+            raise ValueError("AgentContext needs at least one context rank")
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
 
@@ -448,10 +451,17 @@ class AgentContext:
         import torch.distributed as dist
 
         rid = list(request_id.encode())
-        _send_ints([_PREFILL, int(send), len(rid), *rid, *prompt], self.peer, self.router_group)
-        logits = torch.empty(self.vocab_size, dtype=torch.float32)
-        dist.recv(logits, self.peer, group=self.router_group)
-        return logits
+        for peer in self.peers:
+            _send_ints([_PREFILL, int(send), len(rid), *rid, *prompt], peer, self.router_group)
+        rows = []
+        for peer in self.peers:
+            rows.append(torch.empty(self.vocab_size, dtype=torch.float32))
+            dist.recv(rows[-1], peer, group=self.router_group)
+        for peer, row in zip(self.peers[1:], rows[1:], strict=True):
+            if not torch.equal(row, rows[0]):
+                raise RuntimeError(f"request {request_id!r}: context ranks {self.peers[0]} and "
+                                   f"{peer} disagree on the first token's logits")
+        return rows[0]
 
     def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
                  ) -> int:
@@ -474,8 +484,9 @@ class AgentContext:
         return int(handle.bytes_received)
 
     def stop(self) -> None:
-        """Tell :func:`serve_context` on the peer to return."""
-        _send_ints([_STOP], self.peer, self.router_group)
+        """Tell :func:`serve_context` on every context rank to return."""
+        for peer in self.peers:
+            _send_ints([_STOP], peer, self.router_group)
 
 
 def serve_context(worker: ContextWorker, agent: Any, router_group: Any, peer: int, *,
@@ -520,7 +531,8 @@ def serve_context(worker: ContextWorker, agent: Any, router_group: Any, peer: in
 
 @dataclass(frozen=True)
 class ChatConfig:
-    """A disaggregated chat over two local ranks (rank 0 context, rank 1 generation).
+    """A disaggregated chat over local ranks: ``ctx_tp * ctx_pp`` context ranks, then one
+    generation rank.
 
     Attributes:
         model: a :data:`~kvtriton.integrations.transformers.TINY_MODELS` kind (random weights
@@ -530,7 +542,13 @@ class ChatConfig:
         steps: decode steps per turn (each turn generates ``steps + 1`` tokens).
         modes: ``"per_group"`` and/or ``"single_boundary"``; each runs on fresh caches.
         ctx_tokens_per_block, gen_tokens_per_block: block sizes of the two sides.
+        ctx_tp, ctx_pp: context-side parallelism. Every context rank runs the whole (tiny)
+            model and keeps only its shard's heads and layers; the generation rank (tp1 pp1)
+            asks each for its part (kvtriton.transfer's topology). State groups need tp 1.
         num_blocks: blocks per group on each side.
+        num_threads: torch intra-op threads of every rank (and of :func:`verify_chat`): CPU
+            matmuls split their float32 sums by thread, so bit-exact comparisons need the
+            same count on both sides of a comparison.
         evict_sliding_between_turns: see :func:`run_chat`.
         backend: kernel backend (``"auto"``: Triton on CUDA/interpreter, else reference).
         timeout_s: per-transfer timeout.
@@ -544,7 +562,10 @@ class ChatConfig:
     window: int = 6
     ctx_tokens_per_block: int = 4
     gen_tokens_per_block: int = 5
+    ctx_tp: int = 1
+    ctx_pp: int = 1
     num_blocks: int = 64
+    num_threads: int = 1
     evict_sliding_between_turns: bool = True
     backend: str = "auto"
     timeout_s: float = 60.0
@@ -572,10 +593,11 @@ def load_model(cfg: ChatConfig) -> Any:
 
 def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
               ) -> dict[str, list[dict[str, Any]]] | None:
-    """Run ``cfg`` on this rank (0: context, 1: generation) over gloo groups of ranks [0, 2).
+    """Run ``cfg`` on this rank over gloo groups of all ranks (context ranks first, then the
+    generation rank; :class:`kvtriton.transfer.topology.Topology` order).
 
     Returns ``{mode: [turn record, ...]}`` on the generation rank (records hold tokens,
-    logits as numpy, moved ranges, bytes), ``None`` on the context rank.
+    logits as numpy, moved ranges, bytes), ``None`` on context ranks.
     """
     import torch.distributed as dist
 
@@ -585,23 +607,25 @@ def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
 
     model = load_model(cfg)
     spec = spec_for_model(model, tokens_per_block=cfg.ctx_tokens_per_block)
-    topology = Topology(spec, gen_tokens_per_block=cfg.gen_tokens_per_block)
+    topology = Topology(spec, cfg.ctx_tp, cfg.ctx_pp,
+                        gen_tokens_per_block=cfg.gen_tokens_per_block)
     local = topology.spec(rank)
+    (gen_rank,) = topology.gen_ranks
     options = TransferOptions(timeout_s=cfg.timeout_s, backend=cfg.backend)
     out: dict[str, list[dict[str, Any]]] = {}
     for mode in cfg.modes:
-        if rank == 0:
+        if rank != gen_rank:
             worker = ContextWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
             agent = TransferAgent(topology, rank, worker.pool_map, ctrl, data, options)
             try:
-                serve_context(worker, agent, router, 1, timeout_s=cfg.timeout_s)
+                serve_context(worker, agent, router, gen_rank, timeout_s=cfg.timeout_s)
             finally:
                 agent.close(timeout=cfg.timeout_s)
         else:
             gen = GenerationWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
             agent = TransferAgent(topology, rank, gen.pool_map, ctrl, data, options)
-            context = AgentContext(agent, router, 0, int(model.config.vocab_size),
-                                   timeout_s=cfg.timeout_s)
+            context = AgentContext(agent, router, topology.ctx_ranks,
+                                   int(model.config.vocab_size), timeout_s=cfg.timeout_s)
             try:
                 results = run_chat(gen, context, cfg.user_turns, steps=cfg.steps,
                                    mode=mode,  # type: ignore[arg-type]
@@ -613,10 +637,10 @@ def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
             gen.manager.check_invariants()
             out[mode] = [r.to_record() for r in results]
         dist.barrier(group=ctrl)
-    return out if rank == 1 else None
+    return out if rank == gen_rank else None
 
 
-def _chat_worker(rank: int, cfg: ChatConfig, port: int, out_q: Any) -> None:
+def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) -> None:
     import datetime
     import os
     import sys
@@ -624,15 +648,15 @@ def _chat_worker(rank: int, cfg: ChatConfig, port: int, out_q: Any) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.num_threads)
     sys.setswitchinterval(0.0002)  # the agent's network threads pass the GIL per message
-    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0,
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0,
                           timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         timeout = datetime.timedelta(seconds=max(120.0, 4 * cfg.timeout_s))
-        ctrl, data, router = (dist.new_group([0, 1], backend="gloo", timeout=timeout)
-                              for _ in range(3))
+        ctrl, data, router = (dist.new_group(list(range(world)), backend="gloo",
+                                             timeout=timeout) for _ in range(3))
         result = chat_rank(cfg, rank, ctrl, data, router)
         if result is not None:
             out_q.put(result)
@@ -649,9 +673,9 @@ def _chat_worker(rank: int, cfg: ChatConfig, port: int, out_q: Any) -> None:
 
 
 def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
-    """Spawn the two ranks of ``cfg`` on this machine (gloo) and return the generation
-    rank's records (see :func:`chat_rank`). Raises ``RuntimeError`` with the failing rank's
-    error if either rank fails."""
+    """Spawn the ranks of ``cfg`` on this machine (gloo) and return the generation rank's
+    records (see :func:`chat_rank`). Raises ``RuntimeError`` with the failing rank's error
+    if a rank fails."""
     import time
 
     import torch.multiprocessing as mp
@@ -663,7 +687,9 @@ def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_chat_worker, args=(r, cfg, port, out_q)) for r in range(2)]
+    world = cfg.ctx_tp * cfg.ctx_pp + 1
+    procs = [ctx.Process(target=_chat_worker, args=(r, cfg, world, port, out_q))
+             for r in range(world)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + 120 + cfg.timeout_s * len(cfg.user_turns) * len(cfg.modes)
@@ -721,8 +747,21 @@ def verify_chat(model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapp
     """Replay every turn of ``records`` (from :func:`launch_chat`) without disaggregation.
 
     Turn ``k``'s prompt is rebuilt from ``cfg.user_turns`` and the recorded replies, then
-    prefilled from scratch and decoded greedily for ``cfg.steps`` steps.
+    prefilled from scratch and decoded greedily for ``cfg.steps`` steps, with
+    ``cfg.num_threads`` torch threads (as the ranks used).
     """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        return _verify(model, cfg, records)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _verify(model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]
+            ) -> list[TurnCheck]:
     import torch
 
     checks: list[TurnCheck] = []
