@@ -437,6 +437,27 @@ class TransferAgent:
             self._recv_slot = dict.fromkeys(self._peers, 0)
         self.stats: dict[str, float] = {"gather_s": 0.0, "scatter_s": 0.0, "frames_sent": 0,
                                         "frames_received": 0, "bytes_sent": 0}
+        if self.nccl_data:
+            self._connect_nccl()
+
+    def _connect_nccl(self) -> None:
+        """Create every (sender, receiver) NCCL communicator now, in one global pair order.
+
+        A point-to-point communicator is created by the first send/recv on the pair and that
+        creation blocks the host until the peer joins. Left to the first transfer, a sender
+        waiting for receiver A while A waits for another sender ... can form a cycle (with
+        PP and TP on both sides); visiting the pairs in the same sorted order on every rank
+        cannot. Every rank of the topology constructs its agent, so every pair completes.
+        """
+        pairs = sorted((src.sender, r) for r in self.topology.gen_ranks
+                       for src in self.topology.sources(r))
+        token = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        for s, r in pairs:
+            if s == self.rank:
+                dist.isend(token, dst=r, group=self.data_group).wait()
+            elif r == self.rank:
+                dist.irecv(token, src=s, group=self.data_group).wait()
+        torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ sender API
     def register_source(self, request_id: str, num_tokens: int, spans: Mapping[str, BlockSpan],
