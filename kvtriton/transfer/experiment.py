@@ -89,17 +89,22 @@ def kv_values(group: LayerGroup, layer_ids: Sequence[int], heads: tuple[int, int
               positions: TokenRange, token_ids: Sequence[int], dtype: torch.dtype,
               device: Any = "cpu") -> torch.Tensor:
     """Packed ``[layers, kv, tokens, heads, head_dim]`` values of ``positions``: a function of
-    (global layer, position, token id at the position, K/V, global head, dim)."""
+    (global layer, position, token id at the position, K/V, global head, dim), computed on
+    ``device``."""
     m = _modulus(dtype)
-    lay = torch.tensor(list(layer_ids), dtype=torch.int64).view(-1, 1, 1, 1, 1)
-    kv = torch.arange(group.kv_factor, dtype=torch.int64).view(1, -1, 1, 1, 1)
-    pos = torch.arange(positions.start, positions.end, dtype=torch.int64).view(1, 1, -1, 1, 1)
-    tok = torch.tensor(list(token_ids[positions.start:positions.end]),
-                       dtype=torch.int64).view(1, 1, -1, 1, 1)
-    head = torch.arange(heads[0], heads[1], dtype=torch.int64).view(1, 1, 1, -1, 1)
-    dim = torch.arange(group.head_dim, dtype=torch.int64).view(1, 1, 1, 1, -1)
+
+    def ar(lo: int, hi: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.arange(lo, hi, dtype=torch.int64, device=device).view(shape)
+
+    lay = torch.tensor(list(layer_ids), dtype=torch.int64, device=device).view(-1, 1, 1, 1, 1)
+    kv = ar(0, group.kv_factor, (1, -1, 1, 1, 1))
+    pos = ar(positions.start, positions.end, (1, 1, -1, 1, 1))
+    tok = torch.tensor(list(token_ids[positions.start:positions.end]), dtype=torch.int64,
+                       device=device).view(1, 1, -1, 1, 1)
+    head = ar(heads[0], heads[1], (1, 1, 1, -1, 1))
+    dim = ar(0, group.head_dim, (1, 1, 1, 1, -1))
     v = (lay * 131 + pos * 7 + tok * 13 + kv * 17 + head * 19 + dim * 3) % m - m // 2
-    return v.to(torch.float32).to(dtype).to(device)
+    return v.to(torch.float32).to(dtype)
 
 
 def state_values(group: LayerGroup, layer_ids: Sequence[int], heads: tuple[int, int],
@@ -113,12 +118,11 @@ def state_values(group: LayerGroup, layer_ids: Sequence[int], heads: tuple[int, 
     for d in rest:
         n *= d
     salt = (len(token_ids) * 7 + sum(token_ids) * 13) % m
-    lay = torch.tensor(list(layer_ids), dtype=torch.int64).view(-1, 1, 1)
-    head = torch.arange(heads[0], heads[1], dtype=torch.int64).view(1, -1, 1)
-    idx = torch.arange(n, dtype=torch.int64).view(1, 1, -1)
+    lay = torch.tensor(list(layer_ids), dtype=torch.int64, device=device).view(-1, 1, 1)
+    head = torch.arange(heads[0], heads[1], dtype=torch.int64, device=device).view(1, -1, 1)
+    idx = torch.arange(n, dtype=torch.int64, device=device).view(1, 1, -1)
     v = (lay * 131 + head * 19 + idx * 3 + salt) % m - m // 2
-    return v.to(torch.float32).to(dtype).view(len(layer_ids), heads[1] - heads[0],
-                                              *rest).to(device)
+    return v.to(torch.float32).to(dtype).view(len(layer_ids), heads[1] - heads[0], *rest)
 
 
 def _local(group: LayerGroup) -> tuple[int, int]:
