@@ -39,11 +39,9 @@ from kvtriton.integrations.chat import (
     ContextWorker,
     GenerationWorker,
     LocalContext,
-    format_chat_report,
     greedy_reference,
-    launch_chat,
     run_chat,
-    verify_chat,
+    run_chat_demo,
 )
 from kvtriton.kernels import gather, resolve_backend
 from kvtriton.ranges import BlockSpan, TokenRange, needed_range
@@ -400,7 +398,8 @@ def test_chat_over_torch_distributed_matches_single_process(models):
     cfg = ChatConfig(model="gemma3", user_turns=tuple(map(tuple, turns)), steps=STEPS,
                      window=WINDOW, ctx_tokens_per_block=4, gen_tokens_per_block=5,
                      ctx_tp=2, backend="auto", timeout_s=30.0)  # Triton (interpreter) where it runs
-    remote = launch_chat(cfg)
+    demo = run_chat_demo(cfg)
+    remote = demo.records
     assert sorted(remote) == ["per_group", "single_boundary"]
     for mode, records in remote.items():
         _, _, local = _chat(models["gemma3"], mode)
@@ -411,13 +410,13 @@ def test_chat_over_torch_distributed_matches_single_process(models):
             assert rec["moved"] == {g: (t.start, t.end) for g, t in res.moved.items()}
             assert rec["kv_bytes"] == res.kv_bytes and rec["wire_bytes"] > 0
     assert remote["per_group"][1]["kv_bytes"] < remote["single_boundary"][1]["kv_bytes"]
-    checks = verify_chat(models["gemma3"], cfg, remote)
+    checks = demo.checks
+    assert demo.ok
     assert [(c.mode, c.turn, c.tokens_match, c.exact) for c in checks] == [
         ("per_group", 0, True, True), ("per_group", 1, True, False),
         ("single_boundary", 0, True, True), ("single_boundary", 1, True, True)]
     assert 0 < checks[1].max_abs_diff < ATOL
-    report = format_chat_report(remote, checks)
-    assert "full [25, 43), sliding6 [38, 43)" in report and "saves 47.2%" in report
+    assert "full [25, 43), sliding6 [38, 43)" in demo.report and "saves 47.2%" in demo.report
 
 
 @pytest.mark.gpu

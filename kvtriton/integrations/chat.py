@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AgentContext",
     "ChatConfig",
+    "ChatDemo",
     "ContextService",
     "ContextWorker",
     "GenerationWorker",
@@ -49,6 +50,7 @@ __all__ = [
     "launch_chat",
     "load_model",
     "run_chat",
+    "run_chat_demo",
     "serve_context",
     "verify_chat",
 ]
@@ -813,3 +815,45 @@ def format_chat_report(records: Mapping[str, Sequence[Mapping[str, Any]]],
                 lines.append(f"turn {k + 1}: per-group reuse moves {format_bytes(a)}, single "
                              f"boundary {format_bytes(b)} (saves {format_percent(b - a, b)})")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ChatDemo:
+    """What :func:`run_chat_demo` returns.
+
+    Attributes:
+        records: ``{mode: [turn record, ...]}`` from the generation rank.
+        checks: every turn compared with the non-disaggregated run.
+        report: :func:`format_chat_report` text.
+        ok: every turn generated the reference's tokens, with logits bit-exact or within
+            ``atol = rtol = 1e-5`` (the float32 rounding of reused receiver-computed KV).
+    """
+
+    records: Mapping[str, Sequence[Mapping[str, Any]]]
+    checks: tuple[TurnCheck, ...]
+    report: str
+    ok: bool
+
+
+def run_chat_demo(cfg: ChatConfig) -> ChatDemo:
+    """Launch ``cfg`` (:func:`launch_chat`), replay it without disaggregation
+    (:func:`verify_chat`) and format the report: one call for a CLI or a notebook.
+
+    ``cfg.user_turns`` may be empty: then :func:`demo_user_turns` draws two turns (21 and
+    13 tokens) below the model's vocabulary size.
+    """
+    import numpy as np
+
+    model = load_model(cfg)
+    if not cfg.user_turns:
+        from dataclasses import replace
+
+        cfg = replace(cfg, user_turns=demo_user_turns(vocab_size=int(model.config.vocab_size)))
+    records = launch_chat(cfg)
+    checks = tuple(verify_chat(model, cfg, records))
+    ok = True
+    for c in checks:
+        expected = np.asarray(records[c.mode][c.turn]["logits"])
+        bound = 1e-5 + 1e-5 * float(np.abs(expected).max())
+        ok = ok and c.tokens_match and (c.exact or c.max_abs_diff <= bound)
+    return ChatDemo(records, checks, format_chat_report(records, checks), ok)
