@@ -58,3 +58,21 @@ def test_unknown_groups_in_a_request_are_named() -> None:
     with pytest.raises(P.ProtocolError, match=r"unknown groups \['sliding8', 'state'\]"):
         P.validate_request_shape(REQ, ["full"])
     P.validate_request_shape(REQ, ["full", "sliding8", "state"])
+
+
+def test_checksum_catches_every_single_byte_flip() -> None:
+    import torch
+
+    from kvtriton.transfer.transport import checksum
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randint(0, 256, (1027,), dtype=torch.uint8, generator=g)
+    ref = checksum(buf)
+    assert checksum(buf.clone()) == ref
+    for pos in range(buf.numel()):  # every position, including the unaligned tail
+        bad = buf.clone()
+        bad[pos] ^= 0x01
+        assert checksum(bad) != ref, pos
+    assert checksum(buf[:1026]) != checksum(buf[:1026].clone().contiguous()[:1025])
+    assert checksum(torch.zeros(8, dtype=torch.uint8)) != checksum(
+        torch.zeros(12, dtype=torch.uint8))  # the length is mixed in
