@@ -125,13 +125,6 @@ def state_values(group: LayerGroup, layer_ids: Sequence[int], heads: tuple[int, 
     return v.to(torch.float32).to(dtype).view(len(layer_ids), heads[1] - heads[0], *rest)
 
 
-def _local(group: LayerGroup) -> tuple[int, int]:
-    if group.kind == "state":
-        assert group.state_head_end is not None
-        return 0, group.state_head_end - group.state_head_start
-    return 0, group.local_heads
-
-
 def _global_heads(group: LayerGroup) -> tuple[int, int]:
     if group.kind == "state":
         assert group.state_head_end is not None

@@ -31,6 +31,7 @@ still in flight. Terminal session states are never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -976,7 +977,7 @@ class TransferAgent:
             stream_ctx: Any = torch.cuda.stream(self._gather_stream)
         else:
             buf = self._cpu_bufs.take(total)
-            stream_ctx = _nullctx()
+            stream_ctx = contextlib.nullcontext()
         with stream_ctx:
             try:
                 self._pack(parts, offsets, buf)
@@ -1268,11 +1269,3 @@ class TransferAgent:
                 if p.lost is None:
                     p.send_msg(P.Abort(rid, f"sender rank {self.rank}: {job.session.error}"))
                 self._maybe_source_finished(rid)
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
