@@ -706,6 +706,9 @@ def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
         proc.join(timeout=max(1.0, deadline - time.monotonic()))
         if proc.exitcode is None:
             proc.kill()
+            proc.join()
+    out_q.close()
+    out_q.join_thread()
     if result is None:
         raise RuntimeError(f"the chat produced no result (exit codes "
                            f"{[p.exitcode for p in procs]})")
