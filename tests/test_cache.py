@@ -392,8 +392,8 @@ def test_errors_name_the_request() -> None:
     with pytest.raises(ValueError, match="request 'a': cannot commit 5 tokens: the ids"):
         m.commit("a", 5)
     assert m.commit("a") == {"full": 0, "swa": 0, "ssm": 0}  # commits the known 3: no block
-    with pytest.raises(ValueError, match="prefix= was matched for other tokens"):
-        m.allocate("c", [1, 2], prefix=m.match([1, 3]))
+    with pytest.raises(ValueError, match="extra_key 'k' differs from the key None"):
+        m.allocate("c", m.match([1, 3]), extra_key="k")
     m.check_invariants()
 
 
@@ -427,7 +427,25 @@ def test_allocate_reuses_a_precomputed_match() -> None:
     m.free("a")
     tokens = list(range(20))
     match = m.match(tokens)
-    a = m.allocate("b", tokens, prefix=match)
+    a = m.allocate("b", match)
     assert a.cached == match.cached
     assert a.spans["full"].block_ids[:4] == match.block_ids["full"]
+    m.check_invariants()
+
+
+def test_a_stale_match_is_redone_at_allocation() -> None:
+    spec = KVCacheSpec((LayerGroup("full", "full", (0,)),), tokens_per_block=B)
+    m = KVCacheManager(spec, 8)
+    tokens = list(range(12))
+    match = m.match(tokens)
+    assert match.cached == {"full": 0}
+    prefilled(m, "a", tokens[:8])  # publishes two blocks after the match was taken
+    b = m.allocate("b", match)
+    assert b.reused_blocks["full"] == range(0, 2) and b.cached == {"full": 8}
+    m.free("a")
+    m.free("b")
+    fresh = m.match(tokens)
+    m.evict()
+    c = m.allocate("c", fresh)  # its blocks were evicted since: nothing is reused
+    assert c.reused_blocks["full"] == range(0, 0)
     m.check_invariants()

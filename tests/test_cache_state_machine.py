@@ -25,6 +25,7 @@ from kvtriton.adapter import abort_receive, complete_receive, prepare_receive
 from kvtriton.cache import (
     KVCacheManager,
     OutOfBlocksError,
+    PrefixMatch,
     allocate_pools,
     chain_hashes,
     encode_tokens,
@@ -180,17 +181,23 @@ class CacheMachine(RuleBasedStateMachine):
         mode=st.sampled_from(["per_group", "single_boundary"]),
         prefill=st.booleans(),
         fail=st.booleans(),
+        reuse_match=st.one_of(st.none(), st.integers(0, 3)),
     )
     def allocate(self, family: int, length: int, diverge: int | None, drafts: int, mode: str,
-                 prefill: bool, fail: bool) -> None:
+                 prefill: bool, fail: bool, reuse_match: int | None) -> None:
         tokens = prompt(family, length, diverge)
         self.check_match(tokens)
         rid = f"r{self.counter}"
         self.counter += 1
+        source: list[int] | PrefixMatch = tokens
+        if prefill and reuse_match is not None:
+            # allocate from an earlier match; evicting in between makes it stale
+            source = self.m.match(tokens)
+            self.m.evict(reuse_match)
         before = self.snapshot()
         try:
             if prefill:
-                alloc = self.m.allocate(rid, tokens, drafts, mode,  # type: ignore[arg-type]
+                alloc = self.m.allocate(rid, source, drafts, mode,  # type: ignore[arg-type]
                                         prefill=True)
             else:
                 rx = prepare_receive(self.m, rid, tokens, num_draft_tokens=drafts,

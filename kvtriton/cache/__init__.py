@@ -31,8 +31,8 @@ owns pools)::
         .boundary int            single-boundary value (feed plan_transfer as an int)
         .matched_blocks {attention group: range of logical blocks}, .state_hits
         .cached_tokens(mode)     the plan_transfer argument for "per_group" | "single_boundary"
-    m.allocate(request_id, tokens, num_draft_tokens=0, mode="per_group", *,
-               extra_key=None, prefix=None) -> Allocation   (a Mapping {group: BlockSpan})
+    m.allocate(request_id, tokens | PrefixMatch, num_draft_tokens=0, mode="per_group", *,
+               extra_key=None, prefill=False) -> Allocation   (a Mapping {group: BlockSpan})
         .spans, .state_slots, .cached, .reused_blocks, .state_hits, .match,
         .cached_tokens()  (mapping in per_group mode, int in single_boundary mode)
     m.append(request_id, n | token_ids) -> {group: BlockSpan}
@@ -41,8 +41,15 @@ owns pools)::
     m.free(request_id)
     m.evict(num_blocks=None, *, group=None) -> int
     m.spans(request_id), m.state_slots(request_id), m.request(request_id) -> RequestState
-    m.requests, m.stats(), m.num_free_blocks(g), m.num_cached_blocks(g), m.refcount(g, id),
-    m.block_hash(g, id), m.evictable(g), m.check_invariants()
+    m.requests, m.stats(), m.num_blocks(g), m.num_free_blocks(g), m.num_cached_blocks(g),
+    m.refcount(g, id), m.block_hash(g, id), m.lookup(g, hash), m.evictable(g), m.version,
+    m.check_invariants()
+
+Passing the ``PrefixMatch`` of ``match`` to ``allocate`` skips rehashing (and re-matching
+while ``m.version`` is unchanged). ``prefill=True`` marks a request whose caller computes
+every position of its spans (a prefill rank); by default (a receiver) only reused blocks and
+the transfer range ``[max(cached, needed.start), P)`` hold valid KV, and ``commit`` never
+publishes a block with a position outside them.
 
 Request life cycle: ``allocate`` (reuses matched blocks, allocates the rest; nothing is
 published) -> KV is written (a transfer, or a prefill) -> ``commit`` (full blocks below the

@@ -110,10 +110,12 @@ class PrefixCache:
     the index and returns its block, which the caller puts back on the free list.
     """
 
-    __slots__ = ("_hash", "_index", "_lru", "name")
+    __slots__ = ("_hash", "_index", "_lru", "name", "version")
 
     def __init__(self, num_blocks: int, *, name: str = "?") -> None:
         self.name = name
+        #: incremented whenever the index changes (an insert or an eviction)
+        self.version = 0
         self._index: dict[BlockHash, int] = {}
         self._hash: list[BlockHash | None] = [None] * num_blocks
         self._lru: OrderedDict[int, None] = OrderedDict()
@@ -161,15 +163,14 @@ class PrefixCache:
 
     def run_ids(self, hashes: Sequence[BlockHash], start: int) -> tuple[int, ...]:
         """Physical ids of the longest run of ``hashes[start:]`` found in the index."""
-        get = self._index.get
-        out: list[int] = []
-        append = out.append
-        for i in range(start, len(hashes)):
-            b = get(hashes[i])
-            if b is None:
-                break
-            append(b)
-        return tuple(out)
+        index = self._index
+        if start >= len(hashes) or hashes[start] not in index:
+            return ()
+        ids = list(map(index.get, hashes[start:]))
+        try:
+            return tuple(ids[: ids.index(None)])
+        except ValueError:
+            return tuple(ids)
 
     # -- updates ----------------------------------------------------------------------------
     def insert(self, block_hash: BlockHash, block_id: int) -> bool:
@@ -180,7 +181,22 @@ class PrefixCache:
             return False
         self._index[block_hash] = block_id
         self._hash[block_id] = block_hash
+        self.version += 1
         return True
+
+    def insert_many(self, hashes: Sequence[BlockHash], block_ids: Sequence[int]) -> int:
+        """:meth:`insert` pairwise, skipping blocks that already carry a hash; returns how many
+        entries were published."""
+        index = self._index
+        tags = self._hash
+        count = 0
+        for block_hash, block_id in zip(hashes, block_ids, strict=True):
+            if tags[block_id] is None and block_hash not in index:
+                index[block_hash] = block_id
+                tags[block_id] = block_hash
+                count += 1
+        self.version += count
+        return count
 
     def park(self, block_id: int) -> None:
         """A cached block lost its last reference: it becomes the newest evictable entry."""
@@ -204,4 +220,5 @@ class PrefixCache:
         assert block_hash is not None
         del self._index[block_hash]
         self._hash[block_id] = None
+        self.version += 1
         return block_id

@@ -29,6 +29,7 @@ __all__ = [
     "encode_extra_key",
     "encode_tokens",
     "root_hash",
+    "token_array",
 ]
 
 #: Domain separator of the chain; bump it if the encoding ever changes.
@@ -67,6 +68,15 @@ def encode_tokens(tokens: Sequence[int], *, what: str = "tokens") -> bytes:
     Raises ``TypeError`` for a non-integer id and ``ValueError`` for a negative (or >= 2**64)
     one, naming ``what``.
     """
+    return token_array(tokens, what=what).tobytes()
+
+
+def token_array(tokens: Sequence[int], *, what: str = "tokens") -> array:
+    """The bytes of :func:`encode_tokens` held in an ``array("Q")`` (no copy to ``bytes``).
+
+    On a big-endian host the array's items are byte-swapped: use it as a buffer (hashing,
+    equality), not for its values.
+    """
     if isinstance(tokens, (bytes, bytearray, str)):
         raise TypeError(f"{what} must be a sequence of int token ids, got {type(tokens).__name__}")
     try:
@@ -79,17 +89,17 @@ def encode_tokens(tokens: Sequence[int], *, what: str = "tokens") -> bytes:
     except TypeError:
         bad = next((t for t in tokens if not isinstance(t, int)), None)
         if bad is None:  # e.g. a torch tensor or numpy array: go through Python ints
-            return encode_tokens([int(t) for t in tokens], what=what)
+            return token_array([int(t) for t in tokens], what=what)
         raise TypeError(
             f"{what}: token ids must be ints, got {type(bad).__name__} {bad!r}"
         ) from None
     if sys.byteorder != "little":
         packed.byteswap()
-    return packed.tobytes()
+    return packed
 
 
 def chain_hashes(
-    token_bytes: bytes | bytearray,
+    token_bytes: bytes | bytearray | array | memoryview,
     tokens_per_block: int,
     parent: BlockHash,
     *,
@@ -98,21 +108,23 @@ def chain_hashes(
 ) -> list[BlockHash]:
     """Hashes of full blocks ``[start_block, end_block)`` of the encoded tokens.
 
+    ``token_bytes`` is the output of :func:`encode_tokens` (or :func:`token_array`);
     ``parent`` is the hash of block ``start_block - 1`` (:func:`root_hash` for block 0);
     ``end_block`` defaults to the number of full blocks in ``token_bytes``.
     """
+    view = memoryview(token_bytes).cast("B")
     step = tokens_per_block * _TOKEN_BYTES
-    full = len(token_bytes) // step
+    full = len(view) // step
     end = full if end_block is None else end_block
     if not 0 <= start_block <= end <= full:
         raise ValueError(
             f"block range [{start_block}, {end}) is outside the {full} full blocks of "
-            f"{len(token_bytes) // _TOKEN_BYTES} tokens"
+            f"{len(view) // _TOKEN_BYTES} tokens"
         )
     out: list[BlockHash] = []
     append = out.append
     sha = _sha256
-    data = bytes(token_bytes[start_block * step : end * step])
+    data = view[start_block * step : end * step]
     for offset in range(0, len(data), step):
         parent = sha(parent + data[offset : offset + step]).digest()
         append(parent)

@@ -7,6 +7,7 @@ it also copies state snapshots between state slots (plain torch indexing).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,8 @@ from kvtriton.cache.hashing import (
     BlockHash,
     ExtraKey,
     chain_hashes,
-    encode_tokens,
     root_hash,
+    token_array,
 )
 from kvtriton.cache.pools import CachePools, resolve_num_blocks
 from kvtriton.plan import Mode
@@ -86,7 +87,8 @@ class PrefixMatch:
     block_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     extra_key: ExtraKey = None
     hashes: tuple[BlockHash, ...] = field(default=(), repr=False)
-    token_bytes: bytes = field(default=b"", repr=False, compare=False)
+    token_bytes: array = field(default_factory=lambda: array("Q"), repr=False, compare=False)
+    version: int = field(default=-1, repr=False, compare=False)
 
     def cached_tokens(self, mode: Mode = "per_group") -> dict[str, int] | int:
         """The ``cached_tokens`` argument of :func:`kvtriton.plan.plan_transfer` for ``mode``."""
@@ -214,17 +216,20 @@ class _Group:
         """Drop one reference from each block, last block first: a block that reaches zero
         goes to the LRU list if cached (tail blocks become the older entries, so a prefix is
         evicted from its end) and to the free list otherwise."""
-        zero = self.alloc.decref(reversed(ids))
-        hash_of = self.cache.hash_of
-        park = self.cache.park
-        uncached = []
-        for b in zero:
-            if hash_of(b) is None:
-                uncached.append(b)
-            else:
-                park(b)
-        if uncached:
-            self.alloc.push_free(uncached)
+        ref = self.alloc._ref
+        tags = self.cache._hash
+        lru = self.cache._lru
+        free = self.alloc._free
+        for b in reversed(ids):
+            r = ref[b]
+            if r <= 0:
+                raise RuntimeError(f"group {self.name!r}: double free of block {b}")
+            ref[b] = r - 1
+            if r == 1:
+                if tags[b] is None:
+                    free.append(b)
+                else:
+                    lru[b] = None
 
     def detail(self) -> str:
         kind = "slots" if self.group.kind == "state" else "blocks"
@@ -240,12 +245,12 @@ class _Request:
                  "num_tokens", "request_id", "root", "slots", "token_bytes", "valid_from")
 
     def __init__(self, request_id: RequestId, extra_key: ExtraKey, root: BlockHash,
-                 token_bytes: bytes, hashes: list[BlockHash], num_tokens: int, num_draft: int
+                 token_bytes: array, hashes: list[BlockHash], num_tokens: int, num_draft: int
                  ) -> None:
         self.request_id = request_id
         self.extra_key = extra_key
         self.root = root
-        self.token_bytes = bytearray(token_bytes)
+        self.token_bytes = array("Q", token_bytes)
         self.hashes = hashes
         self.num_tokens = num_tokens
         self.num_draft = num_draft
@@ -257,10 +262,18 @@ class _Request:
 
     @property
     def num_known(self) -> int:
-        return len(self.token_bytes) // 8
+        return len(self.token_bytes)
 
     def span(self, name: str) -> BlockSpan:
-        return BlockSpan(self.first_block[name], self.blocks[name])
+        return _span(self.first_block[name], self.blocks[name])
+
+
+def _span(first_block: int, block_ids: Sequence[int]) -> BlockSpan:
+    """A BlockSpan from ids the manager owns (ints >= 0): skips the per-id validation."""
+    span = object.__new__(BlockSpan)
+    object.__setattr__(span, "first_block", first_block)
+    object.__setattr__(span, "block_ids", tuple(block_ids))
+    return span
 
 
 def _check_count(what: str, value: object, minimum: int) -> int:
@@ -358,9 +371,9 @@ class KVCacheManager:
             raise KeyError(f"no layer group {name!r} in spec {self.spec.name!r}; groups: "
                            f"{list(self._groups)}") from None
 
-    def _encode(self, tokens: Sequence[int], what: str) -> tuple[bytes, int]:
-        data = encode_tokens(tokens, what=what)
-        n = len(data) // 8
+    def _encode(self, tokens: Sequence[int], what: str) -> tuple[array, int]:
+        data = token_array(tokens, what=what)
+        n = len(data)
         if n < 1:
             raise ValueError(f"{what} must hold at least one token id (a prompt of P >= 1)")
         return data, n
@@ -390,7 +403,13 @@ class KVCacheManager:
         hashes = chain_hashes(data, self.tokens_per_block, root)
         return self._match(p, hashes, extra_key, data)
 
-    def _match(self, p: int, hashes: list[BlockHash], extra_key: ExtraKey, data: bytes
+    @property
+    def version(self) -> int:
+        """Counts changes to the prefix indexes (publish, evict); a :class:`PrefixMatch`
+        taken at the current version is still exact."""
+        return sum(gs.cache.version for gs in self._groups.values())
+
+    def _match(self, p: int, hashes: Sequence[BlockHash], extra_key: ExtraKey, data: array
                ) -> PrefixMatch:
         bsz = self.tokens_per_block
         nfull = len(hashes)
@@ -434,37 +453,36 @@ class KVCacheManager:
             extra_key=extra_key,
             hashes=tuple(hashes),
             token_bytes=data,
+            version=self.version,
         )
 
     def _boundary(self, hashes: Sequence[BlockHash], upper: int) -> int:
-        """The largest block count ``j <= upper`` valid for every sliding and state group."""
+        """The largest block count ``j <= upper`` valid for every sliding and state group.
+
+        Scans ``j`` downwards. A sliding group missing block ``b`` of ``[lo(j), j)`` rules out
+        every ``j' in (b, j]`` (``lo`` never decreases with ``j``), so the scan jumps to ``b``.
+        """
         bsz = self.tokens_per_block
-        # run_end[g][j]: consecutive cached blocks ending at block j - 1, for j in [0, upper].
-        sliding: list[tuple[int, list[int]]] = []
-        for gs in self._attention:
-            if gs.group.kind != "sliding":
-                continue
-            index = gs.cache._index
-            run_end = [0] * (upper + 1)
-            for j in range(1, upper + 1):
-                run_end[j] = run_end[j - 1] + 1 if hashes[j - 1] in index else 0
-            sliding.append((gs.group.window or 1, run_end))
+        sliding = [(gs.group.window or 1, gs.cache._index) for gs in self._attention
+                   if gs.group.kind == "sliding"]
         snapshots = [gs.cache._index for gs in self._states]
-        for j in range(upper, 0, -1):
+        j = upper
+        while j > 0:
             c = j * bsz
-            ok = True
-            for window, run_end in sliding:
+            jump = j
+            for window, index in sliding:
                 lo = max(0, c + 1 - window) // bsz
-                if run_end[j] < j - lo:
-                    ok = False
-                    break
-            if ok:
-                for index in snapshots:
-                    if hashes[j - 1] not in index:
-                        ok = False
-                        break
-            if ok:
+                b = j - 1
+                while b >= lo and hashes[b] in index:
+                    b -= 1
+                if b >= lo:
+                    jump = min(jump, b)
+            if jump < j:
+                j = jump
+                continue
+            if all(hashes[j - 1] in index for index in snapshots):
                 return j
+            j -= 1
         return 0
 
     # ------------------------------------------------------------------------------------
@@ -473,12 +491,11 @@ class KVCacheManager:
     def allocate(
         self,
         request_id: RequestId,
-        tokens: Sequence[int],
+        tokens: Sequence[int] | PrefixMatch,
         num_draft_tokens: int = 0,
         mode: Mode = "per_group",
         *,
         extra_key: ExtraKey = None,
-        prefix: PrefixMatch | None = None,
         prefill: bool = False,
     ) -> Allocation:
         """Start request ``request_id`` with prompt ``tokens`` (``P = len(tokens)``).
@@ -491,8 +508,8 @@ class KVCacheManager:
         new. Each state group gets one slot, restored from the snapshot at ``P`` when the
         mode reuses it (per group: any hit; single boundary: ``c == P``).
 
-        ``prefix`` may pass the :meth:`match` result for the same tokens and extra key to skip
-        rehashing (it is re-checked against the current cache).
+        ``tokens`` may be a :meth:`match` result instead of the ids (its extra key is used):
+        that skips rehashing, and re-matching too while the cache has not changed since.
 
         What :meth:`commit` may publish depends on which positions will hold valid KV: by
         default (a receiver) the reused blocks plus the transfer range
@@ -512,20 +529,27 @@ class KVCacheManager:
         if live:
             raise ValueError(f"request {request_id!r} is already live; free it first")
         k = _check_count(f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
-        data, p = self._encode(tokens, f"request {request_id!r}: tokens")
-        root = self._root(extra_key)
-        if prefix is not None:
-            if (prefix.num_tokens != p or prefix.extra_key != extra_key
-                    or prefix.tokens_per_block != self.tokens_per_block
-                    or prefix.token_bytes != data):
+        if isinstance(tokens, PrefixMatch):
+            prefix = tokens
+            if extra_key is not None and extra_key != prefix.extra_key:
                 raise ValueError(
-                    f"request {request_id!r}: prefix= was matched for other tokens, extra key "
-                    "or block size than this allocation"
+                    f"request {request_id!r}: extra_key {extra_key!r} differs from the key "
+                    f"{prefix.extra_key!r} of the PrefixMatch passed as tokens"
                 )
+            if prefix.tokens_per_block != self.tokens_per_block or (
+                    len(prefix.token_bytes) != prefix.num_tokens):
+                raise ValueError(f"request {request_id!r}: the PrefixMatch passed as tokens "
+                                 "comes from another manager")
+            extra_key = prefix.extra_key
+            data, p = prefix.token_bytes, prefix.num_tokens
             hashes = list(prefix.hashes)
+            match = prefix if prefix.version == self.version else self._match(
+                p, hashes, extra_key, data)
         else:
-            hashes = chain_hashes(data, self.tokens_per_block, root)
-        match = self._match(p, hashes, extra_key, data)
+            data, p = self._encode(tokens, f"request {request_id!r}: tokens")
+            hashes = chain_hashes(data, self.tokens_per_block, self._root(extra_key))
+            match = self._match(p, hashes, extra_key, data)
+        root = self._root(extra_key)
         bsz = self.tokens_per_block
         end = ceil_div(p + k, bsz)
 
@@ -547,7 +571,8 @@ class KVCacheManager:
                 cached[g.name] = match.boundary
             ids = list(match.block_ids[g.name][: len(take)])
             fresh = (end - first) - len(ids)
-            available = gs.available - sum(1 for b in ids if gs.cache.is_evictable(b))
+            lru = gs.cache._lru
+            available = gs.available - (len(lru.keys() & ids) if lru and ids else 0)
             if fresh > available:
                 raise OutOfBlocksError(request_id, g.name, fresh, available, gs.detail())
             plan.append((gs, first, ids, fresh))
@@ -612,10 +637,10 @@ class KVCacheManager:
         req = self._request(request_id)
         if isinstance(tokens, int) and not isinstance(tokens, bool):
             n = _check_count(f"request {request_id!r}: append count", tokens, 0)
-            data = b""
+            data = array("Q")
         else:
-            data = encode_tokens(tokens, what=f"request {request_id!r}: appended tokens")
-            n = len(data) // 8
+            data = token_array(tokens, what=f"request {request_id!r}: appended tokens")
+            n = len(data)
             if n and req.num_known < req.num_tokens:
                 raise ValueError(
                     f"request {request_id!r}: positions [{req.num_known}, {req.num_tokens}) "
@@ -676,14 +701,11 @@ class KVCacheManager:
         for gs in self._attention:
             first = req.first_block[gs.name]
             blocks = req.blocks[gs.name]
-            cache = gs.cache
-            count = 0
             lo = max(lo_all, first, ceil_div(req.valid_from[gs.name], bsz))
-            for b in range(lo, min(nb, first + len(blocks))):
-                bid = blocks[b - first]
-                if cache.hash_of(bid) is None and cache.insert(hashes[b], bid):
-                    count += 1
-            published[gs.name] = count
+            hi = min(nb, first + len(blocks))
+            if hi > lo:
+                published[gs.name] = gs.cache.insert_many(hashes[lo:hi],
+                                                          blocks[lo - first : hi - first])
         if n == req.num_tokens and nb > 0 and n % bsz == 0:
             key = hashes[nb - 1]
             for gs in self._states:
