@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvtriton.cache import (
     KVCacheManager,
@@ -449,3 +451,76 @@ def test_a_stale_match_is_redone_at_allocation() -> None:
     c = m.allocate("c", fresh)  # its blocks were evicted since: nothing is reused
     assert c.reused_blocks["full"] == range(0, 0)
     m.check_invariants()
+
+
+# ---------------------------------------------------------------------------------------
+# the matching rules against their definitions, for arbitrary index contents
+# ---------------------------------------------------------------------------------------
+
+
+def brute_force(spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]]
+                ) -> tuple[dict[str, int], int]:
+    """Per-group counts and the single boundary from the definitions, over every position."""
+    p, bsz = len(tokens), spec.tokens_per_block
+
+    def holds(group: str, lo: int, hi: int) -> bool:  # every block touching [lo, hi)
+        return all(b < len(have[group]) and have[group][b]
+                   for b in range(lo // bsz, -(-hi // bsz)))
+
+    cached: dict[str, int] = {}
+    ok = [True] * (p + 1)
+    for g in spec.groups:
+        if g.kind == "full":
+            cached[g.name] = max(c for c in range(p + 1) if holds(g.name, 0, c))
+            for c in range(p + 1):
+                ok[c] = ok[c] and holds(g.name, 0, c)
+        elif g.kind == "sliding":
+            start = needed_range(g, p).start
+            best = max(c for c in range(start, p + 1)
+                       if c == start or holds(g.name, start // bsz * bsz, c))
+            cached[g.name] = -(-best // bsz) * bsz if best > start else start
+            for c in range(p + 1):
+                ok[c] = ok[c] and holds(g.name, max(0, c + 1 - g.window), c)
+        else:
+            cached[g.name] = p if p % bsz == 0 and have[g.name][p // bsz - 1] else 0
+            for c in range(1, p + 1):
+                ok[c] = ok[c] and c % bsz == 0 and have[g.name][c // bsz - 1]
+    return cached, max(c for c in range(p + 1) if ok[c])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    num_tokens=st.integers(1, 40),
+    window=st.integers(1, 14),
+    with_state=st.booleans(),
+    data=st.data(),
+)
+def test_matching_rules_hold_for_any_index_contents(num_tokens: int, window: int,
+                                                    with_state: bool, data: st.DataObject
+                                                    ) -> None:
+    groups = [LayerGroup("full", "full", (0,)), LayerGroup("swa", "sliding", (1,),
+                                                           window=window)]
+    if with_state:
+        groups.append(LayerGroup("ssm", "state", (2,), state_shape=(1,)))
+    spec = KVCacheSpec(tuple(groups), tokens_per_block=B)
+    m = KVCacheManager(spec, 16, num_state_slots=16)
+    tokens = list(range(3, 3 + num_tokens))
+    hashes = chain_hashes(encode_tokens(tokens), B, root_hash(None))
+    n = len(hashes)
+    run = data.draw(st.integers(0, n), label="full run")
+    have = {
+        "full": [b < run or data.draw(st.booleans()) for b in range(n)],
+        "swa": data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="swa"),
+    }
+    if with_state:
+        have["ssm"] = data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="ssm")
+    for name, present in have.items():
+        cache = m._groups[name].cache  # white box: publish arbitrary blocks directly
+        for b, there in enumerate(present):
+            if there:
+                assert cache.insert(hashes[b], b)
+    match = m.match(tokens)
+    cached, boundary = brute_force(spec, tokens, have)
+    assert dict(match.cached) == cached
+    assert match.boundary == boundary
+    assert all(match.cached[g] >= boundary for g in ("full", "swa"))

@@ -117,7 +117,7 @@ class PrefixCache:
         #: incremented whenever the index changes (an insert or an eviction)
         self.version = 0
         self._index: dict[BlockHash, int] = {}
-        self._hash: list[BlockHash | None] = [None] * num_blocks
+        self._hash: dict[int, BlockHash] = {}  # block id -> the hash it is published under
         self._lru: OrderedDict[int, None] = OrderedDict()
 
     # -- queries ----------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class PrefixCache:
 
     def hash_of(self, block_id: int) -> BlockHash | None:
         """The hash a block was published under, or ``None``."""
-        return self._hash[block_id]
+        return self._hash.get(block_id)
 
     def is_evictable(self, block_id: int) -> bool:
         return block_id in self._lru
@@ -177,7 +177,7 @@ class PrefixCache:
         """Publish ``block_id`` under ``block_hash``; ``False`` (no change) if the hash is
         already published by another block (the duplicate stays private) or the block
         already carries a hash."""
-        if block_hash in self._index or self._hash[block_id] is not None:
+        if block_hash in self._index or block_id in self._hash:
             return False
         self._index[block_hash] = block_id
         self._hash[block_id] = block_hash
@@ -189,12 +189,21 @@ class PrefixCache:
         entries were published."""
         index = self._index
         tags = self._hash
-        count = 0
-        for block_hash, block_id in zip(hashes, block_ids, strict=True):
-            if tags[block_id] is None and block_hash not in index:
-                index[block_hash] = block_id
-                tags[block_id] = block_hash
-                count += 1
+        if len(hashes) != len(block_ids):
+            raise ValueError(f"group {self.name!r}: {len(hashes)} hashes for "
+                             f"{len(block_ids)} blocks")
+        if (tags.keys().isdisjoint(block_ids) and index.keys().isdisjoint(hashes)
+                and len(set(hashes)) == len(hashes) and len(set(block_ids)) == len(block_ids)):
+            index.update(zip(hashes, block_ids, strict=True))  # the common case, at C speed
+            tags.update(zip(block_ids, hashes, strict=True))
+            count = len(hashes)
+        else:
+            count = 0
+            for block_hash, block_id in zip(hashes, block_ids, strict=True):
+                if block_id not in tags and block_hash not in index:
+                    index[block_hash] = block_id
+                    tags[block_id] = block_hash
+                    count += 1
         self.version += count
         return count
 
@@ -216,9 +225,7 @@ class PrefixCache:
         if not self._lru:
             raise RuntimeError(f"group {self.name!r}: nothing to evict")
         block_id, _ = self._lru.popitem(last=False)
-        block_hash = self._hash[block_id]
-        assert block_hash is not None
+        block_hash = self._hash.pop(block_id)
         del self._index[block_hash]
-        self._hash[block_id] = None
         self.version += 1
         return block_id

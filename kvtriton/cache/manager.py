@@ -226,10 +226,10 @@ class _Group:
                 raise RuntimeError(f"group {self.name!r}: double free of block {b}")
             ref[b] = r - 1
             if r == 1:
-                if tags[b] is None:
-                    free.append(b)
-                else:
+                if b in tags:
                     lru[b] = None
+                else:
+                    free.append(b)
 
     def detail(self) -> str:
         kind = "slots" if self.group.kind == "state" else "blocks"
@@ -459,30 +459,59 @@ class KVCacheManager:
     def _boundary(self, hashes: Sequence[BlockHash], upper: int) -> int:
         """The largest block count ``j <= upper`` valid for every sliding and state group.
 
-        Scans ``j`` downwards. A sliding group missing block ``b`` of ``[lo(j), j)`` rules out
-        every ``j' in (b, j]`` (``lo`` never decreases with ``j``), so the scan jumps to ``b``.
+        Tries ``j = upper`` directly (the common case), else scans ``j`` downwards over
+        presence lists at C speed: a sliding group missing block ``b`` of ``[lo(j), j)`` rules
+        out every ``j'`` in ``(p + 1, j]`` where ``p`` is its highest cached block below ``b``
+        (``lo`` never decreases with ``j``, and a window of ``W >= 2`` always holds block
+        ``j' - 1``), so the scan jumps to ``p + 1``; a state group jumps to its next snapshot.
         """
+        if upper == 0:
+            return 0
         bsz = self.tokens_per_block
         sliding = [(gs.group.window or 1, gs.cache._index) for gs in self._attention
                    if gs.group.kind == "sliding"]
         snapshots = [gs.cache._index for gs in self._states]
+        if not sliding and not snapshots:
+            return upper
+        last = hashes[upper - 1]
+        if all(last in index for index in snapshots) and all(
+            all(hashes[b] in index for b in range(max(0, upper * bsz + 1 - w) // bsz, upper))
+            for w, index in sliding
+        ):
+            return upper
+        # rev[i] is about block upper - 1 - i: block b <-> position upper - 1 - b
+        rev = list(hashes[:upper])
+        rev.reverse()
+        present = [(w, list(map(index.__contains__, rev))) for w, index in sliding]
+        state_ok: list[bool] | None = None
+        for index in snapshots:
+            here = list(map(index.__contains__, rev))
+            state_ok = here if state_ok is None else [a and b for a, b in zip(state_ok, here,
+                                                                                strict=True)]
         j = upper
         while j > 0:
-            c = j * bsz
-            jump = j
-            for window, index in sliding:
-                lo = max(0, c + 1 - window) // bsz
-                b = j - 1
-                while b >= lo and hashes[b] in index:
-                    b -= 1
-                if b >= lo:
-                    jump = min(jump, b)
-            if jump < j:
-                j = jump
-                continue
-            if all(hashes[j - 1] in index for index in snapshots):
+            if state_ok is not None:  # the largest j' <= j with a snapshot at j'
+                try:
+                    j = upper - state_ok.index(True, upper - j)
+                except ValueError:
+                    return 0
+            jumped = False
+            for w, have in present:
+                lo = max(0, j * bsz + 1 - w) // bsz
+                if lo >= j:  # W = 1: the window before c is empty
+                    continue
+                try:
+                    missing = upper - 1 - have.index(False, upper - j, upper - lo)
+                except ValueError:
+                    continue
+                try:  # the highest cached block below the missing one
+                    j = upper - have.index(True, upper - missing)
+                except ValueError:
+                    return 0
+                jumped = True
+                break
+            if not jumped:
                 return j
-            j -= 1
         return 0
 
     # ------------------------------------------------------------------------------------
@@ -870,7 +899,7 @@ class KVCacheManager:
                 places = (ref[b] > 0) + (b in lru) + (free.count(b) if b in free else 0)
                 assert places == 1, (
                     f"group {name!r}: block {b} is in {places} of referenced/evictable/free")
-                tag = gs.cache._hash[b]
+                tag = gs.cache._hash.get(b)
                 if b in lru:
                     assert tag is not None, f"group {name!r}: evictable block {b} has no hash"
                 if b in free:
@@ -878,7 +907,7 @@ class KVCacheManager:
                 if tag is not None:
                     assert gs.cache._index.get(tag) == b, (
                         f"group {name!r}: block {b}'s hash is not indexed to it")
-            assert len(gs.cache._index) == sum(t is not None for t in gs.cache._hash), (
+            assert len(gs.cache._index) == len(gs.cache._hash), (
                 f"group {name!r}: index and block tags disagree")
         for rid, req in self._requests.items():
             end = ceil_div(req.num_tokens + req.num_draft, bsz)
