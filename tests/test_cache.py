@@ -524,3 +524,17 @@ def test_matching_rules_hold_for_any_index_contents(num_tokens: int, window: int
     assert dict(match.cached) == cached
     assert match.boundary == boundary
     assert all(match.cached[g] >= boundary for g in ("full", "swa"))
+
+
+def test_append_changes_the_draft_tail() -> None:
+    spec = hybrid(window=6)
+    m = KVCacheManager(spec, 32, num_state_slots=2)
+    m.allocate("a", list(range(5)), num_draft_tokens=2)  # [0, 7): 2 blocks
+    assert m.spans("a")["full"].end_block == 2
+    spans = m.append("a", [5], num_draft_tokens=6)  # L=6, [0, 12): 3 blocks
+    assert spans["full"].end_block == 3 and m.request("a").num_draft_tokens == 6
+    free = m.stats()["full"]["free"]
+    spans = m.append("a", 0, num_draft_tokens=0)  # [0, 6): the draft-only block goes back
+    assert spans["full"].end_block == 2 and m.stats()["full"]["free"] == free + 1
+    assert spans["swa"].end_block == 2
+    m.check_invariants()

@@ -239,14 +239,14 @@ class CacheMachine(RuleBasedStateMachine):
             complete_receive(self.m, rx)
 
     @precondition(lambda self: bool(self.live))
-    @rule(data=st.data(), n=st.integers(1, 6))
-    def append(self, data: st.DataObject, n: int) -> None:
+    @rule(data=st.data(), n=st.integers(0, 6), drafts=st.one_of(st.none(), st.integers(0, 5)))
+    def append(self, data: st.DataObject, n: int, drafts: int | None) -> None:
         rid = data.draw(st.sampled_from(sorted(self.live)))
         info = self.live[rid]
         new = continuation(info["tokens"], n)
         before = self.snapshot()
         try:
-            spans = self.m.append(rid, new)
+            spans = self.m.append(rid, new, num_draft_tokens=drafts)
         except OutOfBlocksError as err:
             assert err.request_id == rid
             assert self.snapshot() == before, "a failed append changed the manager"

@@ -35,7 +35,7 @@ owns pools)::
                extra_key=None, prefill=False) -> Allocation   (a Mapping {group: BlockSpan})
         .spans, .state_slots, .cached, .reused_blocks, .state_hits, .match,
         .cached_tokens()  (mapping in per_group mode, int in single_boundary mode)
-    m.append(request_id, n | token_ids) -> {group: BlockSpan}
+    m.append(request_id, n | token_ids, *, num_draft_tokens=None) -> {group: BlockSpan}
     m.commit(request_id, num_tokens=None) -> {group: entries published}
     m.slide(request_id) -> {sliding group: blocks released}
     m.free(request_id)

@@ -656,12 +656,16 @@ class KVCacheManager:
             pool = self.pools.state[group]
             pool[:, dst] = pool[:, src]
 
-    def append(self, request_id: RequestId, tokens: int | Sequence[int]) -> dict[str, BlockSpan]:
+    def append(self, request_id: RequestId, tokens: int | Sequence[int], *,
+               num_draft_tokens: int | None = None) -> dict[str, BlockSpan]:
         """Grow the sequence by ``n`` positions: ``tokens`` is ``n`` or the ``n`` new token ids.
 
-        Spans grow to cover ``[.., ceil((L + n + k)/B))``. Positions appended as a bare count
-        have unknown ids: they can never be committed, and ids cannot be appended after them.
-        Returns the new spans. :class:`OutOfBlocksError` leaves the request unchanged.
+        Spans then cover ``[.., ceil((L + n + k)/B))`` where ``k`` is ``num_draft_tokens``
+        (default: unchanged). A smaller ``k`` releases tail blocks that hold only draft
+        positions (never committed, so they go back to the free list). Positions appended as
+        a bare count have unknown ids: they can never be committed, and ids cannot be
+        appended after them. Returns the new spans. :class:`OutOfBlocksError` leaves the
+        request unchanged.
         """
         req = self._request(request_id)
         if isinstance(tokens, int) and not isinstance(tokens, bool):
@@ -675,7 +679,9 @@ class KVCacheManager:
                     f"request {request_id!r}: positions [{req.num_known}, {req.num_tokens}) "
                     "were appended without token ids; token ids cannot follow them"
                 )
-        end = ceil_div(req.num_tokens + n + req.num_draft, self.tokens_per_block)
+        k = req.num_draft if num_draft_tokens is None else _check_count(
+            f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
+        end = ceil_div(req.num_tokens + n + k, self.tokens_per_block)
         grow: list[tuple[_Group, int]] = []
         for gs in self._attention:
             extra = end - (req.first_block[gs.name] + len(req.blocks[gs.name]))
@@ -683,9 +689,14 @@ class KVCacheManager:
                 raise OutOfBlocksError(request_id, gs.name, extra, gs.available, gs.detail())
             grow.append((gs, extra))
         for gs, extra in grow:
+            blocks = req.blocks[gs.name]
             if extra > 0:
-                req.blocks[gs.name].extend(gs.fresh(extra))
+                blocks.extend(gs.fresh(extra))
+            elif extra < 0:
+                gs.release(blocks[extra:])
+                del blocks[extra:]
         req.num_tokens += n
+        req.num_draft = k
         req.token_bytes += data
         return {gs.name: req.span(gs.name) for gs in self._attention}
 
