@@ -488,7 +488,7 @@ def brute_force(spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]
     return cached, max(c for c in range(p + 1) if ok[c])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     num_tokens=st.integers(1, 40),
     window=st.integers(1, 14),

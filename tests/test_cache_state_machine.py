@@ -354,8 +354,8 @@ class NoStateMachine(CacheMachine):
 
 
 MACHINE_SETTINGS = settings(
-    max_examples=200,
-    stateful_step_count=40,
+    max_examples=500,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
