@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvtriton.cache.hashing import ExtraKey
-from kvtriton.cache.manager import Allocation, KVCacheManager, RequestId
+from kvtriton.cache.manager import Allocation, KVCacheManager, PrefixMatch, RequestId
 from kvtriton.plan import Mode, TransferPlan, plan_transfer
 from kvtriton.ranges import BlockSpan, TokenRange
 
@@ -119,7 +119,7 @@ def preview_plan(
 def prepare_receive(
     manager: KVCacheManager,
     request_id: RequestId,
-    tokens: Sequence[int],
+    tokens: Sequence[int] | PrefixMatch,
     *,
     num_draft_tokens: int = 0,
     mode: Mode = "per_group",
@@ -127,7 +127,8 @@ def prepare_receive(
 ) -> ReceivePlan:
     """Allocate destination blocks for a request and plan what each group must receive.
 
-    ``tokens`` are the prompt's token ids (``P = len(tokens)``); ``mode`` picks per-group
+    ``tokens`` are the prompt's token ids (``P = len(tokens)``), or the manager's
+    :class:`~kvtriton.cache.PrefixMatch` for them (no rehashing); ``mode`` picks per-group
     reuse or the single-boundary baseline. The plan is
     ``plan_transfer(spec, P, allocation.cached_tokens(), num_draft_tokens=k)``: a group
     receives ``[max(cached, needed.start), P)``; a state group receives its state unless the

@@ -538,3 +538,18 @@ def test_append_changes_the_draft_tail() -> None:
     assert spans["full"].end_block == 2 and m.stats()["full"]["free"] == free + 1
     assert spans["swa"].end_block == 2
     m.check_invariants()
+
+
+def test_a_match_from_another_manager_is_redone() -> None:
+    spec = KVCacheSpec((LayerGroup("full", "full", (0,)),), tokens_per_block=B)
+    a, b = KVCacheManager(spec, 8), KVCacheManager(spec, 8)
+    tokens = list(range(8))
+    prefilled(a, "x", tokens)
+    match = a.match(tokens)
+    assert match.cached == {"full": 8} and a.version == b.version + 2
+    prefilled(b, "y", [9, 9, 9, 9])
+    prefilled(b, "z", [8, 8, 8, 8])  # same version number as a, other contents
+    assert a.version == b.version
+    alloc = b.allocate("w", match)
+    assert alloc.reused_blocks["full"] == range(0, 0)
+    b.check_invariants()

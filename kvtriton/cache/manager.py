@@ -76,6 +76,10 @@ class PrefixMatch:
         block_ids: ``{group: physical ids}`` of the matched blocks (in ``matched_blocks``
             order) or of the snapshot slot at ``P`` (a state group; empty on a miss). Valid
             until the cache changes.
+        extra_key: the key the hashes were rooted at.
+        hashes, token_bytes, version, owner: the prompt's block hashes and encoded ids, and
+            the manager and index version the match was taken at; they let
+            :meth:`KVCacheManager.allocate` take this match instead of the token ids.
     """
 
     num_tokens: int
@@ -89,6 +93,7 @@ class PrefixMatch:
     hashes: tuple[BlockHash, ...] = field(default=(), repr=False)
     token_bytes: array = field(default_factory=lambda: array("Q"), repr=False, compare=False)
     version: int = field(default=-1, repr=False, compare=False)
+    owner: object = field(default=None, repr=False, compare=False)
 
     def cached_tokens(self, mode: Mode = "per_group") -> dict[str, int] | int:
         """The ``cached_tokens`` argument of :func:`kvtriton.plan.plan_transfer` for ``mode``."""
@@ -345,6 +350,7 @@ class KVCacheManager:
         self._states = [self._groups[g.name] for g in states]
         self._requests: dict[RequestId, _Request] = {}
         self._root_cache: dict[Any, BlockHash] = {}
+        self._uid = object()  # identifies this manager's PrefixMatch results
 
     # ------------------------------------------------------------------------------------
     # helpers
@@ -454,6 +460,7 @@ class KVCacheManager:
             hashes=tuple(hashes),
             token_bytes=data,
             version=self.version,
+            owner=self._uid,
         )
 
     def _boundary(self, hashes: Sequence[BlockHash], upper: int) -> int:
@@ -572,8 +579,8 @@ class KVCacheManager:
             extra_key = prefix.extra_key
             data, p = prefix.token_bytes, prefix.num_tokens
             hashes = list(prefix.hashes)
-            match = prefix if prefix.version == self.version else self._match(
-                p, hashes, extra_key, data)
+            fresh = prefix.owner is self._uid and prefix.version == self.version
+            match = prefix if fresh else self._match(p, hashes, extra_key, data)
         else:
             data, p = self._encode(tokens, f"request {request_id!r}: tokens")
             hashes = chain_hashes(data, self.tokens_per_block, self._root(extra_key))
