@@ -10,7 +10,8 @@ Receiver side::
     complete_receive(manager, rx)      # success: commit P tokens (blocks become matchable)
     abort_receive(manager, rx)         # failure: free; nothing reaches the prefix cache
 
-Sender side (the rank that prefilled the request)::
+Sender side (the rank that prefilled the request; it allocated it with
+``manager.allocate(request_id, tokens, prefill=True)`` and may commit it like any prefill)::
 
     src = source_spans(manager, request_id, rx.plan)    # or ({group: TokenRange}, states)
     # src.spans {group: BlockSpan covering its range}, src.state_slots {group: slot}
