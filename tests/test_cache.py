@@ -553,3 +553,11 @@ def test_a_match_from_another_manager_is_redone() -> None:
     alloc = b.allocate("w", match)
     assert alloc.reused_blocks["full"] == range(0, 0)
     b.check_invariants()
+
+
+def test_repr_summarises_the_pools() -> None:
+    m = KVCacheManager(hybrid(), 8, num_state_slots=2)
+    prefilled(m, "a", list(range(8)))
+    assert repr(m) == ("KVCacheManager(spec='test-hybrid', B=4, requests=1, "
+                       "full: 2 used / 2 cached / 8, swa: 2 used / 2 cached / 8, "
+                       "ssm: 1 used / 1 cached / 2)")

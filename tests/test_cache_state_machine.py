@@ -130,7 +130,9 @@ class CacheMachine(RuleBasedStateMachine):
         return cached, boundary
 
     def check_match(self, tokens: list[int]) -> None:
+        before = self.snapshot()
         match = self.m.match(tokens)
+        assert self.snapshot() == before, "match changed the manager"
         p = len(tokens)
         event(f"match: full {'hit' if match.cached['full'] else 'miss'}, swa "
               f"{'hit' if match.matched_blocks['swa'] else 'miss'}, state "

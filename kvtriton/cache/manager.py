@@ -352,6 +352,13 @@ class KVCacheManager:
         self._root_cache: dict[Any, BlockHash] = {}
         self._uid = object()  # identifies this manager's PrefixMatch results
 
+    def __repr__(self) -> str:
+        groups = ", ".join(
+            f"{name}: {gs.alloc.num_blocks - gs.available} used / {gs.cache.num_cached} cached"
+            f" / {gs.alloc.num_blocks}" for name, gs in self._groups.items())
+        return (f"KVCacheManager(spec={self.spec.name!r}, B={self.tokens_per_block}, "
+                f"requests={len(self._requests)}, {groups})")
+
     # ------------------------------------------------------------------------------------
     # helpers
     # ------------------------------------------------------------------------------------
