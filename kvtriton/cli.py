@@ -348,6 +348,42 @@ def run_simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# -- bench (each benchmark's own options live in its module) --------------------------------
+
+BENCHMARKS = {
+    "kernels": "kvtriton.kernels.bench",
+    "cache": "kvtriton.cache.bench",
+    "transfer": "kvtriton.transfer.bench",
+}
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("which", choices=sorted(BENCHMARKS),
+                   help="kernels: gather/scatter/copy vs copy_ and torch indexing (GPU); "
+                        "cache: match + allocate + commit (CPU); transfer: end to end vs raw "
+                        "NCCL send/recv (2 GPUs, spawned with torchrun)")
+    p.add_argument("--nproc", type=positive_int, default=2,
+                   help="transfer only: ranks torchrun spawns (default 2)")
+    p.add_argument("args", nargs=argparse.REMAINDER,
+                   help="options passed to the benchmark (see `kvtriton bench WHICH -- --help`)")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import importlib
+    import subprocess
+
+    extra = [a for a in args.args if a != "--"]
+    module = BENCHMARKS[args.which]
+    if args.which == "transfer":
+        # One process per rank: torchrun spawns them; NVLink multicast stays off.
+        env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", module, *extra]
+        return subprocess.call(cmd, env=env)
+    status: int | None = importlib.import_module(module).main(extra)
+    return int(status or 0)
+
+
 # -- registry and entry point ---------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -364,6 +400,9 @@ COMMANDS: list[Command] = [
             add_simulate_arguments, run_simulate,
             epilog="example: kvtriton simulate --hf-config GptOssConfig --trace chat "
                    "--plot sim.png"),
+    Command("bench", "benchmarks: kernels (GPU), cache (CPU), transfer (2 GPUs, torchrun)",
+            add_bench_arguments, run_bench,
+            epilog="example: kvtriton bench kernels -- --json kernels.json"),
 ]
 
 

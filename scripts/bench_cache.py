@@ -1,100 +1,10 @@
-"""CPU microbenchmark of the cache manager: match + allocate + commit of one prompt.
+#!/usr/bin/env python
+"""CPU microbenchmark of the cache manager (match + allocate + commit); same as
+``kvtriton bench cache``. See kvtriton/cache/bench.py for what is measured."""
 
-    python scripts/bench_cache.py                       # 4k / 32k / 128k tokens, B = 16
-    python scripts/bench_cache.py --tokens 32768 --reps 50 --json out.json
+import sys
 
-For each preset and prompt length it times, on a fresh manager each repetition:
-
-* ``cold``: ``match`` + ``allocate(match)`` + ``commit`` of a prompt nothing of which is
-  cached (hash every block, allocate every block, publish every block);
-* ``warm``: the same prompt again after the first request was freed (every block reused);
-* ``hash``: the hash chain alone (part of ``cold``).
-
-It prints the median and best time of each and the cold median per block, which stays flat
-when the cost is linear in blocks. The target is a cold 32k-token prompt under 2 ms.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import random
-import statistics
-import time
-
-from kvtriton.cache import KVCacheManager, chain_hashes, encode_tokens, root_hash
-from kvtriton.spec import preset
-
-
-def bench(preset_name: str, num_tokens: int, tokens_per_block: int, reps: int, seed: int
-          ) -> dict[str, float | int | str]:
-    spec = preset(preset_name, tokens_per_block=tokens_per_block)
-    rng = random.Random(seed)
-    tokens = [rng.randrange(200_000) for _ in range(num_tokens)]
-    num_blocks = -(-num_tokens // tokens_per_block) + 8
-    cold: list[float] = []
-    warm: list[float] = []
-    hashing: list[float] = []
-    clock = time.perf_counter
-    for _ in range(reps):
-        m = KVCacheManager(spec, num_blocks, num_state_slots=4)
-        t0 = clock()
-        match = m.match(tokens)
-        m.allocate("a", match)
-        m.commit("a")
-        t1 = clock()
-        m.free("a")
-        t2 = clock()
-        match = m.match(tokens)
-        alloc = m.allocate("b", match)
-        m.commit("b")
-        t3 = clock()
-        t4 = clock()
-        chain_hashes(encode_tokens(tokens), tokens_per_block, root_hash(None))
-        t5 = clock()
-        assert alloc.reused_blocks[spec.groups[0].name], "warm run reused nothing"
-        cold.append(t1 - t0)
-        warm.append(t3 - t2)
-        hashing.append(t5 - t4)
-    blocks = num_tokens // tokens_per_block
-    return {
-        "preset": preset_name,
-        "groups": len(spec.groups),
-        "tokens": num_tokens,
-        "blocks": blocks,
-        "cold_ms": statistics.median(cold) * 1e3,
-        "cold_best_ms": min(cold) * 1e3,
-        "warm_ms": statistics.median(warm) * 1e3,
-        "warm_best_ms": min(warm) * 1e3,
-        "hash_ms": statistics.median(hashing) * 1e3,
-        "cold_us_per_block": statistics.median(cold) * 1e6 / blocks,
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 32768, 131072])
-    parser.add_argument("--presets", nargs="+", default=["gpt-oss-20b", "llama-3-8b"])
-    parser.add_argument("--tokens-per-block", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
-    rows = [bench(p, n, args.tokens_per_block, args.reps, args.seed)
-            for p in args.presets for n in args.tokens]
-    header = (f"{'preset':<14} {'tokens':>7} {'blocks':>6} {'cold ms':>8} {'(best)':>7} "
-              f"{'warm ms':>8} {'(best)':>7} {'hash ms':>8} {'cold us/blk':>11}")
-    print(f"match + allocate + commit, B={args.tokens_per_block}, median of {args.reps}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['preset']:<14} {r['tokens']:>7} {r['blocks']:>6} {r['cold_ms']:>8.3f} "
-              f"{r['cold_best_ms']:>7.3f} {r['warm_ms']:>8.3f} {r['warm_best_ms']:>7.3f} "
-              f"{r['hash_ms']:>8.3f} {r['cold_us_per_block']:>11.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-
+from kvtriton.cache.bench import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -338,3 +338,17 @@ def test_table_rejects_bad_shapes() -> None:
         Table(["a", "b"], spans=[("x", 3)])
     with pytest.raises(ValueError, match=r"needs at least one column"):
         Table([])
+
+
+def test_bench_cache_runs_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["bench", "cache", "--", "--tokens", "256", "--reps", "1",
+                   "--presets", "tiny-hybrid"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "match + allocate + commit" in out
+    assert "tiny-hybrid" in out
+
+
+def test_bench_rejects_an_unknown_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "nonsense"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
