@@ -125,12 +125,56 @@ def _load_preset(name: str, tokens_per_block: int | None = None) -> KVCacheSpec:
     return preset(name, tokens_per_block=tokens_per_block)
 
 
+def _hf_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--hf-set``; VALUE parsed as JSON, else kept as a bare string."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. sliding_window=1024), "
+                                         f"got {text!r}")
+    try:
+        parsed: object = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--preset NAME | --hf-config PATH_OR_CLASS`` (+ ``--hf-set``, ``--block-size``)."""
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", metavar="NAME",
+                       help=f"built-in model spec (see '{PROG} presets')")
+    model.add_argument("--hf-config", metavar="PATH_OR_CLASS",
+                       help="a transformers config: config.json, a directory holding one, or a "
+                            "config class name such as GptOssConfig or Gemma3TextConfig "
+                            "(instantiated with its defaults; no network, no weights)")
+    p.add_argument("--hf-set", action="append", type=_hf_setting, default=[],
+                   metavar="KEY=VALUE",
+                   help="change a config field before mapping (repeatable; VALUE is JSON, e.g. "
+                        "--hf-set sliding_window=1024 --hf-set num_hidden_layers=34)")
+    p.add_argument("--block-size", type=positive_int, default=None, metavar="B",
+                   help="tokens per block (default: the preset's, 16 for --hf-config)")
+
+
+def spec_from_args(args: argparse.Namespace) -> KVCacheSpec:
+    """The spec that :func:`add_model_arguments`' options select."""
+    if args.preset is not None:
+        if args.hf_set:
+            raise CliError("--hf-set applies to --hf-config, not to --preset")
+        return _load_preset(args.preset, args.block_size)
+    from kvtriton.hf import spec_from_hf_config
+
+    try:
+        return spec_from_hf_config(args.hf_config, tokens_per_block=args.block_size or 16,
+                                   overrides=dict(args.hf_set))
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        raise CliError(f"--hf-config {args.hf_config!r}: {exc}") from None
+
+
 # -- plan ---------------------------------------------------------------------------------
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", required=True, metavar="NAME",
-                   help=f"built-in model spec (see '{PROG} presets')")
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True, type=_prompt, metavar="P",
                    help="prompt length P in tokens (>= 1); the receiver decodes position P next")
     p.add_argument("--cached", action="append", type=_cached_pair, default=[],
@@ -141,8 +185,6 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="cached tokens for every group not named by --cached (default 0)")
     p.add_argument("--draft", type=_count, default=0, metavar="K",
                    help="speculative draft positions the receiver allocates (never moved)")
-    p.add_argument("--block-size", type=positive_int, default=None, metavar="B",
-                   help="tokens per block (default: the preset's)")
     p.add_argument("--json", action="store_true",
                    help="print the three plans (compare_policies) as JSON instead of a table")
 
@@ -228,7 +270,7 @@ def _compare(spec: KVCacheSpec, prompt: int, cached: Mapping[str, int], drafts: 
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    spec = _load_preset(args.preset, args.block_size)
+    spec = spec_from_args(args)
     cached = cached_counts(spec, args.cached, args.cached_all)
     plans, boundary = _compare(spec, args.prompt, cached, args.draft)
     print(_plans_json(plans) if args.json else plan_table(plans, boundary))

@@ -896,36 +896,11 @@ def _gib(text: str) -> float:
     return value
 
 
-def _hf_setting(text: str) -> tuple[str, Any]:
-    import argparse
-
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip().isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. sliding_window=1024), "
-                                         f"got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value  # a bare string
-    return key.strip(), parsed
-
-
 def add_simulate_arguments(p: Any) -> None:
     """Options of ``kvtriton simulate`` (``p`` is an ``argparse.ArgumentParser``)."""
-    from kvtriton.cli import positive_int
+    from kvtriton.cli import add_model_arguments, positive_int
 
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--preset", metavar="NAME", help="built-in model spec ('kvtriton presets')")
-    model.add_argument("--hf-config", metavar="PATH_OR_CLASS",
-                       help="a transformers config: config.json, a directory holding one, or a "
-                            "config class name such as GptOssConfig or Gemma3TextConfig "
-                            "(instantiated with its defaults; no network, no weights)")
-    p.add_argument("--hf-set", action="append", type=_hf_setting, default=[],
-                   metavar="KEY=VALUE",
-                   help="change a config field before mapping (repeatable; VALUE is JSON, e.g. "
-                        "--hf-set sliding_window=1024 --hf-set num_hidden_layers=34)")
-    p.add_argument("--block-size", type=positive_int, metavar="B",
-                   help="tokens per block (default: the preset's, 16 for --hf-config)")
+    add_model_arguments(p)
     p.add_argument("--trace", default="chat", metavar="chat|agent|FILE.jsonl",
                    help="a synthetic trace kind or a JSONL trace file (format: kvtriton.sim)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace (0)")
@@ -994,18 +969,10 @@ def _cli_trace(args: Any) -> Trace:
 
 def run_simulate(args: Any) -> int:
     """``kvtriton simulate``: print the per-policy table (or JSON) and optionally a plot."""
-    from kvtriton.cli import CliError, _load_preset
+    from kvtriton.cli import CliError, spec_from_args
 
     try:
-        if args.preset is not None:
-            if args.hf_set:
-                raise CliError("--hf-set applies to --hf-config, not to --preset")
-            spec = _load_preset(args.preset, args.block_size)
-        else:
-            from kvtriton.hf import spec_from_hf_config
-
-            spec = spec_from_hf_config(args.hf_config, tokens_per_block=args.block_size or 16,
-                                       overrides=dict(args.hf_set))
+        spec = spec_from_args(args)
         trace = _cli_trace(args)
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         if args.capacity_gib is not None:

@@ -191,7 +191,7 @@ def test_help_and_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
          r"argument --block-size: the value must be >= 1, got 0"),
         (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--draft", "-2"],
          r"argument --draft: token count must be >= 0, got -2"),
-        (["plan", "--prompt", "8"], r"the following arguments are required: --preset"),
+        (["plan", "--prompt", "8"], r"one of the arguments --preset --hf-config is required"),
         (["frobnicate"], r"invalid choice: 'frobnicate'"),
     ],
 )
@@ -352,3 +352,27 @@ def test_bench_cache_runs_through_the_cli(capsys: pytest.CaptureFixture[str]) ->
 def test_bench_rejects_an_unknown_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "nonsense"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_plan_takes_a_transformers_config_class(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    status = main(["plan", "--hf-config", "GptOssConfig", "--prompt", "8192",
+                   "--cached", "full=6000", "--json"])
+    assert status == 0
+    plans = json.loads(capsys.readouterr().out)
+    full = next(g for g in plans["per_group"]["groups"] if g["group"] == "full")
+    assert full["tokens"] == [6000, 8192]
+
+
+def test_plan_reports_an_unmappable_hf_config_in_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--hf-config", "NoSuchConfig", "--prompt", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvtriton: error: --hf-config 'NoSuchConfig'")
+    assert "Traceback" not in err
+
+
+def test_hf_set_is_refused_with_a_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--preset", "gpt-oss-20b", "--prompt", "8",
+                 "--hf-set", "sliding_window=4"]) == 2
+    assert "--hf-set applies to --hf-config" in capsys.readouterr().err
