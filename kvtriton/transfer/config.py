@@ -91,6 +91,8 @@ class DisaggConfig:
             ``"gloo"`` or ``"nccl"``.
         kernel_backend: ``kernels`` backend for pack/unpack (``"auto"``/``"reference"``/...).
         prepost: receivers post their receives when they ask (``TransferOptions.prepost``).
+        devices: under torchrun with NCCL, the GPU of each local rank (default: its local
+            rank); several ranks may share a GPU if every sender/receiver pair spans two.
         seed: token ids of the stream.
         faults: ``{rank: FaultInjection}`` (tests).
         cancel: request ids (``"c0t0"``) the receiver cancels right after asking (tests).
@@ -123,6 +125,7 @@ class DisaggConfig:
     kernel_backend: str = "auto"
     seed: int = 0
     prepost: bool = False
+    devices: tuple[int, ...] = ()
     faults: dict[int, FaultInjection] = field(default_factory=dict)
     cancel: tuple[str, ...] = ()
     cancel_during: tuple[str, ...] = ()
@@ -173,6 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-layout", choices=("NHD", "HND"), default=d.gen_layout)
     p.add_argument("--prepost", action="store_true",
                    help="receivers post their receives when they ask (one control hop less)")
+    p.add_argument("--devices", default="", metavar="G,G,...",
+                   help="torchrun + NCCL: GPU index per local rank (default: the local rank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
 
@@ -212,4 +217,5 @@ def config_from_args(args: argparse.Namespace) -> DisaggConfig:
         in_flight=args.in_flight, chunk_bytes=args.chunk_bytes,
         checksum=not args.no_checksum, timeout_s=args.timeout, backend=args.backend,
         kernel_backend=args.kernel_backend, ctx_layout=args.ctx_layout,
-        gen_layout=args.gen_layout, seed=args.seed, prepost=args.prepost)
+        gen_layout=args.gen_layout, seed=args.seed, prepost=args.prepost,
+        devices=tuple(int(x) for x in args.devices.split(",") if x.strip()))

@@ -713,8 +713,11 @@ def run_torchrun(cfg: DisaggConfig) -> dict[str, Any] | None:
     use_nccl = cfg.backend == "nccl" or (cfg.backend == "auto" and ngpu >= local_world > 0)
     device = "cpu"
     if use_nccl:
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        # --devices maps ranks to GPUs (several ranks may share one, as long as every
+        # sender/receiver pair spans two GPUs); default: one GPU per local rank
+        gpu = cfg.devices[local_rank] if cfg.devices else local_rank
+        torch.cuda.set_device(gpu)
+        device = f"cuda:{gpu}"
         dist.init_process_group("cpu:gloo,cuda:nccl")  # lazy: p2p gets 2-rank comms
     else:
         dist.init_process_group("gloo")
