@@ -19,10 +19,13 @@ from kvtriton.spec import DTYPE_BYTES, KVCacheSpec
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "plan_chunks"]
 
-#: Default chunk size (bytes). Measured on H100 NVLink with scripts/bench_transfer.py: see
-#: BENCHMARKS.md "## Transfer". Larger chunks amortise per-message NCCL latency; smaller ones
-#: overlap gather/scatter better. CPU/gloo runs are insensitive to it.
-DEFAULT_CHUNK_BYTES = 64 << 20
+#: Default chunk size (bytes): 256 MiB. Measured on 2x H200 (NVLink) with
+#: scripts/bench_transfer.py (BENCHMARKS.md "## Transfer"): each chunk costs ~0.3-0.5 ms of
+#: host time to plan and launch its gather and its scatter, so a chunk must carry more than
+#: that much NVLink time (~150 MiB) for the pipeline to be wire-bound; 1 GiB moved at 85 / 154
+#: / 212 GB/s with 64 / 128 / 256 MiB chunks. Single-chunk requests to one receiver share a
+#: frame up to this size. CPU/gloo runs are insensitive to it.
+DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 def _align(n: int) -> int:

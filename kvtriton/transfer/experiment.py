@@ -258,6 +258,7 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
             agent.cancel(rid, "cancelled by the experiment")
 
     def finish(rid: str) -> None:
+        _debug(f"{rid} ended {agent.handle(rid).state.value}")
         rx, tokens, t0, t_plan = live.pop(rid)
         h: RecvHandle = agent.handle(rid)
         t_end = time.perf_counter()
@@ -363,10 +364,13 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
         pools = allocate_pools(spec, nblocks, num_state_slots=nslots if has_state else 0,
                                device=device, layout=layout)  # type: ignore[arg-type]
         manager = KVCacheManager(spec, pools=pools)
+        _debug(f"{mode}: creating the agent")
         agent = TransferAgent(topo, rank, {**pools.kv, **pools.state}, ctrl, data, options)
+        _debug(f"{mode}: agent up")
         t0 = time.perf_counter()
         if info.side == "ctx":
             out: Any = _run_ctx(agent, cfg, spec, pools, manager, mode)
+            _debug(f"{mode}: prefilled, serving")
             agent.serve(timeout=cfg.timeout_s * (cfg.turns + 2))
             out["gather_s"] = agent.stats["gather_s"]
             out["frames_sent"] = agent.stats["frames_sent"]
@@ -376,7 +380,9 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
         else:
             reqs = [asdict(st) for st in _run_gen(agent, cfg, spec, pools, manager, mode)]
             out = {"requests": reqs, "scatter_s": agent.stats["scatter_s"]}
+        _debug(f"{mode}: stream done, closing")
         agent.close(timeout=cfg.timeout_s)
+        _debug(f"{mode}: closed")
         if info.side == "ctx":
             out["leaked"] = _leaked(manager, spec)
         else:
@@ -389,6 +395,7 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
         healthy = healthy and not out["lost_peers"]
         if healthy:
             dist.barrier(group=ctrl)
+    _debug("gathering the results")
     reporter = topo.num_ctx
     gathered: list[Any] = [None] * cfg.world_size
     if healthy:
@@ -695,6 +702,14 @@ def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
     return report
 
 
+def _debug(msg: str) -> None:
+    """``KVTRITON_DEBUG=1``: progress lines on stderr (rank, time)."""
+    if os.environ.get("KVTRITON_DEBUG"):
+        rank = os.environ.get("RANK", "?")
+        print(f"[kvtriton rank {rank} {time.monotonic():.3f}] {msg}", file=sys.stderr,
+              flush=True)
+
+
 def _torchrun_env() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
@@ -705,6 +720,10 @@ def run_torchrun(cfg: DisaggConfig) -> dict[str, Any] | None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if os.environ.get("KVTRITON_DUMP_STACKS_AFTER_S"):  # debugging hangs
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["KVTRITON_DUMP_STACKS_AFTER_S"]))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if world != cfg.world_size:
         raise ValueError(f"torchrun started {world} ranks; ctx tp{cfg.ctx_tp}pp{cfg.ctx_pp} + "
