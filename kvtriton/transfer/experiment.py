@@ -744,9 +744,18 @@ def run_torchrun(cfg: DisaggConfig) -> dict[str, Any] | None:
     try:
         backend = "nccl" if use_nccl else "gloo"
         ctrl, data = make_groups(world, backend, max(120.0, 4 * cfg.timeout_s))
-        return run_rank(cfg, rank, ctrl=ctrl, data=data, device=device, data_backend=backend)
-    finally:
-        dist.destroy_process_group()
+        report = run_rank(cfg, rank, ctrl=ctrl, data=data, device=device, data_backend=backend)
+    except BaseException:
+        # Say what failed now: tearing the groups down could block on the peers' threads.
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    if report is not None:
+        print(format_report(report), flush=True)
+    dist.destroy_process_group()
+    return report
 
 
 def run_cli(args: Any) -> int:
@@ -758,12 +767,13 @@ def run_cli(args: Any) -> int:
 
     cfg = config_from_args(args)
     if _torchrun_env():
-        report = run_torchrun(cfg)
+        report = run_torchrun(cfg)  # prints the report on the reporting rank
     else:
         report = launch_local(cfg)
+        if report is not None:
+            print(format_report(report), flush=True)
     if report is None:
         return 0
-    print(format_report(report), flush=True)
     if getattr(args, "json", None):
         slim = {k: v for k, v in report.items() if k != "ranks"}
         with open(args.json, "w") as f:
