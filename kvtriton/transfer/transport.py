@@ -1251,6 +1251,9 @@ class TransferAgent:
         self._release(handle)
 
     def _release(self, handle: RecvHandle) -> None:
+        """``on_release`` of a failed or cancelled request, once no scatter is in flight."""
+        if handle.state is SessionState.TRANSFERRED:
+            return  # committed: the blocks belong to the request, not to us
         if handle.released or handle.pending:
             return  # released once the in-flight scatters are done (_poll_gpu)
         handle.released = True
