@@ -678,40 +678,16 @@ def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
     """Spawn the ranks of ``cfg`` on this machine (gloo) and return the generation rank's
     records (see :func:`chat_rank`). Raises ``RuntimeError`` with the failing rank's error
     if a rank fails."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    from kvtriton.transfer.experiment import free_port
+    from kvtriton.transfer.experiment import spawn_for_result
 
     if not cfg.user_turns:
         raise ValueError("ChatConfig.user_turns is empty: give the token ids of each turn")
-    ctx = mp.get_context("spawn")
-    out_q = ctx.Queue()
-    port = free_port()
     world = cfg.ctx_tp * cfg.ctx_pp + 1
-    procs = [ctx.Process(target=_chat_worker, args=(r, cfg, world, port, out_q))
-             for r in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + 120 + cfg.timeout_s * len(cfg.user_turns) * len(cfg.modes)
-    result: Any = None
-    while result is None and time.monotonic() < deadline:
-        try:
-            result = out_q.get(timeout=0.5)
-        except Exception:
-            if all(p.exitcode is not None for p in procs):
-                break
-    for proc in procs:
-        proc.join(timeout=max(1.0, deadline - time.monotonic()))
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-    out_q.close()
-    out_q.join_thread()
+    timeout_s = 120 + cfg.timeout_s * len(cfg.user_turns) * len(cfg.modes)
+    result, codes = spawn_for_result(
+        _chat_worker, world, lambda rank, port, out_q: (rank, cfg, world, port, out_q), timeout_s)
     if result is None:
-        raise RuntimeError(f"the chat produced no result (exit codes "
-                           f"{[p.exitcode for p in procs]})")
+        raise RuntimeError(f"the chat produced no result (exit codes {codes})")
     if "error" in result:
         raise RuntimeError(result["error"])
     return result

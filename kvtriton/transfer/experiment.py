@@ -26,7 +26,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -555,6 +555,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+
+def spawn_for_result(
+    target: Callable[..., None],
+    world: int,
+    rank_args: Callable[[int, int, Any], tuple[Any, ...]],
+    timeout_s: float,
+) -> tuple[Any, list[int | None]]:
+    """Spawn ``world`` processes running ``target(*rank_args(rank, port, queue))`` and wait
+    for the first object any of them puts on ``queue``.
+
+    ``port`` is a free TCP port on 127.0.0.1 for the ranks' store. Returns that object (None
+    if every rank exited, or ``timeout_s`` seconds passed, without one) and the exit codes;
+    ranks still running after the deadline are killed, so nothing outlives the call.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=rank_args(rank, port, out_q)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    result: Any = None
+    while result is None and time.monotonic() < deadline:
+        try:
+            result = out_q.get(timeout=0.5)
+        except Exception:  # queue.Empty: check whether the ranks are still alive
+            if all(proc.exitcode is not None for proc in procs):
+                break
+    for proc in procs:
+        proc.join(timeout=max(1.0, deadline - time.monotonic()))
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+    out_q.close()
+    out_q.join_thread()
+    return result, [proc.exitcode for proc in procs]
+
 def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
             out_q: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -669,7 +708,6 @@ def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
     NCCL carries the data when ``cfg.backend`` is ``"nccl"``, or ``"auto"`` with at least one
     GPU per rank; otherwise gloo on CPU.
     """
-    import torch.multiprocessing as mp
 
     world = cfg.world_size
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -677,27 +715,11 @@ def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
     if use_nccl and ngpu < world:
         raise RuntimeError(f"backend nccl needs {world} GPUs, found {ngpu}")
     os.environ["NCCL_NVLS_ENABLE"] = "0"
-    ctx = mp.get_context("spawn")
-    out_q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, cfg, world, port, use_nccl, out_q))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    report = None
-    deadline = time.monotonic() + cfg.timeout_s * (cfg.turns + 4) * len(cfg.modes) + 60
-    while report is None and time.monotonic() < deadline:
-        try:
-            report = out_q.get(timeout=0.5)
-        except Exception:
-            if all(p.exitcode is not None for p in procs):
-                break
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-        if p.exitcode is None:
-            p.kill()
+    timeout_s = cfg.timeout_s * (cfg.turns + 4) * len(cfg.modes) + 60
+    report, codes = spawn_for_result(
+        _worker, world, lambda rank, port, out_q: (rank, cfg, world, port, use_nccl, out_q),
+        timeout_s)
     if report is None:
-        codes = [p.exitcode for p in procs]
         raise RuntimeError(f"the experiment produced no report (exit codes {codes})")
     return report
 
