@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kvtriton.ranges import TokenRange, needed_range, state_needs_transfer, transfer_range
+from kvtriton.ranges import (
+    TokenRange,
+    check_count,
+    needed_range,
+    state_needs_transfer,
+    transfer_range,
+)
 from kvtriton.spec import KVCacheSpec, LayerGroup
 
 __all__ = [
@@ -145,14 +151,6 @@ class TransferPlan:
         }
 
 
-def _int_arg(what: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
 def _group_transfer(spec: KVCacheSpec, group: LayerGroup, num_tokens: int, cached: int
                     ) -> GroupTransfer:
     needed = needed_range(group, num_tokens)
@@ -196,8 +194,8 @@ def plan_transfer(
         num_draft_tokens: speculative positions ``[P, P + k)`` the receiver allocates; they
             never move and are not counted.
     """
-    p = _int_arg("num_tokens (prompt length P)", num_tokens, 1)
-    _int_arg("num_draft_tokens", num_draft_tokens, 0)
+    p = check_count("num_tokens (prompt length P)", num_tokens, 1)
+    check_count("num_draft_tokens", num_draft_tokens, 0)
     if isinstance(cached_tokens, Mapping):
         unknown = sorted(set(cached_tokens) - set(spec.group_names))
         if unknown:
@@ -206,12 +204,12 @@ def plan_transfer(
                 f"spec {spec.name!r} has {list(spec.group_names)}"
             )
         per_group = {
-            name: _int_arg(f"cached_tokens[{name!r}]", cached_tokens.get(name, 0), 0)
+            name: check_count(f"cached_tokens[{name!r}]", cached_tokens.get(name, 0), 0)
             for name in spec.group_names
         }
         mode: Mode = "per_group"
     else:
-        c = min(_int_arg("cached_tokens (single boundary)", cached_tokens, 0), p)
+        c = min(check_count("cached_tokens (single boundary)", cached_tokens, 0), p)
         per_group = dict.fromkeys(spec.group_names, c)
         mode = "single_boundary"
     groups = tuple(_group_transfer(spec, g, p, per_group[g.name]) for g in spec.groups)
@@ -226,7 +224,7 @@ def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[s
     snapshot position ``s`` when ``s <= P`` (a state can only resume where it was taken)
     and 0 otherwise. Groups left out count as 0.
     """
-    p = _int_arg("num_tokens (prompt length P)", num_tokens, 1)
+    p = check_count("num_tokens (prompt length P)", num_tokens, 1)
     if not isinstance(cached_tokens, Mapping):
         raise TypeError(
             f"cached_tokens must be a mapping {{group name: cached count}}, got "
@@ -238,7 +236,7 @@ def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[s
         raise ValueError(f"cached_tokens names unknown layer groups {unknown}")
     values = []
     for g in spec.groups:
-        cached = _int_arg(f"cached_tokens[{g.name!r}]", cached_tokens.get(g.name, 0), 0)
+        cached = check_count(f"cached_tokens[{g.name!r}]", cached_tokens.get(g.name, 0), 0)
         if g.kind == "state":
             values.append(cached if cached <= p else 0)
         else:

@@ -20,6 +20,7 @@ __all__ = [
     "TokenRange",
     "WindowedGroup",
     "ceil_div",
+    "check_count",
     "needed_range",
     "state_needs_transfer",
     "transfer_range",
@@ -31,12 +32,15 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_int(name: str, value: object, *, minimum: int = 0) -> int:
-    # bool is an int subclass; a True/False token count is always a caller bug.
+def check_count(what: str, value: object, minimum: int = 0) -> int:
+    """``value`` if it is an int ``>= minimum``; else ``TypeError``/``ValueError`` naming ``what``.
+
+    bool is an int subclass, but a True/False count or position is always a caller bug.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
     return value
 
 
@@ -48,8 +52,8 @@ class TokenRange:
     end: int
 
     def __post_init__(self) -> None:
-        _check_int("TokenRange.start", self.start)
-        _check_int("TokenRange.end", self.end)
+        check_count("TokenRange.start", self.start)
+        check_count("TokenRange.end", self.end)
         if self.start > self.end:
             raise ValueError(
                 f"TokenRange needs start <= end, got [{self.start}, {self.end})"
@@ -91,7 +95,7 @@ class TokenRange:
 
     def blocks(self, tokens_per_block: int) -> range:
         """Logical block indices touched by the range (empty for an empty range)."""
-        _check_int("tokens_per_block", tokens_per_block, minimum=1)
+        check_count("tokens_per_block", tokens_per_block, minimum=1)
         if self.is_empty:
             return range(0)
         return range(self.start // tokens_per_block, ceil_div(self.end, tokens_per_block))
@@ -121,7 +125,7 @@ class BlockSpan:
     block_ids: tuple[int, ...]
 
     def __init__(self, first_block: int, block_ids: Sequence[int]) -> None:
-        _check_int("BlockSpan.first_block", first_block)
+        check_count("BlockSpan.first_block", first_block)
         ids = tuple(block_ids)
         for i, block_id in enumerate(ids):
             if isinstance(block_id, bool):
@@ -152,7 +156,7 @@ class BlockSpan:
 
     def covered(self, tokens_per_block: int) -> TokenRange:
         """Token positions held by the span, ``[first_block*B, end_block*B)``."""
-        _check_int("tokens_per_block", tokens_per_block, minimum=1)
+        check_count("tokens_per_block", tokens_per_block, minimum=1)
         return TokenRange(self.first_block * tokens_per_block, self.end_block * tokens_per_block)
 
     def check_covers(
@@ -215,7 +219,7 @@ def needed_range(group: WindowedGroup, num_tokens: int) -> TokenRange:
     ``(q - W, q]``), ``[0, P)`` for full attention. State groups hold no per-token KV
     (their fixed-size state moves whole): their needed token range is empty ``[P, P)``.
     """
-    p = _check_int("num_tokens", num_tokens, minimum=1)
+    p = check_count("num_tokens", num_tokens, minimum=1)
     if group.kind == "full":
         return TokenRange(0, p)
     if group.kind == "sliding":
@@ -235,13 +239,13 @@ def transfer_range(group: WindowedGroup, num_tokens: int, cached_tokens: int) ->
     need not be block-aligned and may exceed ``P`` (a full hit).
     """
     needed = needed_range(group, num_tokens)
-    cached = _check_int(f"cached tokens of group {group.name!r}", cached_tokens)
+    cached = check_count(f"cached tokens of group {group.name!r}", cached_tokens)
     start = min(max(cached, needed.start), needed.end)
     return TokenRange(start, needed.end)
 
 
 def state_needs_transfer(num_tokens: int, cached_tokens: int) -> bool:
     """A state group's state moves unless the receiver holds the state at exactly ``P``."""
-    _check_int("num_tokens", num_tokens, minimum=1)
-    _check_int("cached tokens", cached_tokens)
+    check_count("num_tokens", num_tokens, minimum=1)
+    check_count("cached tokens", cached_tokens)
     return cached_tokens != num_tokens

@@ -22,7 +22,7 @@ from kvtriton.cache.hashing import (
 )
 from kvtriton.cache.pools import CachePools, resolve_num_blocks
 from kvtriton.plan import Mode
-from kvtriton.ranges import BlockSpan, ceil_div, needed_range
+from kvtriton.ranges import BlockSpan, ceil_div, check_count, needed_range
 from kvtriton.spec import KVCacheSpec, LayerGroup
 
 __all__ = [
@@ -281,14 +281,6 @@ def _span(first_block: int, block_ids: Sequence[int]) -> BlockSpan:
     return span
 
 
-def _check_count(what: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
 class KVCacheManager:
     """Paged KV cache of one rank: block allocators and prefix indexes, one per layer group.
 
@@ -333,7 +325,7 @@ class KVCacheManager:
                 raise ValueError(f"spec {spec.name!r} has attention groups: give num_blocks "
                                  "(or pools)")
             blocks = resolve_num_blocks(spec, num_blocks) if attention else {}  # type: ignore[arg-type]
-            slots = _check_count("num_state_slots", 0 if num_state_slots is None
+            slots = check_count("num_state_slots", 0 if num_state_slots is None
                                  else num_state_slots, 0)
         if states and slots < 1:
             raise ValueError(
@@ -571,7 +563,7 @@ class KVCacheManager:
             raise TypeError(f"request id must be hashable, got {request_id!r}") from None
         if live:
             raise ValueError(f"request {request_id!r} is already live; free it first")
-        k = _check_count(f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
+        k = check_count(f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
         if isinstance(tokens, PrefixMatch):
             prefix = tokens
             if extra_key is not None and extra_key != prefix.extra_key:
@@ -683,7 +675,7 @@ class KVCacheManager:
         """
         req = self._request(request_id)
         if isinstance(tokens, int) and not isinstance(tokens, bool):
-            n = _check_count(f"request {request_id!r}: append count", tokens, 0)
+            n = check_count(f"request {request_id!r}: append count", tokens, 0)
             data = array("Q")
         else:
             data = token_array(tokens, what=f"request {request_id!r}: appended tokens")
@@ -693,7 +685,7 @@ class KVCacheManager:
                     f"request {request_id!r}: positions [{req.num_known}, {req.num_tokens}) "
                     "were appended without token ids; token ids cannot follow them"
                 )
-        k = req.num_draft if num_draft_tokens is None else _check_count(
+        k = req.num_draft if num_draft_tokens is None else check_count(
             f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
         end = ceil_div(req.num_tokens + n + k, self.tokens_per_block)
         grow: list[tuple[_Group, int]] = []
@@ -729,7 +721,7 @@ class KVCacheManager:
         before is a no-op. Returns ``{group: entries published}``.
         """
         req = self._request(request_id)
-        n = min(req.num_tokens, req.num_known) if num_tokens is None else _check_count(
+        n = min(req.num_tokens, req.num_known) if num_tokens is None else check_count(
             f"request {request_id!r}: num_tokens", num_tokens, 0)
         if n > req.num_tokens:
             raise ValueError(
@@ -813,7 +805,7 @@ class KVCacheManager:
         """Evict up to ``num_blocks`` (default: all) unreferenced cached blocks or snapshots per
         group (oldest first), of ``group`` or of every group. Returns how many were evicted."""
         targets = list(self._groups.values()) if group is None else [self._group(group)]
-        limit = None if num_blocks is None else _check_count("num_blocks", num_blocks, 0)
+        limit = None if num_blocks is None else check_count("num_blocks", num_blocks, 0)
         total = 0
         for gs in targets:
             count = gs.cache.num_evictable if limit is None else min(limit,

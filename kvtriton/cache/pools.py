@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from kvtriton.ranges import check_count
 from kvtriton.spec import KVCacheSpec, LayerGroup
 
 if TYPE_CHECKING:
@@ -27,14 +28,6 @@ __all__ = ["CachePools", "Layout", "allocate_pools", "blocks_for_bytes", "pool_b
 
 Layout = Literal["NHD", "HND"]
 LAYOUTS: tuple[str, ...] = ("NHD", "HND")
-
-
-def _count(what: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
 
 
 def resolve_num_blocks(
@@ -52,8 +45,9 @@ def resolve_num_blocks(
         missing = [name for name in attention if name not in num_blocks]
         if missing:
             raise ValueError(f"num_blocks has no count for attention groups {missing}")
-        return {name: _count(f"num_blocks[{name!r}]", num_blocks[name], 1) for name in attention}
-    count = _count("num_blocks", num_blocks, 1)
+        return {name: check_count(f"num_blocks[{name!r}]", num_blocks[name], 1)
+                for name in attention}
+    count = check_count("num_blocks", num_blocks, 1)
     return dict.fromkeys(attention, count)
 
 
@@ -61,7 +55,7 @@ def pool_bytes(spec: KVCacheSpec, num_blocks: int | Mapping[str, int],
                num_state_slots: int = 0) -> int:
     """Bytes of every pool tensor for these capacities."""
     blocks = resolve_num_blocks(spec, num_blocks) if _has_attention(spec) else {}
-    slots = _count("num_state_slots", num_state_slots, 0)
+    slots = check_count("num_state_slots", num_state_slots, 0)
     kv = sum(spec.bytes_per_block(name) * n for name, n in blocks.items())
     state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.kind == "state")
     return kv + state
@@ -73,8 +67,8 @@ def blocks_for_bytes(spec: KVCacheSpec, num_bytes: int, num_state_slots: int = 0
     ``N = (num_bytes - num_state_slots * sum(state bytes)) // sum(bytes per block)`` over the
     spec's groups; ``ValueError`` if not even one block per group fits.
     """
-    _count("num_bytes", num_bytes, 1)
-    slots = _count("num_state_slots", num_state_slots, 0)
+    check_count("num_bytes", num_bytes, 1)
+    slots = check_count("num_state_slots", num_state_slots, 0)
     state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.kind == "state")
     per_block = sum(spec.bytes_per_block(g) for g in spec.groups if g.kind != "state")
     if per_block == 0:
@@ -170,7 +164,7 @@ def allocate_pools(
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    slots = _count("num_state_slots", num_state_slots, 0)
+    slots = check_count("num_state_slots", num_state_slots, 0)
     has_state = any(g.kind == "state" for g in spec.groups)
     if has_state and slots < 1:
         raise ValueError(
