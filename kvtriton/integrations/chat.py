@@ -644,11 +644,12 @@ def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
 
 def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) -> None:
     import datetime
-    import os
     import sys
 
     import torch
     import torch.distributed as dist
+
+    from kvtriton.transfer.experiment import exit_worker
 
     torch.set_num_threads(cfg.num_threads)
     sys.setswitchinterval(0.0002)  # the agent's network threads pass the GIL per message
@@ -667,11 +668,7 @@ def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) 
         raise
     finally:
         dist.destroy_process_group()
-    out_q.close()
-    out_q.join_thread()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch/gloo interpreter teardown takes seconds on a small CPU box
+    exit_worker(out_q)
 
 
 def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -594,6 +594,19 @@ def spawn_for_result(
     out_q.join_thread()
     return result, [proc.exitcode for proc in procs]
 
+
+def exit_worker(out_q: Any) -> NoReturn:
+    """End a spawned rank: flush its result queue and stdio, then leave at once.
+
+    Interpreter teardown with torch and gloo threads takes seconds on a small CPU box, and
+    everything the parent needs has been flushed by then.
+    """
+    out_q.close()
+    out_q.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
 def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
             out_q: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -621,13 +634,7 @@ def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
             out_q.put(report)
     finally:
         dist.destroy_process_group()
-    # Interpreter teardown with torch and gloo threads takes seconds on a small CPU box;
-    # everything is flushed, so leave now.
-    out_q.close()
-    out_q.join_thread()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker(out_q)
 
 
 def _case_worker(rank: int, cases: list[tuple[str, DisaggConfig]], world: int, port: int,
