@@ -113,8 +113,9 @@ def preview_plan(
 ) -> TransferPlan:
     """The plan :func:`prepare_receive` would make now, without allocating anything."""
     match = manager.match(tokens, extra_key=extra_key)
-    return plan_transfer(manager.spec, match.num_tokens, match.cached_tokens(mode),
-                         num_draft_tokens=num_draft_tokens)
+    return plan_transfer(
+        manager.spec, match.num_tokens, match.cached_tokens(mode), num_draft_tokens=num_draft_tokens
+    )
 
 
 def prepare_receive(
@@ -138,8 +139,12 @@ def prepare_receive(
     """
     alloc = manager.allocate(request_id, tokens, num_draft_tokens, mode, extra_key=extra_key)
     try:
-        plan = plan_transfer(manager.spec, alloc.num_tokens, alloc.cached_tokens(),
-                             num_draft_tokens=alloc.num_draft_tokens)
+        plan = plan_transfer(
+            manager.spec,
+            alloc.num_tokens,
+            alloc.cached_tokens(),
+            num_draft_tokens=alloc.num_draft_tokens,
+        )
         bsz = manager.tokens_per_block
         for g in plan.groups:
             if g.kind == "state":
@@ -173,14 +178,16 @@ def _request_id(receive: ReceivePlan | RequestId) -> RequestId:
     return receive.request_id if isinstance(receive, ReceivePlan) else receive
 
 
-def complete_receive(manager: KVCacheManager, receive: ReceivePlan | RequestId
-                     ) -> dict[str, int]:
+def complete_receive(manager: KVCacheManager, receive: ReceivePlan | RequestId) -> dict[str, int]:
     """After a successful receive: commit the prompt's ``P`` tokens (full blocks become
     matchable, a state snapshot is taken at a block-aligned ``P``). The request stays live
     for decoding. Returns ``{group: entries published}``."""
     request_id = _request_id(receive)
-    p = receive.num_tokens if isinstance(receive, ReceivePlan) else (
-        manager.request(request_id).num_tokens)
+    p = (
+        receive.num_tokens
+        if isinstance(receive, ReceivePlan)
+        else (manager.request(request_id).num_tokens)
+    )
     return manager.commit(request_id, p)
 
 
@@ -207,8 +214,7 @@ def source_spans(
     spec = manager.spec
     held = set(spec.group_names)
     if isinstance(ranges, TransferPlan):
-        tokens = {g.name: g.tokens for g in ranges.groups
-                  if g.kind != "state" and g.name in held}
+        tokens = {g.name: g.tokens for g in ranges.groups if g.kind != "state" and g.name in held}
         wanted_states = tuple(name for name in ranges.state_groups if name in held)
     else:
         tokens = dict(ranges)
@@ -225,12 +231,16 @@ def source_spans(
     for name, rng in tokens.items():
         group = spec.group(name)
         if not isinstance(rng, TokenRange):
-            raise TypeError(f"request {request_id!r}: range of group {name!r} must be a "
-                            f"TokenRange, got {type(rng).__name__}")
+            raise TypeError(
+                f"request {request_id!r}: range of group {name!r} must be a "
+                f"TokenRange, got {type(rng).__name__}"
+            )
         if group.kind == "state":
             if not rng.is_empty:
-                raise ValueError(f"request {request_id!r}: group {name!r} is a state group; "
-                                 f"it has no token positions to send ({rng})")
+                raise ValueError(
+                    f"request {request_id!r}: group {name!r} is a state group; "
+                    f"it has no token positions to send ({rng})"
+                )
             continue
         if rng.end > state.num_tokens:
             raise ValueError(
@@ -246,5 +256,6 @@ def source_spans(
         if spec.group(name).kind != "state":
             raise ValueError(f"request {request_id!r}: group {name!r} is not a state group")
         slots[name] = state.state_slots[name]
-    return SourceSpans(request_id=request_id, tokens=tokens, states=wanted_states, spans=spans,
-                       state_slots=slots)
+    return SourceSpans(
+        request_id=request_id, tokens=tokens, states=wanted_states, spans=spans, state_slots=slots
+    )

@@ -120,8 +120,9 @@ def _cached_pair(text: str) -> tuple[str, int]:
 
 def _load_preset(name: str, tokens_per_block: int | None = None) -> KVCacheSpec:
     if name not in PRESETS:
-        raise CliError(f"unknown preset {name!r}; available: {', '.join(PRESETS)} "
-                       f"(see '{PROG} presets')")
+        raise CliError(
+            f"unknown preset {name!r}; available: {', '.join(PRESETS)} (see '{PROG} presets')"
+        )
     return preset(name, tokens_per_block=tokens_per_block)
 
 
@@ -129,8 +130,9 @@ def _hf_setting(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` of ``--hf-set``; VALUE parsed as JSON, else kept as a bare string."""
     key, eq, value = text.partition("=")
     if not eq or not key.strip().isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. sliding_window=1024), "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE (e.g. sliding_window=1024), got {text!r}"
+        )
     try:
         parsed: object = json.loads(value)
     except json.JSONDecodeError:
@@ -141,18 +143,32 @@ def _hf_setting(text: str) -> tuple[str, object]:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--preset NAME | --hf-config PATH_OR_CLASS`` (+ ``--hf-set``, ``--block-size``)."""
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--preset", metavar="NAME",
-                       help=f"built-in model spec (see '{PROG} presets')")
-    model.add_argument("--hf-config", metavar="PATH_OR_CLASS",
-                       help="a transformers config: config.json, a directory holding one, or a "
-                            "config class name such as GptOssConfig or Gemma3TextConfig "
-                            "(instantiated with its defaults; no network, no weights)")
-    p.add_argument("--hf-set", action="append", type=_hf_setting, default=[],
-                   metavar="KEY=VALUE",
-                   help="change a config field before mapping (repeatable; VALUE is JSON, e.g. "
-                        "--hf-set sliding_window=1024 --hf-set num_hidden_layers=34)")
-    p.add_argument("--block-size", type=positive_int, default=None, metavar="B",
-                   help="tokens per block (default: the preset's, 16 for --hf-config)")
+    model.add_argument(
+        "--preset", metavar="NAME", help=f"built-in model spec (see '{PROG} presets')"
+    )
+    model.add_argument(
+        "--hf-config",
+        metavar="PATH_OR_CLASS",
+        help="a transformers config: config.json, a directory holding one, or a "
+        "config class name such as GptOssConfig or Gemma3TextConfig "
+        "(instantiated with its defaults; no network, no weights)",
+    )
+    p.add_argument(
+        "--hf-set",
+        action="append",
+        type=_hf_setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a config field before mapping (repeatable; VALUE is JSON, e.g. "
+        "--hf-set sliding_window=1024 --hf-set num_hidden_layers=34)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=None,
+        metavar="B",
+        help="tokens per block (default: the preset's, 16 for --hf-config)",
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> KVCacheSpec:
@@ -164,8 +180,9 @@ def spec_from_args(args: argparse.Namespace) -> KVCacheSpec:
     from kvtriton.hf import spec_from_hf_config
 
     try:
-        return spec_from_hf_config(args.hf_config, tokens_per_block=args.block_size or 16,
-                                   overrides=dict(args.hf_set))
+        return spec_from_hf_config(
+            args.hf_config, tokens_per_block=args.block_size or 16, overrides=dict(args.hf_set)
+        )
     except (ValueError, TypeError, KeyError, OSError) as exc:
         raise CliError(f"--hf-config {args.hf_config!r}: {exc}") from None
 
@@ -175,34 +192,59 @@ def spec_from_args(args: argparse.Namespace) -> KVCacheSpec:
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--prompt", required=True, type=_prompt, metavar="P",
-                   help="prompt length P in tokens (>= 1); the receiver decodes position P next")
-    p.add_argument("--cached", action="append", type=_cached_pair, default=[],
-                   metavar="GROUP=N",
-                   help="the receiver holds group GROUP's needed positions below N "
-                        "(repeatable; overrides --cached-all for that group)")
-    p.add_argument("--cached-all", type=_count, default=0, metavar="N",
-                   help="cached tokens for every group not named by --cached (default 0)")
-    p.add_argument("--draft", type=_count, default=0, metavar="K",
-                   help="speculative draft positions the receiver allocates (never moved)")
-    p.add_argument("--json", action="store_true",
-                   help="print the three plans (compare_policies) as JSON instead of a table")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        type=_prompt,
+        metavar="P",
+        help="prompt length P in tokens (>= 1); the receiver decodes position P next",
+    )
+    p.add_argument(
+        "--cached",
+        action="append",
+        type=_cached_pair,
+        default=[],
+        metavar="GROUP=N",
+        help="the receiver holds group GROUP's needed positions below N "
+        "(repeatable; overrides --cached-all for that group)",
+    )
+    p.add_argument(
+        "--cached-all",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="cached tokens for every group not named by --cached (default 0)",
+    )
+    p.add_argument(
+        "--draft",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="speculative draft positions the receiver allocates (never moved)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the three plans (compare_policies) as JSON instead of a table",
+    )
 
 
-def cached_counts(spec: KVCacheSpec, pairs: Sequence[tuple[str, int]], default: int
-                  ) -> dict[str, int]:
+def cached_counts(
+    spec: KVCacheSpec, pairs: Sequence[tuple[str, int]], default: int
+) -> dict[str, int]:
     """Per-group cached counts from ``--cached G=N`` pairs over a ``--cached-all`` default."""
     counts = dict.fromkeys(spec.group_names, default)
     given: dict[str, int] = {}
     for name, n in pairs:
         if name not in counts:
-            raise CliError(f"unknown layer group {name!r} in --cached; preset {spec.name!r} has "
-                           f"groups: {', '.join(spec.group_names)}")
+            raise CliError(
+                f"unknown layer group {name!r} in --cached; preset {spec.name!r} has "
+                f"groups: {', '.join(spec.group_names)}"
+            )
         if name in given and given[name] != n:
             raise CliError(f"--cached names group {name!r} twice ({given[name]} and {n})")
         given[name] = counts[name] = n
     return counts
-
 
 
 def plan_table(plans: Mapping[str, TransferPlan], boundary: int) -> str:
@@ -211,14 +253,22 @@ def plan_table(plans: Mapping[str, TransferPlan], boundary: int) -> str:
     per = plans["per_group"]
     spec = per.spec
     tpb = spec.tokens_per_block
-    columns: list[Column | str] = ["group", "kind", Column("layers"), Column("window"),
-                                   Column("needed"), Column("cached")]
+    columns: list[Column | str] = [
+        "group",
+        "kind",
+        Column("layers"),
+        Column("window"),
+        Column("needed"),
+        Column("cached"),
+    ]
     for _ in POLICIES:
         columns += [Column("tokens"), Column("blocks"), Column("bytes")]
     table = Table(columns, spans=[("", 6), *((title, 3) for _, title in POLICIES)])
     for g in per.groups:
         cells: list[object] = [
-            g.name, g.kind, g.group.num_layers,
+            g.name,
+            g.kind,
+            g.group.num_layers,
             g.group.window if g.kind == "sliding" else None,
             "state" if g.kind == "state" else f"[{g.needed.start}, {g.needed.end})",
             format_count(g.cached_tokens),
@@ -228,22 +278,29 @@ def plan_table(plans: Mapping[str, TransferPlan], boundary: int) -> str:
             if pg.kind == "state":
                 cells += ["state" if pg.moves_state else "kept", None, format_bytes(pg.bytes)]
             else:
-                cells += [format_count(len(pg.tokens)), format_count(len(pg.blocks(tpb))),
-                          format_bytes(pg.bytes)]
+                cells += [
+                    format_count(len(pg.tokens)),
+                    format_count(len(pg.blocks(tpb))),
+                    format_bytes(pg.bytes),
+                ]
         table.add_row(*cells)
     table.add_rule()
     totals: list[object] = ["total", "", spec.num_layers, "", "", ""]
     for key, _ in POLICIES:
         plan = plans[key]
-        totals += [format_count(sum(len(g.tokens) for g in plan.groups)),
-                   format_count(sum(len(g.blocks(tpb)) for g in plan.groups)),
-                   format_bytes(plan.total_bytes)]
+        totals += [
+            format_count(sum(len(g.tokens) for g in plan.groups)),
+            format_count(sum(len(g.blocks(tpb)) for g in plan.groups)),
+            format_bytes(plan.total_bytes),
+        ]
     table.add_row(*totals)
 
-    head = (f"{spec.name}: prompt P = {format_count(per.num_tokens)} tokens"
-            f"{f' + {per.num_draft_tokens} draft (never moved)' if per.num_draft_tokens else ''}"
-            f", {tpb} tokens/block, {spec.dtype}; single boundary c = {format_count(boundary)}"
-            f" (min over groups)")
+    head = (
+        f"{spec.name}: prompt P = {format_count(per.num_tokens)} tokens"
+        f"{f' + {per.num_draft_tokens} draft (never moved)' if per.num_draft_tokens else ''}"
+        f", {tpb} tokens/block, {spec.dtype}; single boundary c = {format_count(boundary)}"
+        f" (min over groups)"
+    )
     lines = [head, "", table.render(), ""]
     for key, title in POLICIES[1:]:
         other = plans[key].total_bytes
@@ -251,8 +308,10 @@ def plan_table(plans: Mapping[str, TransferPlan], boundary: int) -> str:
         if other == 0:
             lines.append(f"per-group vs {title}: both move nothing (full hit)")
         else:
-            lines.append(f"per-group vs {title}: saves {format_bytes(saved)} "
-                         f"({format_percent(saved, other)} of {format_bytes(other)})")
+            lines.append(
+                f"per-group vs {title}: saves {format_bytes(saved)} "
+                f"({format_percent(saved, other)} of {format_bytes(other)})"
+            )
     return "\n".join(lines)
 
 
@@ -260,11 +319,14 @@ def _plans_json(plans: Mapping[str, TransferPlan]) -> str:
     return json.dumps({key: plan.to_dict() for key, plan in plans.items()}, indent=2)
 
 
-def _compare(spec: KVCacheSpec, prompt: int, cached: Mapping[str, int], drafts: int
-             ) -> tuple[dict[str, TransferPlan], int]:
+def _compare(
+    spec: KVCacheSpec, prompt: int, cached: Mapping[str, int], drafts: int
+) -> tuple[dict[str, TransferPlan], int]:
     try:
-        return (compare_policies(spec, prompt, cached, num_draft_tokens=drafts),
-                single_boundary(spec, prompt, cached))
+        return (
+            compare_policies(spec, prompt, cached, num_draft_tokens=drafts),
+            single_boundary(spec, prompt, cached),
+        )
     except (ValueError, TypeError) as exc:  # inputs were validated; keep messages clean
         raise CliError(str(exc)) from exc
 
@@ -286,19 +348,40 @@ def add_presets_arguments(p: argparse.ArgumentParser) -> None:
 
 def presets_table(specs: Sequence[KVCacheSpec]) -> str:
     """One row per layer group of each spec (what ``kvtriton presets`` prints)."""
-    table = Table(["preset", Column("block"), "dtype", "group", "kind", Column("window"),
-                   Column("layers"), Column("kv heads x dim"), Column("KV/token"),
-                   Column("state/request")])
+    table = Table(
+        [
+            "preset",
+            Column("block"),
+            "dtype",
+            "group",
+            "kind",
+            Column("window"),
+            Column("layers"),
+            Column("kv heads x dim"),
+            Column("KV/token"),
+            Column("state/request"),
+        ]
+    )
     for spec in specs:
         for i, g in enumerate(spec.groups):
             first = i == 0
-            shape = (f"{g.num_kv_heads} x {g.head_dim}" + (" (K only)" if g.kv_factor == 1 else "")
-                     if g.kind != "state" else "x".join(map(str, g.state_shape or ())))
-            table.add_row(spec.name if first else "", spec.tokens_per_block if first else "",
-                          spec.dtype if first else "", g.name, g.kind,
-                          g.window if g.kind == "sliding" else None, g.num_layers, shape,
-                          format_bytes(spec.bytes_per_token(g)) if g.kind != "state" else None,
-                          format_bytes(spec.state_bytes(g)) if g.kind == "state" else None)
+            shape = (
+                f"{g.num_kv_heads} x {g.head_dim}" + (" (K only)" if g.kv_factor == 1 else "")
+                if g.kind != "state"
+                else "x".join(map(str, g.state_shape or ()))
+            )
+            table.add_row(
+                spec.name if first else "",
+                spec.tokens_per_block if first else "",
+                spec.dtype if first else "",
+                g.name,
+                g.kind,
+                g.window if g.kind == "sliding" else None,
+                g.num_layers,
+                shape,
+                format_bytes(spec.bytes_per_token(g)) if g.kind != "state" else None,
+                format_bytes(spec.state_bytes(g)) if g.kind == "state" else None,
+            )
     return table.render()
 
 
@@ -335,8 +418,10 @@ def run_demo(args: argparse.Namespace) -> int:
     """
     _plan_preface()
     print()
-    print("Now for real: the same per-group rule moving KV between spawned ranks "
-          "(scripts/disagg.py has the same options, and runs under torchrun).")
+    print(
+        "Now for real: the same per-group rule moving KV between spawned ranks "
+        "(scripts/disagg.py has the same options, and runs under torchrun)."
+    )
     print(flush=True)
     from kvtriton.transfer.experiment import run_cli
 
@@ -400,14 +485,24 @@ BENCHMARKS = {
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=sorted(BENCHMARKS),
-                   help="kernels: gather/scatter/copy vs copy_ and torch indexing (GPU); "
-                        "cache: match + allocate + commit (CPU); transfer: end to end vs raw "
-                        "NCCL send/recv (2 GPUs, spawned with torchrun)")
-    p.add_argument("--nproc", type=positive_int, default=2,
-                   help="transfer only: ranks torchrun spawns (default 2)")
-    p.add_argument("args", nargs=argparse.REMAINDER,
-                   help="options passed to the benchmark (see `kvtriton bench WHICH -- --help`)")
+    p.add_argument(
+        "which",
+        choices=sorted(BENCHMARKS),
+        help="kernels: gather/scatter/copy vs copy_ and torch indexing (GPU); "
+        "cache: match + allocate + commit (CPU); transfer: end to end vs raw "
+        "NCCL send/recv (2 GPUs, spawned with torchrun)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=2,
+        help="transfer only: ranks torchrun spawns (default 2)",
+    )
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="options passed to the benchmark (see `kvtriton bench WHICH -- --help`)",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -419,8 +514,16 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.which == "transfer":
         # One process per rank: torchrun spawns them; NVLink multicast stays off.
         env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", "-m", module, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            "-m",
+            module,
+            *extra,
+        ]
         return subprocess.call(cmd, env=env)
     status: int | None = importlib.import_module(module).main(extra)
     return int(status or 0)
@@ -429,22 +532,43 @@ def run_bench(args: argparse.Namespace) -> int:
 # -- registry and entry point ---------------------------------------------------------------
 
 COMMANDS: list[Command] = [
-    Command("plan", "per-group transfer plan for one request: what each layer group moves "
-            "under per-group, single-boundary and no reuse", add_plan_arguments, run_plan,
-            epilog="example: kvtriton plan --preset gpt-oss-20b --prompt 8192 --cached full=6000"),
-    Command("presets", "list the built-in model specs and their layer groups",
-            add_presets_arguments, run_presets),
-    Command("demo", "the main job: the per-group plan of a hybrid model (gpt-oss-20b, "
-            "P = 8192, 6000 tokens cached), then a real multi-turn transfer between spawned "
-            "context and generation ranks, verified bit-exact", add_demo_arguments, run_demo),
-    Command("simulate", "run a request trace through a receiver cache under no reuse, single "
-            "boundary and per-group reuse: bytes moved, hit rates, peak blocks per layer group",
-            add_simulate_arguments, run_simulate,
-            epilog="example: kvtriton simulate --hf-config GptOssConfig --trace chat "
-                   "--plot sim.png"),
-    Command("bench", "benchmarks: kernels (GPU), cache (CPU), transfer (2 GPUs, torchrun)",
-            add_bench_arguments, run_bench,
-            epilog="example: kvtriton bench kernels -- --json kernels.json"),
+    Command(
+        "plan",
+        "per-group transfer plan for one request: what each layer group moves "
+        "under per-group, single-boundary and no reuse",
+        add_plan_arguments,
+        run_plan,
+        epilog="example: kvtriton plan --preset gpt-oss-20b --prompt 8192 --cached full=6000",
+    ),
+    Command(
+        "presets",
+        "list the built-in model specs and their layer groups",
+        add_presets_arguments,
+        run_presets,
+    ),
+    Command(
+        "demo",
+        "the main job: the per-group plan of a hybrid model (gpt-oss-20b, "
+        "P = 8192, 6000 tokens cached), then a real multi-turn transfer between spawned "
+        "context and generation ranks, verified bit-exact",
+        add_demo_arguments,
+        run_demo,
+    ),
+    Command(
+        "simulate",
+        "run a request trace through a receiver cache under no reuse, single "
+        "boundary and per-group reuse: bytes moved, hit rates, peak blocks per layer group",
+        add_simulate_arguments,
+        run_simulate,
+        epilog="example: kvtriton simulate --hf-config GptOssConfig --trace chat --plot sim.png",
+    ),
+    Command(
+        "bench",
+        "benchmarks: kernels (GPU), cache (CPU), transfer (2 GPUs, torchrun)",
+        add_bench_arguments,
+        run_bench,
+        epilog="example: kvtriton bench kernels -- --json kernels.json",
+    ),
 ]
 
 
@@ -464,15 +588,16 @@ def build_parser(
     parser = _Parser(
         prog=PROG,
         description="kvtriton: move exactly the paged KV cache each layer group still needs "
-                    "between the ranks of a disaggregated LLM server.",
+        "between the ranks of a disaggregated LLM server.",
     )
     from kvtriton import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in commands:
-        p = sub.add_parser(command.name, help=command.help, description=command.help,
-                           epilog=command.epilog or None)
+        p = sub.add_parser(
+            command.name, help=command.help, description=command.help, epilog=command.epilog or None
+        )
         if argv is None or command.name == selected:
             command.add_arguments(p)
         p.set_defaults(_run=command.run)

@@ -214,7 +214,8 @@ def _load(config_or_path: Any, overrides: Mapping[str, Any] | None = None) -> tu
                 raise ValueError(f"cannot read {str(path)!r} as JSON: {exc}") from None
             if not isinstance(data, dict):
                 raise ValueError(
-                    f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+                    f"{str(path)!r} must hold a JSON object, got {type(data).__name__}"
+                )
             default = path.parent.name if path.name == "config.json" else path.stem
             return data, default or str(data.get("model_type") or "hf-config")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text):
@@ -231,8 +232,9 @@ def _load(config_or_path: Any, overrides: Mapping[str, Any] | None = None) -> tu
     )
 
 
-def _from_transformers_name(text: str, overrides: Mapping[str, Any] | None = None
-                            ) -> tuple[Any, str]:
+def _from_transformers_name(
+    text: str, overrides: Mapping[str, Any] | None = None
+) -> tuple[Any, str]:
     try:
         import transformers
     except ImportError:
@@ -249,8 +251,9 @@ def _from_transformers_name(text: str, overrides: Mapping[str, Any] | None = Non
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     if text in CONFIG_MAPPING_NAMES:
-        return _instantiate(transformers.AutoConfig.for_model, {"model_type": text, **kwargs},
-                            text), text
+        return _instantiate(
+            transformers.AutoConfig.for_model, {"model_type": text, **kwargs}, text
+        ), text
     raise ValueError(
         f"{text!r} is not a file, nor a transformers config class (e.g. 'Gemma3TextConfig') "
         f"nor a model_type (e.g. 'gpt_oss') known to transformers {transformers.__version__}; "
@@ -297,8 +300,10 @@ def _generative_types() -> tuple[set[str], set[str], set[str]] | None:
         return None
     causal = set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     multimodal: set[str] = set()
-    for table in ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-                  "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"):
+    for table in (
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    ):
         multimodal |= set(getattr(auto, table, {}))
     known = set(CONFIG_MAPPING_NAMES)
     return causal | multimodal, known, set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
@@ -334,8 +339,10 @@ def _check_causal(view: _View, label: str) -> None:
             "family, is_decoder=False): it has no decode-time KV cache; kvtriton maps "
             "causal decoder configs (e.g. LlamaConfig, GptOssConfig)"
         )
-    if not view.get("num_hidden_layers") and not view.get("layer_types") and not view.get(
-        "layers_block_type"
+    if (
+        not view.get("num_hidden_layers")
+        and not view.get("layer_types")
+        and not view.get("layers_block_type")
     ):
         raise ValueError(
             f"{label}: no num_hidden_layers / layer_types: not a decoder language-model config"
@@ -393,7 +400,7 @@ def _layer_kinds(view: _View, label: str, chunked_as_sliding: bool) -> list[str 
     if shared:
         if not 0 < shared <= len(kinds):
             raise ValueError(f"{label}: num_kv_shared_layers={shared} outside [0, {len(kinds)}]")
-        kinds[len(kinds) - shared:] = [_NONE] * shared
+        kinds[len(kinds) - shared :] = [_NONE] * shared
     return kinds
 
 
@@ -435,18 +442,24 @@ def _attention_shape(view: _View, layer: int, label: str) -> tuple[int, int, int
             raise ValueError(f"{label}: MLA (kv_lora_rank={rank}) needs qk_rope_head_dim")
         return 1, rank + rope, 1
     override = _override(view, layer)
-    heads = override.get("num_key_value_heads") or view.get("num_key_value_heads") or view.get(
-        "num_attention_heads")
+    heads = (
+        override.get("num_key_value_heads")
+        or view.get("num_key_value_heads")
+        or view.get("num_attention_heads")
+    )
     if not isinstance(heads, int) or heads <= 0:
-        raise ValueError(f"{label}: num_key_value_heads / num_attention_heads missing or invalid "
-                         f"({heads!r})")
+        raise ValueError(
+            f"{label}: num_key_value_heads / num_attention_heads missing or invalid ({heads!r})"
+        )
     head_dim = override.get("head_dim") or view.get("head_dim")
     if head_dim is None:
         hidden = _int(view, "hidden_size", label)
         q_heads = _int(view, "num_attention_heads", label)
         if hidden % q_heads:
-            raise ValueError(f"{label}: head_dim unset and hidden_size {hidden} is not a multiple "
-                             f"of num_attention_heads {q_heads}")
+            raise ValueError(
+                f"{label}: head_dim unset and hidden_size {hidden} is not a multiple "
+                f"of num_attention_heads {q_heads}"
+            )
         head_dim = hidden // q_heads
     return heads, head_dim, 2
 
@@ -481,8 +494,10 @@ def _state_shape(view: _View, label: str, include_conv: bool) -> tuple[int, ...]
         dv = _first(view, "linear_value_head_dim", "linear_head_dim")
         kernel = _first(view, "linear_conv_kernel_dim")
         if None in (hk, dk, dv, kernel):
-            raise ValueError(f"{label}: linear attention needs linear_num_key_heads, "
-                             "linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim")
+            raise ValueError(
+                f"{label}: linear attention needs linear_num_key_heads, "
+                "linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim"
+            )
         if not include_conv:
             return (hv, dk, dv)
         return (hv, dk * dv + _per_head(2 * hk * dk + hv * dv, kernel - 1, hv, label))
@@ -497,8 +512,10 @@ def _state_shape(view: _View, label: str, include_conv: bool) -> tuple[int, ...]
             head_dim = view.get("head_dim")
         groups = _first(view, "mamba_n_groups", "n_groups")
         if None in (head_dim, d_state, d_conv, groups) or head_dim == "auto":
-            raise ValueError(f"{label}: Mamba-2 layers need head dim, state size, groups and "
-                             f"conv kernel (got {head_dim!r}, {d_state!r}, {groups!r}, {d_conv!r})")
+            raise ValueError(
+                f"{label}: Mamba-2 layers need head dim, state size, groups and "
+                f"conv kernel (got {head_dim!r}, {d_state!r}, {groups!r}, {d_conv!r})"
+            )
         if not include_conv:
             return (heads, head_dim * d_state)
         conv_dim = heads * head_dim + 2 * groups * d_state
@@ -516,8 +533,10 @@ def _state_shape(view: _View, label: str, include_conv: bool) -> tuple[int, ...]
 
 def _per_head(channels: int, taps: int, heads: int, label: str) -> int:
     if channels * taps % heads:
-        raise ValueError(f"{label}: {channels} conv channels x {taps} taps do not split evenly "
-                         f"over {heads} state heads; pass include_conv_state=False")
+        raise ValueError(
+            f"{label}: {channels} conv channels x {taps} taps do not split evenly "
+            f"over {heads} state heads; pass include_conv_state=False"
+        )
     return channels * taps // heads
 
 
@@ -597,11 +616,14 @@ def spec_from_hf_config(
                     what = "attention_chunk_size"
                 else:
                     window = _override(view, layer).get("sliding_window") or view.get(
-                        "sliding_window")
+                        "sliding_window"
+                    )
                     what = "sliding_window"
                 if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-                    raise ValueError(f"{label}: layer {layer} is sliding but {what} is "
-                                     f"{window!r} (expected an int >= 1)")
+                    raise ValueError(
+                        f"{label}: layer {layer} is sliding but {what} is "
+                        f"{window!r} (expected an int >= 1)"
+                    )
                 key = (1, _SLIDING, window, heads, head_dim, kv_factor, None)
         buckets.setdefault(key, []).append(layer)
     if not buckets:
@@ -613,18 +635,32 @@ def spec_from_hf_config(
         _, kind, window, heads, head_dim, kv_factor, shape = key
         group_name = base_names[key]
         if list(base_names.values()).count(group_name) > 1:
-            group_name += f"_{heads}x{head_dim}" if shape is None else "_" + "x".join(
-                map(str, shape))
+            group_name += (
+                f"_{heads}x{head_dim}" if shape is None else "_" + "x".join(map(str, shape))
+            )
         ids = tuple(buckets[key])
         if kind == _STATE:
-            groups.append(LayerGroup(group_name, "state", ids, state_shape=shape,
-                                     state_dtype=state_dt))
+            groups.append(
+                LayerGroup(group_name, "state", ids, state_shape=shape, state_dtype=state_dt)
+            )
         else:
-            groups.append(LayerGroup(group_name, kind, ids, num_kv_heads=heads, head_dim=head_dim,
-                                     window=window if kind == _SLIDING else None,
-                                     kv_factor=kv_factor))
-    return KVCacheSpec(tuple(groups), tokens_per_block=tokens_per_block, dtype=spec_dtype,
-                       name=name or default_name)
+            groups.append(
+                LayerGroup(
+                    group_name,
+                    kind,
+                    ids,
+                    num_kv_heads=heads,
+                    head_dim=head_dim,
+                    window=window if kind == _SLIDING else None,
+                    kv_factor=kv_factor,
+                )
+            )
+    return KVCacheSpec(
+        tuple(groups),
+        tokens_per_block=tokens_per_block,
+        dtype=spec_dtype,
+        name=name or default_name,
+    )
 
 
 def _base_name(key: tuple[Any, ...]) -> str:

@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from kvtriton.ranges import TokenRange
 from kvtriton.spec import DTYPE_BYTES, KVCacheSpec, LayerGroup
 
-__all__ = ["SEGMENT_ALIGN", "PackedLayout", "Segment", "packed_layout", "select_heads",
-           "select_layers"]
+__all__ = [
+    "SEGMENT_ALIGN",
+    "PackedLayout",
+    "Segment",
+    "packed_layout",
+    "select_heads",
+    "select_layers",
+]
 
 #: Segment start alignment in bytes: 128 B is one full L2 cache line / coalesced warp access,
 #: and keeps every segment viewable as any pool dtype.
@@ -138,12 +144,18 @@ def packed_layout(
     states = tuple(states)  # may be a one-shot iterable; it is read twice below
     layers = layers or {}
     heads = heads or {}
-    for what, names in (("tokens", tokens), ("states", states), ("layers", layers),
-                        ("heads", heads)):
+    for what, names in (
+        ("tokens", tokens),
+        ("states", states),
+        ("layers", layers),
+        ("heads", heads),
+    ):
         unknown = sorted(set(names) - set(spec.group_names))
         if unknown:
-            raise ValueError(f"packed layout {what} names unknown groups {unknown}; spec "
-                             f"{spec.name!r} has {list(spec.group_names)}")
+            raise ValueError(
+                f"packed layout {what} names unknown groups {unknown}; spec "
+                f"{spec.name!r} has {list(spec.group_names)}"
+            )
     for name, given in tokens.items():
         if not isinstance(given, TokenRange):
             raise TypeError(f"tokens[{name!r}] must be a TokenRange, got {type(given).__name__}")
@@ -160,8 +172,16 @@ def packed_layout(
             lo, hi = select_heads(g, heads.get(g.name))
             assert g.state_shape is not None
             shape = (len(ids), hi - lo, *g.state_shape[1:])
-            seg = Segment(g.name, "state", offset, shape, g.state_dtype or spec.dtype,
-                          TokenRange(0, 0), ids, (lo, hi))
+            seg = Segment(
+                g.name,
+                "state",
+                offset,
+                shape,
+                g.state_dtype or spec.dtype,
+                TokenRange(0, 0),
+                ids,
+                (lo, hi),
+            )
         else:
             if g.name in state_set:
                 raise ValueError(f"group {g.name!r} is an attention group: it has no state")

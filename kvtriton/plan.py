@@ -151,8 +151,9 @@ class TransferPlan:
         }
 
 
-def _group_transfer(spec: KVCacheSpec, group: LayerGroup, num_tokens: int, cached: int
-                    ) -> GroupTransfer:
+def _group_transfer(
+    spec: KVCacheSpec, group: LayerGroup, num_tokens: int, cached: int
+) -> GroupTransfer:
     needed = needed_range(group, num_tokens)
     if group.kind == "state":
         moves = state_needs_transfer(num_tokens, cached)
@@ -254,8 +255,9 @@ def compare_policies(
     """Plans under the three policies: ``per_group``, ``single_boundary`` and ``no_reuse``."""
     c = single_boundary(spec, num_tokens, cached_tokens)
     return {
-        "per_group": plan_transfer(spec, num_tokens, cached_tokens,
-                                   num_draft_tokens=num_draft_tokens),
+        "per_group": plan_transfer(
+            spec, num_tokens, cached_tokens, num_draft_tokens=num_draft_tokens
+        ),
         "single_boundary": plan_transfer(spec, num_tokens, c, num_draft_tokens=num_draft_tokens),
         "no_reuse": plan_transfer(spec, num_tokens, 0, num_draft_tokens=num_draft_tokens),
     }

@@ -55,9 +55,7 @@ class TokenRange:
         check_count("TokenRange.start", self.start)
         check_count("TokenRange.end", self.end)
         if self.start > self.end:
-            raise ValueError(
-                f"TokenRange needs start <= end, got [{self.start}, {self.end})"
-            )
+            raise ValueError(f"TokenRange needs start <= end, got [{self.start}, {self.end})")
 
     def __len__(self) -> int:
         return self.end - self.start

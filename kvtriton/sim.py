@@ -174,8 +174,12 @@ class Trace:
             return [dict(r) for r in self.records]
         out: list[dict[str, Any]] = [{"kvtriton_trace": _FORMAT_VERSION, "name": self.name}]
         for r in self.requests:
-            rec: dict[str, Any] = {"id": r.request_id, "session": r.session,
-                                   "prompt": list(r.prompt), "response": list(r.response)}
+            rec: dict[str, Any] = {
+                "id": r.request_id,
+                "session": r.session,
+                "prompt": list(r.prompt),
+                "response": list(r.response),
+            }
             if r.after is not None:
                 rec["after"] = r.after
             out.append(rec)
@@ -208,12 +212,23 @@ def _length(value: Any, where: str, minimum: int) -> int:
     return value
 
 
-_REQUEST_KEYS = {"id", "session", "prompt", "prefix", "prefix_len", "new", "new_len",
-                 "response", "response_len", "after"}
+_REQUEST_KEYS = {
+    "id",
+    "session",
+    "prompt",
+    "prefix",
+    "prefix_len",
+    "new",
+    "new_len",
+    "response",
+    "response_len",
+    "after",
+}
 
 
-def trace_from_records(records: Iterable[Mapping[str, Any]], *, name: str | None = None,
-                       source: str = "trace") -> Trace:
+def trace_from_records(
+    records: Iterable[Mapping[str, Any]], *, name: str | None = None, source: str = "trace"
+) -> Trace:
     """Resolve JSONL records (see the module docstring) into a :class:`Trace`.
 
     ``ValueError`` names ``source``, the 1-based record number and the field at fault.
@@ -232,8 +247,10 @@ def trace_from_records(records: Iterable[Mapping[str, Any]], *, name: str | None
             if line != 1:
                 raise ValueError(f"{where}: the header must be the first record")
             if rec["kvtriton_trace"] != _FORMAT_VERSION:
-                raise ValueError(f"{where}: unsupported trace format version "
-                                 f"{rec['kvtriton_trace']!r} (expected {_FORMAT_VERSION})")
+                raise ValueError(
+                    f"{where}: unsupported trace format version "
+                    f"{rec['kvtriton_trace']!r} (expected {_FORMAT_VERSION})"
+                )
             seed = _length(rec.get("seed", 0), f"{where}: seed", 0)
             vocab = _length(rec.get("vocab_size", 32000), f"{where}: vocab_size", 1)
             trace_name = trace_name or rec.get("name")
@@ -244,14 +261,19 @@ def trace_from_records(records: Iterable[Mapping[str, Any]], *, name: str | None
                 raise ValueError(f"{where}: segment name {seg!r} must be a new non-empty string")
             if ("tokens" in rec) == ("len" in rec):
                 raise ValueError(f"{where}: segment {seg!r} needs exactly one of tokens, len")
-            segments[seg] = (_ids(rec["tokens"], f"{where}: tokens") if "tokens" in rec else
-                             _synthetic(seed, vocab, f"segment/{seg}",
-                                        _length(rec["len"], f"{where}: len", 1)))
+            segments[seg] = (
+                _ids(rec["tokens"], f"{where}: tokens")
+                if "tokens" in rec
+                else _synthetic(
+                    seed, vocab, f"segment/{seg}", _length(rec["len"], f"{where}: len", 1)
+                )
+            )
             continue
         unknown = sorted(set(rec) - _REQUEST_KEYS)
         if unknown:
-            raise ValueError(f"{where}: unknown fields {unknown}; a request takes "
-                             f"{sorted(_REQUEST_KEYS)}")
+            raise ValueError(
+                f"{where}: unknown fields {unknown}; a request takes {sorted(_REQUEST_KEYS)}"
+            )
         rid = rec.get("id")
         if not isinstance(rid, str) or not rid:
             raise ValueError(f"{where}: a request needs a non-empty string id, got {rid!r}")
@@ -277,24 +299,39 @@ def trace_from_records(records: Iterable[Mapping[str, Any]], *, name: str | None
                 if "prefix_len" in rec:
                     n = _length(rec["prefix_len"], f"{where}: prefix_len", 0)
                     if n > len(head):
-                        raise ValueError(f"{where}: prefix_len {n} exceeds the {len(head)} "
-                                         f"tokens of {ref!r}")
+                        raise ValueError(
+                            f"{where}: prefix_len {n} exceeds the {len(head)} tokens of {ref!r}"
+                        )
                     head = head[:n]
             elif "prefix_len" in rec:
                 raise ValueError(f"{where}: prefix_len without prefix")
             if "new" in rec and "new_len" in rec:
                 raise ValueError(f"{where}: give new or new_len, not both")
-            new = (_ids(rec["new"], f"{where}: new") if "new" in rec else
-                   _synthetic(seed, vocab, f"{rid}/new",
-                              _length(rec.get("new_len", 0), f"{where}: new_len", 0)))
+            new = (
+                _ids(rec["new"], f"{where}: new")
+                if "new" in rec
+                else _synthetic(
+                    seed,
+                    vocab,
+                    f"{rid}/new",
+                    _length(rec.get("new_len", 0), f"{where}: new_len", 0),
+                )
+            )
             prompt = head + new
         if not prompt:
             raise ValueError(f"{where}: the prompt is empty (P >= 1 needed)")
         if ("response" in rec) == ("response_len" in rec):
             raise ValueError(f"{where}: needs exactly one of response, response_len")
-        response = (_ids(rec["response"], f"{where}: response") if "response" in rec else
-                    _synthetic(seed, vocab, f"{rid}/response",
-                               _length(rec["response_len"], f"{where}: response_len", 1)))
+        response = (
+            _ids(rec["response"], f"{where}: response")
+            if "response" in rec
+            else _synthetic(
+                seed,
+                vocab,
+                f"{rid}/response",
+                _length(rec["response_len"], f"{where}: response_len", 1),
+            )
+        )
         if not response:
             raise ValueError(f"{where}: the response is empty (R >= 1 needed)")
         if after is not None and after not in done:
@@ -337,8 +374,11 @@ def _named(trace: Trace, default: str) -> Trace:
 
 def _span(rng: random.Random, bounds: tuple[int, int], what: str) -> int:
     lo, hi = bounds
-    if isinstance(lo, bool) or isinstance(hi, bool) or not (isinstance(lo, int)
-                                                             and isinstance(hi, int)):
+    if (
+        isinstance(lo, bool)
+        or isinstance(hi, bool)
+        or not (isinstance(lo, int) and isinstance(hi, int))
+    ):
         raise ValueError(f"{what} must be a (min, max) pair of ints, got {bounds!r}")
     if not 0 <= lo <= hi:
         raise ValueError(f"{what} must satisfy 0 <= min <= max, got {bounds!r}")
@@ -371,8 +411,9 @@ def chat_trace(
     _check("system_prompts", system_prompts, 1)
     _check("system_len", system_len, 0)
     rng = random.Random(seed)
-    records: list[dict[str, Any]] = [{"kvtriton_trace": _FORMAT_VERSION, "name": "chat",
-                                      "seed": seed, "vocab_size": vocab_size}]
+    records: list[dict[str, Any]] = [
+        {"kvtriton_trace": _FORMAT_VERSION, "name": "chat", "seed": seed, "vocab_size": vocab_size}
+    ]
     if system_len:
         records += [{"segment": f"sys{k}", "len": system_len} for k in range(system_prompts)]
     for t in range(turns):
@@ -384,8 +425,9 @@ def chat_trace(
                 rec["prefix"] = f"u{u}-t{t - 1}"
             elif system_len:
                 rec["prefix"] = f"sys{u % system_prompts}"
-            rec["new_len"] = max(1 if not system_len and not t else 0,
-                                 _span(rng, user_len, "user_len"))
+            rec["new_len"] = max(
+                1 if not system_len and not t else 0, _span(rng, user_len, "user_len")
+            )
             rec["response_len"] = max(1, _span(rng, response_len, "response_len"))
             records.append(rec)
     return trace_from_records(records, source="chat_trace")
@@ -412,8 +454,9 @@ def agent_trace(
     _check("steps", steps, 1)
     _check("system_len", system_len, 0)
     rng = random.Random(seed)
-    records: list[dict[str, Any]] = [{"kvtriton_trace": _FORMAT_VERSION, "name": "agent",
-                                      "seed": seed, "vocab_size": vocab_size}]
+    records: list[dict[str, Any]] = [
+        {"kvtriton_trace": _FORMAT_VERSION, "name": "agent", "seed": seed, "vocab_size": vocab_size}
+    ]
     if system_len:
         records.append({"segment": "tools", "len": system_len})
     for s in range(steps):
@@ -427,8 +470,7 @@ def agent_trace(
             else:
                 if system_len:
                     rec["prefix"] = "tools"
-                rec["new_len"] = max(0 if system_len else 1, _span(rng, context_len,
-                                                                   "context_len"))
+                rec["new_len"] = max(0 if system_len else 1, _span(rng, context_len, "context_len"))
             rec["response_len"] = max(1, _span(rng, response_len, "response_len"))
             records.append(rec)
     return trace_from_records(records, source="agent_trace")
@@ -493,11 +535,19 @@ class GroupStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "group": self.name, "kind": self.kind, "window": self.window, "layers": self.layers,
-            "needed_tokens": self.needed_tokens, "moved_tokens": self.moved_tokens,
-            "kv_bytes": self.kv_bytes, "state_bytes": self.state_bytes, "bytes": self.bytes,
-            "state_moves": self.state_moves, "hit_rate": self.hit_rate,
-            "peak_blocks_in_use": self.peak_blocks_in_use, "pool_blocks": self.pool_blocks,
+            "group": self.name,
+            "kind": self.kind,
+            "window": self.window,
+            "layers": self.layers,
+            "needed_tokens": self.needed_tokens,
+            "moved_tokens": self.moved_tokens,
+            "kv_bytes": self.kv_bytes,
+            "state_bytes": self.state_bytes,
+            "bytes": self.bytes,
+            "state_moves": self.state_moves,
+            "hit_rate": self.hit_rate,
+            "peak_blocks_in_use": self.peak_blocks_in_use,
+            "pool_blocks": self.pool_blocks,
         }
 
 
@@ -536,9 +586,14 @@ class PolicyResult:
         raise KeyError(f"no layer group {name!r}; groups: {[g.name for g in self.groups]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "requests": self.requests, "full_hits": self.full_hits,
-                "waits": self.waits, "total_bytes": self.total_bytes,
-                "groups": [g.to_dict() for g in self.groups]}
+        return {
+            "policy": self.policy,
+            "requests": self.requests,
+            "full_hits": self.full_hits,
+            "waits": self.waits,
+            "total_bytes": self.total_bytes,
+            "groups": [g.to_dict() for g in self.groups],
+        }
 
 
 @dataclass(frozen=True)
@@ -564,11 +619,13 @@ class SimResult:
         try:
             return self.policies[policy]
         except KeyError:
-            raise KeyError(f"policy {policy!r} was not simulated; ran {list(self.policies)}"
-                           ) from None
+            raise KeyError(
+                f"policy {policy!r} was not simulated; ran {list(self.policies)}"
+            ) from None
 
-    def savings(self, policy: str = "per_group", baseline: str = "single_boundary"
-                ) -> tuple[int, float]:
+    def savings(
+        self, policy: str = "per_group", baseline: str = "single_boundary"
+    ) -> tuple[int, float]:
         """``(bytes saved, fraction saved)`` of ``policy`` against ``baseline``."""
         base = self[baseline].total_bytes
         saved = base - self[policy].total_bytes
@@ -576,9 +633,12 @@ class SimResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "spec": self.spec_name, "trace": dict(self.trace),
-            "tokens_per_block": self.tokens_per_block, "pool_blocks": dict(self.pool_blocks),
-            "state_slots": self.state_slots, "concurrency": self.concurrency,
+            "spec": self.spec_name,
+            "trace": dict(self.trace),
+            "tokens_per_block": self.tokens_per_block,
+            "pool_blocks": dict(self.pool_blocks),
+            "state_slots": self.state_slots,
+            "concurrency": self.concurrency,
             "policies": {name: p.to_dict() for name, p in self.policies.items()},
             "savings": {},
         }
@@ -601,10 +661,13 @@ class SimResult:
             cells: list[object] = [g.name, g.kind, g.layers]
             for p in order:
                 s = self.policies[p].group(g.name)
-                moved = (f"{s.state_moves} st" if s.kind == "state"
-                         else format_count(s.moved_tokens))
-                cells += [f"{100 * s.hit_rate:.1f}%", moved, format_bytes(s.bytes),
-                          format_count(s.peak_blocks_in_use)]
+                moved = f"{s.state_moves} st" if s.kind == "state" else format_count(s.moved_tokens)
+                cells += [
+                    f"{100 * s.hit_rate:.1f}%",
+                    moved,
+                    format_bytes(s.bytes),
+                    format_count(s.peak_blocks_in_use),
+                ]
             table.add_row(*cells)
         table.add_rule()
         totals: list[object] = ["total", "", sum(g.layers for g in first.groups)]
@@ -613,35 +676,48 @@ class SimResult:
             totals += ["", "", format_bytes(r.total_bytes), format_count(r.peak_blocks_in_use)]
         table.add_row(*totals)
         pool = ", ".join(f"{g} {format_count(n)}" for g, n in self.pool_blocks.items())
-        head = (f"{self.spec_name} on trace {t.get('name')!r}: {t.get('requests')} requests in "
-                f"{t.get('sessions')} sessions, {format_count(t.get('prompt_tokens', 0))} prompt "
-                f"tokens; pool blocks: {pool or '-'}"
-                + (f", {self.state_slots} state slots" if self.state_slots else "")
-                + f"; {self.tokens_per_block} tokens/block; concurrency {self.concurrency}")
-        lines = [head, "", table.render(), "",
-                 "hit rate: needed positions already on the receiver (state groups: states "
-                 "kept); moved: tokens (st: states); peak: most blocks referenced at once"]
+        head = (
+            f"{self.spec_name} on trace {t.get('name')!r}: {t.get('requests')} requests in "
+            f"{t.get('sessions')} sessions, {format_count(t.get('prompt_tokens', 0))} prompt "
+            f"tokens; pool blocks: {pool or '-'}"
+            + (f", {self.state_slots} state slots" if self.state_slots else "")
+            + f"; {self.tokens_per_block} tokens/block; concurrency {self.concurrency}"
+        )
+        lines = [
+            head,
+            "",
+            table.render(),
+            "",
+            "hit rate: needed positions already on the receiver (state groups: states "
+            "kept); moved: tokens (st: states); peak: most blocks referenced at once",
+        ]
         windows = [g.window for g in first.groups if g.kind == "sliding" and g.window]
         longest = int(t.get("max_prompt_tokens", 0) or 0)
         if windows and longest and min(windows) > longest:
-            lines.append(f"note: every sliding window (>= {min(windows):,}) exceeds the longest "
-                         f"prompt ({longest:,} tokens): on this trace the sliding layers read "
-                         "their whole context like full attention, so one boundary loses little")
+            lines.append(
+                f"note: every sliding window (>= {min(windows):,}) exceeds the longest "
+                f"prompt ({longest:,} tokens): on this trace the sliding layers read "
+                "their whole context like full attention, so one boundary loses little"
+            )
         for policy, baseline in _saving_pairs(self.policies):
             saved, frac = self.savings(policy, baseline)
-            lines.append(f"{_TITLES[policy]} vs {_TITLES[baseline]}: saves "
-                         f"{format_bytes(saved)} ({100 * frac:.1f}% of "
-                         f"{format_bytes(self[baseline].total_bytes)})")
+            lines.append(
+                f"{_TITLES[policy]} vs {_TITLES[baseline]}: saves "
+                f"{format_bytes(saved)} ({100 * frac:.1f}% of "
+                f"{format_bytes(self[baseline].total_bytes)})"
+            )
         return "\n".join(lines)
 
 
-_TITLES = {"per_group": "per-group", "single_boundary": "single boundary",
-           "no_reuse": "no reuse"}
+_TITLES = {"per_group": "per-group", "single_boundary": "single boundary", "no_reuse": "no reuse"}
 
 
 def _saving_pairs(policies: Mapping[str, Any]) -> list[tuple[str, str]]:
-    pairs = [("per_group", "single_boundary"), ("per_group", "no_reuse"),
-             ("single_boundary", "no_reuse")]
+    pairs = [
+        ("per_group", "single_boundary"),
+        ("per_group", "no_reuse"),
+        ("single_boundary", "no_reuse"),
+    ]
     return [(a, b) for a, b in pairs if a in policies and b in policies]
 
 
@@ -680,8 +756,12 @@ def _max_blocks(spec: KVCacheSpec, group_kind: str, window: int | None, length: 
     return total
 
 
-def _resolve_capacity(spec: KVCacheSpec, capacity_blocks: int | Mapping[str, int] | None,
-                      capacity_bytes: int | None, slots: int) -> dict[str, int]:
+def _resolve_capacity(
+    spec: KVCacheSpec,
+    capacity_blocks: int | Mapping[str, int] | None,
+    capacity_bytes: int | None,
+    slots: int,
+) -> dict[str, int]:
     attention = [g for g in spec.groups if g.kind != "state"]
     if (capacity_blocks is None) == (capacity_bytes is None):
         raise ValueError("give exactly one of capacity_blocks and capacity_bytes")
@@ -731,22 +811,38 @@ def simulate(
     has_state = any(g.kind == "state" for g in spec.groups)
     slots = 4 * concurrency if state_slots is None else _check("state_slots", state_slots, 1)
     if has_state and slots <= concurrency:
-        raise ValueError(f"state_slots ({slots}) must exceed concurrency ({concurrency}): "
-                         "each live request holds one slot")
+        raise ValueError(
+            f"state_slots ({slots}) must exceed concurrency ({concurrency}): "
+            "each live request holds one slot"
+        )
     blocks = _resolve_capacity(spec, capacity_blocks, capacity_bytes, slots if has_state else 0)
     ids = [r.request_id for r in trace.requests]
     if len(set(ids)) != len(ids):
         raise ValueError("request ids in the trace must be unique")
-    results = {p: _run(spec, trace, p, blocks, slots if has_state else 0, concurrency, progress)
-               for p in policies}
-    return SimResult(spec_name=spec.name, trace=trace.summary(),
-                     tokens_per_block=spec.tokens_per_block, pool_blocks=blocks,
-                     state_slots=slots if has_state else 0, concurrency=concurrency,
-                     policies=results)
+    results = {
+        p: _run(spec, trace, p, blocks, slots if has_state else 0, concurrency, progress)
+        for p in policies
+    }
+    return SimResult(
+        spec_name=spec.name,
+        trace=trace.summary(),
+        tokens_per_block=spec.tokens_per_block,
+        pool_blocks=blocks,
+        state_slots=slots if has_state else 0,
+        concurrency=concurrency,
+        policies=results,
+    )
 
 
-def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], slots: int,
-         concurrency: int, progress: Callable[[int], None] | None) -> PolicyResult:
+def _run(
+    spec: KVCacheSpec,
+    trace: Trace,
+    policy: str,
+    blocks: dict[str, int],
+    slots: int,
+    concurrency: int,
+    progress: Callable[[int], None] | None,
+) -> PolicyResult:
     mgr = KVCacheManager(spec, blocks or None, num_state_slots=slots)
     bsz = spec.tokens_per_block
     attention = [g for g in spec.groups if g.kind != "state"]
@@ -797,8 +893,10 @@ def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], s
                 if live:
                     waits += 1
                     break
-                raise ValueError(f"{policy}: request {rid!r} (P={len(req.prompt)}) does not fit "
-                                 f"the pool even alone: {exc}; raise the capacity") from None
+                raise ValueError(
+                    f"{policy}: request {rid!r} (P={len(req.prompt)}) does not fit "
+                    f"the pool even alone: {exc}; raise the capacity"
+                ) from None
             # no_reuse never publishes, so its match finds nothing: the plan is cached = 0
             # (a sliding group's vacuous count needed.start moves the same positions).
             plan = rx.plan if publish else plan_transfer(spec, len(req.prompt), 0)
@@ -827,10 +925,12 @@ def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], s
                 # One step decodes up to the next block boundary (at most B tokens).
                 n = min(left, bsz - state.length % bsz)
                 try:
-                    mgr.append(rid, req.response[state.fed:state.fed + n])
+                    mgr.append(rid, req.response[state.fed : state.fed + n])
                 except OutOfBlocksError as exc:
-                    raise ValueError(f"{policy}: request {rid!r} ran out of blocks while "
-                                     f"decoding: {exc}; raise the capacity") from None
+                    raise ValueError(
+                        f"{policy}: request {rid!r} ran out of blocks while "
+                        f"decoding: {exc}; raise the capacity"
+                    ) from None
                 state.fed += n
                 state.length += n
                 if publish and state.length % bsz == 0:
@@ -845,21 +945,29 @@ def _run(spec: KVCacheSpec, trace: Trace, policy: str, blocks: dict[str, int], s
         track()
     groups = tuple(
         GroupStats(
-            name=g.name, kind=g.kind, window=g.window, layers=g.num_layers,
-            needed_tokens=acc[g.name].needed, moved_tokens=acc[g.name].moved,
-            kv_bytes=acc[g.name].kv, state_bytes=acc[g.name].state,
-            state_moves=acc[g.name].state_moves, requests=len(trace.requests),
+            name=g.name,
+            kind=g.kind,
+            window=g.window,
+            layers=g.num_layers,
+            needed_tokens=acc[g.name].needed,
+            moved_tokens=acc[g.name].moved,
+            kv_bytes=acc[g.name].kv,
+            state_bytes=acc[g.name].state,
+            state_moves=acc[g.name].state_moves,
+            requests=len(trace.requests),
             peak_blocks_in_use=acc[g.name].peak,
             pool_blocks=slots if g.kind == "state" else blocks[g.name],
         )
         for g in spec.groups
     )
-    return PolicyResult(policy=policy, groups=groups, requests=len(trace.requests),
-                        full_hits=full_hits, waits=waits)
+    return PolicyResult(
+        policy=policy, groups=groups, requests=len(trace.requests), full_hits=full_hits, waits=waits
+    )
 
 
-def default_capacity_blocks(spec: KVCacheSpec, trace: Trace, *, concurrency: int = 8,
-                            factor: float = 4.0) -> int:
+def default_capacity_blocks(
+    spec: KVCacheSpec, trace: Trace, *, concurrency: int = 8, factor: float = 4.0
+) -> int:
     """A pool size that holds ``concurrency`` of the trace's longest requests ``factor`` times
     over (room for a prefix cache beside the live requests), in blocks per group."""
     longest = max(_final_length(r) for r in trace.requests)
@@ -901,36 +1009,85 @@ def add_simulate_arguments(p: Any) -> None:
     from kvtriton.cli import add_model_arguments, positive_int
 
     add_model_arguments(p)
-    p.add_argument("--trace", default="chat", metavar="chat|agent|FILE.jsonl",
-                   help="a synthetic trace kind or a JSONL trace file (format: kvtriton.sim)")
+    p.add_argument(
+        "--trace",
+        default="chat",
+        metavar="chat|agent|FILE.jsonl",
+        help="a synthetic trace kind or a JSONL trace file (format: kvtriton.sim)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace (0)")
-    p.add_argument("--users", type=positive_int, metavar="N",
-                   help="chat users / agents (default 8 / 4)")
-    p.add_argument("--turns", type=positive_int, metavar="N",
-                   help="chat turns per user / agent steps (default 4 / 8)")
-    p.add_argument("--system-prompts", type=positive_int, metavar="N",
-                   help="distinct chat system prompts shared by the users (default 2)")
-    p.add_argument("--system-len", type=int, metavar="N",
-                   help="shared system / tool prompt tokens (default 1024 chat, 2048 agent)")
-    p.add_argument("--input-len", type=_pair, metavar="MIN:MAX",
-                   help="new tokens per turn: chat message / agent tool output "
-                        "(default 32:256 / 16:128)")
-    p.add_argument("--context-len", type=_pair, metavar="MIN:MAX",
-                   help="agent task context at step 0 (default 4096:8192)")
-    p.add_argument("--output-len", type=_pair, metavar="MIN:MAX",
-                   help="response tokens (default 64:384 chat, 16:96 agent)")
+    p.add_argument(
+        "--users", type=positive_int, metavar="N", help="chat users / agents (default 8 / 4)"
+    )
+    p.add_argument(
+        "--turns",
+        type=positive_int,
+        metavar="N",
+        help="chat turns per user / agent steps (default 4 / 8)",
+    )
+    p.add_argument(
+        "--system-prompts",
+        type=positive_int,
+        metavar="N",
+        help="distinct chat system prompts shared by the users (default 2)",
+    )
+    p.add_argument(
+        "--system-len",
+        type=int,
+        metavar="N",
+        help="shared system / tool prompt tokens (default 1024 chat, 2048 agent)",
+    )
+    p.add_argument(
+        "--input-len",
+        type=_pair,
+        metavar="MIN:MAX",
+        help="new tokens per turn: chat message / agent tool output (default 32:256 / 16:128)",
+    )
+    p.add_argument(
+        "--context-len",
+        type=_pair,
+        metavar="MIN:MAX",
+        help="agent task context at step 0 (default 4096:8192)",
+    )
+    p.add_argument(
+        "--output-len",
+        type=_pair,
+        metavar="MIN:MAX",
+        help="response tokens (default 64:384 chat, 16:96 agent)",
+    )
     cap = p.add_mutually_exclusive_group()
-    cap.add_argument("--capacity-blocks", type=positive_int, metavar="N",
-                     help="receiver pool: blocks per attention group (default: 4x what "
-                          "--concurrency of the longest requests hold)")
-    cap.add_argument("--capacity-gib", type=_gib, metavar="GIB",
-                     help="receiver pool: GiB over all groups (same block count per group)")
-    p.add_argument("--concurrency", type=positive_int, default=8, metavar="N",
-                   help="requests decoding at once (8)")
-    p.add_argument("--state-slots", type=positive_int, metavar="N",
-                   help="slots per state group (default 4 x concurrency)")
-    p.add_argument("--policies", default=",".join(POLICIES), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(POLICIES)}")
+    cap.add_argument(
+        "--capacity-blocks",
+        type=positive_int,
+        metavar="N",
+        help="receiver pool: blocks per attention group (default: 4x what "
+        "--concurrency of the longest requests hold)",
+    )
+    cap.add_argument(
+        "--capacity-gib",
+        type=_gib,
+        metavar="GIB",
+        help="receiver pool: GiB over all groups (same block count per group)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="requests decoding at once (8)",
+    )
+    p.add_argument(
+        "--state-slots",
+        type=positive_int,
+        metavar="N",
+        help="slots per state group (default 4 x concurrency)",
+    )
+    p.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        metavar="LIST",
+        help=f"comma-separated subset of {','.join(POLICIES)}",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="PATH", help="also save a plot (png, svg, pdf ...)")
     p.add_argument("--save-trace", metavar="PATH", help="also write the trace as JSONL")
@@ -942,28 +1099,47 @@ def _cli_trace(args: Any) -> Trace:
     if args.trace in TRACE_KINDS:
         params: dict[str, Any] = {"seed": args.seed}
         chat = args.trace == "chat"
-        for option, key in (("users", "users" if chat else "agents"),
-                            ("turns", "turns" if chat else "steps"),
-                            ("system_len", "system_len"), ("output_len", "response_len"),
-                            ("input_len", "user_len" if chat else "step_len")):
+        for option, key in (
+            ("users", "users" if chat else "agents"),
+            ("turns", "turns" if chat else "steps"),
+            ("system_len", "system_len"),
+            ("output_len", "response_len"),
+            ("input_len", "user_len" if chat else "step_len"),
+        ):
             if getattr(args, option) is not None:
                 params[key] = getattr(args, option)
         only = {"system_prompts": chat, "context_len": not chat}
         for option, allowed in only.items():
             if getattr(args, option) is not None:
                 if not allowed:
-                    raise CliError(f"--{option.replace('_', '-')} does not apply to "
-                                   f"--trace {args.trace}")
+                    raise CliError(
+                        f"--{option.replace('_', '-')} does not apply to --trace {args.trace}"
+                    )
                 params[option] = getattr(args, option)
         return synthetic_trace(args.trace, **params)
     if not os.path.exists(args.trace):
-        raise CliError(f"--trace {args.trace!r} is neither {' nor '.join(TRACE_KINDS)} nor an "
-                       "existing JSONL file")
-    generator = [o for o in ("users", "turns", "system_prompts", "system_len", "input_len",
-                             "context_len", "output_len") if getattr(args, o) is not None]
+        raise CliError(
+            f"--trace {args.trace!r} is neither {' nor '.join(TRACE_KINDS)} nor an "
+            "existing JSONL file"
+        )
+    generator = [
+        o
+        for o in (
+            "users",
+            "turns",
+            "system_prompts",
+            "system_len",
+            "input_len",
+            "context_len",
+            "output_len",
+        )
+        if getattr(args, o) is not None
+    ]
     if generator:
-        raise CliError(f"--{generator[0].replace('_', '-')} shapes synthetic traces only, not "
-                       f"the trace file {args.trace!r}")
+        raise CliError(
+            f"--{generator[0].replace('_', '-')} shapes synthetic traces only, not "
+            f"the trace file {args.trace!r}"
+        )
     return load_trace(args.trace)
 
 
@@ -978,16 +1154,26 @@ def run_simulate(args: Any) -> int:
         if args.capacity_gib is not None:
             capacity: dict[str, Any] = {"capacity_bytes": int(args.capacity_gib * 1024**3)}
         else:
-            capacity = {"capacity_blocks": args.capacity_blocks or default_capacity_blocks(
-                spec, trace, concurrency=args.concurrency)}
+            capacity = {
+                "capacity_blocks": args.capacity_blocks
+                or default_capacity_blocks(spec, trace, concurrency=args.concurrency)
+            }
         if args.save_trace:
             trace.save(args.save_trace)
         from tqdm import tqdm
 
-        with tqdm(total=len(trace) * len(policies), unit="req", desc="simulate",
-                  disable=None, leave=False) as bar:
-            result = simulate(spec, trace, policies=policies, concurrency=args.concurrency,
-                              state_slots=args.state_slots, progress=bar.update, **capacity)
+        with tqdm(
+            total=len(trace) * len(policies), unit="req", desc="simulate", disable=None, leave=False
+        ) as bar:
+            result = simulate(
+                spec,
+                trace,
+                policies=policies,
+                concurrency=args.concurrency,
+                state_slots=args.state_slots,
+                progress=bar.update,
+                **capacity,
+            )
     except (ValueError, TypeError, OSError) as exc:
         raise CliError(str(exc)) from exc
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

@@ -370,12 +370,16 @@ class KVCacheSpec:
             if g.kind == "state":
                 assert g.state_shape is not None
                 s0, s1 = _head_split(g.state_shape[0], tp_rank, tp_size, g.name, "state_shape[0]")
-                groups.append(replace(g, head_start=start, head_end=end, state_head_start=s0,
-                                      state_head_end=s1))
+                groups.append(
+                    replace(
+                        g, head_start=start, head_end=end, state_head_start=s0, state_head_end=s1
+                    )
+                )
             else:
                 groups.append(replace(g, head_start=start, head_end=end))
-        return replace(self, groups=tuple(groups), tp_rank=tp_rank, tp_size=tp_size,
-                       model=self.root)
+        return replace(
+            self, groups=tuple(groups), tp_rank=tp_rank, tp_size=tp_size, model=self.root
+        )
 
     def stage(self, pp_rank: int, pp_size: int) -> KVCacheSpec:
         """The spec held by pipeline stage ``pp_rank`` of ``pp_size``.
@@ -400,8 +404,9 @@ class KVCacheSpec:
             ids = tuple(layer for layer in g.layer_ids if layer in held)
             if ids:
                 groups.append(replace(g, layer_ids=ids))
-        return replace(self, groups=tuple(groups), pp_rank=pp_rank, pp_size=pp_size,
-                       model=self.root)
+        return replace(
+            self, groups=tuple(groups), pp_rank=pp_rank, pp_size=pp_size, model=self.root
+        )
 
     def shard_for(self, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> KVCacheSpec:
         """Convenience: ``self.stage(pp_rank, pp_size).shard(tp_rank, tp_size)``."""
@@ -455,14 +460,27 @@ def _groups_from_layer_types(
         if not ids:
             continue
         if kind == "full":
-            groups.append(LayerGroup("full", "full", tuple(ids), full_heads or num_kv_heads,
-                                     full_head_dim or head_dim))
+            groups.append(
+                LayerGroup(
+                    "full",
+                    "full",
+                    tuple(ids),
+                    full_heads or num_kv_heads,
+                    full_head_dim or head_dim,
+                )
+            )
         elif kind == "sliding":
-            groups.append(LayerGroup(f"sliding{window}", "sliding", tuple(ids), num_kv_heads,
-                                     head_dim, window=window))
+            groups.append(
+                LayerGroup(
+                    f"sliding{window}", "sliding", tuple(ids), num_kv_heads, head_dim, window=window
+                )
+            )
         else:
-            groups.append(LayerGroup("state", "state", tuple(ids), state_shape=state_shape,
-                                     state_dtype=state_dtype))
+            groups.append(
+                LayerGroup(
+                    "state", "state", tuple(ids), state_shape=state_shape, state_dtype=state_dtype
+                )
+            )
     return tuple(groups)
 
 
@@ -474,34 +492,52 @@ def _every(n: int, period: int, full_at: int) -> list[str]:
 def _gpt_oss_20b() -> KVCacheSpec:
     # openai/gpt-oss-20b: 24 layers alternating sliding(128)/full, 8 kv heads x 64.
     types = ["sliding" if i % 2 == 0 else "full" for i in range(24)]
-    return KVCacheSpec(_groups_from_layer_types(types, num_kv_heads=8, head_dim=64, window=128),
-                       tokens_per_block=16, dtype="bfloat16", name="gpt-oss-20b")
+    return KVCacheSpec(
+        _groups_from_layer_types(types, num_kv_heads=8, head_dim=64, window=128),
+        tokens_per_block=16,
+        dtype="bfloat16",
+        name="gpt-oss-20b",
+    )
 
 
 def _gpt_oss_120b() -> KVCacheSpec:
     types = ["sliding" if i % 2 == 0 else "full" for i in range(36)]
-    return KVCacheSpec(_groups_from_layer_types(types, num_kv_heads=8, head_dim=64, window=128),
-                       tokens_per_block=16, dtype="bfloat16", name="gpt-oss-120b")
+    return KVCacheSpec(
+        _groups_from_layer_types(types, num_kv_heads=8, head_dim=64, window=128),
+        tokens_per_block=16,
+        dtype="bfloat16",
+        name="gpt-oss-120b",
+    )
 
 
 def _gemma3_4b() -> KVCacheSpec:
     # google/gemma-3-4b: 34 layers, 5 sliding(1024) : 1 full, 4 kv heads x 256.
     return KVCacheSpec(
         _groups_from_layer_types(_every(34, 6, 5), num_kv_heads=4, head_dim=256, window=1024),
-        tokens_per_block=16, dtype="bfloat16", name="gemma-3-4b")
+        tokens_per_block=16,
+        dtype="bfloat16",
+        name="gemma-3-4b",
+    )
 
 
 def _gemma3_27b() -> KVCacheSpec:
     # google/gemma-3-27b: 62 layers, 5 sliding(1024) : 1 full, 16 kv heads x 128.
     return KVCacheSpec(
         _groups_from_layer_types(_every(62, 6, 5), num_kv_heads=16, head_dim=128, window=1024),
-        tokens_per_block=16, dtype="bfloat16", name="gemma-3-27b")
+        tokens_per_block=16,
+        dtype="bfloat16",
+        name="gemma-3-27b",
+    )
 
 
 def _llama3_8b() -> KVCacheSpec:
     # meta-llama/Llama-3.1-8B: 32 full-attention layers, 8 kv heads x 128.
-    return KVCacheSpec(_groups_from_layer_types(["full"] * 32, num_kv_heads=8, head_dim=128),
-                       tokens_per_block=16, dtype="bfloat16", name="llama-3-8b")
+    return KVCacheSpec(
+        _groups_from_layer_types(["full"] * 32, num_kv_heads=8, head_dim=128),
+        tokens_per_block=16,
+        dtype="bfloat16",
+        name="llama-3-8b",
+    )
 
 
 def _qwen3_next_80b() -> KVCacheSpec:
@@ -510,9 +546,13 @@ def _qwen3_next_80b() -> KVCacheSpec:
     # (the conv state is small and left out of this preset).
     types = ["full" if i % 4 == 3 else "state" for i in range(48)]
     return KVCacheSpec(
-        _groups_from_layer_types(types, num_kv_heads=2, head_dim=256, state_shape=(32, 128, 128),
-                                 state_dtype="float32"),
-        tokens_per_block=16, dtype="bfloat16", name="qwen3-next-80b")
+        _groups_from_layer_types(
+            types, num_kv_heads=2, head_dim=256, state_shape=(32, 128, 128), state_dtype="float32"
+        ),
+        tokens_per_block=16,
+        dtype="bfloat16",
+        name="qwen3-next-80b",
+    )
 
 
 def _deepseek_v3() -> KVCacheSpec:
@@ -543,8 +583,9 @@ PRESETS: dict[str, Any] = {
 }
 
 
-def preset(name: str, *, tokens_per_block: int | None = None, dtype: str | None = None
-           ) -> KVCacheSpec:
+def preset(
+    name: str, *, tokens_per_block: int | None = None, dtype: str | None = None
+) -> KVCacheSpec:
     """A built-in spec by name (see :data:`PRESETS`), optionally with another block size/dtype."""
     try:
         spec: KVCacheSpec = PRESETS[name]()

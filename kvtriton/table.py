@@ -95,8 +95,7 @@ class Table:
             raise ValueError("a Table needs at least one column")
         if spans and sum(n for _, n in spans) != len(self.columns):
             raise ValueError(
-                f"spans cover {sum(n for _, n in spans)} columns, the table has "
-                f"{len(self.columns)}"
+                f"spans cover {sum(n for _, n in spans)} columns, the table has {len(self.columns)}"
             )
         if any(n < 1 for _, n in spans):
             raise ValueError(f"every span must cover at least one column, got {list(spans)}")
@@ -109,8 +108,10 @@ class Table:
     def add_row(self, *cells: object) -> None:
         """Append a row: one cell per column, converted with ``str`` (``None`` prints "-")."""
         if len(cells) != len(self.columns):
-            raise ValueError(f"row has {len(cells)} cells, the table has {len(self.columns)} "
-                             f"columns ({', '.join(c.title for c in self.columns)})")
+            raise ValueError(
+                f"row has {len(cells)} cells, the table has {len(self.columns)} "
+                f"columns ({', '.join(c.title for c in self.columns)})"
+            )
         self._rows.append(tuple("-" if c is None else str(c) for c in cells))
 
     def add_rule(self) -> None:

@@ -37,20 +37,23 @@ __all__ = [
 ]
 
 _POLICY_ORDER = ("no_reuse", "single_boundary", "per_group")
-_POLICY_TITLES = {"no_reuse": "no reuse", "single_boundary": "single boundary",
-                  "per_group": "per-group"}
+_POLICY_TITLES = {
+    "no_reuse": "no reuse",
+    "single_boundary": "single boundary",
+    "per_group": "per-group",
+}
 
 
-def plot_simulation(result: SimResult, path: str | os.PathLike[str] | None = None, *,
-                    title: str | None = None) -> Any:
+def plot_simulation(
+    result: SimResult, path: str | os.PathLike[str] | None = None, *, title: str | None = None
+) -> Any:
     """Two panels: bytes moved per policy (bars stacked by layer group, GiB) and each group's
     hit rate per policy. Saves to ``path`` (any format matplotlib knows, by extension) when
     given; returns the ``matplotlib.figure.Figure``."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'kvtriton[notebooks]'"
-                          ) from None
+        raise ImportError("plotting needs matplotlib: pip install 'kvtriton[notebooks]'") from None
     policies = [p for p in _POLICY_ORDER if p in result.policies]
     groups = [g.name for g in result[policies[0]].groups]
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -63,9 +66,15 @@ def plot_simulation(result: SimResult, path: str | os.PathLike[str] | None = Non
         ax_bytes.bar(x, heights, bottom=bottom, label=name, width=0.6)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     for i, p in enumerate(policies):
-        ax_bytes.annotate(format_bytes(result[p].total_bytes), (i, bottom[i]),
-                          ha="center", va="bottom", fontsize=9, xytext=(0, 2),
-                          textcoords="offset points")
+        ax_bytes.annotate(
+            format_bytes(result[p].total_bytes),
+            (i, bottom[i]),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax_bytes.set_xticks(list(x), [_POLICY_TITLES[p] for p in policies])
     ax_bytes.set_ylabel("bytes moved (GiB)")
     ax_bytes.set_ylim(0, max(bottom) * 1.15 or 1)
@@ -83,8 +92,9 @@ def plot_simulation(result: SimResult, path: str | os.PathLike[str] | None = Non
     ax_hit.legend(fontsize=8)
     ax_hit.set_title("per-group hit rate")
     t = result.trace
-    fig.suptitle(title or f"{result.spec_name}, trace {t.get('name')!r} "
-                 f"({t.get('requests')} requests)")
+    fig.suptitle(
+        title or f"{result.spec_name}, trace {t.get('name')!r} ({t.get('requests')} requests)"
+    )
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig
@@ -97,9 +107,13 @@ def plot_simulation(result: SimResult, path: str | os.PathLike[str] | None = Non
 
 #: Status codes of :class:`GroupMap` cells (token and block rows).
 NOT_NEEDED, CACHED, MOVED, PARTLY_MOVED, DRAFT = 0, 1, 2, 3, 4
-STATUS_NAMES: tuple[str, ...] = ("not needed", "cached (reused)", "moved",
-                                 "partly moved (copy starts/ends inside the block)",
-                                 "draft (allocated, never sent)")
+STATUS_NAMES: tuple[str, ...] = (
+    "not needed",
+    "cached (reused)",
+    "moved",
+    "partly moved (copy starts/ends inside the block)",
+    "draft (allocated, never sent)",
+)
 _STATUS_COLORS = ("#e4e4e4", "#4c9f70", "#e0703a", "#f2c14e", "#9fc5e8")
 
 
@@ -144,8 +158,7 @@ class GroupMap:
         return (self.tokens if unit == "tokens" else self.blocks).count(status)
 
 
-def block_maps(plan: TransferPlan, *, tokens_per_block: int | None = None
-               ) -> tuple[GroupMap, ...]:
+def block_maps(plan: TransferPlan, *, tokens_per_block: int | None = None) -> tuple[GroupMap, ...]:
     """Per-position and per-block status of every group of ``plan`` (see :class:`GroupMap`).
 
     ``tokens_per_block`` draws the block row at another block size (a receiver's, say: copies
@@ -174,7 +187,7 @@ def block_maps(plan: TransferPlan, *, tokens_per_block: int | None = None
             tokens = tuple(row)
             block_row = []
             for b in range(ceil_div(length, bsz)):
-                cells = row[b * bsz:min(length, (b + 1) * bsz)]
+                cells = row[b * bsz : min(length, (b + 1) * bsz)]
                 moved = cells.count(MOVED)
                 if moved and moved == bsz:
                     block_row.append(MOVED)
@@ -187,11 +200,22 @@ def block_maps(plan: TransferPlan, *, tokens_per_block: int | None = None
                 else:
                     block_row.append(NOT_NEEDED)
             blocks = tuple(block_row)
-        out.append(GroupMap(
-            name=g.name, kind=g.kind, window=g.group.window, num_tokens=p,
-            tokens_per_block=bsz, needed=g.needed, cached_tokens=g.cached_tokens,
-            moved=g.tokens, tokens=tokens, blocks=blocks,
-            moves_state=g.moves_state if g.kind == "state" else None, bytes=g.bytes))
+        out.append(
+            GroupMap(
+                name=g.name,
+                kind=g.kind,
+                window=g.group.window,
+                num_tokens=p,
+                tokens_per_block=bsz,
+                needed=g.needed,
+                cached_tokens=g.cached_tokens,
+                moved=g.tokens,
+                tokens=tokens,
+                blocks=blocks,
+                moves_state=g.moves_state if g.kind == "state" else None,
+                bytes=g.bytes,
+            )
+        )
     return tuple(out)
 
 
@@ -203,14 +227,18 @@ def with_window(spec: KVCacheSpec, window: int, *, group: str | None = None) -> 
     sliding = [g for g in spec.groups if g.kind == "sliding"]
     if group is None:
         if len(sliding) != 1:
-            raise ValueError(f"spec {spec.name!r} has {len(sliding)} sliding groups "
-                             f"({[g.name for g in sliding]}); name the one to change")
+            raise ValueError(
+                f"spec {spec.name!r} has {len(sliding)} sliding groups "
+                f"({[g.name for g in sliding]}); name the one to change"
+            )
         target = sliding[0]
     else:
         target = spec.group(group)
         if target.kind != "sliding":
-            raise ValueError(f"group {group!r} of spec {spec.name!r} is {target.kind!r}, "
-                             "not a sliding-window group")
+            raise ValueError(
+                f"group {group!r} of spec {spec.name!r} is {target.kind!r}, "
+                "not a sliding-window group"
+            )
     name = target.name
     if name == f"sliding{target.window}":
         name = f"sliding{window}"
@@ -221,9 +249,14 @@ def with_window(spec: KVCacheSpec, window: int, *, group: str | None = None) -> 
     return replace(spec, groups=groups)
 
 
-def alignment_plans(spec: KVCacheSpec, num_tokens: int, cached: Mapping[str, int], *,
-                    window: int | None = None, num_draft_tokens: int = 0
-                    ) -> dict[str, TransferPlan]:
+def alignment_plans(
+    spec: KVCacheSpec,
+    num_tokens: int,
+    cached: Mapping[str, int],
+    *,
+    window: int | None = None,
+    num_draft_tokens: int = 0,
+) -> dict[str, TransferPlan]:
     """:func:`~kvtriton.plan.compare_policies` for a what-if: ``cached`` maps a group name or
     a kind (``"full"`` / ``"sliding"`` / ``"state"``: every group of that kind; a name wins
     over a kind) to its cached token count; ``window`` replaces the sliding window first
@@ -235,10 +268,13 @@ def alignment_plans(spec: KVCacheSpec, num_tokens: int, cached: Mapping[str, int
     kinds = ("full", "sliding", "state")
     unknown = sorted(k for k in cached if k not in spec.group_names and k not in kinds)
     if unknown:
-        raise ValueError(f"cached names unknown groups or kinds {unknown}; spec {spec.name!r} "
-                         f"has groups {list(spec.group_names)} and kinds {list(kinds)}")
-    counts = {g.name: cached[g.name] if g.name in cached else cached.get(g.kind, 0)
-              for g in spec.groups}
+        raise ValueError(
+            f"cached names unknown groups or kinds {unknown}; spec {spec.name!r} "
+            f"has groups {list(spec.group_names)} and kinds {list(kinds)}"
+        )
+    counts = {
+        g.name: cached[g.name] if g.name in cached else cached.get(g.kind, 0) for g in spec.groups
+    }
     return compare_policies(spec, num_tokens, counts, num_draft_tokens=num_draft_tokens)
 
 
@@ -254,8 +290,7 @@ def _plans_of(plans: TransferPlan | Mapping[str, TransferPlan]) -> dict[str, Tra
     return out
 
 
-def _draw_block_map(ax: Any, maps: Sequence[GroupMap], title: str,
-                    max_block_lines: int) -> None:
+def _draw_block_map(ax: Any, maps: Sequence[GroupMap], title: str, max_block_lines: int) -> None:
     import numpy as np
     from matplotlib.colors import ListedColormap
 
@@ -265,8 +300,9 @@ def _draw_block_map(ax: Any, maps: Sequence[GroupMap], title: str,
         if m.kind == "state":
             rows.append([MOVED if m.moves_state else CACHED] * length)
             labels.append(f"{m.name} · state")
-            notes.append(f"{'state moves whole' if m.moves_state else 'state kept'}: "
-                         f"{format_bytes(m.bytes)}")
+            notes.append(
+                f"{'state moves whole' if m.moves_state else 'state kept'}: {format_bytes(m.bytes)}"
+            )
             continue
         rows.append(list(m.tokens))
         labels.append(f"{m.name} · tokens")
@@ -278,8 +314,15 @@ def _draw_block_map(ax: Any, maps: Sequence[GroupMap], title: str,
         notes.append(f"{format_count(touched)} of {len(m.blocks)} blocks sent")
     image = np.array(rows, dtype=float)
     cmap = ListedColormap(_STATUS_COLORS)
-    ax.imshow(image, cmap=cmap, vmin=-0.5, vmax=len(_STATUS_COLORS) - 0.5, aspect="auto",
-              interpolation="nearest", extent=(0, length, len(rows), 0))
+    ax.imshow(
+        image,
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=len(_STATUS_COLORS) - 0.5,
+        aspect="auto",
+        interpolation="nearest",
+        extent=(0, length, len(rows), 0),
+    )
     ax.set_yticks([i + 0.5 for i in range(len(rows))], labels, fontsize=8)
     ax.tick_params(axis="y", length=0)
     r = 0
@@ -289,22 +332,36 @@ def _draw_block_map(ax: Any, maps: Sequence[GroupMap], title: str,
             continue
         nblocks = len(m.blocks)
         if nblocks <= max_block_lines:
-            ax.vlines([b * m.tokens_per_block for b in range(1, nblocks)], r + 1, r + 2,
-                      colors="white", linewidth=0.8)
+            ax.vlines(
+                [b * m.tokens_per_block for b in range(1, nblocks)],
+                r + 1,
+                r + 2,
+                colors="white",
+                linewidth=0.8,
+            )
         r += 2
         if r < len(rows):
             ax.axhline(r, color="black", linewidth=0.8)
     for i, note in enumerate(notes):
-        ax.annotate(note, (1.01, 1 - (i + 0.5) / len(rows)), xycoords="axes fraction",
-                    va="center", fontsize=8)
+        ax.annotate(
+            note,
+            (1.01, 1 - (i + 0.5) / len(rows)),
+            xycoords="axes fraction",
+            va="center",
+            fontsize=8,
+        )
     ax.set_xlim(0, length)
     ax.set_title(title, fontsize=10, loc="left")
 
 
-def plot_block_maps(plans: TransferPlan | Mapping[str, TransferPlan],
-                    path: str | os.PathLike[str] | None = None, *,
-                    tokens_per_block: int | None = None, title: str | None = None,
-                    max_block_lines: int = 96) -> Any:
+def plot_block_maps(
+    plans: TransferPlan | Mapping[str, TransferPlan],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    tokens_per_block: int | None = None,
+    title: str | None = None,
+    max_block_lines: int = 96,
+) -> Any:
     """Block maps of one plan or of :func:`~kvtriton.plan.compare_policies` output: one panel
     per policy, per attention group a row of token positions ``[0, P + drafts)`` and a row of
     blocks (at ``tokens_per_block``), per state group one row; colours by status (see
@@ -314,8 +371,10 @@ def plot_block_maps(plans: TransferPlan | Mapping[str, TransferPlan],
     from matplotlib.patches import Patch
 
     chosen = _plans_of(plans)
-    maps = {policy: block_maps(plan, tokens_per_block=tokens_per_block)
-            for policy, plan in chosen.items()}
+    maps = {
+        policy: block_maps(plan, tokens_per_block=tokens_per_block)
+        for policy, plan in chosen.items()
+    }
     nrows = [sum(1 if m.kind == "state" else 2 for m in ms) for ms in maps.values()]
     fig = Figure(figsize=(11, 0.9 + sum(0.32 * n + 0.45 for n in nrows)), layout="constrained")
     axes = fig.subplots(len(maps), 1, sharex=True, height_ratios=nrows, squeeze=False)[:, 0]
@@ -323,33 +382,48 @@ def plot_block_maps(plans: TransferPlan | Mapping[str, TransferPlan],
         boundary = ""
         if policy == "single_boundary":
             boundary = f", c = {format_count(plan.groups[0].cached_tokens)} for every group"
-        head = (f"{_POLICY_TITLES.get(policy, policy)}: {format_bytes(plan.total_bytes)}"
-                f"{boundary}")
+        head = f"{_POLICY_TITLES.get(policy, policy)}: {format_bytes(plan.total_bytes)}{boundary}"
         _draw_block_map(ax, maps[policy], head, max_block_lines)
     axes[-1].set_xlabel("token position")
     plan0 = next(iter(chosen.values()))
     drafts = f" + {plan0.num_draft_tokens} draft" if plan0.num_draft_tokens else ""
     bsz = tokens_per_block or plan0.spec.tokens_per_block
-    fig.suptitle(title or f"{plan0.spec.name}: P = {format_count(plan0.num_tokens)}{drafts} "
-                 f"tokens, {bsz} tokens/block", fontsize=11)
-    used = sorted({c for ms in maps.values() for m in ms for c in (*m.tokens, *m.blocks)}
-                  | {MOVED, CACHED})
-    fig.legend([Patch(color=_STATUS_COLORS[c]) for c in used], [STATUS_NAMES[c] for c in used],
-               loc="outside lower center", ncols=min(len(used), 3), fontsize=8, frameon=False)
+    fig.suptitle(
+        title
+        or f"{plan0.spec.name}: P = {format_count(plan0.num_tokens)}{drafts} "
+        f"tokens, {bsz} tokens/block",
+        fontsize=11,
+    )
+    used = sorted(
+        {c for ms in maps.values() for m in ms for c in (*m.tokens, *m.blocks)} | {MOVED, CACHED}
+    )
+    fig.legend(
+        [Patch(color=_STATUS_COLORS[c]) for c in used],
+        [STATUS_NAMES[c] for c in used],
+        loc="outside lower center",
+        ncols=min(len(used), 3),
+        fontsize=8,
+        frameon=False,
+    )
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig
 
 
-def plot_plan_bytes(plans: Mapping[str, TransferPlan],
-                    path: str | os.PathLike[str] | None = None, *, title: str | None = None,
-                    ax: Any = None) -> Any:
+def plot_plan_bytes(
+    plans: Mapping[str, TransferPlan],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+    ax: Any = None,
+) -> Any:
     """Bytes one request moves per policy, bars stacked by layer group, totals on top (one
     request's :func:`~kvtriton.plan.compare_policies` output). Draws into ``ax`` when given,
     else a new Figure (saved to ``path`` when given); returns the Figure."""
     chosen = _plans_of(plans)
     policies = [p for p in _POLICY_ORDER if p in chosen] + [
-        p for p in chosen if p not in _POLICY_ORDER]
+        p for p in chosen if p not in _POLICY_ORDER
+    ]
     if ax is None:
         Figure = _figure_class()
         fig = Figure(figsize=(6, 3.6), layout="constrained")
@@ -364,15 +438,24 @@ def plot_plan_bytes(plans: Mapping[str, TransferPlan],
         ax.bar(range(len(policies)), heights, bottom=bottom, label=g.name, width=0.6)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     for i, p in enumerate(policies):
-        ax.annotate(format_bytes(chosen[p].total_bytes), (i, bottom[i]), ha="center",
-                    va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            format_bytes(chosen[p].total_bytes),
+            (i, bottom[i]),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax.set_xticks(range(len(policies)), [_POLICY_TITLES.get(p, p) for p in policies])
     ax.set_ylabel(f"bytes moved ({unit})")
     ax.set_ylim(0, max(bottom) * 1.18 or 1)
     ax.legend(title="layer group", fontsize=8)
     plan0 = chosen[policies[0]]
-    ax.set_title(title or f"{plan0.spec.name}, P = {format_count(plan0.num_tokens)}: "
-                 "bytes per policy", fontsize=10)
+    ax.set_title(
+        title or f"{plan0.spec.name}, P = {format_count(plan0.num_tokens)}: bytes per policy",
+        fontsize=10,
+    )
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig
@@ -389,8 +472,7 @@ def _figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'kvtriton[notebooks]'"
-                          ) from None
+        raise ImportError("plotting needs matplotlib: pip install 'kvtriton[notebooks]'") from None
     return Figure
 
 
@@ -399,8 +481,9 @@ def _figure_class() -> Any:
 # =============================================================================================
 
 
-def compare_backends(*, device: str = "cpu", seed: int = 0,
-                     backends: tuple[str, str] = ("triton", "reference")) -> list[dict[str, Any]]:
+def compare_backends(
+    *, device: str = "cpu", seed: int = 0, backends: tuple[str, str] = ("triton", "reference")
+) -> list[dict[str, Any]]:
     """Run a fixed set of small paged moves on two kernel backends from identical inputs and
     compare every output bit for bit.
 
@@ -436,18 +519,23 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
         t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
         return t
 
-    def pool(layout: str, tpb: int, blocks: int = 12, layers: int = 3, heads: int = 4,
-             dim: int = 16) -> torch.Tensor:
+    def pool(
+        layout: str, tpb: int, blocks: int = 12, layers: int = 3, heads: int = 4, dim: int = 16
+    ) -> torch.Tensor:
         if layout == "NHD":
-            return random_(torch.empty((layers, blocks, 2, tpb, heads, dim),
-                                       dtype=torch.bfloat16, device=device))
-        phys = random_(torch.empty((layers, blocks, 2, heads, tpb, dim), dtype=torch.bfloat16,
-                                   device=device))
+            return random_(
+                torch.empty(
+                    (layers, blocks, 2, tpb, heads, dim), dtype=torch.bfloat16, device=device
+                )
+            )
+        phys = random_(
+            torch.empty((layers, blocks, 2, heads, tpb, dim), dtype=torch.bfloat16, device=device)
+        )
         return phys.permute(0, 1, 2, 4, 3, 5)
 
     def span(tokens: TokenRange, tpb: int, blocks: int = 12) -> BlockSpan:
         r = tokens.blocks(tpb)
-        ids = torch.randperm(blocks, generator=gen)[:len(r)].tolist()
+        ids = torch.randperm(blocks, generator=gen)[: len(r)].tolist()
         return BlockSpan(r.start, ids)
 
     def bits(t: torch.Tensor) -> torch.Tensor:
@@ -462,21 +550,31 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
     src = pool("NHD", 4)
     t1 = TokenRange(5, 27)
     s1 = span(t1, 4)
-    cases.append((f"gather [{t1.start}, {t1.end}) from 4-token NHD blocks "
-                  "(starts/ends inside blocks)",
-                  int(src[:, 0, :, 0].numel()) * len(t1) * 2,
-                  lambda b: [K.gather(src, s1, t1, backend=b)], lambda outs: all(
-                      torch.equal(bits(outs[0][:, :, q - t1.start]),
-                                  bits(src[:, s1.block_id(q // 4), :, q % 4]))
-                      for q in t1)))
+    cases.append(
+        (
+            f"gather [{t1.start}, {t1.end}) from 4-token NHD blocks (starts/ends inside blocks)",
+            int(src[:, 0, :, 0].numel()) * len(t1) * 2,
+            lambda b: [K.gather(src, s1, t1, backend=b)],
+            lambda outs: all(
+                torch.equal(
+                    bits(outs[0][:, :, q - t1.start]), bits(src[:, s1.block_id(q // 4), :, q % 4])
+                )
+                for q in t1
+            ),
+        )
+    )
 
     hnd = pool("HND", 4)
     t2 = TokenRange(3, 22)
     s2 = span(t2, 4)
-    cases.append((f"gather [{t2.start}, {t2.end}), HND pool, layers [2, 0], heads [1, 3)",
-                  2 * 2 * len(t2) * 2 * 16 * 2,
-                  lambda b: [K.gather(hnd, s2, t2, layers=[2, 0], heads=(1, 3), backend=b)],
-                  None))
+    cases.append(
+        (
+            f"gather [{t2.start}, {t2.end}), HND pool, layers [2, 0], heads [1, 3)",
+            2 * 2 * len(t2) * 2 * 16 * 2,
+            lambda b: [K.gather(hnd, s2, t2, layers=[2, 0], heads=(1, 3), backend=b)],
+            None,
+        )
+    )
 
     t3 = TokenRange(6, 19)
     s3 = span(t3, 4)
@@ -488,9 +586,14 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
         K.scatter(packed3, out, s3, t3, backend=b)
         return [out]
 
-    cases.append((f"scatter into [{t3.start}, {t3.end}) of 4-token NHD blocks "
-                  "(whole pool compared)",
-                  packed3.numel() * 2, scatter, None))
+    cases.append(
+        (
+            f"scatter into [{t3.start}, {t3.end}) of 4-token NHD blocks (whole pool compared)",
+            packed3.numel() * 2,
+            scatter,
+            None,
+        )
+    )
 
     t4 = TokenRange(3, 30)
     s4_src, s4_dst = span(t4, 4), span(t4, 8, blocks=6)
@@ -501,8 +604,14 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
         K.copy(src, s4_src, out, s4_dst, t4, backend=b)
         return [out]
 
-    cases.append((f"copy [{t4.start}, {t4.end}): 4-token NHD -> 8-token HND (block size + layout)",
-                  3 * 2 * len(t4) * 4 * 16 * 2, copy, None))
+    cases.append(
+        (
+            f"copy [{t4.start}, {t4.end}): 4-token NHD -> 8-token HND (block size + layout)",
+            3 * 2 * len(t4) * 4 * 16 * 2,
+            copy,
+            None,
+        )
+    )
 
     state_pool = random_(torch.empty((2, 6, 4, 8, 8), dtype=torch.float32, device=device))
 
@@ -512,15 +621,22 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
         K.scatter_state(dense, out, 5, backend=b)
         return [dense, out]
 
-    cases.append(("state slot 2 -> packed -> slot 5", 2 * 4 * 8 * 8 * 4, state,
-                  lambda outs: torch.equal(outs[1][:, 5], state_pool[:, 2])))
+    cases.append(
+        (
+            "state slot 2 -> packed -> slot 5",
+            2 * 4 * 8 * 8 * 4,
+            state,
+            lambda outs: torch.equal(outs[1][:, 5], state_pool[:, 2]),
+        )
+    )
 
     spec = preset("tiny-hybrid")
     recv_spec = spec.with_block_size(8)
     p = 30
     plan = plan_transfer(spec, p, {"full": 13, "sliding8": 0, "state": 0})
-    layout = packed_layout(spec, {g.name: g.tokens for g in plan.groups if g.kind != "state"},
-                           plan.state_groups)
+    layout = packed_layout(
+        spec, {g.name: g.tokens for g in plan.groups if g.kind != "state"}, plan.state_groups
+    )
     send = allocate_pools(spec, 16, num_state_slots=4, device=device, layout="NHD")
     for t in (*send.kv.values(), *send.state.values()):
         random_(t)
@@ -530,8 +646,9 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
 
     def request(b: str) -> list[torch.Tensor]:
         buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
-        K.pack_request(spec, layout, {**send.kv, **send.state}, send_spans, {"state": 1}, buf,
-                       backend=b)
+        K.pack_request(
+            spec, layout, {**send.kv, **send.state}, send_spans, {"state": 1}, buf, backend=b
+        )
         pools = {name: t.clone() for name, t in (*recv.kv.items(), *recv.state.items())}
         K.unpack_request(recv_spec, layout, buf, pools, recv_spans, {"state": 3}, backend=b)
         return [buf, *pools.values()]
@@ -548,8 +665,14 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
                 ok = ok and torch.equal(bits(got), bits(want))
         return ok
 
-    cases.append((f"tiny-hybrid request, P = {p}, full cached 13: pack (NHD, 4) -> "
-                  "unpack (HND, 8)", layout.nbytes, request, received))
+    cases.append(
+        (
+            f"tiny-hybrid request, P = {p}, full cached 13: pack (NHD, 4) -> unpack (HND, 8)",
+            layout.nbytes,
+            request,
+            received,
+        )
+    )
 
     rows = []
     for name, nbytes, run, check in cases:
@@ -561,13 +684,24 @@ def compare_backends(*, device: str = "cpu", seed: int = 0,
                 torch.cuda.synchronize()
             ms[b] = 1e3 * (time.perf_counter() - start)
             outs.append(got)
-        rows.append({"case": name, "bytes": nbytes, "equal": same(outs[0], outs[1]),
-                     "oracle": None if check is None else bool(check(outs[0])), "ms": ms})
+        rows.append(
+            {
+                "case": name,
+                "bytes": nbytes,
+                "equal": same(outs[0], outs[1]),
+                "oracle": None if check is None else bool(check(outs[0])),
+                "ms": ms,
+            }
+        )
     return rows
 
 
-def plot_kernel_bandwidth(bench: Mapping[str, Any], path: str | os.PathLike[str] | None = None,
-                          *, title: str | None = None) -> Any:
+def plot_kernel_bandwidth(
+    bench: Mapping[str, Any],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+) -> Any:
     """Bandwidth per case of :func:`kvtriton.kernels.bench.run_benchmark` output: kvtriton,
     torch (one indexing call; per-layer loop) and a contiguous copy of the same bytes (the
     limit), in GB/s of bytes read + written. Returns the Figure (saved to ``path`` if given)."""
@@ -577,8 +711,12 @@ def plot_kernel_bandwidth(bench: Mapping[str, Any], path: str | os.PathLike[str]
     cases = list(bench["cases"])
     if not cases:
         raise ValueError("the benchmark result holds no case")
-    series = (("kvtriton", "kvtriton (Triton)"), ("torch_1call", "torch, one indexing call"),
-              ("torch_loop", "torch, one call per layer"), ("copy", "contiguous copy (limit)"))
+    series = (
+        ("kvtriton", "kvtriton (Triton)"),
+        ("torch_1call", "torch, one indexing call"),
+        ("torch_loop", "torch, one call per layer"),
+        ("copy", "contiguous copy (limit)"),
+    )
     fig = Figure(figsize=(10, 0.3 * len(cases) + 1.4), layout="constrained")
     ax = fig.subplots()
     height = 0.8 / len(series)
@@ -586,16 +724,27 @@ def plot_kernel_bandwidth(bench: Mapping[str, Any], path: str | os.PathLike[str]
         values = [c["gbs"].get(key, math.nan) for c in cases]
         pos = [i + (k - (len(series) - 1) / 2) * height for i in range(len(cases))]
         ax.barh(pos, [0 if math.isnan(v) else v for v in values], height=height, label=label)
-    labels = [f"{c['op']} {c['src']} -> {c['dst']}, start {c['start']}, "
-              f"{format_count(c['tokens'])} tok ({c['mib']:.0f} MiB)" for c in cases]
+    labels = [
+        f"{c['op']} {c['src']} -> {c['dst']}, start {c['start']}, "
+        f"{format_count(c['tokens'])} tok ({c['mib']:.0f} MiB)"
+        for c in cases
+    ]
     ax.set_yticks(range(len(cases)), labels, fontsize=7)
     ax.set_ylim(len(cases) - 0.5, -0.5)
     ax.set_xlabel("GB/s (bytes read + written)")
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(series),
-               fontsize=8, frameon=False)
-    ax.set_title(title or f"paged KV moves on {bench.get('device', '?')} "
-                 f"(torch {bench.get('torch', '?')}, triton {bench.get('triton', '?')})",
-                 fontsize=10)
+    fig.legend(
+        *ax.get_legend_handles_labels(),
+        loc="outside lower center",
+        ncols=len(series),
+        fontsize=8,
+        frameon=False,
+    )
+    ax.set_title(
+        title
+        or f"paged KV moves on {bench.get('device', '?')} "
+        f"(torch {bench.get('torch', '?')}, triton {bench.get('triton', '?')})",
+        fontsize=10,
+    )
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig
@@ -606,9 +755,12 @@ def plot_kernel_bandwidth(bench: Mapping[str, Any], path: str | os.PathLike[str]
 # =============================================================================================
 
 
-def plot_policy_summary(results: Mapping[str, SimResult],
-                        path: str | os.PathLike[str] | None = None, *,
-                        title: str | None = None) -> Any:
+def plot_policy_summary(
+    results: Mapping[str, SimResult],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+) -> Any:
     """One group of bars per simulation (e.g. per model): bytes each policy moved, as a
     percentage of what ``no_reuse`` moved in the same simulation (absolute bytes on the bars),
     and the per-group saving over single-boundary above each group. Returns the Figure."""
@@ -639,22 +791,38 @@ def plot_policy_summary(results: Mapping[str, SimResult],
         r = results[label]
         if "per_group" in r.policies and "single_boundary" in r.policies:
             _, frac = r.savings("per_group", "single_boundary")
-            ax.annotate(f"per-group saves\n{100 * frac:.0f}% vs single", (i, tops[i]),
-                        xytext=(0, 34), textcoords="offset points", ha="center", fontsize=8)
+            ax.annotate(
+                f"per-group saves\n{100 * frac:.0f}% vs single",
+                (i, tops[i]),
+                xytext=(0, 34),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(labels)), labels, fontsize=9)
     ax.set_ylabel("bytes moved (% of no reuse)")
     ax.set_ylim(0, max(tops) * 1.4 or 1)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center",
-               ncols=len(_POLICY_ORDER), fontsize=8, frameon=False)
+    fig.legend(
+        *ax.get_legend_handles_labels(),
+        loc="outside lower center",
+        ncols=len(_POLICY_ORDER),
+        fontsize=8,
+        frameon=False,
+    )
     ax.set_title(title or "bytes the receiver pulls, per reuse policy", fontsize=10)
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig
 
 
-def plot_sweep(results: Mapping[float, SimResult], xlabel: str,
-               path: str | os.PathLike[str] | None = None, *, title: str | None = None,
-               logx: bool = False) -> Any:
+def plot_sweep(
+    results: Mapping[float, SimResult],
+    xlabel: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+    logx: bool = False,
+) -> Any:
     """Total bytes moved per policy against a swept setting (``{x: SimResult}``, e.g. cache
     capacity), with the per-group saving over single-boundary on a second axis. Returns the
     Figure (saved to ``path`` if given)."""
@@ -664,12 +832,15 @@ def plot_sweep(results: Mapping[float, SimResult], xlabel: str,
     xs = sorted(results)
     fig = Figure(figsize=(7.5, 4), layout="constrained")
     ax = fig.subplots()
-    scale, unit = _byte_scale(max(r[p].total_bytes for r in results.values()
-                                  for p in r.policies))
+    scale, unit = _byte_scale(max(r[p].total_bytes for r in results.values() for p in r.policies))
     for policy in _POLICY_ORDER:
         if all(policy in results[x].policies for x in xs):
-            ax.plot(xs, [results[x][policy].total_bytes / scale for x in xs], marker="o",
-                    label=_POLICY_TITLES[policy])
+            ax.plot(
+                xs,
+                [results[x][policy].total_bytes / scale for x in xs],
+                marker="o",
+                label=_POLICY_TITLES[policy],
+            )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"bytes moved ({unit})")
     ax.set_ylim(bottom=0)
@@ -680,8 +851,14 @@ def plot_sweep(results: Mapping[float, SimResult], xlabel: str,
     handles, labels = ax.get_legend_handles_labels()
     if all({"per_group", "single_boundary"} <= set(results[x].policies) for x in xs):
         ax2 = ax.twinx()
-        (line,) = ax2.plot(xs, [100 * results[x].savings()[1] for x in xs], color="black",
-                           linestyle="--", marker=".", label="per-group saving vs single (%)")
+        (line,) = ax2.plot(
+            xs,
+            [100 * results[x].savings()[1] for x in xs],
+            color="black",
+            linestyle="--",
+            marker=".",
+            label="per-group saving vs single (%)",
+        )
         ax2.set_ylabel("saving (%)")
         ax2.set_ylim(0, 100)
         handles.append(line)
@@ -699,8 +876,12 @@ def plot_sweep(results: Mapping[float, SimResult], xlabel: str,
 # =============================================================================================
 
 
-def plot_transfer_report(report: Mapping[str, Any], path: str | os.PathLike[str] | None = None,
-                         *, title: str | None = None) -> Any:
+def plot_transfer_report(
+    report: Mapping[str, Any],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+) -> Any:
     """A :func:`kvtriton.transfer.experiment.launch_local` report: bytes moved per mode (bars
     stacked by layer group, plus what no reuse would have moved), and bytes per request (summed
     over the generation ranks), turn by turn. Returns the Figure (saved to ``path`` if given)."""
@@ -708,7 +889,8 @@ def plot_transfer_report(report: Mapping[str, Any], path: str | os.PathLike[str]
 
     Figure = _figure_class()
     modes = [m for m in ("single_boundary", "per_group") if m in report["modes"]] + [
-        m for m in report["modes"] if m not in ("single_boundary", "per_group")]
+        m for m in report["modes"] if m not in ("single_boundary", "per_group")
+    ]
     if not modes:
         raise ValueError("the report holds no mode")
     groups = list(report["modes"][modes[0]]["groups"])
@@ -716,8 +898,12 @@ def plot_transfer_report(report: Mapping[str, Any], path: str | os.PathLike[str]
     ax_total, ax_req = fig.subplots(1, 2, width_ratios=(1, 1.6))
 
     columns = ["no_reuse", *modes]
-    scale, unit = _byte_scale(max([report["modes"][m]["bytes"] for m in modes]
-                                  + [report["modes"][modes[0]]["no_reuse_bytes"]]))
+    scale, unit = _byte_scale(
+        max(
+            [report["modes"][m]["bytes"] for m in modes]
+            + [report["modes"][modes[0]]["no_reuse_bytes"]]
+        )
+    )
     bottom = [0.0] * len(columns)
     for g in groups:
         heights = [report["modes"][modes[0]]["groups"][g]["no_reuse_bytes"] / scale]
@@ -725,8 +911,15 @@ def plot_transfer_report(report: Mapping[str, Any], path: str | os.PathLike[str]
         ax_total.bar(range(len(columns)), heights, bottom=bottom, width=0.6, label=g)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     for i, top in enumerate(bottom):
-        ax_total.annotate(format_bytes(round(top * scale)), (i, top), ha="center", va="bottom",
-                          fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax_total.annotate(
+            format_bytes(round(top * scale)),
+            (i, top),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax_total.set_xticks(range(len(columns)), [_POLICY_TITLES.get(c, c) for c in columns])
     ax_total.set_ylabel(f"bytes moved ({unit})")
     ax_total.set_ylim(0, max(bottom) * 1.15 or 1)
@@ -740,8 +933,7 @@ def plot_transfer_report(report: Mapping[str, Any], path: str | os.PathLike[str]
         for m in modes:
             for q in rank["modes"][m]["requests"]:
                 rid = q["rid"].split("/", 1)[-1]
-                per_request[m][rid] = per_request[m].get(rid, 0) + sum(
-                    q["bytes_by_group"].values())
+                per_request[m][rid] = per_request[m].get(rid, 0) + sum(q["bytes_by_group"].values())
 
     def order(rid: str) -> tuple[int, int, str]:
         found = re.fullmatch(r"c(\d+)t(\d+)", rid)
@@ -752,18 +944,27 @@ def plot_transfer_report(report: Mapping[str, Any], path: str | os.PathLike[str]
         width = 0.8 / len(modes)
         for k, m in enumerate(modes):
             pos = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(rids))]
-            ax_req.bar(pos, [per_request[m].get(r, 0) / 1024 for r in rids], width=width,
-                       label=_POLICY_TITLES.get(m, m),
-                       color=f"C{_POLICY_ORDER.index(m) if m in _POLICY_ORDER else 5}")
+            ax_req.bar(
+                pos,
+                [per_request[m].get(r, 0) / 1024 for r in rids],
+                width=width,
+                label=_POLICY_TITLES.get(m, m),
+                color=f"C{_POLICY_ORDER.index(m) if m in _POLICY_ORDER else 5}",
+            )
         ax_req.set_xticks(range(len(rids)), rids, fontsize=8)
         ax_req.set_xlabel("request (conversation c, turn t)")
         ax_req.set_ylabel("KiB moved")
         ax_req.legend(fontsize=8)
-    ax_req.set_title("per request: turn 0 is cold, later turns reuse the receiver's cache",
-                     fontsize=10)
-    fig.suptitle(title or f"{report['model']}: {report['topology']}, data over "
-                 f"{report['data_backend']} on {report['device']}"
-                 + ("" if report.get("verified") else " (NOT VERIFIED)"), fontsize=11)
+    ax_req.set_title(
+        "per request: turn 0 is cold, later turns reuse the receiver's cache", fontsize=10
+    )
+    fig.suptitle(
+        title
+        or f"{report['model']}: {report['topology']}, data over "
+        f"{report['data_backend']} on {report['device']}"
+        + ("" if report.get("verified") else " (NOT VERIFIED)"),
+        fontsize=11,
+    )
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig

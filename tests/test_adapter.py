@@ -34,19 +34,32 @@ def hybrid(tokens_per_block: int) -> KVCacheSpec:
 
 
 def value(group: str, layer: int, kv: int, position: int, token: int, head: int) -> float:
-    return float(token * 1000 + position * 10 + kv * 5 + head + layer * 0.5
-                 + (100_000_000 if group == "swa" else 0))
+    return float(
+        token * 1000
+        + position * 10
+        + kv * 5
+        + head
+        + layer * 0.5
+        + (100_000_000 if group == "swa" else 0)
+    )
 
 
-def fill(pool: torch.Tensor, group: str, span: BlockSpan, positions: TokenRange,
-         tokens: list[int], bsz: int) -> None:
+def fill(
+    pool: torch.Tensor,
+    group: str,
+    span: BlockSpan,
+    positions: TokenRange,
+    tokens: list[int],
+    bsz: int,
+) -> None:
     for p in positions:
         block = span.block_id(p // bsz)
         for layer in range(pool.shape[0]):
             for kv in range(pool.shape[2]):
                 for head in range(pool.shape[4]):
-                    pool[layer, block, kv, p % bsz, head] = value(group, layer, kv, p,
-                                                                  tokens[p], head)
+                    pool[layer, block, kv, p % bsz, head] = value(
+                        group, layer, kv, p, tokens[p], head
+                    )
 
 
 def read(pool: torch.Tensor, span: BlockSpan, positions: TokenRange, bsz: int) -> torch.Tensor:
@@ -55,8 +68,9 @@ def read(pool: torch.Tensor, span: BlockSpan, positions: TokenRange, bsz: int) -
     return torch.stack(cols, dim=2)
 
 
-def write(pool: torch.Tensor, span: BlockSpan, positions: TokenRange, bsz: int,
-          packed: torch.Tensor) -> None:
+def write(
+    pool: torch.Tensor, span: BlockSpan, positions: TokenRange, bsz: int, packed: torch.Tensor
+) -> None:
     for i, p in enumerate(positions):
         pool[:, span.block_id(p // bsz), :, p % bsz] = packed[:, :, i]
 
@@ -71,12 +85,16 @@ def test_second_turn_per_group_moves_far_less_than_single_boundary() -> None:
     m.evict(group="sliding128")  # the window pages of turn 1 are gone
     turn2 = [*turn1, *range(3000, 3100)]
     p = len(turn2)
-    preview = {mode: preview_plan(m, turn2, num_draft_tokens=2, mode=mode)
-               for mode in ("per_group", "single_boundary")}
+    preview = {
+        mode: preview_plan(m, turn2, num_draft_tokens=2, mode=mode)
+        for mode in ("per_group", "single_boundary")
+    }
     rx = prepare_receive(m, "t2", turn2, num_draft_tokens=2)
     assert rx.plan == preview["per_group"]
-    assert rx.tokens == {"full": TokenRange(800, p),
-                         "sliding128": needed_range(spec.group("sliding128"), p)}
+    assert rx.tokens == {
+        "full": TokenRange(800, p),
+        "sliding128": needed_range(spec.group("sliding128"), p),
+    }
     assert preview["single_boundary"].group("full").tokens == TokenRange(0, p)
     assert rx.total_bytes < preview["single_boundary"].total_bytes / 3
     for name, span in rx.spans.items():
@@ -140,11 +158,17 @@ def test_source_spans_checks_coverage_and_names_group_and_positions() -> None:
     # decode on: the window slides past what the receiver asked for
     tx.append("r", list(range(20, 28)))
     tx.slide("r")
-    with pytest.raises(ValueError, match=r"group 'swa'.*sender.*does not cover positions "
-                                         r"\[11, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"group 'swa'.*sender.*does not cover positions "
+        r"\[11, 16\)",
+    ):
         source_spans(tx, "r", plan)
-    with pytest.raises(ValueError, match=r"request 'r': group 'full': positions \[28, 30\) "
-                                         r"are past the sender's sequence of 28"):
+    with pytest.raises(
+        ValueError,
+        match=r"request 'r': group 'full': positions \[28, 30\) "
+        r"are past the sender's sequence of 28",
+    ):
         source_spans(tx, "r", {"full": TokenRange(0, 30)})
     with pytest.raises(ValueError, match="holds no groups \\['mamba'\\]"):
         source_spans(tx, "r", {"full": TokenRange(0, 4)}, states=["mamba"])
@@ -165,8 +189,7 @@ def test_pipeline_stage_sender_skips_groups_it_does_not_hold() -> None:
 
 @pytest.mark.parametrize("tx_layout, rx_layout", [("NHD", "HND"), ("HND", "NHD")])
 @pytest.mark.parametrize("mode", ["per_group", "single_boundary"])
-def test_end_to_end_move_between_block_sizes(tx_layout: str, rx_layout: str, mode: str
-                                             ) -> None:
+def test_end_to_end_move_between_block_sizes(tx_layout: str, rx_layout: str, mode: str) -> None:
     """Sender B=4 prefilled 30 tokens; receiver B=8 holds turn 1 (the first 16) in its prefix
     cache. After the move, every needed position of every group holds the sender's values."""
     tokens = [7 + 3 * i for i in range(30)]
@@ -194,8 +217,9 @@ def test_end_to_end_move_between_block_sizes(tx_layout: str, rx_layout: str, mod
         packed = read(tx_pools.kv[name], src.spans[name], rng, 4)
         write(rx_pools.kv[name], rx.spans[name], rng, 8, packed)
     for name in rx.states:
-        rx_pools.state[name][:, rx.state_slots[name]] = tx_pools.state[name][:, src.state_slots[
-            name]]
+        rx_pools.state[name][:, rx.state_slots[name]] = tx_pools.state[name][
+            :, src.state_slots[name]
+        ]
     complete_receive(rx_m, rx)
 
     assert rx.tokens["full"].start == 16

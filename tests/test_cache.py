@@ -46,9 +46,7 @@ def hybrid(window: int = 6, tokens_per_block: int = B) -> KVCacheSpec:
 
 def snapshot(m: KVCacheManager) -> tuple:
     """Everything observable about a manager's bookkeeping (for no-change checks)."""
-    refs = {
-        g: tuple(m.refcount(g, b) for b in range(m.num_blocks(g))) for g in m.spec.group_names
-    }
+    refs = {g: tuple(m.refcount(g, b) for b in range(m.num_blocks(g))) for g in m.spec.group_names}
     tags = {
         g: tuple(m.block_hash(g, b) for b in range(m.num_blocks(g))) for g in m.spec.group_names
     }
@@ -81,8 +79,9 @@ def test_hash_is_stable_across_processes_and_hash_seeds() -> None:
     outs = set()
     for seed in ("0", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         outs.add(out.stdout.strip())
     local = chain_hashes(encode_tokens(list(range(40))), 8, root_hash("lora-a"))[-1].hex()
     assert outs == {local}
@@ -182,8 +181,8 @@ def test_full_attention_match_is_k_blocks_from_block_0() -> None:
     assert match.matched_blocks == {"full": range(0, 2)}
     assert match.boundary == 8
     assert m.match([0, 1, 2, 3, 4, 5, 6, 99]).cached == {"full": 4}  # block 1 differs
-    assert m.match([5, 1, 2, 3, 4, 5, 6, 7]).cached == {"full": 0}   # chain: block 1 unreachable
-    assert m.match(list(range(8))).cached == {"full": 8}            # a full hit, cached = P
+    assert m.match([5, 1, 2, 3, 4, 5, 6, 7]).cached == {"full": 0}  # chain: block 1 unreachable
+    assert m.match(list(range(8))).cached == {"full": 8}  # a full hit, cached = P
     assert m.match(list(range(8)), extra_key="lora").cached == {"full": 0}
 
 
@@ -191,7 +190,7 @@ def test_sliding_match_starts_at_the_window_block_and_state_only_at_p() -> None:
     spec = hybrid(window=6)
     m = KVCacheManager(spec, 64, num_state_slots=8)
     tokens = list(range(100, 124))  # 24 tokens = 6 blocks
-    prefilled(m, "a", tokens)        # sliding span of a starts at block (24+1-6)//4 = 4
+    prefilled(m, "a", tokens)  # sliding span of a starts at block (24+1-6)//4 = 4
     m.free("a")
     match = m.match(tokens)
     assert match.cached == {"full": 24, "swa": 24, "ssm": 24}
@@ -205,8 +204,7 @@ def test_sliding_match_starts_at_the_window_block_and_state_only_at_p() -> None:
     assert short.boundary == 0
     # P = 13: needed [8, 13) starts at block 2, never allocated by the sliding group
     early = m.match(tokens[:13])
-    assert early.cached == {"full": 12, "swa": needed_range(spec.group("swa"), 13).start,
-                            "ssm": 0}
+    assert early.cached == {"full": 12, "swa": needed_range(spec.group("swa"), 13).start, "ssm": 0}
     assert early.matched_blocks["swa"] == range(2, 2)
 
 
@@ -307,8 +305,11 @@ def test_out_of_blocks_changes_nothing_and_names_request_and_group() -> None:
     m = KVCacheManager(spec, {"full": 6, "swa": 4}, num_state_slots=2)
     prefilled(m, "a", list(range(12)))  # full 3 blocks, swa blocks [1, 3), a state snapshot
     before = snapshot(m)
-    with pytest.raises(OutOfBlocksError, match=r"request 'b': group 'full' needs 4 new blocks "
-                                               r"but only 3") as err:
+    with pytest.raises(
+        OutOfBlocksError,
+        match=r"request 'b': group 'full' needs 4 new blocks "
+        r"but only 3",
+    ) as err:
         m.allocate("b", list(range(50, 66)))
     assert (err.value.request_id, err.value.group, err.value.needed) == ("b", "full", 4)
     assert snapshot(m) == before
@@ -340,7 +341,7 @@ def test_reused_evictable_blocks_are_not_counted_as_free_for_the_same_request() 
 def test_lru_eviction_order_and_referenced_blocks_survive() -> None:
     spec = KVCacheSpec((LayerGroup("full", "full", (0,)),), tokens_per_block=B)
     m = KVCacheManager(spec, 6)
-    prefilled(m, "old", list(range(8)))        # blocks x0, x1
+    prefilled(m, "old", list(range(8)))  # blocks x0, x1
     m.free("old")
     prefilled(m, "new", list(range(100, 108)))  # blocks y0, y1
     m.free("new")
@@ -458,14 +459,14 @@ def test_a_stale_match_is_redone_at_allocation() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def brute_force(spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]]
-                ) -> tuple[dict[str, int], int]:
+def brute_force(
+    spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]]
+) -> tuple[dict[str, int], int]:
     """Per-group counts and the single boundary from the definitions, over every position."""
     p, bsz = len(tokens), spec.tokens_per_block
 
     def holds(group: str, lo: int, hi: int) -> bool:  # every block touching [lo, hi)
-        return all(b < len(have[group]) and have[group][b]
-                   for b in range(lo // bsz, -(-hi // bsz)))
+        return all(b < len(have[group]) and have[group][b] for b in range(lo // bsz, -(-hi // bsz)))
 
     cached: dict[str, int] = {}
     ok = [True] * (p + 1)
@@ -476,8 +477,9 @@ def brute_force(spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]
                 ok[c] = ok[c] and holds(g.name, 0, c)
         elif g.kind == "sliding":
             start = needed_range(g, p).start
-            best = max(c for c in range(start, p + 1)
-                       if c == start or holds(g.name, start // bsz * bsz, c))
+            best = max(
+                c for c in range(start, p + 1) if c == start or holds(g.name, start // bsz * bsz, c)
+            )
             cached[g.name] = -(-best // bsz) * bsz if best > start else start
             for c in range(p + 1):
                 ok[c] = ok[c] and holds(g.name, max(0, c + 1 - g.window), c)
@@ -495,11 +497,10 @@ def brute_force(spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]
     with_state=st.booleans(),
     data=st.data(),
 )
-def test_matching_rules_hold_for_any_index_contents(num_tokens: int, window: int,
-                                                    with_state: bool, data: st.DataObject
-                                                    ) -> None:
-    groups = [LayerGroup("full", "full", (0,)), LayerGroup("swa", "sliding", (1,),
-                                                           window=window)]
+def test_matching_rules_hold_for_any_index_contents(
+    num_tokens: int, window: int, with_state: bool, data: st.DataObject
+) -> None:
+    groups = [LayerGroup("full", "full", (0,)), LayerGroup("swa", "sliding", (1,), window=window)]
     if with_state:
         groups.append(LayerGroup("ssm", "state", (2,), state_shape=(1,)))
     spec = KVCacheSpec(tuple(groups), tokens_per_block=B)
@@ -558,6 +559,8 @@ def test_a_match_from_another_manager_is_redone() -> None:
 def test_repr_summarises_the_pools() -> None:
     m = KVCacheManager(hybrid(), 8, num_state_slots=2)
     prefilled(m, "a", list(range(8)))
-    assert repr(m) == ("KVCacheManager(spec='test-hybrid', B=4, requests=1, "
-                       "full: 2 used / 2 cached / 8, swa: 2 used / 2 cached / 8, "
-                       "ssm: 1 used / 1 cached / 2)")
+    assert repr(m) == (
+        "KVCacheManager(spec='test-hybrid', B=4, requests=1, "
+        "full: 2 used / 2 cached / 8, swa: 2 used / 2 cached / 8, "
+        "ssm: 1 used / 1 cached / 2)"
+    )

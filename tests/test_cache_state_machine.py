@@ -70,22 +70,24 @@ class CacheMachine(RuleBasedStateMachine):
     @initialize(layout=st.sampled_from(["NHD", "HND"]))
     def setup(self, layout: str) -> None:
         slots = MAX_LIVE + 1 if self.has_state else 0
-        self.pools = allocate_pools(self.spec, {"full": 14, "swa": 8}, num_state_slots=slots,
-                                    layout=layout)
+        self.pools = allocate_pools(
+            self.spec, {"full": 14, "swa": 8}, num_state_slots=slots, layout=layout
+        )
         self.m = KVCacheManager(self.spec, pools=self.pools)
         self.live: dict[str, dict] = {}  # rid -> {"tokens": known ids, "spans": live spans}
         self.counter = 0
 
     # -- pool writes (what a receiver / decoder writes) --------------------------------------
-    def write(self, group: str, span: BlockSpan, positions: TokenRange, tokens: list[int]
-              ) -> None:
+    def write(self, group: str, span: BlockSpan, positions: TokenRange, tokens: list[int]) -> None:
         pool = self.pools.kv[group]
         for p in positions:
             block = span.block_id(p // B, group=group)
             assert self.m.refcount(group, block) == 1, (
-                f"write of position {p} into shared block {block} of {group}")
+                f"write of position {p} into shared block {block} of {group}"
+            )
             assert self.m.block_hash(group, block) is None, (
-                f"write of position {p} into published block {block} of {group}")
+                f"write of position {p} into published block {block} of {group}"
+            )
             pool[:, block, 0, p % B] = float(tokens[p])
             pool[:, block, 1, p % B] = float(p)
 
@@ -106,8 +108,7 @@ class CacheMachine(RuleBasedStateMachine):
         brute force over every position (not only block boundaries) with index lookups."""
         p = len(tokens)
         hashes = chain_hashes(encode_tokens(tokens), B, root_hash(None))
-        have = {g: [self.m.lookup(g, h) is not None for h in hashes]
-                for g in self.spec.group_names}
+        have = {g: [self.m.lookup(g, h) is not None for h in hashes] for g in self.spec.group_names}
 
         def holds(group: str, lo: int, hi: int) -> bool:  # every block touching [lo, hi)
             return all(b < len(hashes) and have[group][b] for b in range(lo // B, -(-hi // B)))
@@ -115,16 +116,19 @@ class CacheMachine(RuleBasedStateMachine):
         cached: dict[str, int] = {}
         cached["full"] = max(c for c in range(p + 1) if holds("full", 0, c))
         start = needed_range(SWA, p).start
-        cached["swa"] = max(c for c in range(start, p + 1)
-                            if holds("swa", start // B * B, c) or c == start)
+        cached["swa"] = max(
+            c for c in range(start, p + 1) if holds("swa", start // B * B, c) or c == start
+        )
         if cached["swa"] > start:
             cached["swa"] = -(-cached["swa"] // B) * B  # whole blocks are held
         state = self.has_state
         if state:
             cached["ssm"] = p if p % B == 0 and have["ssm"][p // B - 1] else 0
         boundary = max(
-            c for c in range(p + 1)
-            if holds("full", 0, c) and holds("swa", max(0, c + 1 - WINDOW), c)
+            c
+            for c in range(p + 1)
+            if holds("full", 0, c)
+            and holds("swa", max(0, c + 1 - WINDOW), c)
             and (not state or c == 0 or (c % B == 0 and have["ssm"][c // B - 1]))
         )
         return cached, boundary
@@ -134,10 +138,12 @@ class CacheMachine(RuleBasedStateMachine):
         match = self.m.match(tokens)
         assert self.snapshot() == before, "match changed the manager"
         p = len(tokens)
-        event(f"match: full {'hit' if match.cached['full'] else 'miss'}, swa "
-              f"{'hit' if match.matched_blocks['swa'] else 'miss'}, state "
-              f"{'hit' if match.state_hits.get('ssm') else 'miss'}, boundary "
-              f"{'> 0' if match.boundary else '0'}")
+        event(
+            f"match: full {'hit' if match.cached['full'] else 'miss'}, swa "
+            f"{'hit' if match.matched_blocks['swa'] else 'miss'}, state "
+            f"{'hit' if match.state_hits.get('ssm') else 'miss'}, boundary "
+            f"{'> 0' if match.boundary else '0'}"
+        )
         assert (dict(match.cached), match.boundary) == self.oracle(tokens)
         for group in ATTENTION:
             pool = self.pools.kv[group]
@@ -150,9 +156,11 @@ class CacheMachine(RuleBasedStateMachine):
                 got_k = pool[:, block, 0]  # [layers, B, heads, dim]
                 got_v = pool[:, block, 1]
                 assert torch.equal(got_k, want.view(1, B, 1, 1).expand_as(got_k)), (
-                    f"{group} block {block} (logical {logical}) holds other tokens")
+                    f"{group} block {block} (logical {logical}) holds other tokens"
+                )
                 assert torch.equal(got_v, pos.view(1, B, 1, 1).expand_as(got_v)), (
-                    f"{group} block {block} (logical {logical}) holds other positions")
+                    f"{group} block {block} (logical {logical}) holds other positions"
+                )
             # per-group reuse is never shorter than the single boundary
             assert match.cached[group] >= match.boundary
         if self.has_state:
@@ -170,8 +178,13 @@ class CacheMachine(RuleBasedStateMachine):
         names = self.spec.group_names
         refs = {g: tuple(m.refcount(g, b) for b in range(m.num_blocks(g))) for g in names}
         tags = {g: tuple(m.block_hash(g, b) for b in range(m.num_blocks(g))) for g in names}
-        return m.stats(), refs, tags, {r: m.request(r) for r in m.requests}, {
-            g: m.evictable(g) for g in names}
+        return (
+            m.stats(),
+            refs,
+            tags,
+            {r: m.request(r) for r in m.requests},
+            {g: m.evictable(g) for g in names},
+        )
 
     # -- rules ----------------------------------------------------------------------------
     @precondition(lambda self: len(self.live) < MAX_LIVE)
@@ -185,8 +198,17 @@ class CacheMachine(RuleBasedStateMachine):
         fail=st.booleans(),
         reuse_match=st.one_of(st.none(), st.integers(0, 3)),
     )
-    def allocate(self, family: int, length: int, diverge: int | None, drafts: int, mode: str,
-                 prefill: bool, fail: bool, reuse_match: int | None) -> None:
+    def allocate(
+        self,
+        family: int,
+        length: int,
+        diverge: int | None,
+        drafts: int,
+        mode: str,
+        prefill: bool,
+        fail: bool,
+        reuse_match: int | None,
+    ) -> None:
         tokens = prompt(family, length, diverge)
         self.check_match(tokens)
         rid = f"r{self.counter}"
@@ -199,11 +221,15 @@ class CacheMachine(RuleBasedStateMachine):
         before = self.snapshot()
         try:
             if prefill:
-                alloc = self.m.allocate(rid, source, drafts, mode,  # type: ignore[arg-type]
-                                        prefill=True)
+                alloc = self.m.allocate(
+                    rid,
+                    source,
+                    drafts,
+                    mode,  # type: ignore[arg-type]
+                    prefill=True,
+                )
             else:
-                rx = prepare_receive(self.m, rid, tokens, num_draft_tokens=drafts,
-                                     mode=mode)  # type: ignore[arg-type]
+                rx = prepare_receive(self.m, rid, tokens, num_draft_tokens=drafts, mode=mode)  # type: ignore[arg-type]
         except OutOfBlocksError as err:
             event(f"allocate: out of {err.group}")
             assert err.request_id == rid and err.group in self.spec.group_names
@@ -230,8 +256,10 @@ class CacheMachine(RuleBasedStateMachine):
                 pool = self.pools.kv[group]
                 for block in spans[group].block_ids_for(rng, B, group=group):
                     pool[:, block] = -7.0
-            fresh = {g: set(spans[g].block_ids) - set(rx.allocation.match.block_ids[g])
-                     for g in ATTENTION}
+            fresh = {
+                g: set(spans[g].block_ids) - set(rx.allocation.match.block_ids[g])
+                for g in ATTENTION
+            }
             abort_receive(self.m, rx)
             del self.live[rid]
             for group in ATTENTION:
@@ -278,7 +306,7 @@ class CacheMachine(RuleBasedStateMachine):
         spans = self.m.spans(rid)
         old = self.live[rid]["spans"]["swa"]
         assert spans["swa"].first_block == old.first_block + released["swa"]
-        assert spans["swa"].block_ids == old.block_ids[released["swa"]:]
+        assert spans["swa"].block_ids == old.block_ids[released["swa"] :]
         assert spans["full"] == self.live[rid]["spans"]["full"]
         self.live[rid]["spans"] = spans
 
@@ -289,23 +317,29 @@ class CacheMachine(RuleBasedStateMachine):
         self.m.free(rid)
         del self.live[rid]
 
-    @rule(group=st.sampled_from(WITH_STATE.group_names),
-          n=st.one_of(st.none(), st.integers(0, 4)))
+    @rule(group=st.sampled_from(WITH_STATE.group_names), n=st.one_of(st.none(), st.integers(0, 4)))
     def evict(self, group: str, n: int | None) -> None:
         if group not in self.spec.group_names:
             group = "full"
-        held = {g: {b for info in self.live.values() for b in info["spans"][g].block_ids}
-                for g in ATTENTION}
-        before = {g: {b: (self.m.block_hash(g, b), self.pools.kv[g][:, b].clone())
-                      for b in held[g]} for g in ATTENTION}
+        held = {
+            g: {b for info in self.live.values() for b in info["spans"][g].block_ids}
+            for g in ATTENTION
+        }
+        before = {
+            g: {b: (self.m.block_hash(g, b), self.pools.kv[g][:, b].clone()) for b in held[g]}
+            for g in ATTENTION
+        }
         self.m.evict(n, group=group)
         for g in ATTENTION:
             for b, (tag, content) in before[g].items():
                 assert self.m.block_hash(g, b) == tag, f"evict touched referenced block {b}"
                 assert torch.equal(self.pools.kv[g][:, b], content)
 
-    @rule(family=st.integers(0, 2), length=st.integers(1, 30),
-          diverge=st.one_of(st.none(), st.integers(0, 29)))
+    @rule(
+        family=st.integers(0, 2),
+        length=st.integers(1, 30),
+        diverge=st.one_of(st.none(), st.integers(0, 29)),
+    )
     def match(self, family: int, length: int, diverge: int | None) -> None:
         self.check_match(prompt(family, length, diverge))
 
@@ -335,7 +369,8 @@ class CacheMachine(RuleBasedStateMachine):
         if self.has_state:
             slots = [self.m.refcount("ssm", s) for s in range(self.m.num_blocks("ssm"))]
             assert sorted(s for s, r in enumerate(slots) if r) == sorted(
-                self.m.state_slots(rid)["ssm"] for rid in self.live)
+                self.m.state_slots(rid)["ssm"] for rid in self.live
+            )
 
     def teardown(self) -> None:
         if not hasattr(self, "m"):

@@ -18,8 +18,17 @@ from kvtriton.spec import PRESETS
 from kvtriton.table import Column, Table, format_bytes, format_count, format_percent
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE_WHEN = ["plan", "--preset", "gpt-oss-20b", "--prompt", "8192", "--cached", "full=6000",
-             "--cached", "sliding128=0"]
+DONE_WHEN = [
+    "plan",
+    "--preset",
+    "gpt-oss-20b",
+    "--prompt",
+    "8192",
+    "--cached",
+    "full=6000",
+    "--cached",
+    "sliding128=0",
+]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -50,25 +59,81 @@ def test_plan_shows_the_issue_done_when_numbers(capsys: pytest.CaptureFixture[st
     assert status == 0 and err == ""
     # group kind layers window needed cached | per-group | single boundary | no reuse
     assert row(out, "full") == [
-        "full", "full", "12", "-", "[0,", "8192)", "6,000",
-        "2,192", "137", "51.4", "MiB",     # per-group: [6000, 8192)
-        "8,192", "512", "192", "MiB",      # single boundary c = 0: everything
-        "8,192", "512", "192", "MiB",
+        "full",
+        "full",
+        "12",
+        "-",
+        "[0,",
+        "8192)",
+        "6,000",
+        "2,192",
+        "137",
+        "51.4",
+        "MiB",  # per-group: [6000, 8192)
+        "8,192",
+        "512",
+        "192",
+        "MiB",  # single boundary c = 0: everything
+        "8,192",
+        "512",
+        "192",
+        "MiB",
     ]
     assert row(out, "sliding128") == [
-        "sliding128", "sliding", "12", "128", "[8065,", "8192)", "0",
-        "127", "8", "2.98", "MiB", "127", "8", "2.98", "MiB", "127", "8", "2.98", "MiB",
+        "sliding128",
+        "sliding",
+        "12",
+        "128",
+        "[8065,",
+        "8192)",
+        "0",
+        "127",
+        "8",
+        "2.98",
+        "MiB",
+        "127",
+        "8",
+        "2.98",
+        "MiB",
+        "127",
+        "8",
+        "2.98",
+        "MiB",
     ]
-    assert row(out, "total") == ["total", "24", "2,319", "145", "54.4", "MiB",
-                                 "8,319", "520", "195", "MiB", "8,319", "520", "195", "MiB"]
+    assert row(out, "total") == [
+        "total",
+        "24",
+        "2,319",
+        "145",
+        "54.4",
+        "MiB",
+        "8,319",
+        "520",
+        "195",
+        "MiB",
+        "8,319",
+        "520",
+        "195",
+        "MiB",
+    ]
     assert "single boundary c = 0 (min over groups)" in out
     assert "per-group vs single boundary: saves 141 MiB (72.1% of 195 MiB)" in out
     assert "per-group vs no reuse: saves 141 MiB (72.1% of 195 MiB)" in out
 
 
 def test_plan_table_is_aligned(capsys: pytest.CaptureFixture[str]) -> None:
-    _, out, _ = run(capsys, "plan", "--preset", "tiny-hybrid", "--prompt", "50",
-                    "--cached", "full=40", "--cached", "state=35")
+    _, out, _ = run(
+        capsys,
+        "plan",
+        "--preset",
+        "tiny-hybrid",
+        "--prompt",
+        "50",
+        "--cached",
+        "full=40",
+        "--cached",
+        "state=35",
+    )
     lines = table_lines(out)
     # The last column is right-aligned, so every header, rule and row has the same width.
     assert len({len(line) for line in lines}) == 1, lines
@@ -76,8 +141,17 @@ def test_plan_table_is_aligned(capsys: pytest.CaptureFixture[str]) -> None:
     spans = out.splitlines()[out.splitlines().index(header) - 1]
     for title in ("per-group", "single boundary", "no reuse"):
         assert title in spans
-    for title in ("group", "kind", "layers", "window", "needed", "cached", "tokens", "blocks",
-                  "bytes"):
+    for title in (
+        "group",
+        "kind",
+        "layers",
+        "window",
+        "needed",
+        "cached",
+        "tokens",
+        "blocks",
+        "bytes",
+    ):
         assert title in header.split()
     assert row(out, "state")[:6] == ["state", "state", "1", "-", "state", "35"]
 
@@ -98,23 +172,37 @@ def test_plan_json_is_compare_policies(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_plan_cached_all_block_size_and_drafts(capsys: pytest.CaptureFixture[str]) -> None:
-    _, out, _ = run(capsys, "plan", "--preset", "gpt-oss-20b", "--prompt", "100",
-                    "--cached-all", "90", "--cached", "full=10", "--block-size", "7",
-                    "--draft", "5", "--json")
+    _, out, _ = run(
+        capsys,
+        "plan",
+        "--preset",
+        "gpt-oss-20b",
+        "--prompt",
+        "100",
+        "--cached-all",
+        "90",
+        "--cached",
+        "full=10",
+        "--block-size",
+        "7",
+        "--draft",
+        "5",
+        "--json",
+    )
     data = json.loads(out)
     per = {g["group"]: g for g in data["per_group"]["groups"]}
     assert per["full"]["tokens"] == [10, 100] and per["full"]["num_blocks"] == 15 - 1  # 1..14
     assert per["sliding128"]["tokens"] == [90, 100]
     assert data["per_group"]["tokens_per_block"] == 7
     assert data["per_group"]["num_draft_tokens"] == 5
-    _, table, _ = run(capsys, "plan", "--preset", "gpt-oss-20b", "--prompt", "100",
-                      "--draft", "5")
+    _, table, _ = run(capsys, "plan", "--preset", "gpt-oss-20b", "--prompt", "100", "--draft", "5")
     assert "prompt P = 100 tokens + 5 draft (never moved)" in table
 
 
 def test_full_hit_prints_zero_bytes(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(capsys, "plan", "--preset", "llama-3-8b", "--prompt", "64",
-                         "--cached-all", "64")
+    status, out, _ = run(
+        capsys, "plan", "--preset", "llama-3-8b", "--prompt", "64", "--cached-all", "64"
+    )
     assert status == 0
     assert row(out, "full")[7:10] == ["0", "0", "0"]  # per-group: tokens, blocks, "0 B"
     assert "per-group vs single boundary: both move nothing (full hit)" in out
@@ -129,12 +217,25 @@ def test_presets_lists_every_preset_with_its_groups(capsys: pytest.CaptureFixtur
     assert status == 0
     for name in PRESETS:
         assert row(out, name)[0] == name
-    assert row(out, "gpt-oss-20b") == ["gpt-oss-20b", "16", "bfloat16", "full", "full", "-",
-                                       "12", "8", "x", "64", "24.0", "KiB", "-"]
-    assert any(line.split()[:3] == ["sliding128", "sliding", "128"]
-               for line in table_lines(out))
-    assert any(line.split()[:2] == ["state", "state"] and "72.0 MiB" in line
-               for line in table_lines(out))
+    assert row(out, "gpt-oss-20b") == [
+        "gpt-oss-20b",
+        "16",
+        "bfloat16",
+        "full",
+        "full",
+        "-",
+        "12",
+        "8",
+        "x",
+        "64",
+        "24.0",
+        "KiB",
+        "-",
+    ]
+    assert any(line.split()[:3] == ["sliding128", "sliding", "128"] for line in table_lines(out))
+    assert any(
+        line.split()[:2] == ["state", "state"] and "72.0 MiB" in line for line in table_lines(out)
+    )
     _, js, _ = run(capsys, "presets", "--json")
     assert [s["name"] for s in json.loads(js)] == list(PRESETS)
 
@@ -166,31 +267,62 @@ def test_help_and_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["plan", "--preset", "llama-4", "--prompt", "8"],
-         r"unknown preset 'llama-4'; available: gpt-oss-20b, .*tiny-hybrid \(see 'kvtriton "
-         r"presets'\)"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "0"],
-         r"argument --prompt: the prompt length P must be >= 1, got 0"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "ten"],
-         r"argument --prompt: the prompt length P must be an integer, got 'ten'"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full:3"],
-         r"argument --cached: expected GROUP=TOKENS \(for example full=6000\), got 'full:3'"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "=3"],
-         r"argument --cached: expected GROUP=TOKENS"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=x"],
-         r"argument --cached: cached tokens of group 'full' must be an integer, got 'x'"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=-1"],
-         r"cached tokens of group 'full' must be >= 0, got -1"),
-        (["plan", "--preset", "gpt-oss-20b", "--prompt", "8", "--cached", "sliding=3"],
-         r"unknown layer group 'sliding' in --cached; preset 'gpt-oss-20b' has groups: full, "
-         r"sliding128$"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=1",
-          "--cached", "full=2"],
-         r"--cached names group 'full' twice \(1 and 2\)"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--block-size", "0"],
-         r"argument --block-size: the value must be >= 1, got 0"),
-        (["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--draft", "-2"],
-         r"argument --draft: token count must be >= 0, got -2"),
+        (
+            ["plan", "--preset", "llama-4", "--prompt", "8"],
+            r"unknown preset 'llama-4'; available: gpt-oss-20b, .*tiny-hybrid \(see 'kvtriton "
+            r"presets'\)",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "0"],
+            r"argument --prompt: the prompt length P must be >= 1, got 0",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "ten"],
+            r"argument --prompt: the prompt length P must be an integer, got 'ten'",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full:3"],
+            r"argument --cached: expected GROUP=TOKENS \(for example full=6000\), got 'full:3'",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "=3"],
+            r"argument --cached: expected GROUP=TOKENS",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=x"],
+            r"argument --cached: cached tokens of group 'full' must be an integer, got 'x'",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--cached", "full=-1"],
+            r"cached tokens of group 'full' must be >= 0, got -1",
+        ),
+        (
+            ["plan", "--preset", "gpt-oss-20b", "--prompt", "8", "--cached", "sliding=3"],
+            r"unknown layer group 'sliding' in --cached; preset 'gpt-oss-20b' has groups: full, "
+            r"sliding128$",
+        ),
+        (
+            [
+                "plan",
+                "--preset",
+                "tiny-hybrid",
+                "--prompt",
+                "8",
+                "--cached",
+                "full=1",
+                "--cached",
+                "full=2",
+            ],
+            r"--cached names group 'full' twice \(1 and 2\)",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--block-size", "0"],
+            r"argument --block-size: the value must be >= 1, got 0",
+        ),
+        (
+            ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--draft", "-2"],
+            r"argument --draft: token count must be >= 0, got -2",
+        ),
         (["plan", "--prompt", "8"], r"one of the arguments --preset --hf-config is required"),
         (["frobnicate"], r"invalid choice: 'frobnicate'"),
     ],
@@ -223,8 +355,9 @@ def test_a_new_subcommand_is_one_registry_entry(
         print("hello" * args.n)
         return 0
 
-    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, Command("hello", "say hello", add,
-                                                                 run_hello)])
+    monkeypatch.setattr(
+        cli, "COMMANDS", [*cli.COMMANDS, Command("hello", "say hello", add, run_hello)]
+    )
     assert run(capsys, "hello", "--n", "2") == (0, "hellohello\n", "")
     assert run(capsys, "hello", "--n", "13") == (2, "", "kvtriton: error: 13 is unlucky\n")
     assert "say hello" in run(capsys, "--help")[1]
@@ -257,8 +390,12 @@ def test_demo_is_replaced_by_swapping_one_function(
 ) -> None:
     entry = next(c for c in cli.COMMANDS if c.name == "demo")
     assert entry.run is cli.run_demo and entry.add_arguments is cli.add_demo_arguments
-    replaced = [Command(c.name, c.help, c.add_arguments, lambda _: print("e2e") or 0)
-                if c.name == "demo" else c for c in cli.COMMANDS]
+    replaced = [
+        Command(c.name, c.help, c.add_arguments, lambda _: print("e2e") or 0)
+        if c.name == "demo"
+        else c
+        for c in cli.COMMANDS
+    ]
     monkeypatch.setattr(cli, "COMMANDS", replaced)
     assert run(capsys, "demo") == (0, "e2e\n", "")
 
@@ -267,8 +404,13 @@ def test_demo_is_replaced_by_swapping_one_function(
 
 
 def test_module_help_and_plan_never_import_torch() -> None:
-    help_run = subprocess.run([sys.executable, "-m", "kvtriton", "--help"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+    help_run = subprocess.run(
+        [sys.executable, "-m", "kvtriton", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert help_run.returncode == 0, help_run.stderr
     assert "plan" in help_run.stdout and "demo" in help_run.stdout
     probe = (
@@ -280,8 +422,9 @@ def test_module_help_and_plan_never_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'kvtriton plan imported torch'\n"
         "assert 'triton' not in sys.modules, 'kvtriton plan imported triton'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "2,192" in proc.stdout
 
@@ -297,10 +440,21 @@ def test_console_script_points_at_main() -> None:
 
 @pytest.mark.parametrize(
     ("nbytes", "text"),
-    [(0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (1536, "1.50 KiB"),
-     (10 * 1024, "10.0 KiB"), (1023 * 1024, "1023 KiB"), (1024**2 - 1, "1.00 MiB"),
-     (53_870_592, "51.4 MiB"), (201_326_592, "192 MiB"), (3 * 1024**3, "3.00 GiB"),
-     (-2048, "-2.00 KiB"), (2**70, "1024 EiB")],
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (10 * 1024, "10.0 KiB"),
+        (1023 * 1024, "1023 KiB"),
+        (1024**2 - 1, "1.00 MiB"),
+        (53_870_592, "51.4 MiB"),
+        (201_326_592, "192 MiB"),
+        (3 * 1024**3, "3.00 GiB"),
+        (-2048, "-2.00 KiB"),
+        (2**70, "1024 EiB"),
+    ],
 )
 def test_format_bytes(nbytes: int, text: str) -> None:
     assert format_bytes(nbytes) == text
@@ -341,8 +495,9 @@ def test_table_rejects_bad_shapes() -> None:
 
 
 def test_bench_cache_runs_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["bench", "cache", "--", "--tokens", "256", "--reps", "1",
-                   "--presets", "tiny-hybrid"])
+    status = main(
+        ["bench", "cache", "--", "--tokens", "256", "--reps", "1", "--presets", "tiny-hybrid"]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "match + allocate + commit" in out
@@ -356,8 +511,18 @@ def test_bench_rejects_an_unknown_benchmark(capsys: pytest.CaptureFixture[str]) 
 
 def test_plan_takes_a_transformers_config_class(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")
-    status = main(["plan", "--hf-config", "GptOssConfig", "--prompt", "8192",
-                   "--cached", "full=6000", "--json"])
+    status = main(
+        [
+            "plan",
+            "--hf-config",
+            "GptOssConfig",
+            "--prompt",
+            "8192",
+            "--cached",
+            "full=6000",
+            "--json",
+        ]
+    )
     assert status == 0
     plans = json.loads(capsys.readouterr().out)
     full = next(g for g in plans["per_group"]["groups"] if g["group"] == "full")
@@ -365,7 +530,8 @@ def test_plan_takes_a_transformers_config_class(capsys: pytest.CaptureFixture[st
 
 
 def test_plan_reports_an_unmappable_hf_config_in_one_line(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["plan", "--hf-config", "NoSuchConfig", "--prompt", "8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvtriton: error: --hf-config 'NoSuchConfig'")
@@ -373,6 +539,8 @@ def test_plan_reports_an_unmappable_hf_config_in_one_line(
 
 
 def test_hf_set_is_refused_with_a_preset(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", "--preset", "gpt-oss-20b", "--prompt", "8",
-                 "--hf-set", "sliding_window=4"]) == 2
+    assert (
+        main(["plan", "--preset", "gpt-oss-20b", "--prompt", "8", "--hf-set", "sliding_window=4"])
+        == 2
+    )
     assert "--hf-set applies to --hf-config" in capsys.readouterr().err

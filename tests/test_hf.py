@@ -50,8 +50,9 @@ def test_gemma3_text_five_sliding_to_one_full():
     assert spec.group_names == ("full", "sliding4096")
     assert _ids(spec, "full") == (5, 11, 17, 23)
     assert len(_ids(spec, "sliding4096")) == 22
-    g4b = tf.Gemma3TextConfig(num_hidden_layers=34, sliding_window=1024, num_key_value_heads=4,
-                              head_dim=256)
+    g4b = tf.Gemma3TextConfig(
+        num_hidden_layers=34, sliding_window=1024, num_key_value_heads=4, head_dim=256
+    )
     assert spec_from_hf_config(g4b).model_digest() == preset("gemma-3-4b").model_digest()
     # The multimodal wrapper maps through its text config.
     assert _shape(spec_from_hf_config(tf.Gemma3Config())) == _shape(spec)
@@ -142,8 +143,9 @@ def test_nemotron_h_moe_and_mlp_layers_hold_nothing():
 
 def test_overrides_recompute_derived_fields_for_class_names():
     tf = _tf()
-    spec = spec_from_hf_config("Gemma3TextConfig", overrides={"sliding_window": 1024,
-                                                              "num_hidden_layers": 12})
+    spec = spec_from_hf_config(
+        "Gemma3TextConfig", overrides={"sliding_window": 1024, "num_hidden_layers": 12}
+    )
     assert spec.group_names == ("full", "sliding1024") and _ids(spec, "full") == (5, 11)
     # Objects and dicts are updated as dicts.
     mistral = spec_from_hf_config(tf.MistralConfig(), overrides={"sliding_window": 512})
@@ -182,13 +184,24 @@ def test_model_type_name_and_name_override():
 
 # -- legacy config.json conventions (plain dicts: no transformers needed) ---------------------
 
-_BASE = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
-         "num_hidden_layers": 12}
+_BASE = {
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 12,
+}
 
 
 def test_dict_gemma3_sliding_window_pattern():
-    spec = spec_from_hf_config({**_BASE, "model_type": "gemma3_text", "sliding_window": 512,
-                                "sliding_window_pattern": 6, "head_dim": 256})
+    spec = spec_from_hf_config(
+        {
+            **_BASE,
+            "model_type": "gemma3_text",
+            "sliding_window": 512,
+            "sliding_window_pattern": 6,
+            "head_dim": 256,
+        }
+    )
     assert _ids(spec, "full") == (5, 11)
     assert spec.group("sliding512").head_dim == 256
 
@@ -204,15 +217,23 @@ def test_dict_gemma2_alternates_even_sliding():
     [(False, 4096, ()), (True, None, ()), (True, 4096, tuple(range(9, 12)))],
 )
 def test_dict_qwen2_use_sliding_window_and_max_window_layers(use, window, expect_sliding):
-    spec = spec_from_hf_config({**_BASE, "model_type": "qwen2", "use_sliding_window": use,
-                                "sliding_window": window, "max_window_layers": 9})
+    spec = spec_from_hf_config(
+        {
+            **_BASE,
+            "model_type": "qwen2",
+            "use_sliding_window": use,
+            "sliding_window": window,
+            "max_window_layers": 9,
+        }
+    )
     sliding = [g for g in spec.groups if g.kind == "sliding"]
     assert (sliding[0].layer_ids if sliding else ()) == expect_sliding
 
 
 def test_dict_mistral_global_window_and_dtype_fields():
-    spec = spec_from_hf_config({**_BASE, "model_type": "mistral", "sliding_window": 4096,
-                                "torch_dtype": "float16"})
+    spec = spec_from_hf_config(
+        {**_BASE, "model_type": "mistral", "sliding_window": 4096, "torch_dtype": "float16"}
+    )
     assert spec.group_names == ("sliding4096",) and spec.dtype == "float16"
     assert spec_from_hf_config({**_BASE, "dtype": "float32"}).dtype == "float32"
     assert spec_from_hf_config({**_BASE, "dtype": "float32"}, dtype="fp8").dtype == "float8_e4m3fn"
@@ -221,10 +242,15 @@ def test_dict_mistral_global_window_and_dtype_fields():
 
 def test_dict_several_windows_make_several_sliding_groups():
     types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
-    spec = spec_from_hf_config({**_BASE, "num_hidden_layers": 4, "layer_types": types,
-                                "sliding_window": 128,
-                                "per_layer_config": {"1": {"sliding_window": 1024},
-                                                     "2": {"head_dim": 128}}})
+    spec = spec_from_hf_config(
+        {
+            **_BASE,
+            "num_hidden_layers": 4,
+            "layer_types": types,
+            "sliding_window": 128,
+            "per_layer_config": {"1": {"sliding_window": 1024}, "2": {"head_dim": 128}},
+        }
+    )
     assert spec.group_names == ("full", "sliding128", "sliding1024")
     assert _ids(spec, "sliding128") == (0, 3) and _ids(spec, "sliding1024") == (1,)
     assert spec.group("full").head_dim == 128 and spec.group("sliding128").head_dim == 64
@@ -232,15 +258,30 @@ def test_dict_several_windows_make_several_sliding_groups():
 
 def test_dict_same_kind_different_shapes_get_suffixed_names():
     types = ["full_attention"] * 3
-    spec = spec_from_hf_config({**_BASE, "num_hidden_layers": 3, "layer_types": types,
-                                "per_layer_config": {"02": {"num_key_value_heads": 4}}})
+    spec = spec_from_hf_config(
+        {
+            **_BASE,
+            "num_hidden_layers": 3,
+            "layer_types": types,
+            "per_layer_config": {"02": {"num_key_value_heads": 4}},
+        }
+    )
     assert spec.group_names == ("full_2x64", "full_4x64")
 
 
 def test_dict_mamba2_state_shape():
-    spec = spec_from_hf_config({**_BASE, "model_type": "bamba", "attn_layer_indices": [3, 7],
-                                "mamba_n_heads": 16, "mamba_d_head": 64, "mamba_d_state": 32,
-                                "mamba_n_groups": 2, "mamba_d_conv": 4})
+    spec = spec_from_hf_config(
+        {
+            **_BASE,
+            "model_type": "bamba",
+            "attn_layer_indices": [3, 7],
+            "mamba_n_heads": 16,
+            "mamba_d_head": 64,
+            "mamba_d_state": 32,
+            "mamba_n_groups": 2,
+            "mamba_d_conv": 4,
+        }
+    )
     assert _ids(spec, "full") == (3, 7)
     conv = (16 * 64 + 2 * 2 * 32) * 3 // 16
     assert spec.group("state").state_shape == (16, 64 * 32 + conv)
@@ -263,8 +304,9 @@ def test_sliding_window_matches_transformers_mask(window):
         if p < 1:
             continue
         needed = needed_range(group, p)
-        attended = {k for k in range(p + 1) if bool(mask(zero, zero, torch.tensor(p),
-                                                          torch.tensor(k)))}
+        attended = {
+            k for k in range(p + 1) if bool(mask(zero, zero, torch.tensor(p), torch.tensor(k)))
+        }
         # The new query at q = P attends the cached positions `needed` plus itself.
         assert attended == set(needed) | {p}
 

@@ -119,13 +119,22 @@ def test_window_convention_is_kvtriton_needed_range(models, kind):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "layout", "block", "backend"), [
-    ("gemma3", "NHD", 4, BACKEND), ("gemma3", "HND", 3, "triton"), ("gpt-oss", "HND", 3, BACKEND),
-    ("mistral", "HND", 5, BACKEND), ("qwen3-next", "NHD", 4, BACKEND)])
+@pytest.mark.parametrize(
+    ("kind", "layout", "block", "backend"),
+    [
+        ("gemma3", "NHD", 4, BACKEND),
+        ("gemma3", "HND", 3, "triton"),
+        ("gpt-oss", "HND", 3, BACKEND),
+        ("mistral", "HND", 5, BACKEND),
+        ("qwen3-next", "NHD", 4, BACKEND),
+    ],
+)
 def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block, backend):
     if backend == "triton" and resolve_backend("auto", "cpu") != "triton":
-        pytest.skip("the Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest "
-                    "on machines without a GPU)")
+        pytest.skip(
+            "the Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest "
+            "on machines without a GPU)"
+        )
     model = models[kind]
     spec = kt.spec_for_model(model, tokens_per_block=block)
     p = 23
@@ -142,11 +151,13 @@ def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block, backe
         first = needed_range(g, p).start // block
         spans[g.name] = BlockSpan(first, [15 - 2 * i for i in range(-(-p // block) - first)])
     slots = {g.name: 2 for g in spec.groups if g.kind == "state"}
-    written = kt.cache_to_pools(cache, spec, pools, spans, state_slots=slots,
-                                config=model.config, backend=backend)
+    written = kt.cache_to_pools(
+        cache, spec, pools, spans, state_slots=slots, config=model.config, backend=backend
+    )
     assert written == held
-    rebuilt = kt.pools_to_cache(spec, pools, spans, p, model.config, state_slots=slots,
-                                backend=backend)
+    rebuilt = kt.pools_to_cache(
+        spec, pools, spans, p, model.config, state_slots=slots, backend=backend
+    )
     assert kt.held_ranges(rebuilt, spec) == held
     for layer, (a, b) in enumerate(zip(cache.layers, rebuilt.layers, strict=True)):
         if kt.cache_layer_kind(a) == "state":  # the oldest of K conv slots is never read
@@ -200,7 +211,7 @@ def test_tp_shards_export_their_heads(models):
             for local, layer in enumerate(g.layer_ids):
                 first = kt.held_positions(cache, layer).start
                 sel = slice(written[g.name].start - first, written[g.name].end - first)
-                k = cache.layers[layer].keys[0, rank:rank + 1, sel].transpose(0, 1)
+                k = cache.layers[layer].keys[0, rank : rank + 1, sel].transpose(0, 1)
                 assert torch.equal(packed[local, 0], k)
 
 
@@ -216,9 +227,14 @@ def test_errors_are_raised_before_any_write(models):
     # The sliding layers only hold [9, 14): asking for [0, 14) fails, and the full group
     # (validated first and fine) must not have been written either.
     with pytest.raises(ValueError, match=r"sliding6.*holds positions TokenRange\[9, 14\)"):
-        kt.cache_to_pools(cache, spec, pools.kv, spans,
-                          {"full": TokenRange(0, 14), "sliding6": TokenRange(0, 14)},
-                          backend=BACKEND)
+        kt.cache_to_pools(
+            cache,
+            spec,
+            pools.kv,
+            spans,
+            {"full": TokenRange(0, 14), "sliding6": TokenRange(0, 14)},
+            backend=BACKEND,
+        )
     assert all(bool(t.isnan().all()) for t in pools.kv.values())
     bf16 = replace(spec, dtype="bfloat16")
     with pytest.raises(ValueError, match=r"float32 but the pool holds torch\.bfloat16"):
@@ -233,14 +249,25 @@ def test_errors_are_raised_before_any_write(models):
 def test_spec_must_match_the_model(models):
     model = models["gemma3"]
     spec = kt.spec_for_model(model, tokens_per_block=4)
-    wrong = replace(spec, groups=tuple(replace(g, window=WINDOW + 1) if g.kind == "sliding"
-                                       else g for g in spec.groups))
+    wrong = replace(
+        spec,
+        groups=tuple(
+            replace(g, window=WINDOW + 1) if g.kind == "sliding" else g for g in spec.groups
+        ),
+    )
     with pytest.raises(ValueError, match=r"window 7 but layer 0 has sliding_window=6"):
         kt.check_spec(wrong, model.config)
     from transformers import JambaConfig
 
-    jamba = JambaConfig(vocab_size=32, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1)
+    jamba = JambaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+    )
     with pytest.raises(ValueError, match="only gated-DeltaNet state layers"):
         kt.spec_for_model(jamba, tokens_per_block=4)
     qwen = models["qwen3-next"]
@@ -250,8 +277,15 @@ def test_spec_must_match_the_model(models):
     shard = spec.shard(0, 2)
     pools = allocate_pools(shard, 4, num_state_slots=1)
     with pytest.raises(ValueError, match=r"moves only whole \(tp = 1\)"):
-        kt.cache_to_pools(cache, shard, pools, {"full": BlockSpan(0, range(3))},
-                          state_slots={"state": 0}, config=qwen.config, backend=BACKEND)
+        kt.cache_to_pools(
+            cache,
+            shard,
+            pools,
+            {"full": BlockSpan(0, range(3))},
+            state_slots={"state": 0},
+            config=qwen.config,
+            backend=BACKEND,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,8 +298,14 @@ def _chat(model, mode: str):
     ctx = ContextWorker(model, spec, num_blocks=32, backend=BACKEND)
     gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=32, backend=BACKEND)
     turns = [_prompt(USER_TURNS[0], seed=1), _prompt(USER_TURNS[1], seed=2)]
-    results = run_chat(gen, LocalContext(ctx, backend=BACKEND), turns, steps=STEPS, mode=mode,
-                       evict_sliding_between_turns=True)
+    results = run_chat(
+        gen,
+        LocalContext(ctx, backend=BACKEND),
+        turns,
+        steps=STEPS,
+        mode=mode,
+        evict_sliding_between_turns=True,
+    )
     gen.manager.check_invariants()
     assert gen.manager.requests == () and ctx.manager.requests == ()
     return gen, turns, results
@@ -322,8 +362,7 @@ def test_full_hit_moves_nothing_and_decodes_exactly(models):
     and decoding from the cached blocks is bit-exact."""
     model = models["gemma3"]
     spec = kt.spec_for_model(model, tokens_per_block=4)
-    ctx = LocalContext(ContextWorker(model, spec, num_blocks=32, backend=BACKEND),
-                       backend=BACKEND)
+    ctx = LocalContext(ContextWorker(model, spec, num_blocks=32, backend=BACKEND), backend=BACKEND)
     gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=32, backend=BACKEND)
     prompt = _prompt(20)  # P and needed(sliding).start = 15 are multiples of 5
     first = gen.run_turn("a", prompt, STEPS, ctx)
@@ -348,8 +387,9 @@ def test_shared_system_prompt_needs_no_eviction_for_the_gap(models, kind):
     reference = greedy_reference(model, system + user_b, STEPS)
     seen = {}
     for mode in ("per_group", "single_boundary"):
-        ctx = LocalContext(ContextWorker(model, spec, num_blocks=32, backend=BACKEND),
-                           backend=BACKEND)
+        ctx = LocalContext(
+            ContextWorker(model, spec, num_blocks=32, backend=BACKEND), backend=BACKEND
+        )
         gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=32, backend=BACKEND)
         gen.run_turn("A", system + user_a, STEPS, ctx, mode=mode)
         seen[mode] = b = gen.run_turn("B", system + user_b, STEPS, ctx, mode=mode)
@@ -374,14 +414,20 @@ def test_single_boundary_collapses_only_when_window_pages_are_gone(models):
     first = gen.run_turn("t1", prompt1, STEPS, LocalContext(ctx, backend=BACKEND))
     prompt2 = prompt1 + first.tokens + _prompt(USER_TURNS[1], seed=2)
     c = (USER_TURNS[0] + STEPS) // 4 * 4
-    before = {m: preview_plan(gen.manager, prompt2, mode=m).group("full").tokens
-              for m in ("per_group", "single_boundary")}
+    before = {
+        m: preview_plan(gen.manager, prompt2, mode=m).group("full").tokens
+        for m in ("per_group", "single_boundary")
+    }
     assert before == dict.fromkeys(before, TokenRange(c, len(prompt2)))
     assert gen.evict_sliding() > 0
-    after = {m: preview_plan(gen.manager, prompt2, mode=m).group("full").tokens
-             for m in ("per_group", "single_boundary")}
-    assert after == {"per_group": TokenRange(c, len(prompt2)),
-                     "single_boundary": TokenRange(0, len(prompt2))}
+    after = {
+        m: preview_plan(gen.manager, prompt2, mode=m).group("full").tokens
+        for m in ("per_group", "single_boundary")
+    }
+    assert after == {
+        "per_group": TokenRange(c, len(prompt2)),
+        "single_boundary": TokenRange(0, len(prompt2)),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,9 +441,17 @@ def test_chat_over_torch_distributed_matches_single_process(models):
     context rank for its head; it rebuilds the cache and decodes. Bit-identical to the
     one-process run (which the test above checks against the non-disaggregated reference)."""
     turns = [_prompt(USER_TURNS[0], seed=1), _prompt(USER_TURNS[1], seed=2)]
-    cfg = ChatConfig(model="gemma3", user_turns=tuple(map(tuple, turns)), steps=STEPS,
-                     window=WINDOW, ctx_tokens_per_block=4, gen_tokens_per_block=5,
-                     ctx_tp=2, backend="auto", timeout_s=30.0)  # Triton (interpreter) where it runs
+    cfg = ChatConfig(
+        model="gemma3",
+        user_turns=tuple(map(tuple, turns)),
+        steps=STEPS,
+        window=WINDOW,
+        ctx_tokens_per_block=4,
+        gen_tokens_per_block=5,
+        ctx_tp=2,
+        backend="auto",
+        timeout_s=30.0,
+    )  # Triton (interpreter) where it runs
     demo = run_chat_demo(cfg)
     remote = demo.records
     assert sorted(remote) == ["per_group", "single_boundary"]
@@ -413,8 +467,11 @@ def test_chat_over_torch_distributed_matches_single_process(models):
     checks = demo.checks
     assert demo.ok
     assert [(c.mode, c.turn, c.tokens_match, c.exact) for c in checks] == [
-        ("per_group", 0, True, True), ("per_group", 1, True, False),
-        ("single_boundary", 0, True, True), ("single_boundary", 1, True, True)]
+        ("per_group", 0, True, True),
+        ("per_group", 1, True, False),
+        ("single_boundary", 0, True, True),
+        ("single_boundary", 1, True, True),
+    ]
     assert 0 < checks[1].max_abs_diff < ATOL
     assert "full [25, 43), sliding6 [38, 43)" in demo.report and "saves 47.2%" in demo.report
 
@@ -427,8 +484,9 @@ def test_chat_on_cuda_through_compiled_triton_kernels(kind):
     model = kt.tiny_model(kind, window=WINDOW).cuda()
     spec = kt.spec_for_model(model, tokens_per_block=16)
     turns = [_prompt(40, seed=1), _prompt(25, seed=2)]
-    ctx = LocalContext(ContextWorker(model, spec, num_blocks=32, backend="triton"),
-                       backend="triton")
+    ctx = LocalContext(
+        ContextWorker(model, spec, num_blocks=32, backend="triton"), backend="triton"
+    )
     gen = GenerationWorker(model, spec.with_block_size(5), num_blocks=64, backend="triton")
     results = run_chat(gen, ctx, turns, steps=12, evict_sliding_between_turns=True)
     conversation: list[int] = []

@@ -26,16 +26,21 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, tor
 BACKENDS = ["triton", "reference"]
 # On a GPU box every new shape combination compiles a kernel (~0.5 s): fewer examples there.
 N_EXAMPLES = 30 if torch.cuda.is_available() else 250
-PROPERTY = settings(max_examples=N_EXAMPLES, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=N_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _skip_unless_runnable(device: str, backend: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if backend == "triton" and device == "cpu" and not K.interpreter_enabled():
-        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (tests/conftest.py sets it "
-                    "only when no GPU is present)")
+        pytest.skip(
+            "Triton on CPU needs TRITON_INTERPRET=1 (tests/conftest.py sets it "
+            "only when no GPU is present)"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -44,8 +49,7 @@ def _skip_unless_runnable(device: str, backend: str) -> None:
 def random_bits(shape, dtype, gen: torch.Generator) -> torch.Tensor:
     """Random bit patterns of ``dtype`` (NaNs and infs included: comparisons are bitwise)."""
     size = torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * size), dtype=torch.uint8,
-                        generator=gen)
+    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * size), dtype=torch.uint8, generator=gen)
     return raw.view(dtype)
 
 
@@ -93,8 +97,11 @@ def naive_read(pool, span, tokens, layers, heads) -> torch.Tensor:
         blk = span.block_ids[p // tpb - span.first_block]
         cols.append(bits[lay, blk, :, p % tpb, h0:h1])  # [L, kv, H, D]
     if not cols:
-        return torch.empty((len(layers), pool.shape[2], 0, h1 - h0, pool.shape[5]),
-                           dtype=bits.dtype, device=pool.device)
+        return torch.empty(
+            (len(layers), pool.shape[2], 0, h1 - h0, pool.shape[5]),
+            dtype=bits.dtype,
+            device=pool.device,
+        )
     return torch.stack(cols, 2)
 
 
@@ -109,8 +116,16 @@ def naive_write(pool, span, tokens, layers, heads, values) -> None:
 
 
 @st.composite
-def side(draw, tokens: TokenRange, *, layers_n: int | None = None, heads_n: int | None = None,
-         kv: int | None = None, head_dim: int | None = None, unique: bool = True):
+def side(
+    draw,
+    tokens: TokenRange,
+    *,
+    layers_n: int | None = None,
+    heads_n: int | None = None,
+    kv: int | None = None,
+    head_dim: int | None = None,
+    unique: bool = True,
+):
     """One pool side: shape, physical order, span covering ``tokens``, layer/head selection."""
     tpb = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16]))
     first_needed = tokens.start // tpb
@@ -135,12 +150,19 @@ def side(draw, tokens: TokenRange, *, layers_n: int | None = None, heads_n: int 
     layers = draw(st.permutations(range(layers_total)))[:ln]
     kv = kv if kv is not None else draw(st.sampled_from([1, 2]))
     head_dim = head_dim if head_dim is not None else draw(st.sampled_from([1, 2, 3, 4, 8, 16]))
-    order = draw(st.sampled_from([[0, 1, 2, 3, 4], [0, 1, 2, 4, 3], [1, 0, 2, 3, 4],
-                                  [0, 1, 3, 2, 4]]) | st.permutations(range(5)))
+    order = draw(
+        st.sampled_from([[0, 1, 2, 3, 4], [0, 1, 2, 4, 3], [1, 0, 2, 3, 4], [0, 1, 3, 2, 4]])
+        | st.permutations(range(5))
+    )
     pad = draw(st.sampled_from([0, 0, 2]))
-    return dict(shape=(layers_total, num_blocks, kv, tpb, heads_total, head_dim),
-                order=list(order), pad=pad, span=BlockSpan(first_block, ids),
-                layers=tuple(layers), heads=(h0, h0 + hw))
+    return dict(
+        shape=(layers_total, num_blocks, kv, tpb, heads_total, head_dim),
+        order=list(order),
+        pad=pad,
+        span=BlockSpan(first_block, ids),
+        layers=tuple(layers),
+        heads=(h0, h0 + hw),
+    )
 
 
 @st.composite
@@ -163,14 +185,26 @@ def test_gather_matches_oracle(device, backend, data, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     pool = make_pool(s["shape"], dtype, s["order"], device, gen, s["pad"])
     before = as_bytes(pool).clone()
-    out = poison(torch.empty((len(s["layers"]), s["shape"][2], len(tokens),
-                              s["heads"][1] - s["heads"][0], s["shape"][5]),
-                             dtype=dtype, device=device))
-    got = K.gather(pool, s["span"], tokens, layers=s["layers"], heads=s["heads"], out=out,
-                   backend=backend)
+    out = poison(
+        torch.empty(
+            (
+                len(s["layers"]),
+                s["shape"][2],
+                len(tokens),
+                s["heads"][1] - s["heads"][0],
+                s["shape"][5],
+            ),
+            dtype=dtype,
+            device=device,
+        )
+    )
+    got = K.gather(
+        pool, s["span"], tokens, layers=s["layers"], heads=s["heads"], out=out, backend=backend
+    )
     assert got is out
-    assert torch.equal(as_bytes(got), naive_read(pool, s["span"], tokens, s["layers"],
-                                                 s["heads"]).cpu())
+    assert torch.equal(
+        as_bytes(got), naive_read(pool, s["span"], tokens, s["layers"], s["heads"]).cpu()
+    )
     assert torch.equal(as_bytes(pool), before)  # the source is never written
 
 
@@ -184,12 +218,22 @@ def test_scatter_matches_oracle(device, backend, data, dtype, seed):
     s = data.draw(side(tokens))
     gen = torch.Generator().manual_seed(seed)
     pool = make_pool(s["shape"], dtype, s["order"], device, gen, s["pad"], fill="poison")
-    packed = random_bits((len(s["layers"]), s["shape"][2], len(tokens),
-                          s["heads"][1] - s["heads"][0], s["shape"][5]), dtype, gen).to(device)
+    packed = random_bits(
+        (
+            len(s["layers"]),
+            s["shape"][2],
+            len(tokens),
+            s["heads"][1] - s["heads"][0],
+            s["shape"][5],
+        ),
+        dtype,
+        gen,
+    ).to(device)
     expected = pool.clone()
     naive_write(expected, s["span"], tokens, s["layers"], s["heads"], packed)
-    K.scatter(packed, pool, s["span"], tokens, layers=s["layers"], heads=s["heads"],
-              backend=backend)
+    K.scatter(
+        packed, pool, s["span"], tokens, layers=s["layers"], heads=s["heads"], backend=backend
+    )
     # every position outside the range (and every unselected layer/head) stays poisoned
     assert same_bits(pool, expected)
 
@@ -204,27 +248,36 @@ def test_copy_matches_oracle(device, backend, data, dtype, seed):
     tokens = data.draw(token_range())
     src = data.draw(side(tokens, unique=False))
     ln, hn = len(src["layers"]), src["heads"][1] - src["heads"][0]
-    dst = data.draw(side(tokens, layers_n=ln, heads_n=hn, kv=src["shape"][2],
-                         head_dim=src["shape"][5]))
+    dst = data.draw(
+        side(tokens, layers_n=ln, heads_n=hn, kv=src["shape"][2], head_dim=src["shape"][5])
+    )
     gen = torch.Generator().manual_seed(seed)
     src_pool = make_pool(src["shape"], dtype, src["order"], device, gen, src["pad"])
-    dst_pool = make_pool(dst["shape"], dtype, dst["order"], device, gen, dst["pad"],
-                         fill="poison")
+    dst_pool = make_pool(dst["shape"], dtype, dst["order"], device, gen, dst["pad"], fill="poison")
     expected = dst_pool.clone()
     values = naive_read(src_pool, src["span"], tokens, src["layers"], src["heads"])
     naive_write(expected, dst["span"], tokens, dst["layers"], dst["heads"], values)
-    K.copy(src_pool, src["span"], dst_pool, dst["span"], tokens, src_layers=src["layers"],
-           dst_layers=dst["layers"], src_heads=src["heads"], dst_heads=dst["heads"],
-           backend=backend)
+    K.copy(
+        src_pool,
+        src["span"],
+        dst_pool,
+        dst["span"],
+        tokens,
+        src_layers=src["layers"],
+        dst_layers=dst["layers"],
+        src_heads=src["heads"],
+        dst_heads=dst["heads"],
+        backend=backend,
+    )
     assert same_bits(dst_pool, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=min(60, N_EXAMPLES), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), dtype=st.sampled_from([*DTYPES, torch.int8]),
-       seed=st.integers(0, 2**31))
+@settings(
+    max_examples=min(60, N_EXAMPLES), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(data=st.data(), dtype=st.sampled_from([*DTYPES, torch.int8]), seed=st.integers(0, 2**31))
 def test_state_roundtrip_matches_oracle(device, backend, data, dtype, seed):
     _skip_unless_runnable(device, backend)
     layers_total = data.draw(st.integers(1, 3))
@@ -243,12 +296,11 @@ def test_state_roundtrip_matches_oracle(device, backend, data, dtype, seed):
     bits = C.bits(pool)
     lay = torch.tensor(layers, device=device)
     out = poison(torch.empty((ln, hw, *rest), dtype=dtype, device=device))
-    got = K.gather_state(pool, slot, layers=layers, heads=(h0, h0 + hw), out=out,
-                         backend=backend)
-    assert torch.equal(as_bytes(got), bits[lay, slot, h0:h0 + hw].cpu())
+    got = K.gather_state(pool, slot, layers=layers, heads=(h0, h0 + hw), out=out, backend=backend)
+    assert torch.equal(as_bytes(got), bits[lay, slot, h0 : h0 + hw].cpu())
     packed = random_bits((ln, hw, *rest), dtype, gen).to(device)
     expected = pool.clone()
-    C.bits(expected)[lay, slot, h0:h0 + hw] = C.bits(packed)
+    C.bits(expected)[lay, slot, h0 : h0 + hw] = C.bits(packed)
     K.scatter_state(packed, pool, slot, layers=layers, heads=(h0, h0 + hw), backend=backend)
     assert same_bits(pool, expected)
 
@@ -267,8 +319,9 @@ def test_many_chunks_and_head_chunks(device, monkeypatch):
     tokens = TokenRange(11, 301)
     out = K.gather(pool, span, tokens, backend="triton")
     assert torch.equal(as_bytes(out), naive_read(pool, span, tokens, (0, 1), (0, 3)).cpu())
-    dst = make_pool((2, 80, 2, 4, 3, 4), torch.bfloat16, [0, 1, 2, 3, 4], device, gen,
-                    fill="poison")
+    dst = make_pool(
+        (2, 80, 2, 4, 3, 4), torch.bfloat16, [0, 1, 2, 3, 4], device, gen, fill="poison"
+    )
     dspan = BlockSpan(2, list(range(79, 0, -1)))
     expected = dst.clone()
     naive_write(expected, dspan, tokens, (1, 0), (0, 3), out)
@@ -296,8 +349,14 @@ def _pools(spec: KVCacheSpec, num_blocks: int, device, gen, fill="random", hnd=F
             dt = getattr(torch, g.state_dtype or spec.dtype)
             t = random_bits((g.num_layers, 6, *g.local_state_shape), dt, gen).to(device)
         else:
-            shape = (g.num_layers, num_blocks, g.kv_factor, spec.tokens_per_block,
-                     g.local_heads, g.head_dim)
+            shape = (
+                g.num_layers,
+                num_blocks,
+                g.kv_factor,
+                spec.tokens_per_block,
+                g.local_heads,
+                g.head_dim,
+            )
             order = [0, 1, 2, 4, 3] if hnd else [0, 1, 2, 3, 4]
             t = make_pool(shape, spec.torch_dtype, order, device, gen)
         if fill == "poison":
@@ -306,8 +365,9 @@ def _pools(spec: KVCacheSpec, num_blocks: int, device, gen, fill="random", hnd=F
     return pools
 
 
-def _request(spec: KVCacheSpec, prompt: int, cached: int, num_blocks: int, gen, *,
-             layers=None, heads=None):
+def _request(
+    spec: KVCacheSpec, prompt: int, cached: int, num_blocks: int, gen, *, layers=None, heads=None
+):
     tokens = {}
     spans = {}
     perm = torch.randperm(num_blocks, generator=gen).tolist()
@@ -332,8 +392,15 @@ def test_pack_unpack_request_matches_reference(device, hnd):
     spec = _hybrid_spec()
     gen = torch.Generator().manual_seed(1)
     pools = _pools(spec, 16, device, gen, hnd=hnd)
-    layout, spans = _request(spec, prompt=13, cached=3, num_blocks=16, gen=gen,
-                             layers={"win": [5, 0]}, heads={"full": (1, 2)})
+    layout, spans = _request(
+        spec,
+        prompt=13,
+        cached=3,
+        num_blocks=16,
+        gen=gen,
+        layers={"win": [5, 0]},
+        heads={"full": (1, 2)},
+    )
     slots = {"state": 4}
     bufs = {}
     for backend in BACKENDS:
@@ -344,20 +411,20 @@ def test_pack_unpack_request_matches_reference(device, hnd):
     # each segment equals the oracle gather of its group
     for seg in layout.segments:
         g = spec.group(seg.group)
-        view = bufs["triton"][seg.offset:seg.end].view(getattr(torch, seg.dtype)).view(seg.shape)
+        view = bufs["triton"][seg.offset : seg.end].view(getattr(torch, seg.dtype)).view(seg.shape)
         local = tuple(g.layer_ids.index(i) for i in seg.layer_ids)
         if seg.kind == "kv":
             h = (seg.heads[0] - g.head_start, seg.heads[1] - g.head_start)
             ref = naive_read(pools[g.name], spans[g.name], seg.tokens, local, h)
         else:
-            ref = C.bits(pools[g.name])[torch.tensor(local, device=device), 4,
-                                        seg.heads[0]:seg.heads[1]]
+            ref = C.bits(pools[g.name])[
+                torch.tensor(local, device=device), 4, seg.heads[0] : seg.heads[1]
+            ]
         assert torch.equal(as_bytes(view), ref.cpu()), seg.group
     results = {}
     for backend in BACKENDS:
         dst = _pools(spec, 16, device, torch.Generator().manual_seed(2), fill="poison", hnd=hnd)
-        K.unpack_request(spec, layout, bufs["triton"], dst, spans, {"state": 1},
-                         backend=backend)
+        K.unpack_request(spec, layout, bufs["triton"], dst, spans, {"state": 1}, backend=backend)
         results[backend] = dst
     for name in results["triton"]:
         assert same_bits(results["triton"][name], results["reference"][name]), name
@@ -379,22 +446,28 @@ def test_pack_requests_batched_equals_one_by_one(device, monkeypatch):
     for r, (prompt, cached) in enumerate([(10, 0), (7, 5), (12, 12)]):
         layout, spans = _request(spec, prompt, cached, 40, gen)
         # disjoint blocks per request (unpack writes them)
-        spans = {k: BlockSpan(0, all_blocks[:len(v)]) for k, v in spans.items()}
-        all_blocks = all_blocks[max(len(v) for v in spans.values()):]
+        spans = {k: BlockSpan(0, all_blocks[: len(v)]) for k, v in spans.items()}
+        all_blocks = all_blocks[max(len(v) for v in spans.values()) :]
         reqs.append(K.PackedRequest(layout, spans, {"state": r}, offset))
         offset += layout.nbytes
     launches = []
     real_execute = T._execute
-    monkeypatch.setattr(T, "_execute", lambda ls, m, d: (launches.append(
-        sum(x is not None for x in ls)), real_execute(ls, m, d))[1])
+    monkeypatch.setattr(
+        T,
+        "_execute",
+        lambda ls, m, d: (launches.append(sum(x is not None for x in ls)), real_execute(ls, m, d))[
+            1
+        ],
+    )
     buf = torch.full((offset,), 0xA5, dtype=torch.uint8, device=device)
     K.pack_requests(spec, reqs, pools, buf, backend="triton")
     assert launches == [4]  # full, win, mla, state: one launch each for all three requests
     for req in reqs:
         single = torch.full((req.layout.nbytes,), 0xA5, dtype=torch.uint8, device=device)
-        K.pack_request(spec, req.layout, pools, req.spans, req.state_slots, single,
-                       backend="reference")
-        assert torch.equal(buf[req.offset:req.offset + req.layout.nbytes].cpu(), single.cpu())
+        K.pack_request(
+            spec, req.layout, pools, req.spans, req.state_slots, single, backend="reference"
+        )
+        assert torch.equal(buf[req.offset : req.offset + req.layout.nbytes].cpu(), single.cpu())
     outs = {}
     for backend in BACKENDS:
         dst = _pools(spec, 40, device, torch.Generator().manual_seed(4), fill="poison")
@@ -421,42 +494,63 @@ def _bad_calls(device):
         # (what is written, call, the argument named)
         (pool, lambda b: K.scatter(packed, pool[0], span, rng, backend=b), "pool"),
         (pool, lambda b: K.scatter(packed, pool.transpose(4, 5), span, rng, backend=b), "pool"),
-        (pool, lambda b: K.scatter(packed, pool, BlockSpan(1, [3, 1, 4]), rng, backend=b),
-         "span"),
-        (pool, lambda b: K.scatter(packed, pool, BlockSpan(0, [3, 1, 6]), rng, backend=b),
-         "span"),
-        (pool, lambda b: K.scatter(packed, pool, BlockSpan(0, [3, 1, 3]), rng, backend=b),
-         "span"),
-        (pool, lambda b: K.scatter(packed, pool, span, rng, layers=[0, 2], backend=b),
-         "layers"),
-        (pool, lambda b: K.scatter(packed, pool, span, rng, layers=[1, 1], backend=b),
-         "layers"),
+        (pool, lambda b: K.scatter(packed, pool, BlockSpan(1, [3, 1, 4]), rng, backend=b), "span"),
+        (pool, lambda b: K.scatter(packed, pool, BlockSpan(0, [3, 1, 6]), rng, backend=b), "span"),
+        (pool, lambda b: K.scatter(packed, pool, BlockSpan(0, [3, 1, 3]), rng, backend=b), "span"),
+        (pool, lambda b: K.scatter(packed, pool, span, rng, layers=[0, 2], backend=b), "layers"),
+        (pool, lambda b: K.scatter(packed, pool, span, rng, layers=[1, 1], backend=b), "layers"),
         (pool, lambda b: K.scatter(packed, pool, span, rng, heads=(1, 3), backend=b), "heads"),
         (pool, lambda b: K.scatter(packed[:, :, 1:], pool, span, rng, backend=b), "packed"),
         (pool, lambda b: K.scatter(f32, pool, span, rng, backend=b), "packed"),
         (pool, lambda b: K.scatter(meta, pool, span, rng, backend=b), "packed"),
-        (pool, lambda b: K.scatter(packed.transpose(0, 1).contiguous().transpose(0, 1), pool,
-                                   span, rng, backend=b), "packed"),
+        (
+            pool,
+            lambda b: K.scatter(
+                packed.transpose(0, 1).contiguous().transpose(0, 1), pool, span, rng, backend=b
+            ),
+            "packed",
+        ),
         (pool, lambda b: K.scatter(packed, pool, span, [1, 10], backend=b), "tokens"),
         (pool, lambda b: K.scatter(packed, pool, span, rng, backend="cuda"), "backend"),
         (pool, lambda b: K.scatter(packed, pool.double(), span, rng, backend=b), "pool"),
-        (pool, lambda b: K.scatter(packed, pool[:, :1].expand(2, 6, 2, 4, 2, 8), span, rng,
-                                   backend=b), "pool"),
+        (
+            pool,
+            lambda b: K.scatter(packed, pool[:, :1].expand(2, 6, 2, 4, 2, 8), span, rng, backend=b),
+            "pool",
+        ),
         (f32, lambda b: K.gather(pool, span, rng, out=f32, backend=b), "out"),
         (packed, lambda b: K.gather(pool, span, rng, out=packed[:1], backend=b), "out"),
-        (other, lambda b: K.copy(pool, span, other, BlockSpan(0, [0, 1]), rng, backend=b),
-         "dst_span"),
-        (other, lambda b: K.copy(pool, span, other, span, rng, dst_layers=[1], backend=b),
-         "dst_layers"),
-        (other, lambda b: K.copy(pool, span, other, span, rng, dst_heads=(0, 1), backend=b),
-         "dst_heads"),
+        (
+            other,
+            lambda b: K.copy(pool, span, other, BlockSpan(0, [0, 1]), rng, backend=b),
+            "dst_span",
+        ),
+        (
+            other,
+            lambda b: K.copy(pool, span, other, span, rng, dst_layers=[1], backend=b),
+            "dst_layers",
+        ),
+        (
+            other,
+            lambda b: K.copy(pool, span, other, span, rng, dst_heads=(0, 1), backend=b),
+            "dst_heads",
+        ),
         (other, lambda b: K.copy(pool, span, other.float(), span, rng, backend=b), "dst_pool"),
-        (pool, lambda b: K.copy(pool, span, pool, BlockSpan(0, [0, 1, 4]), rng, backend=b),
-         "overlap"),
-        (state, lambda b: K.scatter_state(torch.zeros(2, 2, 5, device=device), state, 3,
-                                          backend=b), "slot"),
-        (state, lambda b: K.scatter_state(torch.zeros(2, 1, 5, device=device), state, 0,
-                                          backend=b), "packed"),
+        (
+            pool,
+            lambda b: K.copy(pool, span, pool, BlockSpan(0, [0, 1, 4]), rng, backend=b),
+            "overlap",
+        ),
+        (
+            state,
+            lambda b: K.scatter_state(torch.zeros(2, 2, 5, device=device), state, 3, backend=b),
+            "slot",
+        ),
+        (
+            state,
+            lambda b: K.scatter_state(torch.zeros(2, 1, 5, device=device), state, 0, backend=b),
+            "packed",
+        ),
     ]
 
 
@@ -493,26 +587,38 @@ def test_request_validation_writes_nothing(device, backend):
         (dict(pools={**pools, "state": pools["state"].to(torch.bfloat16)}), "pools"),
         (dict(buffer=buf[1:]), "buffer"),
         (dict(buffer=buf.view(torch.int8)), "buffer"),
-        (dict(buffer=torch.empty(layout.nbytes + 1, dtype=torch.uint8, device=device)[1:]),
-         "buffer"),
+        (
+            dict(buffer=torch.empty(layout.nbytes + 1, dtype=torch.uint8, device=device)[1:]),
+            "buffer",
+        ),
     ]
     for override, name in bad:
-        kwargs = dict(spec=spec, layout=layout, buffer=buf, pools=pools, spans=spans,
-                      state_slots={"state": 1}, backend=backend)
+        kwargs = dict(
+            spec=spec,
+            layout=layout,
+            buffer=buf,
+            pools=pools,
+            spans=spans,
+            state_slots={"state": 1},
+            backend=backend,
+        )
         kwargs.update(override)
         with pytest.raises(ValueError, match=name):
             K.unpack_request(**kwargs)
         for k, v in pools.items():
             assert torch.equal(as_bytes(v), snapshot[k]), (override, k)
     # overlapping requests in a batch
-    reqs = [K.PackedRequest(layout, spans, {"state": 1}, 0),
-            K.PackedRequest(layout, spans, {"state": 2}, 128)]
+    reqs = [
+        K.PackedRequest(layout, spans, {"state": 1}, 0),
+        K.PackedRequest(layout, spans, {"state": 2}, 128),
+    ]
     big = torch.empty(layout.nbytes + 128, dtype=torch.uint8, device=device)
     with pytest.raises(ValueError, match="overlap"):
         K.pack_requests(spec, reqs, pools, big, backend=backend)
     with pytest.raises(ValueError, match="offset"):
-        K.pack_requests(spec, [K.PackedRequest(layout, spans, {"state": 1}, 3)], pools, big,
-                        backend=backend)
+        K.pack_requests(
+            spec, [K.PackedRequest(layout, spans, {"state": 1}, 3)], pools, big, backend=backend
+        )
 
 
 def test_resolve_backend():
@@ -526,21 +632,25 @@ def test_resolve_backend():
             K.resolve_backend("triton", "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA device with > 2.2 GB free (a pool over 2**31 elements)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device with > 2.2 GB free (a pool over 2**31 elements)",
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pool_over_2_pow_31_elements(backend):
     """int64 address math: blocks at the end of a pool of more than 2**31 bytes (fp8)."""
     layers, blocks, kv, tpb, heads, dim = 2, 33000, 2, 16, 8, 128  # 2.16e9 elements
     assert layers * blocks * kv * tpb * heads * dim > 2**31
-    pool = torch.empty((layers, blocks, kv, tpb, heads, dim), dtype=torch.float8_e4m3fn,
-                       device="cuda")
+    pool = torch.empty(
+        (layers, blocks, kv, tpb, heads, dim), dtype=torch.float8_e4m3fn, device="cuda"
+    )
     gen = torch.Generator().manual_seed(7)
     span = BlockSpan(0, [blocks - 1, blocks - 3, 5])
     tokens = TokenRange(3, 40)
     for b in span.block_ids:
-        C.bits(pool)[:, b] = torch.randint(0, 256, (layers, kv, tpb, heads, dim),
-                                           dtype=torch.uint8, generator=gen).cuda()
+        C.bits(pool)[:, b] = torch.randint(
+            0, 256, (layers, kv, tpb, heads, dim), dtype=torch.uint8, generator=gen
+        ).cuda()
     out = K.gather(pool, span, tokens, backend=backend)
     assert torch.equal(as_bytes(out), naive_read(pool, span, tokens, (0, 1), (0, 8)).cpu())
     dspan = BlockSpan(0, [blocks - 2, blocks - 4, 7])

@@ -31,13 +31,21 @@ def check_invariants(spec: KVCacheSpec, layout: PackedLayout) -> None:
         assert seg.nbytes == math.prod(seg.shape) * ITEMSIZE[seg.dtype] > 0
         g = spec.group(seg.group)
         if seg.kind == "kv":
-            assert seg.shape == (len(seg.layer_ids), g.kv_factor, len(seg.tokens),
-                                 seg.heads[1] - seg.heads[0], g.head_dim)
+            assert seg.shape == (
+                len(seg.layer_ids),
+                g.kv_factor,
+                len(seg.tokens),
+                seg.heads[1] - seg.heads[0],
+                g.head_dim,
+            )
             assert seg.dtype == spec.dtype
         else:
             assert g.state_shape is not None
-            assert seg.shape == (len(seg.layer_ids), seg.heads[1] - seg.heads[0],
-                                 *g.state_shape[1:])
+            assert seg.shape == (
+                len(seg.layer_ids),
+                seg.heads[1] - seg.heads[0],
+                *g.state_shape[1:],
+            )
             assert seg.dtype == (g.state_dtype or spec.dtype)
         previous_end, previous_index = seg.end, order[seg.group]
     assert layout.nbytes == -(-previous_end // SEGMENT_ALIGN) * SEGMENT_ALIGN
@@ -81,8 +89,9 @@ def test_layout_invariants_and_both_sides_agree(
     layout = packed_layout(spec, tokens, states, layers=layers, heads=heads)
     check_invariants(spec, layout)
     # Exactly the non-empty selections appear, with the selected layers (ascending) and heads.
-    expect = [n for n in spec.group_names
-              if (n in tokens and not tokens[n].is_empty) or n in states]
+    expect = [
+        n for n in spec.group_names if (n in tokens and not tokens[n].is_empty) or n in states
+    ]
     assert [s.group for s in layout.segments] == expect
     for seg in layout.segments:
         g = spec.group(seg.group)
@@ -95,21 +104,25 @@ def test_layout_invariants_and_both_sides_agree(
     explicit_heads: dict[str, tuple[int, int]] = {}
     for g in spec.groups:
         if g.kind == "state":
-            explicit_heads[g.name] = (g.state_head_start, g.state_head_start
-                                      + g.local_state_shape[0])
+            explicit_heads[g.name] = (
+                g.state_head_start,
+                g.state_head_start + g.local_state_shape[0],
+            )
         else:
             explicit_heads[g.name] = (g.head_start, g.head_start + g.local_heads)
     explicit_heads.update(heads)
-    other = packed_layout(spec.root.with_block_size(7), tokens, states, layers=layers,
-                          heads=explicit_heads)
+    other = packed_layout(
+        spec.root.with_block_size(7), tokens, states, layers=layers, heads=explicit_heads
+    )
     assert other == layout
     assert packed_layout(spec, tokens, iter(states), layers=layers, heads=heads) == layout
 
 
 def test_example_offsets_by_hand() -> None:
     spec = preset("tiny-hybrid")  # fp32; full (1, 4), sliding8 (0, 2, 5), state (3,) (2, 4, 8)
-    layout = packed_layout(spec, {"full": TokenRange(5, 10), "sliding8": TokenRange(3, 10)},
-                           ["state"])
+    layout = packed_layout(
+        spec, {"full": TokenRange(5, 10), "sliding8": TokenRange(3, 10)}, ["state"]
+    )
     full, sliding, state = layout.segments
     assert (full.offset, full.shape, full.nbytes) == (0, (2, 2, 5, 2, 16), 2 * 2 * 5 * 2 * 16 * 4)
     assert full.nbytes == 2560 and sliding.offset == 2560  # 2560 is a multiple of 128
@@ -123,13 +136,22 @@ def test_example_offsets_by_hand() -> None:
 
 def test_unaligned_segment_ends_are_padded() -> None:
     spec = preset("gpt-oss-20b")  # 24576 B/token per group: aligned already; use 1 head, 1 layer
-    layout = packed_layout(spec, {"full": TokenRange(0, 1), "sliding128": TokenRange(0, 1)},
-                           layers={"full": [1]}, heads={"full": (0, 1), "sliding128": (2, 3)})
+    layout = packed_layout(
+        spec,
+        {"full": TokenRange(0, 1), "sliding128": TokenRange(0, 1)},
+        layers={"full": [1]},
+        heads={"full": (0, 1), "sliding128": (2, 3)},
+    )
     full, sliding = layout.segments
     assert full.nbytes == 1 * 2 * 1 * 1 * 64 * 2 == 256
     assert sliding.offset == 256 and sliding.heads == (2, 3)
-    odd = packed_layout(preset("tiny-hybrid", dtype="bf16"), {"full": TokenRange(0, 1)},
-                        ["state"], layers={"full": [4]}, heads={"full": (1, 2)})
+    odd = packed_layout(
+        preset("tiny-hybrid", dtype="bf16"),
+        {"full": TokenRange(0, 1)},
+        ["state"],
+        layers={"full": [4]},
+        heads={"full": (1, 2)},
+    )
     assert odd.segments[0].nbytes == 64  # 1 x 2 x 1 x 1 x 16 x bf16
     assert odd.segments[1].offset == 128  # padded up to the alignment
 
@@ -160,15 +182,21 @@ def test_unknown_groups_are_rejected_everywhere() -> None:
         "heads": dict(tokens={"full": TokenRange(0, 1)}, heads={"Full": (0, 1)}),
     }
     for what, kwargs in cases.items():
-        with pytest.raises(ValueError, match=rf"packed layout {what} names unknown groups "
-                                             r"\['\w+'\]; spec 'tiny-hybrid' has \['full', "):
+        with pytest.raises(
+            ValueError,
+            match=rf"packed layout {what} names unknown groups "
+            r"\['\w+'\]; spec 'tiny-hybrid' has \['full', ",
+        ):
             packed_layout(spec, **kwargs)  # type: ignore[arg-type]
 
 
 def test_layers_not_held_are_rejected() -> None:
     stage = preset("tiny-hybrid").stage(0, 2)  # layers 0, 1, 2
-    with pytest.raises(ValueError, match=r"group 'full': layers \[4\] are not held by this spec "
-                                         r"\(it holds \[1\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"group 'full': layers \[4\] are not held by this spec "
+        r"\(it holds \[1\]\)",
+    ):
         packed_layout(stage, {"full": TokenRange(0, 4)}, layers={"full": [1, 4]})
     with pytest.raises(ValueError, match=r"group 'sliding8': duplicate layer ids in \[0, 0\]"):
         packed_layout(stage, {"sliding8": TokenRange(0, 4)}, layers={"sliding8": [0, 0]})
@@ -176,21 +204,30 @@ def test_layers_not_held_are_rejected() -> None:
 
 def test_heads_not_held_are_rejected() -> None:
     shard = preset("gpt-oss-20b").shard(1, 4)  # heads [2, 4)
-    with pytest.raises(ValueError, match=r"group 'full': head range \[0, 3\) is not inside the "
-                                         r"held range \[2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"group 'full': head range \[0, 3\) is not inside the "
+        r"held range \[2, 4\)",
+    ):
         packed_layout(shard, {"full": TokenRange(0, 4)}, heads={"full": (0, 3)})
     with pytest.raises(ValueError, match=r"head range \[3, 3\) is not inside"):
         packed_layout(shard, {"full": TokenRange(0, 4)}, heads={"full": (3, 3)})
     tiny = preset("tiny-hybrid")
-    with pytest.raises(ValueError, match=r"group 'state': head range \[0, 3\) is not inside the "
-                                         r"held range \[0, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"group 'state': head range \[0, 3\) is not inside the "
+        r"held range \[0, 2\)",
+    ):
         packed_layout(tiny, {}, ["state"], heads={"state": (0, 3)})
 
 
 def test_kind_mismatches_are_rejected() -> None:
     spec = preset("tiny-hybrid")
-    with pytest.raises(ValueError, match=r"group 'state' is a state group: it moves no token "
-                                         r"range"):
+    with pytest.raises(
+        ValueError,
+        match=r"group 'state' is a state group: it moves no token "
+        r"range",
+    ):
         packed_layout(spec, {"state": TokenRange(0, 4)})
     with pytest.raises(ValueError, match=r"group 'full' is an attention group: it has no state"):
         packed_layout(spec, {}, ["full"])

@@ -79,8 +79,13 @@ def test_notebook_is_small_and_clean(name: str) -> None:
     assert size < MAX_NOTEBOOK_BYTES, f"{name} is {size} bytes; keep it under {MAX_NOTEBOOK_BYTES}"
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    errors = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
-              for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+    errors = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    ]
     assert not errors, f"{name}: committed outputs hold errors in cells {errors}"
 
 
@@ -103,13 +108,15 @@ def test_notebook_runs(name: str, local_kernel: str, monkeypatch: pytest.MonkeyP
     elapsed = time.perf_counter() - start
     ran_with = "".join(out.get("text", "") for out in nb.cells[-1].outputs)
     assert Path(ran_with) == Path(sys.executable), (
-        f"{name} ran in {ran_with!r}, not in this interpreter {sys.executable!r}")
+        f"{name} ran in {ran_with!r}, not in this interpreter {sys.executable!r}"
+    )
     assert elapsed < budget, f"{name} took {elapsed:.1f} s, over its {budget:.0f} s budget"
 
 
 # ---------------------------------------------------------------------------------------------
 # The notebook helpers of kvtriton.viz that compute something (not just draw).
 # ---------------------------------------------------------------------------------------------
+
 
 def _expected_token(p: int, window: int | None, cached: int, q: int) -> int:
     """Brute force from DESIGN.md §1, position by position."""
@@ -121,14 +128,22 @@ def _expected_token(p: int, window: int | None, cached: int, q: int) -> int:
     return CACHED if q < cached else MOVED
 
 
-@given(p=st.integers(1, 80), window=st.integers(1, 40), c_full=st.integers(0, 100),
-       c_slide=st.integers(0, 100), drafts=st.integers(0, 6), tpb=st.integers(1, 9))
-def test_block_maps_match_brute_force(p: int, window: int, c_full: int, c_slide: int,
-                                      drafts: int, tpb: int) -> None:
+@given(
+    p=st.integers(1, 80),
+    window=st.integers(1, 40),
+    c_full=st.integers(0, 100),
+    c_slide=st.integers(0, 100),
+    drafts=st.integers(0, 6),
+    tpb=st.integers(1, 9),
+)
+def test_block_maps_match_brute_force(
+    p: int, window: int, c_full: int, c_slide: int, drafts: int, tpb: int
+) -> None:
     spec = with_window(preset("tiny-hybrid"), window)
     cached = {"full": c_full, "sliding": c_slide, "state": p}
-    for policy, plan in alignment_plans(preset("tiny-hybrid"), p, cached, window=window,
-                                        num_draft_tokens=drafts).items():
+    for policy, plan in alignment_plans(
+        preset("tiny-hybrid"), p, cached, window=window, num_draft_tokens=drafts
+    ).items():
         maps = {m.name: m for m in block_maps(plan, tokens_per_block=tpb)}
         assert [g.name for g in plan.groups] == list(maps) == list(spec.group_names)
         for g in plan.groups:
@@ -141,7 +156,7 @@ def test_block_maps_match_brute_force(p: int, window: int, c_full: int, c_slide:
             assert list(m.tokens) == want, (policy, g.name)
             assert m.count(MOVED) == len(g.tokens) and m.bytes == g.bytes
             for b, status in enumerate(m.blocks):
-                cells = want[b * tpb:(b + 1) * tpb]
+                cells = want[b * tpb : (b + 1) * tpb]
                 moved = cells.count(MOVED)
                 if moved == tpb:
                     assert status == MOVED
@@ -177,5 +192,4 @@ def test_with_window_errors() -> None:
     with pytest.raises(ValueError, match="sliding window must be an int >= 1"):
         with_window(preset("tiny-hybrid"), 0)
     with pytest.raises(ValueError, match="tokens_per_block must be a positive int"):
-        block_maps(alignment_plans(preset("tiny-hybrid"), 8, {})["per_group"],
-                   tokens_per_block=0)
+        block_maps(alignment_plans(preset("tiny-hybrid"), 8, {})["per_group"], tokens_per_block=0)

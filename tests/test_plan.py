@@ -109,16 +109,34 @@ def specs(draw: st.DrawFn) -> KVCacheSpec:
         layer += n
         if kind == "state":
             shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
-            groups.append(LayerGroup(f"g{i}", "state", ids, state_shape=shape,
-                                     state_dtype=draw(st.sampled_from([None, "float32"]))))
+            groups.append(
+                LayerGroup(
+                    f"g{i}",
+                    "state",
+                    ids,
+                    state_shape=shape,
+                    state_dtype=draw(st.sampled_from([None, "float32"])),
+                )
+            )
             continue
         window = draw(st.integers(1, 700)) if kind == "sliding" else None
-        groups.append(LayerGroup(f"g{i}", kind, ids, num_kv_heads=draw(st.integers(1, 4)),
-                                 head_dim=draw(st.integers(1, 8)), window=window,
-                                 kv_factor=draw(st.sampled_from([1, 2]))))
-    return KVCacheSpec(tuple(groups), tokens_per_block=draw(st.integers(1, 256)),
-                       dtype=draw(st.sampled_from(["bfloat16", "float32", "float8_e4m3fn"])),
-                       name="random")
+        groups.append(
+            LayerGroup(
+                f"g{i}",
+                kind,
+                ids,
+                num_kv_heads=draw(st.integers(1, 4)),
+                head_dim=draw(st.integers(1, 8)),
+                window=window,
+                kv_factor=draw(st.sampled_from([1, 2])),
+            )
+        )
+    return KVCacheSpec(
+        tuple(groups),
+        tokens_per_block=draw(st.integers(1, 256)),
+        dtype=draw(st.sampled_from(["bfloat16", "float32", "float8_e4m3fn"])),
+        name="random",
+    )
 
 
 def cached_counts(prompt: int, tpb: int) -> st.SearchStrategy[int]:
@@ -209,10 +227,12 @@ def test_block_views_agree_with_positions_on_both_sides(
     change, each side's blocks are exactly the blocks holding those positions, and spans
     allocated for the receiver's P + drafts positions cover every moved position."""
     spec, prompt, cached, drafts = case
-    sender = plan_transfer(spec.with_block_size(sender_tpb), prompt, cached,
-                           num_draft_tokens=drafts)
-    receiver = plan_transfer(spec.with_block_size(receiver_tpb), prompt, cached,
-                             num_draft_tokens=drafts)
+    sender = plan_transfer(
+        spec.with_block_size(sender_tpb), prompt, cached, num_draft_tokens=drafts
+    )
+    receiver = plan_transfer(
+        spec.with_block_size(receiver_tpb), prompt, cached, num_draft_tokens=drafts
+    )
     for gs, gr in zip(sender.groups, receiver.groups, strict=True):
         assert gs.tokens == gr.tokens and gs.bytes == gr.bytes
         pos = set(gs.tokens)
@@ -247,8 +267,12 @@ def test_drafts_change_nothing_that_moves(
 
 
 def _one(kind: str, *, window: int | None = None, tpb: int = 4) -> KVCacheSpec:
-    return KVCacheSpec((LayerGroup("g", kind, (0,), 1, 1, window=window),), tokens_per_block=tpb,
-                       dtype="float32", name="one")
+    return KVCacheSpec(
+        (LayerGroup("g", kind, (0,), 1, 1, window=window),),
+        tokens_per_block=tpb,
+        dtype="float32",
+        name="one",
+    )
 
 
 def test_gpt_oss_done_when_numbers() -> None:
@@ -356,8 +380,10 @@ def test_zero_prompt_is_rejected() -> None:
 
 def test_unknown_group_names_in_cached_tokens_are_rejected() -> None:
     spec = preset("gpt-oss-20b")
-    msg = (r"cached_tokens names unknown layer groups \['sliding'\]; spec 'gpt-oss-20b' has "
-           r"\['full', 'sliding128'\]")
+    msg = (
+        r"cached_tokens names unknown layer groups \['sliding'\]; spec 'gpt-oss-20b' has "
+        r"\['full', 'sliding128'\]"
+    )
     with pytest.raises(ValueError, match=msg):
         plan_transfer(spec, 100, {"full": 10, "sliding": 5})
     with pytest.raises(ValueError, match=r"unknown layer groups \['sliding'\]"):
@@ -394,8 +420,11 @@ def test_bools_and_floats_are_not_counts() -> None:
 
 def test_policies_need_per_group_counts() -> None:
     spec = preset("tiny-hybrid")
-    with pytest.raises(TypeError, match=r"cached_tokens must be a mapping \{group name: cached "
-                                        r"count\}, got int 5"):
+    with pytest.raises(
+        TypeError,
+        match=r"cached_tokens must be a mapping \{group name: cached "
+        r"count\}, got int 5",
+    ):
         compare_policies(spec, 10, 5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"cached_tokens must be a mapping"):
         single_boundary(spec, 10, [("full", 3)])  # type: ignore[arg-type]

@@ -226,7 +226,9 @@ def test_range_starting_inside_a_block() -> None:
     r = TokenRange(5, 14)
     assert list(r.blocks(4)) == [1, 2, 3]
     assert [(b, (s.start, s.end)) for b, s in r.block_chunks(4)] == [
-        (1, (5, 8)), (2, (8, 12)), (3, (12, 14)),
+        (1, (5, 8)),
+        (2, (8, 12)),
+        (3, (12, 14)),
     ]
 
 
@@ -339,16 +341,21 @@ def test_block_span_anchor_is_explicit_not_inferred_from_length() -> None:
     span = BlockSpan(10, [7, 8, 9])
     assert span.covered(4) == TokenRange(40, 52)
     assert span.block_id(11) == 8
-    with pytest.raises(ValueError, match=r"group 'full': logical block 2 is outside the span "
-                                         r"\[10, 13\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"group 'full': logical block 2 is outside the span "
+        r"\[10, 13\)",
+    ):
         span.block_id(2, group="full")
 
 
 def test_span_that_does_not_cover_names_group_side_and_positions() -> None:
     span = BlockSpan(2, [5, 6, 7])  # positions [8, 20) at B = 4
-    msg = (r"group 'sliding128': receiver block span \(logical blocks \[2, 5\), "
-           r"positions \[8, 20\)\) does not cover positions \[4, 8\) and \[20, 22\) "
-           r"of the needed range TokenRange\[4, 22\)")
+    msg = (
+        r"group 'sliding128': receiver block span \(logical blocks \[2, 5\), "
+        r"positions \[8, 20\)\) does not cover positions \[4, 8\) and \[20, 22\) "
+        r"of the needed range TokenRange\[4, 22\)"
+    )
     with pytest.raises(ValueError, match=msg):
         span.check_covers(TokenRange(4, 22), 4, group="sliding128", side="receiver")
     with pytest.raises(ValueError, match=r"does not cover positions \[20, 21\)"):

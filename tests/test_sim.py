@@ -20,16 +20,26 @@ from kvtriton.sim import (
 )
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
 
-SMALL_CHAT = dict(users=4, turns=3, system_prompts=2, system_len=256, user_len=(16, 96),
-                  response_len=(16, 160))
-SMALL_AGENT = dict(agents=3, steps=4, system_len=256, context_len=(512, 1024), step_len=(8, 64),
-                   response_len=(8, 48))
+SMALL_CHAT = dict(
+    users=4, turns=3, system_prompts=2, system_len=256, user_len=(16, 96), response_len=(16, 160)
+)
+SMALL_AGENT = dict(
+    agents=3,
+    steps=4,
+    system_len=256,
+    context_len=(512, 1024),
+    step_len=(8, 64),
+    response_len=(8, 48),
+)
 
 
 def _hybrid(window: int = 8, block: int = 4) -> KVCacheSpec:
-    groups = (LayerGroup("full", "full", (1, 3), num_kv_heads=2, head_dim=8),
-              LayerGroup(f"sliding{window}", "sliding", (0, 2), num_kv_heads=2, head_dim=8,
-                         window=window))
+    groups = (
+        LayerGroup("full", "full", (1, 3), num_kv_heads=2, head_dim=8),
+        LayerGroup(
+            f"sliding{window}", "sliding", (0, 2), num_kv_heads=2, head_dim=8, window=window
+        ),
+    )
     return KVCacheSpec(groups, tokens_per_block=block, dtype="float16", name="hybrid")
 
 
@@ -43,8 +53,9 @@ def test_synthetic_traces_are_seeded(kind, params):
     c = synthetic_trace(kind, seed=4, **params)
     assert a.requests == b.requests
     assert a.requests != c.requests
-    assert len(a) == (params.get("users", 0) * params.get("turns", 0)
-                      or params["agents"] * params["steps"])
+    assert len(a) == (
+        params.get("users", 0) * params.get("turns", 0) or params["agents"] * params["steps"]
+    )
 
 
 def test_chat_turns_continue_and_system_prompts_are_shared():
@@ -97,14 +108,22 @@ def test_jsonl_round_trip_compact_and_explicit(tmp_path):
 
 
 def test_jsonl_prefix_encoding_builds_prompts():
-    trace = trace_from_records([
-        {"segment": "sys", "tokens": [1, 2, 3, 4]},
-        {"id": "a", "prefix": "sys", "new": [5, 6], "response": [7, 8]},
-        {"id": "b", "prefix": "a", "new": [9], "response_len": 2},
-        {"id": "c", "prefix": "a", "prefix_len": 3, "new_len": 2, "response": [1],
-         "session": "s"},
-        {"id": "d", "prompt": [4, 4], "response": [4], "after": "b"},
-    ])
+    trace = trace_from_records(
+        [
+            {"segment": "sys", "tokens": [1, 2, 3, 4]},
+            {"id": "a", "prefix": "sys", "new": [5, 6], "response": [7, 8]},
+            {"id": "b", "prefix": "a", "new": [9], "response_len": 2},
+            {
+                "id": "c",
+                "prefix": "a",
+                "prefix_len": 3,
+                "new_len": 2,
+                "response": [1],
+                "session": "s",
+            },
+            {"id": "d", "prompt": [4, 4], "response": [4], "after": "b"},
+        ]
+    )
     a, b, c, d = trace.requests
     assert a.prompt == (1, 2, 3, 4, 5, 6) and a.after is None and a.session == "a"
     assert b.prompt == (1, 2, 3, 4, 5, 6, 7, 8, 9) and b.after == "a" and len(b.response) == 2
@@ -116,8 +135,10 @@ def test_jsonl_prefix_encoding_builds_prompts():
 @pytest.mark.parametrize(
     ("records", "message"),
     [
-        ([{"id": "a", "prompt": [1], "response": [1]}, {"kvtriton_trace": 1}],
-         "header must be the first"),
+        (
+            [{"id": "a", "prompt": [1], "response": [1]}, {"kvtriton_trace": 1}],
+            "header must be the first",
+        ),
         ([{"kvtriton_trace": 2}], "unsupported trace format"),
         ([{"id": "a", "prompt": [1], "response": [1]}] * 2, "duplicate id"),
         ([{"id": "a", "prefix": "nope", "new": [1], "response": [1]}], "no earlier segment"),
@@ -128,8 +149,13 @@ def test_jsonl_prefix_encoding_builds_prompts():
         ([{"id": "a", "prompt": [1], "response_len": 0}], "response_len"),
         ([{"id": "a", "prompt": [1], "response": [1], "after": "z"}], "no earlier request"),
         ([{"id": "a", "prompt": [1], "response": [1], "color": 1}], "unknown fields"),
-        ([{"segment": "s", "len": 4}, {"id": "a", "prefix": "s", "prefix_len": 9,
-                                        "response": [1]}], "prefix_len 9 exceeds"),
+        (
+            [
+                {"segment": "s", "len": 4},
+                {"id": "a", "prefix": "s", "prefix_len": 9, "response": [1]},
+            ],
+            "prefix_len 9 exceeds",
+        ),
         ([], "no request"),
     ],
 )
@@ -199,8 +225,9 @@ def test_sliding_pages_leave_the_window_while_decoding():
 
 def test_no_reuse_matches_independent_plans():
     spec = preset("tiny-hybrid")
-    trace = synthetic_trace("chat", seed=0, users=3, turns=2, system_len=32, user_len=(4, 12),
-                            response_len=(4, 20))
+    trace = synthetic_trace(
+        "chat", seed=0, users=3, turns=2, system_len=32, user_len=(4, 12), response_len=(4, 20)
+    )
     result = simulate(spec, trace, capacity_blocks=4096, policies=["no_reuse"])
     expected = sum(plan_transfer(spec, len(r.prompt), 0).total_bytes for r in trace)
     assert result["no_reuse"].total_bytes == expected
@@ -222,12 +249,15 @@ def _check_order(result: SimResult) -> None:
             assert g.peak_blocks_in_use <= g.pool_blocks
 
 
-@pytest.mark.parametrize(("name", "kind", "params"), [
-    ("gpt-oss-20b", "chat", SMALL_CHAT),
-    ("gpt-oss-20b", "agent", SMALL_AGENT),
-    ("gemma-3-4b", "chat", SMALL_CHAT),
-    ("tiny-hybrid", "chat", SMALL_CHAT),
-])
+@pytest.mark.parametrize(
+    ("name", "kind", "params"),
+    [
+        ("gpt-oss-20b", "chat", SMALL_CHAT),
+        ("gpt-oss-20b", "agent", SMALL_AGENT),
+        ("gemma-3-4b", "chat", SMALL_CHAT),
+        ("tiny-hybrid", "chat", SMALL_CHAT),
+    ],
+)
 def test_policy_order_with_ample_capacity(name, kind, params):
     spec = preset(name)
     trace = synthetic_trace(kind, seed=11, **params)
@@ -243,25 +273,42 @@ def test_policy_order_on_random_hybrids(seed):
 
     rng = random.Random(seed)
     window = rng.randint(1, 64)
-    groups = [LayerGroup("full", "full", (0,), 2, 4),
-              LayerGroup(f"sliding{window}", "sliding", (1,), 2, 4, window=window)]
+    groups = [
+        LayerGroup("full", "full", (0,), 2, 4),
+        LayerGroup(f"sliding{window}", "sliding", (1,), 2, 4, window=window),
+    ]
     other = rng.randint(1, 64)
     if rng.random() < 0.4 and other != window:
         groups.append(LayerGroup(f"sliding{other}", "sliding", (2,), 1, 4, window=other))
     if rng.random() < 0.3:
         groups.append(LayerGroup("state", "state", (3,), state_shape=(2, 3)))
-    spec = KVCacheSpec(tuple(groups), tokens_per_block=rng.choice([1, 2, 4, 8, 16]),
-                       dtype="float16")
+    spec = KVCacheSpec(
+        tuple(groups), tokens_per_block=rng.choice([1, 2, 4, 8, 16]), dtype="float16"
+    )
     if rng.random() < 0.5:
-        trace = synthetic_trace("chat", seed=seed, users=3, turns=3,
-                                system_len=rng.randint(0, 80), user_len=(1, 40),
-                                response_len=(1, 50))
+        trace = synthetic_trace(
+            "chat",
+            seed=seed,
+            users=3,
+            turns=3,
+            system_len=rng.randint(0, 80),
+            user_len=(1, 40),
+            response_len=(1, 50),
+        )
     else:
-        trace = synthetic_trace("agent", seed=seed, agents=3, steps=3,
-                                system_len=rng.randint(0, 80), context_len=(1, 100),
-                                step_len=(0, 20), response_len=(1, 30))
-    result = simulate(spec, trace, capacity_blocks=5000, concurrency=rng.randint(1, 4),
-                      state_slots=64)
+        trace = synthetic_trace(
+            "agent",
+            seed=seed,
+            agents=3,
+            steps=3,
+            system_len=rng.randint(0, 80),
+            context_len=(1, 100),
+            step_len=(0, 20),
+            response_len=(1, 30),
+        )
+    result = simulate(
+        spec, trace, capacity_blocks=5000, concurrency=rng.randint(1, 4), state_slots=64
+    )
     _check_order(result)
 
 
@@ -269,14 +316,20 @@ def test_policy_order_on_random_hybrids(seed):
 def test_a_window_longer_than_every_sequence_behaves_like_full_attention(policy):
     """Oracle: with W above every sequence length, the sliding group needs, caches and moves
     exactly what the full-attention group does."""
-    groups = (LayerGroup("full", "full", (0,), 2, 4),
-              LayerGroup("sliding100000", "sliding", (1,), 2, 4, window=100_000))
+    groups = (
+        LayerGroup("full", "full", (0,), 2, 4),
+        LayerGroup("sliding100000", "sliding", (1,), 2, 4, window=100_000),
+    )
     spec = KVCacheSpec(groups, tokens_per_block=8, dtype="float16")
     trace = synthetic_trace("chat", seed=7, **SMALL_CHAT)
     result = simulate(spec, trace, capacity_blocks=5000, concurrency=3, policies=[policy])
     full, sliding = (result[policy].group(n) for n in ("full", "sliding100000"))
     assert (full.needed_tokens, full.moved_tokens, full.bytes, full.peak_blocks_in_use) == (
-        sliding.needed_tokens, sliding.moved_tokens, sliding.bytes, sliding.peak_blocks_in_use)
+        sliding.needed_tokens,
+        sliding.moved_tokens,
+        sliding.bytes,
+        sliding.peak_blocks_in_use,
+    )
 
 
 def test_tp_shard_moves_its_share_of_the_bytes():
@@ -298,8 +351,7 @@ def test_gpt_oss_chat_per_group_saves_over_single_boundary():
     assert saved > 0 and frac > 0.05
     # Shared system prompts: per-group keeps full-attention reuse the single boundary loses.
     full = "full"
-    assert result["per_group"].group(full).hit_rate > result["single_boundary"].group(
-        full).hit_rate
+    assert result["per_group"].group(full).hit_rate > result["single_boundary"].group(full).hit_rate
 
 
 def test_capacity_pressure_still_orders_against_no_reuse_and_waits():
@@ -314,8 +366,9 @@ def test_capacity_pressure_still_orders_against_no_reuse_and_waits():
 
 def test_capacity_bytes_equals_the_block_count_it_buys():
     spec = preset("gpt-oss-20b")
-    trace = synthetic_trace("chat", seed=0, users=2, turns=2, system_len=64,
-                            user_len=(8, 32), response_len=(8, 32))
+    trace = synthetic_trace(
+        "chat", seed=0, users=2, turns=2, system_len=64, user_len=(8, 32), response_len=(8, 32)
+    )
     nbytes = 3 * 1024**3
     by_bytes = simulate(spec, trace, capacity_bytes=nbytes)
     by_blocks = simulate(spec, trace, capacity_blocks=blocks_for_bytes(spec, nbytes))
@@ -324,8 +377,16 @@ def test_capacity_bytes_equals_the_block_count_it_buys():
 
 def test_state_groups_run_and_report_state_moves():
     spec = preset("tiny-hybrid")
-    trace = synthetic_trace("agent", seed=0, agents=2, steps=3, system_len=16,
-                            context_len=(16, 40), step_len=(1, 8), response_len=(2, 9))
+    trace = synthetic_trace(
+        "agent",
+        seed=0,
+        agents=2,
+        steps=3,
+        system_len=16,
+        context_len=(16, 40),
+        step_len=(1, 8),
+        response_len=(2, 9),
+    )
     result = simulate(spec, trace, capacity_blocks=512, concurrency=2, state_slots=16)
     _check_order(result)
     state = result["no_reuse"].group("state")
@@ -339,12 +400,20 @@ def test_state_groups_run_and_report_state_moves():
 
 def test_table_and_dict():
     spec = preset("gpt-oss-20b")
-    trace = synthetic_trace("chat", seed=0, users=2, turns=2, system_len=64,
-                            user_len=(8, 32), response_len=(8, 32))
+    trace = synthetic_trace(
+        "chat", seed=0, users=2, turns=2, system_len=64, user_len=(8, 32), response_len=(8, 32)
+    )
     result = simulate(spec, trace, capacity_blocks=1000)
     text = result.table()
-    for word in ("per-group", "single boundary", "no reuse", "sliding128", "full", "total",
-                 "per-group vs single boundary: saves"):
+    for word in (
+        "per-group",
+        "single boundary",
+        "no reuse",
+        "sliding128",
+        "full",
+        "total",
+        "per-group vs single boundary: saves",
+    ):
         assert word in text
     data = json.loads(json.dumps(result.to_dict()))
     assert set(data["policies"]) == set(POLICIES)
@@ -357,8 +426,9 @@ def test_plot_writes_an_image(tmp_path):
     from kvtriton.viz import plot_simulation
 
     spec = preset("gpt-oss-20b")
-    trace = synthetic_trace("chat", seed=0, users=2, turns=2, system_len=64,
-                            user_len=(8, 32), response_len=(8, 32))
+    trace = synthetic_trace(
+        "chat", seed=0, users=2, turns=2, system_len=64, user_len=(8, 32), response_len=(8, 32)
+    )
     fig = plot_simulation(simulate(spec, trace, capacity_blocks=1000), tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert len(fig.axes) == 2
@@ -376,8 +446,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="does not fit the pool even alone"):
         simulate(spec, trace, capacity_blocks=3)
     with pytest.raises(ValueError, match="state_slots"):
-        simulate(preset("tiny-hybrid"), trace, capacity_blocks=100, concurrency=4,
-                 state_slots=4)
+        simulate(preset("tiny-hybrid"), trace, capacity_blocks=100, concurrency=4, state_slots=4)
     with pytest.raises(ValueError, match="unknown trace kind"):
         synthetic_trace("batch")
     with pytest.raises(ValueError, match="user_len"):
@@ -388,8 +457,18 @@ def test_bad_arguments_are_refused():
 
 # -- the kvtriton simulate command -------------------------------------------------------------
 
-_SMALL_ARGS = ["--users", "2", "--turns", "2", "--system-len", "64", "--input-len", "8:32",
-               "--output-len", "8:32"]
+_SMALL_ARGS = [
+    "--users",
+    "2",
+    "--turns",
+    "2",
+    "--system-len",
+    "64",
+    "--input-len",
+    "8:32",
+    "--output-len",
+    "8:32",
+]
 
 
 def test_cli_simulate_table_json_plot_and_trace(tmp_path, capsys):
@@ -402,12 +481,31 @@ def test_cli_simulate_table_json_plot_and_trace(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "per-group vs single boundary: saves" in out and "sliding128" in out
-    assert load_trace(saved).requests == synthetic_trace(
-        "chat", users=2, turns=2, system_len=64, user_len=(8, 32), response_len=(8, 32)).requests
+    assert (
+        load_trace(saved).requests
+        == synthetic_trace(
+            "chat", users=2, turns=2, system_len=64, user_len=(8, 32), response_len=(8, 32)
+        ).requests
+    )
     if _has_matplotlib():
         assert plot.stat().st_size > 1000
-    assert main(["simulate", "--preset", "gpt-oss-20b", "--trace", str(saved), "--json",
-                 "--capacity-blocks", "500", "--policies", "per_group,single_boundary"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--preset",
+                "gpt-oss-20b",
+                "--trace",
+                str(saved),
+                "--json",
+                "--capacity-blocks",
+                "500",
+                "--policies",
+                "per_group,single_boundary",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert set(data["policies"]) == {"per_group", "single_boundary"}
     assert data["pool_blocks"] == {"full": 500, "sliding128": 500}
@@ -419,20 +517,34 @@ def test_cli_simulate_hf_config(capsys):
 
     assert main(["simulate", "--hf-config", "GptOssConfig", *_SMALL_ARGS]) == 0
     assert "gpt_oss on trace 'chat'" in capsys.readouterr().out
-    assert main(["simulate", "--hf-config", "Gemma3TextConfig", "--hf-set", "sliding_window=64",
-                 *_SMALL_ARGS]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--hf-config",
+                "Gemma3TextConfig",
+                "--hf-set",
+                "sliding_window=64",
+                *_SMALL_ARGS,
+            ]
+        )
+        == 0
+    )
     assert "sliding64" in capsys.readouterr().out
     assert main(["simulate", "--preset", "gpt-oss-20b", "--hf-set", "sliding_window=64"]) == 2
     assert "--hf-set applies to --hf-config" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--trace", "missing.jsonl"], "neither chat nor agent"),
-    (["--context-len", "5:9"], "does not apply to --trace chat"),
-    (["--capacity-blocks", "2"], "does not fit the pool even alone"),
-    (["--policies", "per_group,bogus"], "policies must be"),
-    (["--input-len", "9:3"], "MIN <= MAX"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trace", "missing.jsonl"], "neither chat nor agent"),
+        (["--context-len", "5:9"], "does not apply to --trace chat"),
+        (["--capacity-blocks", "2"], "does not fit the pool even alone"),
+        (["--policies", "per_group,bogus"], "policies must be"),
+        (["--input-len", "9:3"], "MIN <= MAX"),
+    ],
+)
 def test_cli_simulate_errors_are_one_line(args, message, capsys):
     from kvtriton.cli import main
 

@@ -55,8 +55,11 @@ def test_window_only_on_sliding_groups() -> None:
 
 
 def test_sizes_must_be_positive() -> None:
-    with pytest.raises(ValueError, match=r"layer group 'g': num_kv_heads must be a positive int, "
-                                         r"got 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer group 'g': num_kv_heads must be a positive int, "
+        r"got 0",
+    ):
         LayerGroup("g", "full", (0,), num_kv_heads=0)
     with pytest.raises(ValueError, match=r"head_dim must be a positive int, got -64"):
         LayerGroup("g", "full", (0,), head_dim=-64)
@@ -71,8 +74,11 @@ def test_sizes_must_be_positive() -> None:
 
 
 def test_unknown_kind_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"layer group 'g': unknown kind 'cross'; expected one of "
-                                         r"\('full', 'sliding', 'state'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer group 'g': unknown kind 'cross'; expected one of "
+        r"\('full', 'sliding', 'state'\)",
+    ):
         LayerGroup("g", "cross", (0,))
 
 
@@ -147,8 +153,10 @@ def test_tp_shard_replicates_when_ranks_outnumber_kv_heads() -> None:
 
 
 def test_tp_shard_errors_when_neither_divides() -> None:
-    msg = (r"group 'full': 8 kv heads cannot be split over 3 TP ranks "
-           r"\(need kv heads % tp == 0 or tp % kv heads == 0\)")
+    msg = (
+        r"group 'full': 8 kv heads cannot be split over 3 TP ranks "
+        r"\(need kv heads % tp == 0 or tp % kv heads == 0\)"
+    )
     with pytest.raises(ValueError, match=msg):
         preset("gpt-oss-20b").shard(0, 3)
     with pytest.raises(ValueError, match=r"tp_rank must be in \[0, 4\), got 4"):
@@ -234,16 +242,26 @@ def test_digest_is_stable_across_calls_and_rebuilds() -> None:
 
 def test_digest_differs_between_shards_and_block_sizes() -> None:
     spec = preset("gpt-oss-20b")
-    digests = {spec.digest(), spec.shard(0, 2).digest(), spec.shard(1, 2).digest(),
-               spec.stage(0, 2).digest(), spec.with_block_size(32).digest()}
+    digests = {
+        spec.digest(),
+        spec.shard(0, 2).digest(),
+        spec.shard(1, 2).digest(),
+        spec.stage(0, 2).digest(),
+        spec.with_block_size(32).digest(),
+    }
     assert len(digests) == 5
 
 
 def test_model_digest_equal_across_shards_and_block_sizes() -> None:
     spec = preset("qwen3-next-80b")
-    views = [spec.shard(3, 4), spec.stage(1, 3), spec.shard_for(1, 2, 2, 3),
-             spec.with_block_size(7), preset("qwen3-next-80b", tokens_per_block=64),
-             spec.stage(0, 2).with_block_size(5)]
+    views = [
+        spec.shard(3, 4),
+        spec.stage(1, 3),
+        spec.shard_for(1, 2, 2, 3),
+        spec.with_block_size(7),
+        preset("qwen3-next-80b", tokens_per_block=64),
+        spec.stage(0, 2).with_block_size(5),
+    ]
     assert {v.model_digest() for v in views} == {spec.model_digest()}
 
 

@@ -11,26 +11,43 @@ from kvtriton.spec import KVCacheSpec, LayerGroup, preset
 from kvtriton.transfer.chunking import plan_chunks
 from kvtriton.transfer.topology import Topology
 
-TOPOLOGIES = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 1, 2, 1), (1, 2, 1, 1), (1, 2, 2, 1),
-              (2, 2, 1, 2), (1, 1, 1, 2), (2, 1, 2, 2), (1, 3, 1, 2)]
+TOPOLOGIES = [
+    (1, 1, 1, 1),
+    (2, 1, 1, 1),
+    (1, 1, 2, 1),
+    (1, 2, 1, 1),
+    (1, 2, 2, 1),
+    (2, 2, 1, 2),
+    (1, 1, 1, 2),
+    (2, 1, 2, 2),
+    (1, 3, 1, 2),
+]
 
 
 def _spec() -> KVCacheSpec:
     # 4 kv heads in "full", 2 in "sliding", 1 in "mqa" (replicated for tp >= 2), a state.
-    return KVCacheSpec((
-        LayerGroup("full", "full", (0, 3, 6), num_kv_heads=4, head_dim=8),
-        LayerGroup("sliding", "sliding", (1, 4), num_kv_heads=2, head_dim=8, window=5),
-        LayerGroup("mqa", "full", (2,), num_kv_heads=1, head_dim=8),
-        LayerGroup("state", "state", (5, 7), state_shape=(4, 3), state_dtype="float32"),
-    ), tokens_per_block=4, dtype="bfloat16", name="topo-test")
+    return KVCacheSpec(
+        (
+            LayerGroup("full", "full", (0, 3, 6), num_kv_heads=4, head_dim=8),
+            LayerGroup("sliding", "sliding", (1, 4), num_kv_heads=2, head_dim=8, window=5),
+            LayerGroup("mqa", "full", (2,), num_kv_heads=1, head_dim=8),
+            LayerGroup("state", "state", (5, 7), state_shape=(4, 3), state_dtype="float32"),
+        ),
+        tokens_per_block=4,
+        dtype="bfloat16",
+        name="topo-test",
+    )
 
 
 def _cells(spec: KVCacheSpec) -> set[tuple[str, int, int]]:
     """(group, layer, head) cells a shard holds."""
     out = set()
     for g in spec.groups:
-        lo, hi = ((g.state_head_start, g.state_head_end) if g.kind == "state"
-                  else (g.head_start, g.head_end))
+        lo, hi = (
+            (g.state_head_start, g.state_head_end)
+            if g.kind == "state"
+            else (g.head_start, g.head_end)
+        )
         for layer in g.layer_ids:
             for h in range(lo, hi):  # type: ignore[arg-type]
                 out.add((g.name, layer, h))
@@ -38,9 +55,9 @@ def _cells(spec: KVCacheSpec) -> set[tuple[str, int, int]]:
 
 
 @pytest.mark.parametrize("ctx_tp,ctx_pp,gen_tp,gen_pp", [*TOPOLOGIES, (4, 1, 1, 1), (1, 1, 4, 1)])
-def test_each_receiver_cell_is_asked_exactly_once_from_a_holder(ctx_tp: int, ctx_pp: int,
-                                                                 gen_tp: int, gen_pp: int
-                                                                 ) -> None:
+def test_each_receiver_cell_is_asked_exactly_once_from_a_holder(
+    ctx_tp: int, ctx_pp: int, gen_tp: int, gen_pp: int
+) -> None:
     topo = Topology(_spec(), ctx_tp, ctx_pp, gen_tp, gen_pp)
     for r in topo.gen_ranks:
         wanted = _cells(topo.spec(r))
@@ -115,10 +132,10 @@ def test_chunks_partition_the_request_exactly(chunk_bytes: int) -> None:
     spec = _spec()
     t = Topology(spec, 2, 1, 1, 1)
     src = t.sources(2)[1]
-    tokens = {"full": TokenRange(3, 29), "sliding": TokenRange(25, 29),
-              "mqa": TokenRange(0, 0)}
-    chunks = plan_chunks(spec, tokens, ["state"], layers=src.layers, heads=src.heads,
-                         chunk_bytes=chunk_bytes)
+    tokens = {"full": TokenRange(3, 29), "sliding": TokenRange(25, 29), "mqa": TokenRange(0, 0)}
+    chunks = plan_chunks(
+        spec, tokens, ["state"], layers=src.layers, heads=src.heads, chunk_bytes=chunk_bytes
+    )
     assert [c.index for c in chunks] == list(range(len(chunks)))
     # every position of every group exactly once, in order; state once
     for g, rng in tokens.items():
@@ -137,7 +154,8 @@ def test_chunks_partition_the_request_exactly(chunk_bytes: int) -> None:
 
 def test_nothing_to_move_plans_no_chunk() -> None:
     spec = _spec()
-    assert plan_chunks(spec, {"full": TokenRange(5, 5)}, [], layers={}, heads={},
-                       chunk_bytes=64) == ()
+    assert (
+        plan_chunks(spec, {"full": TokenRange(5, 5)}, [], layers={}, heads={}, chunk_bytes=64) == ()
+    )
     with pytest.raises(ValueError, match="chunk_bytes"):
         plan_chunks(spec, {}, [], layers={}, heads={}, chunk_bytes=0)

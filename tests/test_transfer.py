@@ -22,17 +22,25 @@ from kvtriton.transfer.transport import FaultInjection
 
 pytestmark = pytest.mark.slow
 
-BASE: dict[str, Any] = dict(kernel_backend="reference", conversations=2, turns=2,
-                            timeout_s=20.0)
+BASE: dict[str, Any] = dict(kernel_backend="reference", conversations=2, turns=2, timeout_s=20.0)
 ONE_TURN: dict[str, Any] = {**BASE, "turns": 1, "modes": ("per_group",)}
 
-REPLICATED = KVCacheSpec((
-    LayerGroup("mqa", "full", (0, 2), num_kv_heads=1, head_dim=8),
-    LayerGroup("sliding6", "sliding", (1, 3), num_kv_heads=2, head_dim=8, window=6),
-), tokens_per_block=4, dtype="bfloat16", name="mqa-hybrid")
+REPLICATED = KVCacheSpec(
+    (
+        LayerGroup("mqa", "full", (0, 2), num_kv_heads=1, head_dim=8),
+        LayerGroup("sliding6", "sliding", (1, 3), num_kv_heads=2, head_dim=8, window=6),
+    ),
+    tokens_per_block=4,
+    dtype="bfloat16",
+    name="mqa-hybrid",
+)
 
-FULL_ONLY = KVCacheSpec((LayerGroup("full", "full", (0, 1), num_kv_heads=2, head_dim=8),),
-                        tokens_per_block=4, dtype="float16", name="full-only")
+FULL_ONLY = KVCacheSpec(
+    (LayerGroup("full", "full", (0, 1), num_kv_heads=2, head_dim=8),),
+    tokens_per_block=4,
+    dtype="float16",
+    name="full-only",
+)
 
 CASES: list[tuple[str, DisaggConfig]] = [
     # the Triton kernels (interpreter on CPU when TRITON_INTERPRET=1) end to end
@@ -42,33 +50,83 @@ CASES: list[tuple[str, DisaggConfig]] = [
     ("pp2-pp1", DisaggConfig(ctx_pp=2, **BASE)),
     ("tp1pp2-tp2pp1", DisaggConfig(ctx_pp=2, gen_tp=2, **BASE)),
     ("replicated-tp2-tp2", DisaggConfig(model=REPLICATED, ctx_tp=2, gen_tp=2, **BASE)),
-    ("interleaved", DisaggConfig(**{**BASE, "conversations": 6, "in_flight": 6,
-                                    "chunk_bytes": 1024, "modes": ("per_group",)})),
-    ("batched", DisaggConfig(**{**BASE, "conversations": 6, "in_flight": 6,
-                                "chunk_bytes": 1 << 20, "modes": ("per_group",)})),
+    (
+        "interleaved",
+        DisaggConfig(
+            **{
+                **BASE,
+                "conversations": 6,
+                "in_flight": 6,
+                "chunk_bytes": 1024,
+                "modes": ("per_group",),
+            }
+        ),
+    ),
+    (
+        "batched",
+        DisaggConfig(
+            **{
+                **BASE,
+                "conversations": 6,
+                "in_flight": 6,
+                "chunk_bytes": 1 << 20,
+                "modes": ("per_group",),
+            }
+        ),
+    ),
     # the second turn repeats a block-aligned prompt: nothing moves, the request still
     # completes (Done with no chunk, then Ack); drafts are allocated and never sent
-    ("full-hit", DisaggConfig(model=FULL_ONLY, turn_tokens=0, draft_tokens=3,
-                              **{**BASE, "modes": ("per_group",)})),
+    (
+        "full-hit",
+        DisaggConfig(
+            model=FULL_ONLY, turn_tokens=0, draft_tokens=3, **{**BASE, "modes": ("per_group",)}
+        ),
+    ),
     ("mismatch", DisaggConfig(gen_dtype="float16", **ONE_TURN)),
     ("corrupt", DisaggConfig(faults={0: FaultInjection(corrupt_chunk=1)}, **ONE_TURN)),
-    ("cancel", DisaggConfig(cancel=("c0t0",), cancel_during=("c1t0",), chunk_bytes=512,
-                            faults={0: FaultInjection(frame_delay_s=0.02)}, **ONE_TURN)),
-    ("timeout", DisaggConfig(faults={0: FaultInjection(stall=True)},
-                             **{**ONE_TURN, "timeout_s": 1.5})),
+    (
+        "cancel",
+        DisaggConfig(
+            cancel=("c0t0",),
+            cancel_during=("c1t0",),
+            chunk_bytes=512,
+            faults={0: FaultInjection(frame_delay_s=0.02)},
+            **ONE_TURN,
+        ),
+    ),
+    (
+        "timeout",
+        DisaggConfig(faults={0: FaultInjection(stall=True)}, **{**ONE_TURN, "timeout_s": 1.5}),
+    ),
     # pre-posted receives: the sender owes every announced chunk, in order, dummies included
-    ("prepost-tp1pp2-tp2pp1", DisaggConfig(ctx_pp=2, gen_tp=2, prepost=True, chunk_bytes=1024,
-                                           **BASE)),
-    ("prepost-mismatch", DisaggConfig(gen_dtype="float16", prepost=True, chunk_bytes=512,
-                                      **ONE_TURN)),
-    ("prepost-corrupt", DisaggConfig(faults={0: FaultInjection(corrupt_chunk=0)}, prepost=True,
-                                     **ONE_TURN)),
-    ("prepost-cancel", DisaggConfig(cancel=("c0t0",), cancel_during=("c1t0",), chunk_bytes=512,
-                                    prepost=True, faults={0: FaultInjection(frame_delay_s=0.02)},
-                                    **ONE_TURN)),
+    (
+        "prepost-tp1pp2-tp2pp1",
+        DisaggConfig(ctx_pp=2, gen_tp=2, prepost=True, chunk_bytes=1024, **BASE),
+    ),
+    (
+        "prepost-mismatch",
+        DisaggConfig(gen_dtype="float16", prepost=True, chunk_bytes=512, **ONE_TURN),
+    ),
+    (
+        "prepost-corrupt",
+        DisaggConfig(faults={0: FaultInjection(corrupt_chunk=0)}, prepost=True, **ONE_TURN),
+    ),
+    (
+        "prepost-cancel",
+        DisaggConfig(
+            cancel=("c0t0",),
+            cancel_during=("c1t0",),
+            chunk_bytes=512,
+            prepost=True,
+            faults={0: FaultInjection(frame_delay_s=0.02)},
+            **ONE_TURN,
+        ),
+    ),
     # last: a dead rank breaks the world
-    ("sender-dies", DisaggConfig(faults={0: FaultInjection(die_after_frames=2)},
-                                 chunk_bytes=512, **ONE_TURN)),
+    (
+        "sender-dies",
+        DisaggConfig(faults={0: FaultInjection(die_after_frames=2)}, chunk_bytes=512, **ONE_TURN),
+    ),
 ]
 
 
@@ -112,8 +170,18 @@ def _check_success(rep: dict[str, Any]) -> None:
     _check_clean(rep)
 
 
-@pytest.mark.parametrize("name", ["tp1-tp1", "tp2-tp1", "tp1-tp2", "pp2-pp1", "tp1pp2-tp2pp1",
-                                  "replicated-tp2-tp2", "prepost-tp1pp2-tp2pp1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tp1-tp1",
+        "tp2-tp1",
+        "tp1-tp2",
+        "pp2-pp1",
+        "tp1pp2-tp2pp1",
+        "replicated-tp2-tp2",
+        "prepost-tp1pp2-tp2pp1",
+    ],
+)
 def test_topologies_bit_exact_with_per_group_reuse(results: dict[str, Any], name: str) -> None:
     rep = _report(results, name)
     _check_success(rep)
@@ -165,12 +233,14 @@ def test_full_hit_moves_nothing_and_completes(results: dict[str, Any]) -> None:
     second = [q for q in reqs if q["rid"].endswith("t1")]
     assert len(first) == len(second) == 2
     assert all(sum(q["bytes_by_group"].values()) == 40 * 2 * 2 * 2 * 8 * 2 for q in first)
-    assert all(sum(q["bytes_by_group"].values()) == 0 and q["tokens_by_group"]["full"] == 0
-               for q in second)
+    assert all(
+        sum(q["bytes_by_group"].values()) == 0 and q["tokens_by_group"]["full"] == 0 for q in second
+    )
 
 
-def _check_failed(rep: dict[str, Any], *, recv: str, send: str | None, match: str,
-                  within: float | None = None) -> None:
+def _check_failed(
+    rep: dict[str, Any], *, recv: str, send: str | None, match: str, within: float | None = None
+) -> None:
     reqs = _requests(rep)
     assert reqs
     for q in reqs:
@@ -198,8 +268,7 @@ def test_spec_mismatch_is_refused_on_both_sides(results: dict[str, Any], name: s
 
 
 @pytest.mark.parametrize("name,chunk", [("corrupt", 1), ("prepost-corrupt", 0)])
-def test_corrupted_chunk_fails_both_sides(results: dict[str, Any], name: str, chunk: int
-                                          ) -> None:
+def test_corrupted_chunk_fails_both_sides(results: dict[str, Any], name: str, chunk: int) -> None:
     rep = _report(results, name)
     _check_failed(rep, recv="ERROR", send="ERROR", match=f"checksum mismatch in chunk {chunk}")
 
@@ -214,8 +283,7 @@ def test_cancel_before_and_during(results: dict[str, Any], name: str) -> None:
 
 def test_receiver_timeout(results: dict[str, Any]) -> None:
     rep = _report(results, "timeout")
-    _check_failed(rep, recv="ERROR", send="ERROR", match="timed out after 1.5 s",
-                  within=1.5)
+    _check_failed(rep, recv="ERROR", send="ERROR", match="timed out after 1.5 s", within=1.5)
 
 
 def test_sender_dies_mid_transfer(results: dict[str, Any]) -> None:

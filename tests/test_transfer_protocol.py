@@ -8,24 +8,37 @@ from kvtriton.ranges import TokenRange
 from kvtriton.transfer import protocol as P
 
 REQ = P.Request(
-    request_id="conv-7/turn-2", model_digest="cca50d2654be55bc", num_tokens=61,
-    tokens={"full": TokenRange(40, 61), "sliding8": TokenRange(54, 61)}, states=("state",),
+    request_id="conv-7/turn-2",
+    model_digest="cca50d2654be55bc",
+    num_tokens=61,
+    tokens={"full": TokenRange(40, 61), "sliding8": TokenRange(54, 61)},
+    states=("state",),
     layers={"full": (1, 4), "sliding8": (0, 2, 5), "state": (3,)},
     heads={"full": (0, 1), "sliding8": (0, 1), "state": (0, 1)},
-    chunk_bytes=8192, checksum=True, mode="single_boundary")
+    chunk_bytes=8192,
+    checksum=True,
+    mode="single_boundary",
+)
 
 
-@pytest.mark.parametrize("msg", [
-    REQ,
-    P.Refuse("r", "spec mismatch: receiver model digest a, sender holds b"),
-    P.Schedule((P.Frame(4096, (P.FramePart("a", 0, 0, 1000), P.FramePart("b", 3, 1024, 3072))),
-                P.Frame(7, (P.FramePart("c", 1, 0, 7),)))),
-    P.Done("r", 3, (1, 2**64 - 1, 0)),
-    P.Cancel("r", "timed out", True),
-    P.Abort("r", "sender timed out"),
-    P.Ack("r"),
-    P.Bye("done"),
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        REQ,
+        P.Refuse("r", "spec mismatch: receiver model digest a, sender holds b"),
+        P.Schedule(
+            (
+                P.Frame(4096, (P.FramePart("a", 0, 0, 1000), P.FramePart("b", 3, 1024, 3072))),
+                P.Frame(7, (P.FramePart("c", 1, 0, 7),)),
+            )
+        ),
+        P.Done("r", 3, (1, 2**64 - 1, 0)),
+        P.Cancel("r", "timed out", True),
+        P.Abort("r", "sender timed out"),
+        P.Ack("r"),
+        P.Bye("done"),
+    ],
+)
 def test_round_trip(msg: P.Message) -> None:
     assert P.roundtrip(msg) == msg
 
@@ -75,4 +88,5 @@ def test_checksum_catches_every_single_byte_flip() -> None:
         assert checksum(bad) != ref, pos
     assert checksum(buf[:1026]) != checksum(buf[:1026].clone().contiguous()[:1025])
     assert checksum(torch.zeros(8, dtype=torch.uint8)) != checksum(
-        torch.zeros(12, dtype=torch.uint8))  # the length is mixed in
+        torch.zeros(12, dtype=torch.uint8)
+    )  # the length is mixed in

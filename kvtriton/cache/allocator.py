@@ -151,8 +151,7 @@ class PrefixCache:
     def items(self) -> Iterable[tuple[BlockHash, int]]:
         return self._index.items()
 
-    def run_length(self, hashes: Sequence[BlockHash], start: int, stop: int | None = None
-                   ) -> int:
+    def run_length(self, hashes: Sequence[BlockHash], start: int, stop: int | None = None) -> int:
         """How many consecutive ``hashes[start:stop]`` are in the index."""
         index = self._index
         end = len(hashes) if stop is None else min(stop, len(hashes))
@@ -190,10 +189,15 @@ class PrefixCache:
         index = self._index
         tags = self._hash
         if len(hashes) != len(block_ids):
-            raise ValueError(f"group {self.name!r}: {len(hashes)} hashes for "
-                             f"{len(block_ids)} blocks")
-        if (tags.keys().isdisjoint(block_ids) and index.keys().isdisjoint(hashes)
-                and len(set(hashes)) == len(hashes) and len(set(block_ids)) == len(block_ids)):
+            raise ValueError(
+                f"group {self.name!r}: {len(hashes)} hashes for {len(block_ids)} blocks"
+            )
+        if (
+            tags.keys().isdisjoint(block_ids)
+            and index.keys().isdisjoint(hashes)
+            and len(set(hashes)) == len(hashes)
+            and len(set(block_ids)) == len(block_ids)
+        ):
             index.update(zip(hashes, block_ids, strict=True))  # the common case, at C speed
             tags.update(zip(block_ids, hashes, strict=True))
             count = len(hashes)

@@ -28,8 +28,9 @@ from kvtriton.spec import preset
 __all__ = ["bench", "main"]
 
 
-def bench(preset_name: str, num_tokens: int, tokens_per_block: int, reps: int, seed: int
-          ) -> dict[str, float | int | str]:
+def bench(
+    preset_name: str, num_tokens: int, tokens_per_block: int, reps: int, seed: int
+) -> dict[str, float | int | str]:
     spec = preset(preset_name, tokens_per_block=tokens_per_block)
     rng = random.Random(seed)
     tokens = [rng.randrange(200_000) for _ in range(num_tokens)]
@@ -82,17 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    rows = [bench(p, n, args.tokens_per_block, args.reps, args.seed)
-            for p in args.presets for n in args.tokens]
-    header = (f"{'preset':<14} {'tokens':>7} {'blocks':>6} {'cold ms':>8} {'(best)':>7} "
-              f"{'warm ms':>8} {'(best)':>7} {'hash ms':>8} {'cold us/blk':>11}")
+    rows = [
+        bench(p, n, args.tokens_per_block, args.reps, args.seed)
+        for p in args.presets
+        for n in args.tokens
+    ]
+    header = (
+        f"{'preset':<14} {'tokens':>7} {'blocks':>6} {'cold ms':>8} {'(best)':>7} "
+        f"{'warm ms':>8} {'(best)':>7} {'hash ms':>8} {'cold us/blk':>11}"
+    )
     print(f"match + allocate + commit, B={args.tokens_per_block}, median of {args.reps}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['preset']:<14} {r['tokens']:>7} {r['blocks']:>6} {r['cold_ms']:>8.3f} "
-              f"{r['cold_best_ms']:>7.3f} {r['warm_ms']:>8.3f} {r['warm_best_ms']:>7.3f} "
-              f"{r['hash_ms']:>8.3f} {r['cold_us_per_block']:>11.3f}")
+        print(
+            f"{r['preset']:<14} {r['tokens']:>7} {r['blocks']:>6} {r['cold_ms']:>8.3f} "
+            f"{r['cold_best_ms']:>7.3f} {r['warm_ms']:>8.3f} {r['warm_best_ms']:>7.3f} "
+            f"{r['hash_ms']:>8.3f} {r['cold_us_per_block']:>11.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -83,9 +83,7 @@ def token_array(tokens: Sequence[int], *, what: str = "tokens") -> array:
         packed = array("Q", tokens)
     except OverflowError:
         bad = next((t for t in tokens if not 0 <= int(t) < 2**64), None)
-        raise ValueError(
-            f"{what}: token ids must be in [0, 2**64), got {bad!r}"
-        ) from None
+        raise ValueError(f"{what}: token ids must be in [0, 2**64), got {bad!r}") from None
     except TypeError:
         bad = next((t for t in tokens if not isinstance(t, int)), None)
         if bad is None:  # e.g. a torch tensor or numpy array: go through Python ints

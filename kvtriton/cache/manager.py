@@ -44,8 +44,9 @@ class OutOfBlocksError(RuntimeError):
     Attributes: ``request_id``, ``group``, ``needed``, ``available`` (blocks or slots).
     """
 
-    def __init__(self, request_id: RequestId, group: str, needed: int, available: int,
-                 detail: str) -> None:
+    def __init__(
+        self, request_id: RequestId, group: str, needed: int, available: int, detail: str
+    ) -> None:
         self.request_id = request_id
         self.group = group
         self.needed = needed
@@ -246,12 +247,31 @@ class _Group:
 
 
 class _Request:
-    __slots__ = ("blocks", "committed", "extra_key", "first_block", "hashes", "num_draft",
-                 "num_tokens", "request_id", "root", "slots", "token_bytes", "valid_from")
+    __slots__ = (
+        "blocks",
+        "committed",
+        "extra_key",
+        "first_block",
+        "hashes",
+        "num_draft",
+        "num_tokens",
+        "request_id",
+        "root",
+        "slots",
+        "token_bytes",
+        "valid_from",
+    )
 
-    def __init__(self, request_id: RequestId, extra_key: ExtraKey, root: BlockHash,
-                 token_bytes: array, hashes: list[BlockHash], num_tokens: int, num_draft: int
-                 ) -> None:
+    def __init__(
+        self,
+        request_id: RequestId,
+        extra_key: ExtraKey,
+        root: BlockHash,
+        token_bytes: array,
+        hashes: list[BlockHash],
+        num_tokens: int,
+        num_draft: int,
+    ) -> None:
         self.request_id = request_id
         self.extra_key = extra_key
         self.root = root
@@ -313,20 +333,25 @@ class KVCacheManager:
                 )
             pool_blocks = pools.num_blocks
             if num_blocks is not None and resolve_num_blocks(spec, num_blocks) != pool_blocks:
-                raise ValueError(f"num_blocks {num_blocks!r} disagrees with the pools "
-                                 f"({pool_blocks})")
+                raise ValueError(
+                    f"num_blocks {num_blocks!r} disagrees with the pools ({pool_blocks})"
+                )
             if num_state_slots is not None and num_state_slots != pools.num_state_slots:
-                raise ValueError(f"num_state_slots {num_state_slots} disagrees with the pools "
-                                 f"({pools.num_state_slots})")
+                raise ValueError(
+                    f"num_state_slots {num_state_slots} disagrees with the pools "
+                    f"({pools.num_state_slots})"
+                )
             blocks = pool_blocks
             slots = pools.num_state_slots
         else:
             if attention and num_blocks is None:
-                raise ValueError(f"spec {spec.name!r} has attention groups: give num_blocks "
-                                 "(or pools)")
+                raise ValueError(
+                    f"spec {spec.name!r} has attention groups: give num_blocks (or pools)"
+                )
             blocks = resolve_num_blocks(spec, num_blocks) if attention else {}  # type: ignore[arg-type]
-            slots = check_count("num_state_slots", 0 if num_state_slots is None
-                                 else num_state_slots, 0)
+            slots = check_count(
+                "num_state_slots", 0 if num_state_slots is None else num_state_slots, 0
+            )
         if states and slots < 1:
             raise ValueError(
                 f"spec {spec.name!r} has state groups {[g.name for g in states]}: "
@@ -347,9 +372,13 @@ class KVCacheManager:
     def __repr__(self) -> str:
         groups = ", ".join(
             f"{name}: {gs.alloc.num_blocks - gs.available} used / {gs.cache.num_cached} cached"
-            f" / {gs.alloc.num_blocks}" for name, gs in self._groups.items())
-        return (f"KVCacheManager(spec={self.spec.name!r}, B={self.tokens_per_block}, "
-                f"requests={len(self._requests)}, {groups})")
+            f" / {gs.alloc.num_blocks}"
+            for name, gs in self._groups.items()
+        )
+        return (
+            f"KVCacheManager(spec={self.spec.name!r}, B={self.tokens_per_block}, "
+            f"requests={len(self._requests)}, {groups})"
+        )
 
     # ------------------------------------------------------------------------------------
     # helpers
@@ -373,8 +402,9 @@ class KVCacheManager:
         try:
             return self._groups[name]
         except KeyError:
-            raise KeyError(f"no layer group {name!r} in spec {self.spec.name!r}; groups: "
-                           f"{list(self._groups)}") from None
+            raise KeyError(
+                f"no layer group {name!r} in spec {self.spec.name!r}; groups: {list(self._groups)}"
+            ) from None
 
     def _encode(self, tokens: Sequence[int], what: str) -> tuple[array, int]:
         data = token_array(tokens, what=what)
@@ -414,8 +444,9 @@ class KVCacheManager:
         taken at the current version is still exact."""
         return sum(gs.cache.version for gs in self._groups.values())
 
-    def _match(self, p: int, hashes: Sequence[BlockHash], extra_key: ExtraKey, data: array
-               ) -> PrefixMatch:
+    def _match(
+        self, p: int, hashes: Sequence[BlockHash], extra_key: ExtraKey, data: array
+    ) -> PrefixMatch:
         bsz = self.tokens_per_block
         nfull = len(hashes)
         cached: dict[str, int] = {}
@@ -474,8 +505,11 @@ class KVCacheManager:
         if upper == 0:
             return 0
         bsz = self.tokens_per_block
-        sliding = [(gs.group.window or 1, gs.cache._index) for gs in self._attention
-                   if gs.group.kind == "sliding"]
+        sliding = [
+            (gs.group.window or 1, gs.cache._index)
+            for gs in self._attention
+            if gs.group.kind == "sliding"
+        ]
         snapshots = [gs.cache._index for gs in self._states]
         if not sliding and not snapshots:
             return upper
@@ -492,8 +526,9 @@ class KVCacheManager:
         state_ok: list[bool] | None = None
         for index in snapshots:
             here = list(map(index.__contains__, rev))
-            state_ok = here if state_ok is None else [a and b for a, b in zip(state_ok, here,
-                                                                                strict=True)]
+            state_ok = (
+                here if state_ok is None else [a and b for a, b in zip(state_ok, here, strict=True)]
+            )
         j = upper
         while j > 0:
             if state_ok is not None:  # the largest j' <= j with a snapshot at j'
@@ -572,9 +607,12 @@ class KVCacheManager:
                     f"{prefix.extra_key!r} of the PrefixMatch passed as tokens"
                 )
             if prefix.tokens_per_block != self.tokens_per_block or (
-                    len(prefix.token_bytes) != prefix.num_tokens):
-                raise ValueError(f"request {request_id!r}: the PrefixMatch passed as tokens "
-                                 "comes from another manager")
+                len(prefix.token_bytes) != prefix.num_tokens
+            ):
+                raise ValueError(
+                    f"request {request_id!r}: the PrefixMatch passed as tokens "
+                    "comes from another manager"
+                )
             extra_key = prefix.extra_key
             data, p = prefix.token_bytes, prefix.num_tokens
             hashes = list(prefix.hashes)
@@ -601,8 +639,7 @@ class KVCacheManager:
                 take = found
                 cached[g.name] = match.cached[g.name]
             else:
-                take = range(found.start, max(found.start, min(found.stop,
-                                                               match.boundary // bsz)))
+                take = range(found.start, max(found.start, min(found.stop, match.boundary // bsz)))
                 cached[g.name] = match.boundary
             ids = list(match.block_ids[g.name][: len(take)])
             fresh = (end - first) - len(ids)
@@ -612,8 +649,9 @@ class KVCacheManager:
                 raise OutOfBlocksError(request_id, g.name, fresh, available, gs.detail())
             plan.append((gs, first, ids, fresh))
             reused_blocks[g.name] = take
-            valid[g.name] = first * bsz if (prefill or ids or g.kind == "full") else (
-                needed_range(g, p).start)
+            valid[g.name] = (
+                first * bsz if (prefill or ids or g.kind == "full") else (needed_range(g, p).start)
+            )
         state_plan: list[tuple[_Group, int | None]] = []
         state_hits: dict[str, bool] = {}
         for gs in self._states:
@@ -622,8 +660,9 @@ class KVCacheManager:
             snapshot = gs.cache.lookup(hashes[-1]) if hit else None
             available = gs.available - (1 if snapshot is not None else 0)
             if available < 1:
-                raise OutOfBlocksError(request_id, g.name, 1, available,
-                                       gs.detail() + "; state slot")
+                raise OutOfBlocksError(
+                    request_id, g.name, 1, available, gs.detail() + "; state slot"
+                )
             state_plan.append((gs, snapshot))
             state_hits[g.name] = hit
             cached[g.name] = (p if hit else 0) if mode == "per_group" else match.boundary
@@ -662,8 +701,13 @@ class KVCacheManager:
             pool = self.pools.state[group]
             pool[:, dst] = pool[:, src]
 
-    def append(self, request_id: RequestId, tokens: int | Sequence[int], *,
-               num_draft_tokens: int | None = None) -> dict[str, BlockSpan]:
+    def append(
+        self,
+        request_id: RequestId,
+        tokens: int | Sequence[int],
+        *,
+        num_draft_tokens: int | None = None,
+    ) -> dict[str, BlockSpan]:
         """Grow the sequence by ``n`` positions: ``tokens`` is ``n`` or the ``n`` new token ids.
 
         Spans then cover ``[.., ceil((L + n + k)/B))`` where ``k`` is ``num_draft_tokens``
@@ -685,8 +729,11 @@ class KVCacheManager:
                     f"request {request_id!r}: positions [{req.num_known}, {req.num_tokens}) "
                     "were appended without token ids; token ids cannot follow them"
                 )
-        k = req.num_draft if num_draft_tokens is None else check_count(
-            f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
+        k = (
+            req.num_draft
+            if num_draft_tokens is None
+            else check_count(f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
+        )
         end = ceil_div(req.num_tokens + n + k, self.tokens_per_block)
         grow: list[tuple[_Group, int]] = []
         for gs in self._attention:
@@ -721,8 +768,11 @@ class KVCacheManager:
         before is a no-op. Returns ``{group: entries published}``.
         """
         req = self._request(request_id)
-        n = min(req.num_tokens, req.num_known) if num_tokens is None else check_count(
-            f"request {request_id!r}: num_tokens", num_tokens, 0)
+        n = (
+            min(req.num_tokens, req.num_known)
+            if num_tokens is None
+            else check_count(f"request {request_id!r}: num_tokens", num_tokens, 0)
+        )
         if n > req.num_tokens:
             raise ValueError(
                 f"request {request_id!r}: cannot commit {n} tokens, the sequence holds "
@@ -740,8 +790,11 @@ class KVCacheManager:
             return published
         if len(req.hashes) < nb:
             parent = req.hashes[-1] if req.hashes else req.root
-            req.hashes.extend(chain_hashes(req.token_bytes, bsz, parent,
-                                           start_block=len(req.hashes), end_block=nb))
+            req.hashes.extend(
+                chain_hashes(
+                    req.token_bytes, bsz, parent, start_block=len(req.hashes), end_block=nb
+                )
+            )
         hashes = req.hashes
         lo_all = req.committed // bsz
         for gs in self._attention:
@@ -750,8 +803,9 @@ class KVCacheManager:
             lo = max(lo_all, first, ceil_div(req.valid_from[gs.name], bsz))
             hi = min(nb, first + len(blocks))
             if hi > lo:
-                published[gs.name] = gs.cache.insert_many(hashes[lo:hi],
-                                                          blocks[lo - first : hi - first])
+                published[gs.name] = gs.cache.insert_many(
+                    hashes[lo:hi], blocks[lo - first : hi - first]
+                )
         if n == req.num_tokens and nb > 0 and n % bsz == 0:
             key = hashes[nb - 1]
             for gs in self._states:
@@ -808,8 +862,7 @@ class KVCacheManager:
         limit = None if num_blocks is None else check_count("num_blocks", num_blocks, 0)
         total = 0
         for gs in targets:
-            count = gs.cache.num_evictable if limit is None else min(limit,
-                                                                      gs.cache.num_evictable)
+            count = gs.cache.num_evictable if limit is None else min(limit, gs.cache.num_evictable)
             if count:
                 gs.alloc.push_free([gs.cache.evict_lru() for _ in range(count)])
             total += count
@@ -908,14 +961,16 @@ class KVCacheManager:
                         expected[b] += 1
             ref = gs.alloc._ref
             assert ref == expected, (
-                f"group {name!r}: refcounts {_diff(ref, expected)} differ from live spans")
+                f"group {name!r}: refcounts {_diff(ref, expected)} differ from live spans"
+            )
             free = gs.alloc._free
             assert len(set(free)) == len(free), f"group {name!r}: duplicate free ids"
             lru = set(gs.cache._lru)
             for b in range(gs.alloc.num_blocks):
                 places = (ref[b] > 0) + (b in lru) + (free.count(b) if b in free else 0)
                 assert places == 1, (
-                    f"group {name!r}: block {b} is in {places} of referenced/evictable/free")
+                    f"group {name!r}: block {b} is in {places} of referenced/evictable/free"
+                )
                 tag = gs.cache._hash.get(b)
                 if b in lru:
                     assert tag is not None, f"group {name!r}: evictable block {b} has no hash"
@@ -923,26 +978,31 @@ class KVCacheManager:
                     assert tag is None, f"group {name!r}: free block {b} still has a hash"
                 if tag is not None:
                     assert gs.cache._index.get(tag) == b, (
-                        f"group {name!r}: block {b}'s hash is not indexed to it")
+                        f"group {name!r}: block {b}'s hash is not indexed to it"
+                    )
             assert len(gs.cache._index) == len(gs.cache._hash), (
-                f"group {name!r}: index and block tags disagree")
+                f"group {name!r}: index and block tags disagree"
+            )
         for rid, req in self._requests.items():
             end = ceil_div(req.num_tokens + req.num_draft, bsz)
             for gs in self._attention:
                 first = req.first_block[gs.name]
                 assert first + len(req.blocks[gs.name]) == end, (
                     f"request {rid!r}: group {gs.name!r} span ends at block "
-                    f"{first + len(req.blocks[gs.name])}, expected {end}")
+                    f"{first + len(req.blocks[gs.name])}, expected {end}"
+                )
                 need = needed_range(gs.group, req.num_tokens)
                 assert first * bsz <= need.start, (
-                    f"request {rid!r}: group {gs.name!r} span starts after needed {need}")
+                    f"request {rid!r}: group {gs.name!r} span starts after needed {need}"
+                )
                 for i, b in enumerate(req.blocks[gs.name]):
                     tag = gs.cache.hash_of(b)
                     logical = first + i
                     if tag is not None and logical < len(req.hashes):
                         assert tag == req.hashes[logical], (
                             f"request {rid!r}: group {gs.name!r} block {b} at logical "
-                            f"{logical} is published under another prefix's hash")
+                            f"{logical} is published under another prefix's hash"
+                        )
 
 
 def _diff(a: list[int], b: list[int]) -> str:

@@ -30,9 +30,7 @@ Layout = Literal["NHD", "HND"]
 LAYOUTS: tuple[str, ...] = ("NHD", "HND")
 
 
-def resolve_num_blocks(
-    spec: KVCacheSpec, num_blocks: int | Mapping[str, int]
-) -> dict[str, int]:
+def resolve_num_blocks(spec: KVCacheSpec, num_blocks: int | Mapping[str, int]) -> dict[str, int]:
     """``{attention group: block count}`` from one count for every group or a mapping."""
     attention = [g.name for g in spec.groups if g.kind != "state"]
     if isinstance(num_blocks, Mapping):
@@ -45,14 +43,16 @@ def resolve_num_blocks(
         missing = [name for name in attention if name not in num_blocks]
         if missing:
             raise ValueError(f"num_blocks has no count for attention groups {missing}")
-        return {name: check_count(f"num_blocks[{name!r}]", num_blocks[name], 1)
-                for name in attention}
+        return {
+            name: check_count(f"num_blocks[{name!r}]", num_blocks[name], 1) for name in attention
+        }
     count = check_count("num_blocks", num_blocks, 1)
     return dict.fromkeys(attention, count)
 
 
-def pool_bytes(spec: KVCacheSpec, num_blocks: int | Mapping[str, int],
-               num_state_slots: int = 0) -> int:
+def pool_bytes(
+    spec: KVCacheSpec, num_blocks: int | Mapping[str, int], num_state_slots: int = 0
+) -> int:
     """Bytes of every pool tensor for these capacities."""
     blocks = resolve_num_blocks(spec, num_blocks) if _has_attention(spec) else {}
     slots = check_count("num_state_slots", num_state_slots, 0)
@@ -118,8 +118,7 @@ class CachePools:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.kv.values(),
-                                                          *self.state.values()))
+        return sum(t.numel() * t.element_size() for t in (*self.kv.values(), *self.state.values()))
 
     def __getitem__(self, group: str) -> torch.Tensor:
         if group in self.kv:
@@ -129,8 +128,9 @@ class CachePools:
         raise KeyError(f"no pool for layer group {group!r}; groups: {self.spec.group_names}")
 
 
-def _kv_tensor(spec: KVCacheSpec, group: LayerGroup, num_blocks: int, device: object,
-               layout: str) -> torch.Tensor:
+def _kv_tensor(
+    spec: KVCacheSpec, group: LayerGroup, num_blocks: int, device: object, layout: str
+) -> torch.Tensor:
     import torch
 
     dims = (group.num_layers, num_blocks, group.kv_factor)

@@ -72,8 +72,9 @@ def _forward(model: Any, tokens: Sequence[int], cache: Any) -> Any:
     return forward(model, tokens, cache)
 
 
-def greedy_reference(model: Any, prompt: Sequence[int], steps: int
-                     ) -> tuple[list[int], torch.Tensor]:
+def greedy_reference(
+    model: Any, prompt: Sequence[int], steps: int
+) -> tuple[list[int], torch.Tensor]:
     """Greedy generation without disaggregation: prefill ``prompt``, then ``steps`` decodes.
 
     Returns ``steps + 1`` tokens (the first from the prefill's last logits) and their logits
@@ -94,15 +95,17 @@ def greedy_reference(model: Any, prompt: Sequence[int], steps: int
     return tokens, torch.stack(rows)
 
 
-def _pools_and_manager(model: Any, spec: KVCacheSpec, num_blocks: int, num_state_slots: int
-                       ) -> tuple[Any, Any]:
+def _pools_and_manager(
+    model: Any, spec: KVCacheSpec, num_blocks: int, num_state_slots: int
+) -> tuple[Any, Any]:
     from kvtriton.cache import KVCacheManager, allocate_pools
     from kvtriton.integrations.transformers import check_spec
 
     check_spec(spec, model.config)
     has_state = any(g.kind == "state" for g in spec.groups)
-    pools = allocate_pools(spec, num_blocks, num_state_slots=num_state_slots if has_state else 0,
-                           device=_device(model))
+    pools = allocate_pools(
+        spec, num_blocks, num_state_slots=num_state_slots if has_state else 0, device=_device(model)
+    )
     return pools, KVCacheManager(spec, pools=pools)
 
 
@@ -120,8 +123,15 @@ class ContextWorker:
     keeps no prefix cache across requests.
     """
 
-    def __init__(self, model: Any, spec: KVCacheSpec, *, num_blocks: int,
-                 num_state_slots: int = 4, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Any,
+        spec: KVCacheSpec,
+        *,
+        num_blocks: int,
+        num_state_slots: int = 4,
+        backend: str = "auto",
+    ) -> None:
         self.model = model
         self.spec = spec
         self.backend = backend
@@ -145,17 +155,25 @@ class ContextWorker:
                 cache = DynamicCache(config=self.model.config)
                 out = _forward(self.model, prompt, cache)
             needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.kind != "state"}
-            cache_to_pools(cache, self.spec, self.pool_map, alloc.spans, needed,
-                           state_slots=alloc.state_slots, config=self.model.config,
-                           backend=self.backend)
+            cache_to_pools(
+                cache,
+                self.spec,
+                self.pool_map,
+                alloc.spans,
+                needed,
+                state_slots=alloc.state_slots,
+                config=self.model.config,
+                backend=self.backend,
+            )
         except BaseException:
             self.manager.free(request_id)
             raise
         self._live[request_id] = (p, dict(alloc.spans), dict(alloc.state_slots))
         return out.logits[0, -1].float().clone()
 
-    def pack(self, request_id: str, tokens: Mapping[str, TokenRange],
-             states: Sequence[str] = ()) -> torch.Tensor:
+    def pack(
+        self, request_id: str, tokens: Mapping[str, TokenRange], states: Sequence[str] = ()
+    ) -> torch.Tensor:
         """The packed buffer (1-D uint8) of ``tokens`` per group (and the whole state of each
         group in ``states``) for a live request."""
         import torch
@@ -168,8 +186,15 @@ class ContextWorker:
         src = source_spans(self.manager, request_id, dict(tokens), tuple(states))
         layout = packed_layout(self.spec, tokens, states)
         buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=_device(self.model))
-        pack_request(self.spec, layout, self.pool_map, src.spans, src.state_slots, buffer,
-                     backend=self.backend)
+        pack_request(
+            self.spec,
+            layout,
+            self.pool_map,
+            src.spans,
+            src.state_slots,
+            buffer,
+            backend=self.backend,
+        )
         return buffer
 
     def spans(self, request_id: str) -> dict[str, BlockSpan]:
@@ -201,11 +226,13 @@ class ContextService(Protocol):
     bytes that crossed; it raises if the transfer failed (the receiver then aborts).
     """
 
-    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True
-                ) -> torch.Tensor: ...
+    def prefill(
+        self, request_id: str, prompt: Sequence[int], *, send: bool = True
+    ) -> torch.Tensor: ...
 
-    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
-                 ) -> int: ...
+    def transfer(
+        self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
+    ) -> int: ...
 
 
 class LocalContext:
@@ -216,15 +243,13 @@ class LocalContext:
         self.worker = worker
         self.backend = backend
 
-    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True
-                ) -> torch.Tensor:
+    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True) -> torch.Tensor:
         logits = self.worker.prefill(request_id, prompt)
         if not send:
             self.worker.release(request_id)
         return logits
 
-    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
-                 ) -> int:
+    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]) -> int:
         from kvtriton.kernels import unpack_request
 
         moved = {name: rng for name, rng in rx.tokens.items() if not rng.is_empty}
@@ -235,10 +260,11 @@ class LocalContext:
         spec = rx.plan.spec
         layout = packed_layout(spec, moved, rx.states)
         if buffer.numel() != layout.nbytes:
-            raise ValueError(f"request {request_id!r}: context packed {buffer.numel()} bytes, "
-                             f"the receiver expects {layout.nbytes}")
-        unpack_request(spec, layout, buffer, pools, rx.spans, rx.state_slots,
-                       backend=self.backend)
+            raise ValueError(
+                f"request {request_id!r}: context packed {buffer.numel()} bytes, "
+                f"the receiver expects {layout.nbytes}"
+            )
+        unpack_request(spec, layout, buffer, pools, rx.spans, rx.state_slots, backend=self.backend)
         return layout.nbytes
 
 
@@ -288,27 +314,48 @@ class TurnResult:
 
     def to_record(self) -> dict[str, Any]:
         """Plain data (logits as numpy), as :func:`launch_chat` returns per turn."""
-        return {"request_id": self.request_id, "prompt_len": self.prompt_len,
-                "mode": self.mode, "tokens": list(self.tokens), "logits": self.logits.numpy(),
-                "moved": {g: (t.start, t.end) for g, t in self.moved.items()},
-                "states": list(self.states), "bytes": self.bytes,
-                "cached": self.cached if isinstance(self.cached, int) else dict(self.cached),
-                "kv_bytes": self.kv_bytes, "wire_bytes": self.wire_bytes}
+        return {
+            "request_id": self.request_id,
+            "prompt_len": self.prompt_len,
+            "mode": self.mode,
+            "tokens": list(self.tokens),
+            "logits": self.logits.numpy(),
+            "moved": {g: (t.start, t.end) for g, t in self.moved.items()},
+            "states": list(self.states),
+            "bytes": self.bytes,
+            "cached": self.cached if isinstance(self.cached, int) else dict(self.cached),
+            "kv_bytes": self.kv_bytes,
+            "wire_bytes": self.wire_bytes,
+        }
 
 
 class GenerationWorker:
     """The decode side: a model, pools and a :class:`KVCacheManager` with a prefix cache."""
 
-    def __init__(self, model: Any, spec: KVCacheSpec, *, num_blocks: int,
-                 num_state_slots: int = 16, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Any,
+        spec: KVCacheSpec,
+        *,
+        num_blocks: int,
+        num_state_slots: int = 16,
+        backend: str = "auto",
+    ) -> None:
         self.model = model
         self.spec = spec
         self.backend = backend
         self.pools, self.manager = _pools_and_manager(model, spec, num_blocks, num_state_slots)
         self.pool_map: dict[str, torch.Tensor] = {**self.pools.kv, **self.pools.state}
 
-    def run_turn(self, request_id: str, prompt: Sequence[int], steps: int,
-                 context: ContextService, *, mode: Mode = "per_group") -> TurnResult:
+    def run_turn(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        steps: int,
+        context: ContextService,
+        *,
+        mode: Mode = "per_group",
+    ) -> TurnResult:
         """One request: remote prefill, per-group transfer, local greedy decode of ``steps``.
 
         Every decoded position's KV is written back into the pools; per step: ``append``,
@@ -338,18 +385,33 @@ class GenerationWorker:
             rows = [first_logits.float()]
             tokens = [int(first_logits.argmax())]
             with torch.no_grad():
-                cache = pools_to_cache(self.spec, self.pool_map, rx.spans, p, self.model.config,
-                                       state_slots=rx.state_slots, backend=self.backend)
+                cache = pools_to_cache(
+                    self.spec,
+                    self.pool_map,
+                    rx.spans,
+                    p,
+                    self.model.config,
+                    state_slots=rx.state_slots,
+                    backend=self.backend,
+                )
                 for i in range(steps):
                     q = p + i
                     out = _forward(self.model, tokens[-1:], cache)
                     spans = self.manager.append(request_id, tokens[-1:])
-                    new = {g.name: TokenRange(q, q + 1) for g in self.spec.groups
-                           if g.kind != "state"}
+                    new = {
+                        g.name: TokenRange(q, q + 1) for g in self.spec.groups if g.kind != "state"
+                    }
                     # the state now summarises [0, q + 1): commit may snapshot it
-                    cache_to_pools(cache, self.spec, self.pool_map, spans, new,
-                                   state_slots=rx.state_slots, config=self.model.config,
-                                   backend=self.backend)
+                    cache_to_pools(
+                        cache,
+                        self.spec,
+                        self.pool_map,
+                        spans,
+                        new,
+                        state_slots=rx.state_slots,
+                        config=self.model.config,
+                        backend=self.backend,
+                    )
                     self.manager.commit(request_id)  # blocks are published as they fill
                     self.manager.slide(request_id)
                     rows.append(out.logits[0, -1].float().clone())
@@ -359,10 +421,19 @@ class GenerationWorker:
         alloc = rx.allocation
         plan = rx.plan
         cached = alloc.cached_tokens()
-        return TurnResult(request_id=request_id, prompt_len=p, mode=mode, tokens=tokens,
-                          logits=torch.stack(rows), plan=plan, cached=cached, moved=moved,
-                          states=tuple(rx.states),
-                          wire_bytes=wire_bytes, reused_blocks=dict(alloc.reused_blocks))
+        return TurnResult(
+            request_id=request_id,
+            prompt_len=p,
+            mode=mode,
+            tokens=tokens,
+            logits=torch.stack(rows),
+            plan=plan,
+            cached=cached,
+            moved=moved,
+            states=tuple(rx.states),
+            wire_bytes=wire_bytes,
+            reused_blocks=dict(alloc.reused_blocks),
+        )
 
     def evict_sliding(self) -> int:
         """Evict every unreferenced cached block of the sliding-window groups.
@@ -370,14 +441,21 @@ class GenerationWorker:
         Models memory pressure: released sliding-window pages are the first a loaded server
         loses. Returns the number of blocks evicted.
         """
-        return sum(self.manager.evict(group=g.name) for g in self.spec.groups
-                   if g.kind == "sliding")
+        return sum(
+            self.manager.evict(group=g.name) for g in self.spec.groups if g.kind == "sliding"
+        )
 
 
-def run_chat(generation: GenerationWorker, context: ContextService,
-             user_turns: Sequence[Sequence[int]], *, steps: int, mode: Mode = "per_group",
-             evict_sliding_between_turns: bool = False, prefix: str = "chat"
-             ) -> list[TurnResult]:
+def run_chat(
+    generation: GenerationWorker,
+    context: ContextService,
+    user_turns: Sequence[Sequence[int]],
+    *,
+    steps: int,
+    mode: Mode = "per_group",
+    evict_sliding_between_turns: bool = False,
+    prefix: str = "chat",
+) -> list[TurnResult]:
     """A multi-turn chat: turn ``k``'s prompt = previous prompt + its reply + ``user_turns[k]``.
 
     ``evict_sliding_between_turns`` evicts the receiver's unreferenced sliding-window blocks
@@ -437,8 +515,15 @@ class AgentContext:
         timeout_s: how long to wait for one request's transfer.
     """
 
-    def __init__(self, agent: Any, router_group: Any, peers: Sequence[int], vocab_size: int, *,
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        router_group: Any,
+        peers: Sequence[int],
+        vocab_size: int,
+        *,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.agent = agent
         self.router_group = router_group
         self.peers = tuple(peers)
@@ -447,8 +532,7 @@ class AgentContext:
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
 
-    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True
-                ) -> torch.Tensor:
+    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True) -> torch.Tensor:
         import torch
         import torch.distributed as dist
 
@@ -461,20 +545,24 @@ class AgentContext:
             dist.recv(rows[-1], peer, group=self.router_group)
         for peer, row in zip(self.peers[1:], rows[1:], strict=True):
             if not torch.equal(row, rows[0]):
-                raise RuntimeError(f"request {request_id!r}: context ranks {self.peers[0]} and "
-                                   f"{peer} disagree on the first token's logits")
+                raise RuntimeError(
+                    f"request {request_id!r}: context ranks {self.peers[0]} and "
+                    f"{peer} disagree on the first token's logits"
+                )
         return rows[0]
 
-    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]
-                 ) -> int:
+    def transfer(self, request_id: str, rx: ReceivePlan, pools: Mapping[str, torch.Tensor]) -> int:
         from kvtriton.transfer.session import SessionState
 
         for name, tensor in pools.items():
             if self.agent.pools.get(name) is not tensor:
-                raise ValueError(f"request {request_id!r}: pool {name!r} is not the agent's "
-                                 "pool; build the agent over the generation worker's pools")
-        handle = self.agent.request(request_id, rx.num_tokens, rx.tokens, rx.states, rx.spans,
-                                    rx.state_slots, mode=rx.mode)
+                raise ValueError(
+                    f"request {request_id!r}: pool {name!r} is not the agent's "
+                    "pool; build the agent over the generation worker's pools"
+                )
+        handle = self.agent.request(
+            request_id, rx.num_tokens, rx.tokens, rx.states, rx.spans, rx.state_slots, mode=rx.mode
+        )
         done = self.agent.wait([request_id], timeout=self.timeout_s)
         state, error = handle.state, handle.session.error
         if not done:
@@ -491,8 +579,9 @@ class AgentContext:
             _send_ints([_STOP], peer, self.router_group)
 
 
-def serve_context(worker: ContextWorker, agent: Any, router_group: Any, peer: int, *,
-                  timeout_s: float = 60.0) -> int:
+def serve_context(
+    worker: ContextWorker, agent: Any, router_group: Any, peer: int, *, timeout_s: float = 60.0
+) -> int:
     """Context rank loop: prefill what ``peer`` asks for, serve its transfer, free, repeat.
 
     Returns the number of requests served; ends when the peer sends stop.
@@ -508,19 +597,26 @@ def serve_context(worker: ContextWorker, agent: Any, router_group: Any, peer: in
         if msg[0] != _PREFILL:
             raise ValueError(f"unknown router message {msg[0]} from rank {peer}")
         send, n = bool(msg[1]), msg[2]
-        request_id = bytes(msg[3:3 + n]).decode()
-        prompt = msg[3 + n:]
+        request_id = bytes(msg[3 : 3 + n]).decode()
+        prompt = msg[3 + n :]
         logits = worker.prefill(request_id, prompt)
         try:
             if send:
-                agent.register_source(request_id, len(prompt), worker.spans(request_id),
-                                      worker.state_slots(request_id),
-                                      on_finished=lambda rid, _sessions: finished.add(rid))
+                agent.register_source(
+                    request_id,
+                    len(prompt),
+                    worker.spans(request_id),
+                    worker.state_slots(request_id),
+                    on_finished=lambda rid, _sessions: finished.add(rid),
+                )
             dist.send(logits.contiguous(), peer, group=router_group)
-            if send and not agent.serve(until=lambda rid=request_id: rid in finished,
-                                        timeout=timeout_s):
-                raise RuntimeError(f"request {request_id!r}: the receiver did not finish its "
-                                   f"transfer within {timeout_s} s")
+            if send and not agent.serve(
+                until=lambda rid=request_id: rid in finished, timeout=timeout_s
+            ):
+                raise RuntimeError(
+                    f"request {request_id!r}: the receiver did not finish its "
+                    f"transfer within {timeout_s} s"
+                )
         finally:
             worker.release(request_id)
         served += 1
@@ -582,19 +678,22 @@ def load_model(cfg: ChatConfig) -> Any:
     if cfg.model in TINY_MODELS:
         return tiny_model(cfg.model, seed=cfg.seed, window=cfg.window)
     if not os.path.isdir(cfg.model):
-        raise ValueError(f"model {cfg.model!r} is neither a tiny model ({', '.join(TINY_MODELS)}) "
-                         "nor a local checkpoint directory (kvtriton never downloads)")
+        raise ValueError(
+            f"model {cfg.model!r} is neither a tiny model ({', '.join(TINY_MODELS)}) "
+            "nor a local checkpoint directory (kvtriton never downloads)"
+        )
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                 attn_implementation="eager",
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+    )
     return model.eval()
 
 
-def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
-              ) -> dict[str, list[dict[str, Any]]] | None:
+def chat_rank(
+    cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
+) -> dict[str, list[dict[str, Any]]] | None:
     """Run ``cfg`` on this rank over gloo groups of all ranks (context ranks first, then the
     generation rank; :class:`kvtriton.transfer.topology.Topology` order).
 
@@ -609,8 +708,7 @@ def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
 
     model = load_model(cfg)
     spec = spec_for_model(model, tokens_per_block=cfg.ctx_tokens_per_block)
-    topology = Topology(spec, cfg.ctx_tp, cfg.ctx_pp,
-                        gen_tokens_per_block=cfg.gen_tokens_per_block)
+    topology = Topology(spec, cfg.ctx_tp, cfg.ctx_pp, gen_tokens_per_block=cfg.gen_tokens_per_block)
     local = topology.spec(rank)
     (gen_rank,) = topology.gen_ranks
     options = TransferOptions(timeout_s=cfg.timeout_s, backend=cfg.backend)
@@ -626,13 +724,23 @@ def chat_rank(cfg: ChatConfig, rank: int, ctrl: Any, data: Any, router: Any
         else:
             gen = GenerationWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
             agent = TransferAgent(topology, rank, gen.pool_map, ctrl, data, options)
-            context = AgentContext(agent, router, topology.ctx_ranks,
-                                   int(model.config.vocab_size), timeout_s=cfg.timeout_s)
+            context = AgentContext(
+                agent,
+                router,
+                topology.ctx_ranks,
+                int(model.config.vocab_size),
+                timeout_s=cfg.timeout_s,
+            )
             try:
-                results = run_chat(gen, context, cfg.user_turns, steps=cfg.steps,
-                                   mode=mode,  # type: ignore[arg-type]
-                                   evict_sliding_between_turns=cfg.evict_sliding_between_turns,
-                                   prefix=mode)
+                results = run_chat(
+                    gen,
+                    context,
+                    cfg.user_turns,
+                    steps=cfg.steps,
+                    mode=mode,  # type: ignore[arg-type]
+                    evict_sliding_between_turns=cfg.evict_sliding_between_turns,
+                    prefix=mode,
+                )
             finally:
                 context.stop()
                 agent.close(timeout=cfg.timeout_s)
@@ -653,13 +761,15 @@ def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) 
 
     torch.set_num_threads(cfg.num_threads)
     sys.setswitchinterval(0.0002)  # the agent's network threads pass the GIL per message
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0,
-                          timeout=datetime.timedelta(seconds=60))
+    store = dist.TCPStore(
+        "127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60)
+    )
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         timeout = datetime.timedelta(seconds=max(120.0, 4 * cfg.timeout_s))
-        ctrl, data, router = (dist.new_group(list(range(world)), backend="gloo",
-                                             timeout=timeout) for _ in range(3))
+        ctrl, data, router = (
+            dist.new_group(list(range(world)), backend="gloo", timeout=timeout) for _ in range(3)
+        )
         result = chat_rank(cfg, rank, ctrl, data, router)
         if result is not None:
             out_q.put(result)
@@ -682,7 +792,8 @@ def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
     world = cfg.ctx_tp * cfg.ctx_pp + 1
     timeout_s = 120 + cfg.timeout_s * len(cfg.user_turns) * len(cfg.modes)
     result, codes = spawn_for_result(
-        _chat_worker, world, lambda rank, port, out_q: (rank, cfg, world, port, out_q), timeout_s)
+        _chat_worker, world, lambda rank, port, out_q: (rank, cfg, world, port, out_q), timeout_s
+    )
     if result is None:
         raise RuntimeError(f"the chat produced no result (exit codes {codes})")
     if "error" in result:
@@ -695,14 +806,14 @@ def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
 # ------------------------------------------------------------------------------------------
 
 
-def demo_user_turns(lengths: Sequence[int] = (21, 13), *, seed: int = 1, vocab_size: int = 96
-                    ) -> tuple[tuple[int, ...], ...]:
+def demo_user_turns(
+    lengths: Sequence[int] = (21, 13), *, seed: int = 1, vocab_size: int = 96
+) -> tuple[tuple[int, ...], ...]:
     """Seeded random user turns of the given lengths (token ids below ``vocab_size``)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return tuple(tuple(torch.randint(0, vocab_size, (n,), generator=g).tolist())
-                 for n in lengths)
+    return tuple(tuple(torch.randint(0, vocab_size, (n,), generator=g).tolist()) for n in lengths)
 
 
 @dataclass(frozen=True)
@@ -720,8 +831,9 @@ class TurnCheck:
     max_abs_diff: float
 
 
-def verify_chat(model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]
-                ) -> list[TurnCheck]:
+def verify_chat(
+    model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> list[TurnCheck]:
     """Replay every turn of ``records`` (from :func:`launch_chat`) without disaggregation.
 
     Turn ``k``'s prompt is rebuilt from ``cfg.user_turns`` and the recorded replies, then
@@ -738,8 +850,9 @@ def verify_chat(model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapp
         torch.set_num_threads(before)
 
 
-def _verify(model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]
-            ) -> list[TurnCheck]:
+def _verify(
+    model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> list[TurnCheck]:
     import torch
 
     checks: list[TurnCheck] = []
@@ -749,22 +862,34 @@ def _verify(model: Any, cfg: ChatConfig, records: Mapping[str, Sequence[Mapping[
             prompt = conversation + list(cfg.user_turns[k])
             tokens, logits = greedy_reference(model, prompt, cfg.steps)
             got = torch.as_tensor(rec["logits"])
-            checks.append(TurnCheck(mode, k, list(rec["tokens"]) == tokens,
-                                    bool(torch.equal(got, logits)),
-                                    float((got - logits).abs().max())))
+            checks.append(
+                TurnCheck(
+                    mode,
+                    k,
+                    list(rec["tokens"]) == tokens,
+                    bool(torch.equal(got, logits)),
+                    float((got - logits).abs().max()),
+                )
+            )
             conversation = prompt + list(rec["tokens"])
     return checks
 
 
-def format_chat_report(records: Mapping[str, Sequence[Mapping[str, Any]]],
-                       checks: Sequence[TurnCheck] = ()) -> str:
+def format_chat_report(
+    records: Mapping[str, Sequence[Mapping[str, Any]]], checks: Sequence[TurnCheck] = ()
+) -> str:
     """A table per turn and mode: prompt length, positions moved per group, bytes, and (with
     ``checks``) whether the tokens and logits match the non-disaggregated run."""
     from kvtriton.table import Column, Table, format_bytes, format_percent
 
     by_key = {(c.mode, c.turn): c for c in checks}
-    columns: list[Column | str] = ["mode", Column("turn"), Column("P"), "moved (positions)",
-                                   Column("bytes")]
+    columns: list[Column | str] = [
+        "mode",
+        Column("turn"),
+        Column("P"),
+        "moved (positions)",
+        Column("bytes"),
+    ]
     if checks:
         columns += ["tokens", Column("max |dlogit|")]
     table = Table(columns)
@@ -772,24 +897,34 @@ def format_chat_report(records: Mapping[str, Sequence[Mapping[str, Any]]],
         for k, rec in enumerate(turns):
             moved = [f"{g} [{a}, {b})" for g, (a, b) in rec["moved"].items()]
             moved += [f"{s} (state)" for s in rec.get("states", ())]
-            row: list[object] = [mode, k + 1, rec["prompt_len"], ", ".join(moved) or "nothing",
-                                 format_bytes(int(rec.get("bytes", rec["kv_bytes"])))]
+            row: list[object] = [
+                mode,
+                k + 1,
+                rec["prompt_len"],
+                ", ".join(moved) or "nothing",
+                format_bytes(int(rec.get("bytes", rec["kv_bytes"]))),
+            ]
             check = by_key.get((mode, k))
             if checks:
                 if check is None:
                     row += ["-", "-"]
                 else:
-                    row += ["same" if check.tokens_match else "DIFFER",
-                            "0 (bit-exact)" if check.exact else f"{check.max_abs_diff:.2e}"]
+                    row += [
+                        "same" if check.tokens_match else "DIFFER",
+                        "0 (bit-exact)" if check.exact else f"{check.max_abs_diff:.2e}",
+                    ]
             table.add_row(*row)
     lines = [table.render()]
     if "per_group" in records and "single_boundary" in records:
-        for k, (pg, sb) in enumerate(zip(records["per_group"], records["single_boundary"],
-                                         strict=True)):
+        for k, (pg, sb) in enumerate(
+            zip(records["per_group"], records["single_boundary"], strict=True)
+        ):
             a, b = int(pg.get("bytes", pg["kv_bytes"])), int(sb.get("bytes", sb["kv_bytes"]))
             if b > a:
-                lines.append(f"turn {k + 1}: per-group reuse moves {format_bytes(a)}, single "
-                             f"boundary {format_bytes(b)} (saves {format_percent(b - a, b)})")
+                lines.append(
+                    f"turn {k + 1}: per-group reuse moves {format_bytes(a)}, single "
+                    f"boundary {format_bytes(b)} (saves {format_percent(b - a, b)})"
+                )
     return "\n".join(lines)
 
 

@@ -159,8 +159,9 @@ def held_positions(cache: Any, layer_idx: int) -> TokenRange:
         return TokenRange(0, held)
     total = int(layer.cumulative_length)
     if held > total:
-        raise ValueError(f"sliding layer {layer_idx} holds {held} entries but has only seen "
-                         f"{total} positions")
+        raise ValueError(
+            f"sliding layer {layer_idx} holds {held} entries but has only seen {total} positions"
+        )
     return TokenRange(total - held, total)
 
 
@@ -248,12 +249,17 @@ class StateLayout:
         ``[1, Hv, Dk, Dv]``), both contiguous."""
         import torch
 
-        rec = state[:, : self.key_dim * self.value_dim].reshape(
-            1, self.heads, self.key_dim, self.value_dim).contiguous()
-        conv = torch.zeros((1, self.conv_channels, self.conv_kernel), dtype=conv_dtype,
-                           device=state.device)
-        conv[0, :, 1:] = state[:, self.key_dim * self.value_dim:].reshape(
-            self.conv_channels, self.conv_kernel - 1)
+        rec = (
+            state[:, : self.key_dim * self.value_dim]
+            .reshape(1, self.heads, self.key_dim, self.value_dim)
+            .contiguous()
+        )
+        conv = torch.zeros(
+            (1, self.conv_channels, self.conv_kernel), dtype=conv_dtype, device=state.device
+        )
+        conv[0, :, 1:] = state[:, self.key_dim * self.value_dim :].reshape(
+            self.conv_channels, self.conv_kernel - 1
+        )
         return conv, rec
 
 
@@ -273,8 +279,10 @@ def state_layout(config: Any) -> StateLayout:
     dk, dv, k = text.linear_key_head_dim, text.linear_value_head_dim, text.linear_conv_kernel_dim
     channels = 2 * hk * dk + hv * dv
     if channels * (k - 1) % hv:
-        raise ValueError(f"{type(text).__name__}: {channels} conv channels x {k - 1} taps do not "
-                         f"split over {hv} value heads")
+        raise ValueError(
+            f"{type(text).__name__}: {channels} conv channels x {k - 1} taps do not "
+            f"split over {hv} value heads"
+        )
     return StateLayout(hv, dk, dv, channels, k)
 
 
@@ -361,15 +369,21 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
         group = by_layer.pop(layer, None)
         if kind is None:
             if group is not None:
-                raise ValueError(f"group {group.name!r} lists layer {layer}, which holds no KV "
-                                 f"in {type(text).__name__}")
+                raise ValueError(
+                    f"group {group.name!r} lists layer {layer}, which holds no KV "
+                    f"in {type(text).__name__}"
+                )
             continue
         if group is None:
-            raise ValueError(f"layer {layer} ({kind}) of {type(text).__name__} is in no group "
-                             f"of spec {spec.name!r}")
+            raise ValueError(
+                f"layer {layer} ({kind}) of {type(text).__name__} is in no group "
+                f"of spec {spec.name!r}"
+            )
         if group.kind != kind:
-            raise ValueError(f"layer {layer} is {kind} in {type(text).__name__} but group "
-                             f"{group.name!r} is {group.kind}")
+            raise ValueError(
+                f"layer {layer} is {kind} in {type(text).__name__} but group "
+                f"{group.name!r} is {group.kind}"
+            )
         if kind == "sliding":
             window = int(cache_layers[layer].sliding_window)
             if group.window != window:
@@ -378,8 +392,10 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
                     f"sliding_window={window} (a query at q attends (q - W, q] in both)"
                 )
     if by_layer:
-        raise ValueError(f"spec {spec.name!r} lists layers {sorted(by_layer)} that "
-                         f"{type(text).__name__} does not have ({len(kinds)} layers)")
+        raise ValueError(
+            f"spec {spec.name!r} lists layers {sorted(by_layer)} that "
+            f"{type(text).__name__} does not have ({len(kinds)} layers)"
+        )
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     for group in root.groups:
@@ -403,8 +419,9 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_layer_tensor(what: str, t: Any, group: LayerGroup, dtype: Any, device: Any,
-                        batch_index: int) -> None:
+def _check_layer_tensor(
+    what: str, t: Any, group: LayerGroup, dtype: Any, device: Any, batch_index: int
+) -> None:
     if t is None or t.dim() != 4:
         shape = None if t is None else tuple(t.shape)
         raise ValueError(f"{what}: expected [batch, heads, tokens, head_dim], got {shape}")
@@ -412,11 +429,15 @@ def _check_layer_tensor(what: str, t: Any, group: LayerGroup, dtype: Any, device
     if not 0 <= batch_index < batch:
         raise ValueError(f"{what}: batch_index {batch_index} outside batch size {batch}")
     if (heads, head_dim) != (group.num_kv_heads, group.head_dim):
-        raise ValueError(f"{what}: {heads} heads x {head_dim} but group {group.name!r} has "
-                         f"{group.num_kv_heads} x {group.head_dim}")
+        raise ValueError(
+            f"{what}: {heads} heads x {head_dim} but group {group.name!r} has "
+            f"{group.num_kv_heads} x {group.head_dim}"
+        )
     if t.dtype != dtype:
-        raise ValueError(f"{what}: dtype {t.dtype} but the pool holds {dtype} (build the spec "
-                         "with the model's dtype: copies are bit-exact, never casts)")
+        raise ValueError(
+            f"{what}: dtype {t.dtype} but the pool holds {dtype} (build the spec "
+            "with the model's dtype: copies are bit-exact, never casts)"
+        )
     if t.device != device:
         raise ValueError(f"{what}: on {t.device} but the pool is on {device}")
 
@@ -424,17 +445,22 @@ def _check_layer_tensor(what: str, t: Any, group: LayerGroup, dtype: Any, device
 def _state_tensors(layer: Any, layer_idx: int, batch_index: int) -> tuple[Any, Any]:
     """The (conv ``[C, K]``, recurrent ``[Hv, Dk, Dv]``) of one sequence of a state layer."""
     if getattr(layer, "number_of_states", 1) != 1:
-        raise ValueError(f"state layer {layer_idx} holds {layer.number_of_states} conv/recurrent "
-                         "states; one is supported")
+        raise ValueError(
+            f"state layer {layer_idx} holds {layer.number_of_states} conv/recurrent "
+            "states; one is supported"
+        )
     conv, rec = layer.conv_states.get(0), layer.recurrent_states.get(0)
     if conv is None or rec is None or not layer.has_previous_state.get(0, False):
         raise ValueError(f"state layer {layer_idx} has no state yet (run a forward first)")
     if getattr(layer, "record_past", False):
-        raise ValueError(f"state layer {layer_idx} records its past (record_past=True); "
-                         "expected a plain DynamicCache layer")
+        raise ValueError(
+            f"state layer {layer_idx} records its past (record_past=True); "
+            "expected a plain DynamicCache layer"
+        )
     if not 0 <= batch_index < conv.shape[0]:
-        raise ValueError(f"state layer {layer_idx}: batch_index {batch_index} outside batch "
-                         f"size {conv.shape[0]}")
+        raise ValueError(
+            f"state layer {layer_idx}: batch_index {batch_index} outside batch size {conv.shape[0]}"
+        )
     return conv[batch_index], rec[batch_index]
 
 
@@ -490,14 +516,18 @@ def cache_to_pools(
         tokens = {name: rng for name, rng in held.items() if not rng.is_empty}
     unknown = sorted(set(tokens) - set(held))
     if unknown:
-        raise ValueError(f"tokens names {unknown}, which are not attention groups of spec "
-                         f"{spec.name!r} ({sorted(held)})")
+        raise ValueError(
+            f"tokens names {unknown}, which are not attention groups of spec "
+            f"{spec.name!r} ({sorted(held)})"
+        )
     state_slots = dict(state_slots or {})
     states = [g.name for g in spec.groups if g.kind == "state"]
     unknown = sorted(set(state_slots) - set(states))
     if unknown:
-        raise ValueError(f"state_slots names {unknown}, which are not state groups of spec "
-                         f"{spec.name!r} ({states})")
+        raise ValueError(
+            f"state_slots names {unknown}, which are not state groups of spec "
+            f"{spec.name!r} ({states})"
+        )
     jobs: list[tuple[LayerGroup, TokenRange, torch.Tensor, BlockSpan]] = []
     state_jobs: list[tuple[LayerGroup, torch.Tensor, int, StateLayout]] = []
     for group in spec.groups:
@@ -510,22 +540,33 @@ def cache_to_pools(
             layout = state_layout(config)
             pool = pools[group.name]
             slot = state_slots[group.name]
-            if pool.dim() != 4 or tuple(pool.shape[2:]) != layout.state_shape or not (
-                    0 <= slot < pool.shape[1]) or pool.shape[0] != group.num_layers:
-                raise ValueError(f"group {group.name!r}: state pool {tuple(pool.shape)} / slot "
-                                 f"{slot} do not fit {group.num_layers} layers x "
-                                 f"{layout.state_shape}")
+            if (
+                pool.dim() != 4
+                or tuple(pool.shape[2:]) != layout.state_shape
+                or not (0 <= slot < pool.shape[1])
+                or pool.shape[0] != group.num_layers
+            ):
+                raise ValueError(
+                    f"group {group.name!r}: state pool {tuple(pool.shape)} / slot "
+                    f"{slot} do not fit {group.num_layers} layers x "
+                    f"{layout.state_shape}"
+                )
             for layer in group.layer_ids:
                 if cache_layer_kind(cache.layers[layer]) != "state":
                     raise ValueError(f"layer {layer} of the cache is not a state layer")
                 conv, rec = _state_tensors(cache.layers[layer], layer, batch_index)
                 if tuple(conv.shape) != (layout.conv_channels, layout.conv_kernel) or tuple(
-                        rec.shape) != (layout.heads, layout.key_dim, layout.value_dim):
-                    raise ValueError(f"state layer {layer}: conv {tuple(conv.shape)} / recurrent "
-                                     f"{tuple(rec.shape)} do not match {layout}")
+                    rec.shape
+                ) != (layout.heads, layout.key_dim, layout.value_dim):
+                    raise ValueError(
+                        f"state layer {layer}: conv {tuple(conv.shape)} / recurrent "
+                        f"{tuple(rec.shape)} do not match {layout}"
+                    )
                 if rec.dtype != pool.dtype or rec.device != pool.device:
-                    raise ValueError(f"state layer {layer}: recurrent state {rec.dtype} on "
-                                     f"{rec.device}, pool {pool.dtype} on {pool.device}")
+                    raise ValueError(
+                        f"state layer {layer}: recurrent state {rec.dtype} on "
+                        f"{rec.device}, pool {pool.dtype} on {pool.device}"
+                    )
             state_jobs.append((group, pool, slot, layout))
             continue
         rng = tokens.get(group.name)
@@ -533,8 +574,10 @@ def cache_to_pools(
             continue
         have = held[group.name]
         if not (have.start <= rng.start and rng.end <= have.end):
-            raise ValueError(f"group {group.name!r}: the cache holds positions {have}, which do "
-                             f"not cover the requested {rng}")
+            raise ValueError(
+                f"group {group.name!r}: the cache holds positions {have}, which do "
+                f"not cover the requested {rng}"
+            )
         if group.name not in spans:
             raise ValueError(f"no block span for group {group.name!r}")
         span = spans[group.name]
@@ -543,8 +586,14 @@ def cache_to_pools(
         for layer in group.layer_ids:
             entry = cache.layers[layer]
             for what, t in (("keys", entry.keys), ("values", entry.values)):
-                _check_layer_tensor(f"cache layer {layer} {what}", t, _unsharded(spec, group),
-                                    pool.dtype, pool.device, batch_index)
+                _check_layer_tensor(
+                    f"cache layer {layer} {what}",
+                    t,
+                    _unsharded(spec, group),
+                    pool.dtype,
+                    pool.device,
+                    batch_index,
+                )
         jobs.append((group, rng, pool, span))
     for group, rng, pool, span in jobs:
         lo, hi = group.head_start, group.head_end
@@ -582,15 +631,18 @@ def _fill_layer(layer: Any, keys: Any, values: Any, num_tokens: int, kind: str) 
     layer.values = values
     if kind == "sliding":
         if getattr(layer, "record_past", False):
-            raise ValueError("sliding cache layer records its past (record_past=True); expected a "
-                             "fresh DynamicCache layer")
+            raise ValueError(
+                "sliding cache layer records its past (record_past=True); expected a "
+                "fresh DynamicCache layer"
+            )
         layer.cumulative_length = num_tokens
 
 
 def _fill_state_layer(layer: Any, conv: Any, rec: Any) -> None:
     """Install a conv ``[1, C, K]`` and recurrent ``[1, Hv, Dk, Dv]`` state (after a prefill)."""
-    layer.lazy_initialization(conv_states=conv, recurrent_states=rec, state_idx=0,
-                              conv_kernel_size=int(conv.shape[-1]))
+    layer.lazy_initialization(
+        conv_states=conv, recurrent_states=rec, state_idx=0, conv_kernel_size=int(conv.shape[-1])
+    )
     layer.conv_states[0].copy_(conv)
     layer.recurrent_states[0].copy_(rec)
     layer.has_previous_state[0] = True
@@ -627,8 +679,10 @@ def pools_to_cache(
     from kvtriton import kernels
 
     if spec.tp_size != 1 or spec.pp_size != 1:
-        raise ValueError(f"pools_to_cache needs the whole model's spec; {spec.name!r} is a shard "
-                         f"(tp {spec.tp_rank}/{spec.tp_size}, pp {spec.pp_rank}/{spec.pp_size})")
+        raise ValueError(
+            f"pools_to_cache needs the whole model's spec; {spec.name!r} is a shard "
+            f"(tp {spec.tp_rank}/{spec.tp_size}, pp {spec.pp_rank}/{spec.pp_size})"
+        )
     text = _text_config(config)
     check_spec(spec, text)
     cu = _cache_utils()
@@ -640,19 +694,27 @@ def pools_to_cache(
             if group.name not in state_slots:
                 raise ValueError(f"no state slot for state group {group.name!r}")
             slot = state_slots[group.name]
-            if pool.dim() < 3 or pool.shape[0] != group.num_layers or not (
-                    0 <= slot < pool.shape[1]):
-                raise ValueError(f"state pool of group {group.name!r} ({tuple(pool.shape)}) has "
-                                 f"no slot {slot} for {group.num_layers} layers")
+            if (
+                pool.dim() < 3
+                or pool.shape[0] != group.num_layers
+                or not (0 <= slot < pool.shape[1])
+            ):
+                raise ValueError(
+                    f"state pool of group {group.name!r} ({tuple(pool.shape)}) has "
+                    f"no slot {slot} for {group.num_layers} layers"
+                )
             continue
         ranges[group.name] = needed_range(group, num_tokens)
         if group.name not in spans:
             raise ValueError(f"no block span for group {group.name!r}")
-        spans[group.name].check_covers(ranges[group.name], spec.tokens_per_block,
-                                       group=group.name, side="source")
+        spans[group.name].check_covers(
+            ranges[group.name], spec.tokens_per_block, group=group.name, side="source"
+        )
         if pool.dim() != 6 or pool.shape[0] != group.num_layers:
-            raise ValueError(f"pool of group {group.name!r}: expected a 6-D view with "
-                             f"{group.num_layers} layers, got shape {tuple(pool.shape)}")
+            raise ValueError(
+                f"pool of group {group.name!r}: expected a 6-D view with "
+                f"{group.num_layers} layers, got shape {tuple(pool.shape)}"
+            )
     cache = cu.DynamicCache(config=text)
     for group in spec.groups:
         if group.kind == "state":
@@ -667,8 +729,9 @@ def pools_to_cache(
         for local, layer in enumerate(group.layer_ids):
             # [kv, T, H, D] -> K, V as [1, H, T, D] contiguous (what torch.cat would produce).
             kv = packed[local].transpose(1, 2).unsqueeze(1)
-            _fill_layer(cache.layers[layer], kv[0].contiguous(), kv[1].contiguous(),
-                        num_tokens, group.kind)
+            _fill_layer(
+                cache.layers[layer], kv[0].contiguous(), kv[1].contiguous(), num_tokens, group.kind
+            )
     return cache
 
 
@@ -691,34 +754,66 @@ def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager
     """
     import transformers as tf
 
-    common: dict[str, Any] = dict(vocab_size=96, hidden_size=32, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=8, sliding_window=window,
-                                  attn_implementation=attn_implementation,
-                                  max_position_embeddings=512, initializer_range=0.2)
+    common: dict[str, Any] = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=window,
+        attn_implementation=attn_implementation,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    )
     if kind == "gemma3":
-        types = ["sliding_attention", "sliding_attention", "full_attention",
-                 "sliding_attention", "sliding_attention", "full_attention"]
-        return tf.Gemma3TextConfig(intermediate_size=64, num_hidden_layers=len(types),
-                                   layer_types=types, query_pre_attn_scalar=8, **common)
+        types = [
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ]
+        return tf.Gemma3TextConfig(
+            intermediate_size=64,
+            num_hidden_layers=len(types),
+            layer_types=types,
+            query_pre_attn_scalar=8,
+            **common,
+        )
     if kind == "gpt-oss":
         common["max_position_embeddings"] = 131072  # = yarn factor 32 x original 4096
-        return tf.GptOssConfig(intermediate_size=32, num_hidden_layers=4, num_local_experts=4,
-                               num_experts_per_tok=2, **common)
+        return tf.GptOssConfig(
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
     if kind == "mistral":
         return tf.MistralConfig(intermediate_size=64, num_hidden_layers=3, **common)
     if kind == "qwen3-next":
         del common["sliding_window"]
-        return tf.Qwen3NextConfig(intermediate_size=64, moe_intermediate_size=32,
-                                  shared_expert_intermediate_size=32, num_hidden_layers=4,
-                                  linear_num_value_heads=4, linear_num_key_heads=2,
-                                  linear_key_head_dim=8, linear_value_head_dim=8,
-                                  linear_conv_kernel_dim=4, num_experts=4,
-                                  num_experts_per_tok=2, **common)
+        return tf.Qwen3NextConfig(
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=4,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
     raise ValueError(f"unknown tiny model {kind!r}; expected one of {TINY_MODELS}")
 
 
-def tiny_model(kind: str, *, seed: int = 0, window: int = 6,
-               attn_implementation: str = "eager") -> Any:
+def tiny_model(
+    kind: str, *, seed: int = 0, window: int = 6, attn_implementation: str = "eager"
+) -> Any:
     """A randomly initialised float32 causal LM from :func:`tiny_config`, in eval mode.
 
     Weights come from ``torch.manual_seed(seed)`` then the model's own init, so the same
@@ -728,8 +823,12 @@ def tiny_model(kind: str, *, seed: int = 0, window: int = 6,
     import transformers as tf
 
     config = tiny_config(kind, window=window, attn_implementation=attn_implementation)
-    classes = {"gemma3": tf.Gemma3ForCausalLM, "gpt-oss": tf.GptOssForCausalLM,
-               "mistral": tf.MistralForCausalLM, "qwen3-next": tf.Qwen3NextForCausalLM}
+    classes = {
+        "gemma3": tf.Gemma3ForCausalLM,
+        "gpt-oss": tf.GptOssForCausalLM,
+        "mistral": tf.MistralForCausalLM,
+        "qwen3-next": tf.Qwen3NextForCausalLM,
+    }
     torch.manual_seed(seed)
     model = classes[kind](config)
     return model.to(torch.float32).eval()

@@ -85,8 +85,10 @@ def _triton_available() -> bool:
     import importlib.util
 
     try:
-        return (importlib.util.find_spec("triton") is not None
-                and importlib.util.find_spec("kvtriton.kernels.triton_kernels") is not None)
+        return (
+            importlib.util.find_spec("triton") is not None
+            and importlib.util.find_spec("kvtriton.kernels.triton_kernels") is not None
+        )
     except (ImportError, ValueError):
         return False
 
@@ -189,8 +191,9 @@ def copy(
     the touched (layer, block) pairs do not overlap.
     """
     C.check_backend(backend)
-    move = C.plan_copy(src_pool, src_span, dst_pool, dst_span, tokens, src_layers, dst_layers,
-                       src_heads, dst_heads)
+    move = C.plan_copy(
+        src_pool, src_span, dst_pool, dst_span, tokens, src_layers, dst_layers, src_heads, dst_heads
+    )
     _impl(backend, src_pool.device).run_kv(move)
 
 

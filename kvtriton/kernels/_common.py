@@ -303,8 +303,15 @@ def plan_scatter(
 
 
 def plan_copy(
-    src_pool: object, src_span: object, dst_pool: object, dst_span: object, tokens: object,
-    src_layers: object, dst_layers: object, src_heads: object, dst_heads: object,
+    src_pool: object,
+    src_span: object,
+    dst_pool: object,
+    dst_span: object,
+    tokens: object,
+    src_layers: object,
+    dst_layers: object,
+    src_heads: object,
+    dst_heads: object,
 ) -> KVMove:
     src_pool = check_pool("src_pool", src_pool)
     dst_pool = check_pool("dst_pool", dst_pool, writable=True)
@@ -657,13 +664,20 @@ def plan_requests(
                 if g.kind == "state":
                     raise ValueError(f"{where}: kv segment for state group {g.name!r}")
                 if tuple(seg.shape) != (
-                    len(lay), pool.shape[2], len(seg.tokens), hd[1] - hd[0], pool.shape[5]
+                    len(lay),
+                    pool.shape[2],
+                    len(seg.tokens),
+                    hd[1] - hd[0],
+                    pool.shape[5],
                 ):
                     raise ValueError(f"{where}: segment shape {seg.shape} does not match the pool")
                 if g.name not in req.spans:
                     raise ValueError(f"{where}: spans has no BlockSpan for group {g.name!r}")
                 ids, off = check_span(
-                    f"{where} spans[{g.name!r}]", req.spans[g.name], seg.tokens, pool,
+                    f"{where} spans[{g.name!r}]",
+                    req.spans[g.name],
+                    seg.tokens,
+                    pool,
                     unique=not to_dense,
                 )
                 kv_items.setdefault((g.name, lay, hd), []).append(

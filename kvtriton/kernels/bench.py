@@ -146,28 +146,36 @@ class _Pools:
         if key not in self.cache:
             blocks = max(4, int(POOL_BYTES * self.scale) // (BYTES_PER_TOKEN * tpb))
             if layout == "NHD":
-                t = torch.empty((LAYERS, blocks, KVF, tpb, HEADS, DIM), dtype=DTYPE,
-                                device=self.device)
+                t = torch.empty(
+                    (LAYERS, blocks, KVF, tpb, HEADS, DIM), dtype=DTYPE, device=self.device
+                )
                 view = t
             else:
-                t = torch.empty((LAYERS, blocks, KVF, HEADS, tpb, DIM), dtype=DTYPE,
-                                device=self.device)
+                t = torch.empty(
+                    (LAYERS, blocks, KVF, HEADS, tpb, DIM), dtype=DTYPE, device=self.device
+                )
                 view = t.permute(0, 1, 2, 4, 3, 5)
             C.bits(t).random_(-(2**15), 2**15 - 1)  # random bits, never zeros
             self.cache[key] = view
         return self.cache[key]
 
 
-def _spans(pool: torch.Tensor, tokens: TokenRange, sets: int, gen: torch.Generator,
-           avoid: set[int] | None = None) -> list[BlockSpan]:
+def _spans(
+    pool: torch.Tensor,
+    tokens: TokenRange,
+    sets: int,
+    gen: torch.Generator,
+    avoid: set[int] | None = None,
+) -> list[BlockSpan]:
     tpb, n_blocks = int(pool.shape[3]), int(pool.shape[1])
     blocks = tokens.blocks(tpb)
     need = len(blocks)
-    perm = [b for b in torch.randperm(n_blocks, generator=gen).tolist()
-            if not avoid or b not in avoid]
+    perm = [
+        b for b in torch.randperm(n_blocks, generator=gen).tolist() if not avoid or b not in avoid
+    ]
     if need * sets > len(perm):
         sets = max(1, len(perm) // need)
-    return [BlockSpan(blocks.start, perm[i * need:(i + 1) * need]) for i in range(sets)]
+    return [BlockSpan(blocks.start, perm[i * need : (i + 1) * need]) for i in range(sets)]
 
 
 def _torch_fns(move: C.KVMove) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -207,9 +215,21 @@ def _torch_fns(move: C.KVMove) -> tuple[Callable[[], Any], Callable[[], Any]]:
     return one_call, per_layer
 
 
-def _case(op: str, pools: _Pools, tokens_n: int, *, tpb: int, dst_tpb: int | None = None,
-          start: int = 0, layout: str = "NHD", dst_layout: str | None = None,
-          gen: torch.Generator, reps: int, rotate_bytes: int, skip_loop: bool) -> dict:
+def _case(
+    op: str,
+    pools: _Pools,
+    tokens_n: int,
+    *,
+    tpb: int,
+    dst_tpb: int | None = None,
+    start: int = 0,
+    layout: str = "NHD",
+    dst_layout: str | None = None,
+    gen: torch.Generator,
+    reps: int,
+    rotate_bytes: int,
+    skip_loop: bool,
+) -> dict:
     device = pools.device
     tokens = TokenRange(start, start + tokens_n)
     payload = tokens_n * BYTES_PER_TOKEN
@@ -230,14 +250,16 @@ def _case(op: str, pools: _Pools, tokens_n: int, *, tpb: int, dst_tpb: int | Non
         used = {b for s in src_spans for b in s.block_ids} if dst_pool is pool else None
         dst_spans = _spans(dst_pool, tokens, len(src_spans), gen, avoid=used)
         for s_span, d_span in zip(src_spans, dst_spans, strict=False):
-            moves.append(C.plan_copy(pool, s_span, dst_pool, d_span, tokens, None, None, None,
-                                     None))
+            moves.append(
+                C.plan_copy(pool, s_span, dst_pool, d_span, tokens, None, None, None, None)
+            )
     T = K._triton_module()
     # correctness first: kvtriton == reference, bitwise, on the first set
     m0 = moves[0]
     if isinstance(m0.dst, C.PagedSide):
-        probe_reads = C.PagedSide(m0.dst.pool, m0.dst.ids, m0.dst.offset, m0.dst.layers,
-                                  m0.dst.heads)
+        probe_reads = C.PagedSide(
+            m0.dst.pool, m0.dst.ids, m0.dst.offset, m0.dst.layers, m0.dst.heads
+        )
         T.run_kv(m0)
         got = R._read(probe_reads, m0.n_tokens).clone()
         if isinstance(m0.src, C.PagedSide):
@@ -256,18 +278,21 @@ def _case(op: str, pools: _Pools, tokens_n: int, *, tpb: int, dst_tpb: int | Non
     t_fast = _time_graph(fast, device, reps)
     torch_fns = [_torch_fns(m) for m in moves]
     t_one = _time_graph([f[0] for f in torch_fns], device, max(3, reps // 4))
-    t_loop = (math.nan if skip_loop else
-              _time_graph([f[1] for f in torch_fns], device, max(3, reps // 4)))
+    t_loop = (
+        math.nan if skip_loop else _time_graph([f[1] for f in torch_fns], device, max(3, reps // 4))
+    )
     # contiguous copy of the same bytes, same rotation
-    flat_src = [torch.empty(payload // 2, dtype=torch.int16, device=device).random_()
-                for _ in moves]
+    flat_src = [
+        torch.empty(payload // 2, dtype=torch.int16, device=device).random_() for _ in moves
+    ]
     flat_dst = [torch.empty_like(s) for s in flat_src]
     copies = [(lambda d=d, s=s: d.copy_(s)) for s, d in zip(flat_src, flat_dst, strict=True)]
     t_memcpy = _time_graph(copies, device, reps)
     t_tcopy = math.nan
     if device.type == "cuda" and payload % (_COPY_BLOCK * 4) == 0:
-        t_tcopy = _time_graph([_triton_copy(d, s) for s, d in zip(flat_src, flat_dst,
-                                                                    strict=True)], device, reps)
+        t_tcopy = _time_graph(
+            [_triton_copy(d, s) for s, d in zip(flat_src, flat_dst, strict=True)], device, reps
+        )
     # the limit: the faster of torch's copy_ and a plain Triton copy of the same bytes
     t_copy = min(t_memcpy, t_tcopy) if not math.isnan(t_tcopy) else t_memcpy
     del flat_src, flat_dst
@@ -279,19 +304,34 @@ def _case(op: str, pools: _Pools, tokens_n: int, *, tpb: int, dst_tpb: int | Non
     return {
         "op": op,
         "src": f"{layout} tpb={tpb}" if op != "scatter" else "packed",
-        "dst": (f"{dst_layout or layout} tpb={d_tpb}" if op == "copy"
-                else "packed" if op == "gather" else f"{layout} tpb={tpb}"),
+        "dst": (
+            f"{dst_layout or layout} tpb={d_tpb}"
+            if op == "copy"
+            else "packed"
+            if op == "gather"
+            else f"{layout} tpb={tpb}"
+        ),
         "start": start,
         "tokens": tokens_n,
         "blocks": len(tokens.blocks(tpb)),
         "mib": payload / MIB,
         "sets": len(moves),
-        "us": {"kvtriton": t_fast * 1e6, "torch_1call": t_one * 1e6,
-               "torch_loop": t_loop * 1e6, "copy": t_copy * 1e6,
-               "copy_torch": t_memcpy * 1e6, "copy_triton": t_tcopy * 1e6},
-        "gbs": {"kvtriton": gbs(t_fast), "torch_1call": gbs(t_one),
-                "torch_loop": gbs(t_loop), "copy": gbs(t_copy),
-                "copy_torch": gbs(t_memcpy), "copy_triton": gbs(t_tcopy)},
+        "us": {
+            "kvtriton": t_fast * 1e6,
+            "torch_1call": t_one * 1e6,
+            "torch_loop": t_loop * 1e6,
+            "copy": t_copy * 1e6,
+            "copy_torch": t_memcpy * 1e6,
+            "copy_triton": t_tcopy * 1e6,
+        },
+        "gbs": {
+            "kvtriton": gbs(t_fast),
+            "torch_1call": gbs(t_one),
+            "torch_loop": gbs(t_loop),
+            "copy": gbs(t_copy),
+            "copy_torch": gbs(t_memcpy),
+            "copy_triton": gbs(t_tcopy),
+        },
         "vs_copy": t_copy / t_fast,
         "vs_torch_1call": t_one / t_fast,
         "correct": ok,
@@ -305,8 +345,12 @@ def _host_overheads(device: torch.device, reps: int) -> list[dict]:
 
     rows = []
     gen = torch.Generator().manual_seed(1)
-    for name, prompt, cached in [("llama-3-8b", 8192, 1000), ("gpt-oss-20b", 8192, 1000),
-                                 ("gemma-3-4b", 4096, 100), ("llama-3-8b", 512, 100)]:
+    for name, prompt, cached in [
+        ("llama-3-8b", 8192, 1000),
+        ("gpt-oss-20b", 8192, 1000),
+        ("gemma-3-4b", 4096, 100),
+        ("llama-3-8b", 512, 100),
+    ]:
         spec = preset(name)
         tpb = spec.tokens_per_block
         nblocks = -(-prompt // tpb) + 1
@@ -319,8 +363,9 @@ def _host_overheads(device: torch.device, reps: int) -> list[dict]:
 
         def plan_and_pack(spec=spec, pools=pools, spans=spans, prompt=prompt, cached=cached):
             plan = plan_transfer(spec, prompt, {g.name: cached for g in spec.groups})
-            layout = packed_layout(spec, {g.name: g.tokens for g in plan if g.kind != "state"},
-                                   plan.state_groups)
+            layout = packed_layout(
+                spec, {g.name: g.tokens for g in plan if g.kind != "state"}, plan.state_groups
+            )
             buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
             K.pack_request(spec, layout, pools, spans, {}, buf)
             return layout
@@ -334,14 +379,20 @@ def _host_overheads(device: torch.device, reps: int) -> list[dict]:
         def unpack_only(spec=spec, layout=layout, pools=pools, spans=spans, buf=buf):
             K.unpack_request(spec, layout, buf, pools, spans, {})
 
-        rows.append({
-            "spec": name, "prompt": prompt, "cached": cached, "groups": len(spec.groups),
-            "blocks": sum(len(s) for s in spans.values()), "mib": layout.nbytes / MIB,
-            "pack_request_us": _host_time(pack_only, device, reps) * 1e6,
-            "unpack_request_us": _host_time(unpack_only, device, reps) * 1e6,
-            "plan_layout_pack_us": _host_time(plan_and_pack, device, reps) * 1e6,
-            "plan_layout_pack_b2b_us": _back_to_back(plan_and_pack, device, reps) * 1e6,
-        })
+        rows.append(
+            {
+                "spec": name,
+                "prompt": prompt,
+                "cached": cached,
+                "groups": len(spec.groups),
+                "blocks": sum(len(s) for s in spans.values()),
+                "mib": layout.nbytes / MIB,
+                "pack_request_us": _host_time(pack_only, device, reps) * 1e6,
+                "unpack_request_us": _host_time(unpack_only, device, reps) * 1e6,
+                "plan_layout_pack_us": _host_time(plan_and_pack, device, reps) * 1e6,
+                "plan_layout_pack_b2b_us": _back_to_back(plan_and_pack, device, reps) * 1e6,
+            }
+        )
         del pools
     return rows
 
@@ -361,11 +412,17 @@ def profile_host(device: str | torch.device = "cuda", reps: int = 200) -> dict:
     spec = preset("gpt-oss-20b")
     prompt, nblocks = 8192, 513
     gen = torch.Generator().manual_seed(2)
-    pools = {g.name: torch.zeros((g.num_layers, nblocks, g.kv_factor, 16, g.local_heads,
-                                  g.head_dim), dtype=spec.torch_dtype, device=device)
-             for g in spec.groups}
-    spans = {g.name: BlockSpan(0, torch.randperm(nblocks, generator=gen).tolist())
-             for g in spec.groups}
+    pools = {
+        g.name: torch.zeros(
+            (g.num_layers, nblocks, g.kv_factor, 16, g.local_heads, g.head_dim),
+            dtype=spec.torch_dtype,
+            device=device,
+        )
+        for g in spec.groups
+    }
+    spans = {
+        g.name: BlockSpan(0, torch.randperm(nblocks, generator=gen).tolist()) for g in spec.groups
+    }
     plan = plan_transfer(spec, prompt, {g.name: 1000 for g in spec.groups})
     layout = packed_layout(spec, {g.name: g.tokens for g in plan}, ())
     buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
@@ -385,15 +442,21 @@ def profile_host(device: str | torch.device = "cuda", reps: int = 200) -> dict:
                 side = C.PagedSide(b.pool, it.ids, it.offset, b.layers, b.heads)
                 T._kv_launch(side, buf, it.n_tokens, meta)
             return meta.tensor(device)
+
         return f
 
     launches = []
     for b in batches:
         it = b.items[0]
         shape = (len(b.layers), 2, it.n_tokens, b.heads[1] - b.heads[0], b.pool.shape[5])
-        dense = b.flat[it.dense_offset:it.dense_offset + math.prod(shape)].view(shape)
-        launches.append(T.prepare_kv(C.KVMove(it.n_tokens, C.PagedSide(
-            b.pool, it.ids, it.offset, b.layers, b.heads), dense)))
+        dense = b.flat[it.dense_offset : it.dense_offset + math.prod(shape)].view(shape)
+        launches.append(
+            T.prepare_kv(
+                C.KVMove(
+                    it.n_tokens, C.PagedSide(b.pool, it.ids, it.offset, b.layers, b.heads), dense
+                )
+            )
+        )
 
     def launch_only():
         for f in launches:
@@ -424,9 +487,16 @@ def profile_host(device: str | torch.device = "cuda", reps: int = 200) -> dict:
     return out
 
 
-def run_benchmark(*, device: str | torch.device = "cuda", quick: bool = False,
-                  json_path: str | None = None, reps: int = 30, tune: bool = False,
-                  print_table: bool = True, cases: bool = True) -> dict:
+def run_benchmark(
+    *,
+    device: str | torch.device = "cuda",
+    quick: bool = False,
+    json_path: str | None = None,
+    reps: int = 30,
+    tune: bool = False,
+    print_table: bool = True,
+    cases: bool = True,
+) -> dict:
     """Run the kernel benchmark; returns (and optionally writes as JSON) all numbers.
 
     ``quick`` uses few and small cases (a smoke test, also on CPU under the interpreter).
@@ -477,20 +547,35 @@ def run_benchmark(*, device: str | torch.device = "cuda", quick: bool = False,
             for warps in (4, 8):
                 for pps in (2, 4, 8):
                     T.TUNE.update(tile_bytes=tile, num_warps=warps, programs_per_sm=pps)
-                    for op, n, kw in [("gather", sizes[0], {}), ("gather", sizes[0], {"start": 5}),
-                                      ("scatter", sizes[0], {"start": 5}),
-                                      ("copy", mid, {"dst_tpb": 32, "start": 5})]:
+                    for op, n, kw in [
+                        ("gather", sizes[0], {}),
+                        ("gather", sizes[0], {"start": 5}),
+                        ("scatter", sizes[0], {"start": 5}),
+                        ("copy", mid, {"dst_tpb": 32, "start": 5}),
+                    ]:
                         row = _case(op, pools, n, tpb=16, skip_loop=True, **common, **kw)
-                        sweep.append({"tile_bytes": tile, "num_warps": warps,
-                                      "programs_per_sm": pps, "op": op, "start": row["start"],
-                                      "mib": row["mib"], "src": row["src"], "dst": row["dst"],
-                                      "gbs": row["gbs"]["kvtriton"],
-                                      "vs_copy": row["vs_copy"]})
+                        sweep.append(
+                            {
+                                "tile_bytes": tile,
+                                "num_warps": warps,
+                                "programs_per_sm": pps,
+                                "op": op,
+                                "start": row["start"],
+                                "mib": row["mib"],
+                                "src": row["src"],
+                                "dst": row["dst"],
+                                "gbs": row["gbs"]["kvtriton"],
+                                "vs_copy": row["vs_copy"],
+                            }
+                        )
                         if print_table:
-                            print(f"tune tile={tile:6d} warps={warps} pps={pps} {op:8s} "
-                                  f"start={row['start']} {row['dst']:14s} {row['mib']:6.1f} MiB "
-                                  f"{row['gbs']['kvtriton']:6.0f} GB/s {row['vs_copy']:6.1%} "
-                                  "of copy", flush=True)
+                            print(
+                                f"tune tile={tile:6d} warps={warps} pps={pps} {op:8s} "
+                                f"start={row['start']} {row['dst']:14s} {row['mib']:6.1f} MiB "
+                                f"{row['gbs']['kvtriton']:6.0f} GB/s {row['vs_copy']:6.1%} "
+                                "of copy",
+                                flush=True,
+                            )
         T.TUNE.clear()
         T.TUNE.update(base)
 
@@ -501,17 +586,25 @@ def run_benchmark(*, device: str | torch.device = "cuda", quick: bool = False,
     if print_table and host:
         print("\nhost overhead per request (median CPU time until the call returns):")
         for h in host:
-            print(f"  {h['spec']:12s} P={h['prompt']:5d} cached={h['cached']:5d} "
-                  f"groups={h['groups']} blocks={h['blocks']:5d} {h['mib']:8.1f} MiB  "
-                  f"pack {h['pack_request_us']:6.1f} us  unpack {h['unpack_request_us']:6.1f} us"
-                  f"  plan+layout+pack {h['plan_layout_pack_us']:6.1f} us"
-                  f" (back to back {h['plan_layout_pack_b2b_us']:6.1f} us)")
+            print(
+                f"  {h['spec']:12s} P={h['prompt']:5d} cached={h['cached']:5d} "
+                f"groups={h['groups']} blocks={h['blocks']:5d} {h['mib']:8.1f} MiB  "
+                f"pack {h['pack_request_us']:6.1f} us  unpack {h['unpack_request_us']:6.1f} us"
+                f"  plan+layout+pack {h['plan_layout_pack_us']:6.1f} us"
+                f" (back to back {h['plan_layout_pack_b2b_us']:6.1f} us)"
+            )
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
-        "shape": {"layers": LAYERS, "kv": KVF, "heads": HEADS, "head_dim": DIM,
-                  "dtype": str(DTYPE), "bytes_per_token": BYTES_PER_TOKEN},
+        "shape": {
+            "layers": LAYERS,
+            "kv": KVF,
+            "heads": HEADS,
+            "head_dim": DIM,
+            "dtype": str(DTYPE),
+            "bytes_per_token": BYTES_PER_TOKEN,
+        },
         "tune": dict(T.TUNE),
         "cases": results,
         "tune_sweep": sweep,
@@ -523,22 +616,27 @@ def run_benchmark(*, device: str | torch.device = "cuda", quick: bool = False,
     return out
 
 
-_HEADER = (f"{'op':8s} {'src':14s} {'dst':14s} {'start':>5s} {'tokens':>6s} {'MiB':>8s}  "
-           f"{'kvtriton':>8s} {'torch1':>7s} {'loop':>7s} {'copy':>7s} GB/s   "
-           f"{'%copy':>6s} {'x torch1':>8s}")
+_HEADER = (
+    f"{'op':8s} {'src':14s} {'dst':14s} {'start':>5s} {'tokens':>6s} {'MiB':>8s}  "
+    f"{'kvtriton':>8s} {'torch1':>7s} {'loop':>7s} {'copy':>7s} GB/s   "
+    f"{'%copy':>6s} {'x torch1':>8s}"
+)
 
 
 def _fmt_row(r: dict) -> str:
     g = r["gbs"]
-    return (f"{r['op']:8s} {r['src']:14s} {r['dst']:14s} {r['start']:5d} {r['tokens']:6d} "
-            f"{r['mib']:8.1f}  {g['kvtriton']:8.0f} {g['torch_1call']:7.0f} "
-            f"{g['torch_loop']:7.0f} {g['copy']:7.0f}        {r['vs_copy']:6.1%} "
-            f"{r['vs_torch_1call']:8.2f}")
+    return (
+        f"{r['op']:8s} {r['src']:14s} {r['dst']:14s} {r['start']:5d} {r['tokens']:6d} "
+        f"{r['mib']:8.1f}  {g['kvtriton']:8.0f} {g['torch_1call']:7.0f} "
+        f"{g['torch_loop']:7.0f} {g['copy']:7.0f}        {r['vs_copy']:6.1%} "
+        f"{r['vs_torch_1call']:8.2f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvtriton bench kernels", description=__doc__.split(
-        "\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="kvtriton bench kernels", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (--quick only)")
     parser.add_argument("--quick", action="store_true", help="few small cases (smoke test)")
     parser.add_argument("--json", default=None, help="write all numbers to this JSON file")
@@ -548,9 +646,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.quick:
         parser.error("--device cpu needs --quick (the full shapes are 8 GiB pools)")
-    out = run_benchmark(device=args.device, quick=args.quick, json_path=args.json,
-                        reps=args.reps, tune=args.tune or args.tune_only,
-                        cases=not args.tune_only)
+    out = run_benchmark(
+        device=args.device,
+        quick=args.quick,
+        json_path=args.json,
+        reps=args.reps,
+        tune=args.tune or args.tune_only,
+        cases=not args.tune_only,
+    )
     print(f"\ndevice: {out['device']}  torch {out['torch']}  triton {out['triton']}")
     return 0
 

@@ -88,13 +88,19 @@ def run_batch(batch: C.KVBatch | C.StateBatch) -> None:
         numel = _prod(shape)
         for slot, elem0 in batch.items:
             dense = batch.flat[elem0 : elem0 + numel].view(shape)
-            run_state(C.StateMove(batch.pool, slot, batch.layers, batch.heads, dense,
-                                  batch.to_dense))
+            run_state(
+                C.StateMove(batch.pool, slot, batch.layers, batch.heads, dense, batch.to_dense)
+            )
         return
     pool = batch.pool
     for item in batch.items:
-        shape = (len(batch.layers), pool.shape[2], item.n_tokens, batch.heads[1] - batch.heads[0],
-                 pool.shape[5])
+        shape = (
+            len(batch.layers),
+            pool.shape[2],
+            item.n_tokens,
+            batch.heads[1] - batch.heads[0],
+            pool.shape[5],
+        )
         dense = batch.flat[item.dense_offset : item.dense_offset + _prod(shape)].view(shape)
         side = C.PagedSide(pool, item.ids, item.offset, batch.layers, batch.heads)
         if batch.to_dense:
@@ -160,8 +166,19 @@ def copy(
     dst_heads: tuple[int, int] | None = None,
 ) -> None:
     """Pool -> pool copy of positions ``tokens`` (same positions on both sides)."""
-    run_kv(C.plan_copy(src_pool, src_span, dst_pool, dst_span, tokens, src_layers, dst_layers,
-                       src_heads, dst_heads))
+    run_kv(
+        C.plan_copy(
+            src_pool,
+            src_span,
+            dst_pool,
+            dst_span,
+            tokens,
+            src_layers,
+            dst_layers,
+            src_heads,
+            dst_heads,
+        )
+    )
 
 
 def gather_state(

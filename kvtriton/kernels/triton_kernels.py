@@ -82,19 +82,55 @@ def _sm_count(device: torch.device) -> int:
 # Per-call scalars that never help vectorization (token counts, table offsets, block sizes):
 # not specialized, so a new value never triggers a recompile. Strides and head offsets stay
 # specialized: their divisibility by 16 is what proves 16-byte accesses.
-@triton.jit(do_not_specialize=["n_tokens", "src_rel", "src_tbl", "src_lay", "dst_rel", "dst_tbl",
-                               "dst_lay", "src_bs", "dst_bs", "batch_tbl"])
+@triton.jit(
+    do_not_specialize=[
+        "n_tokens",
+        "src_rel",
+        "src_tbl",
+        "src_lay",
+        "dst_rel",
+        "dst_tbl",
+        "dst_lay",
+        "src_bs",
+        "dst_bs",
+        "batch_tbl",
+    ]
+)
 def _move_tokens_kernel(
-    src_ptr, dst_ptr, meta_ptr,
+    src_ptr,
+    dst_ptr,
+    meta_ptr,
     n_tokens,
-    src_rel, src_tbl, src_lay, src_head_off,
-    dst_rel, dst_tbl, dst_lay, dst_head_off,
-    s_l, s_b, s_kv, s_t, s_h, src_bs,
-    d_l, d_b, d_kv, d_t, d_h, dst_bs,
+    src_rel,
+    src_tbl,
+    src_lay,
+    src_head_off,
+    dst_rel,
+    dst_tbl,
+    dst_lay,
+    dst_head_off,
+    s_l,
+    s_b,
+    s_kv,
+    s_t,
+    s_h,
+    src_bs,
+    d_l,
+    d_b,
+    d_kv,
+    d_t,
+    d_h,
+    dst_bs,
     batch_tbl,
-    KV: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
-    HB: tl.constexpr, DP: tl.constexpr, TOK: tl.constexpr,
-    SRC_PAGED: tl.constexpr, DST_PAGED: tl.constexpr, BATCHED: tl.constexpr,
+    KV: tl.constexpr,
+    HS: tl.constexpr,
+    D: tl.constexpr,
+    HB: tl.constexpr,
+    DP: tl.constexpr,
+    TOK: tl.constexpr,
+    SRC_PAGED: tl.constexpr,
+    DST_PAGED: tl.constexpr,
+    BATCHED: tl.constexpr,
     COL64: tl.constexpr,
 ):
     """Move ``TOK`` positions x ``HB`` heads of one (layer, kv) pair.
@@ -188,11 +224,22 @@ def _move_tokens_kernel(
 
 @triton.jit(do_not_specialize=["slot_off", "lay_off", "items_off"])
 def _move_state_kernel(
-    pool_ptr, dense_ptr, meta_ptr,
-    slot_off, lay_off, items_off, head_off, row,
-    s_l, s_s, s_h,
-    HS: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
-    TO_DENSE: tl.constexpr, BATCHED: tl.constexpr,
+    pool_ptr,
+    dense_ptr,
+    meta_ptr,
+    slot_off,
+    lay_off,
+    items_off,
+    head_off,
+    row,
+    s_l,
+    s_s,
+    s_h,
+    HS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EVEN: tl.constexpr,
+    TO_DENSE: tl.constexpr,
+    BATCHED: tl.constexpr,
 ):
     """Move ``BLOCK`` elements of the ``(layer, head)`` row of a state slot.
 
@@ -284,8 +331,9 @@ def _row_tiling(heads: int, head_dim: int, itemsize: int) -> tuple[int, int, int
     return hb, dp, -(-heads // hb)
 
 
-def _tok_tile(hb: int, dp: int, itemsize: int, total_tokens: int, lk: int, hchunks: int,
-              device: torch.device) -> int:
+def _tok_tile(
+    hb: int, dp: int, itemsize: int, total_tokens: int, lk: int, hchunks: int, device: torch.device
+) -> int:
     if INTERPRET or device.type == "cpu":
         return min(_INTERPRET_MAX_TOK, _pow2_ceil(max(1, total_tokens)))
     tok = max(1, min(64, _pow2_floor(max(1, TUNE["tile_bytes"] // (hb * dp * itemsize)))))
@@ -300,8 +348,14 @@ def _paged_args(side: C.PagedSide, meta: _Meta) -> dict:
     st = pool.stride()
     lay = meta.add(side.layers)
     tbl = meta.add(side.ids)
-    return dict(rel=side.offset, tbl=tbl, lay=lay, head_off=side.heads[0] * st[4],
-                strides=(st[0], st[1], st[2], st[3], st[4]), bs=int(pool.shape[3]))
+    return dict(
+        rel=side.offset,
+        tbl=tbl,
+        lay=lay,
+        head_off=side.heads[0] * st[4],
+        strides=(st[0], st[1], st[2], st[3], st[4]),
+        bs=int(pool.shape[3]),
+    )
 
 
 _DENSE = dict(rel=0, tbl=0, lay=0, head_off=0, strides=(0, 0, 0, 0, 0), bs=1)
@@ -314,8 +368,13 @@ def _col64(side: C.PagedSide | None, heads: int) -> bool:
     return (side.heads[0] + heads) * h_stride + side.pool.shape[5] >= 2**31
 
 
-def _kv_launch(src: C.PagedSide | torch.Tensor, dst: C.PagedSide | torch.Tensor,
-               n_tokens: int, meta: _Meta, batch: C.KVBatch | None = None) -> _Launch | None:
+def _kv_launch(
+    src: C.PagedSide | torch.Tensor,
+    dst: C.PagedSide | torch.Tensor,
+    n_tokens: int,
+    meta: _Meta,
+    batch: C.KVBatch | None = None,
+) -> _Launch | None:
     paged = src if isinstance(src, C.PagedSide) else dst
     assert isinstance(paged, C.PagedSide)
     pool = paged.pool
@@ -340,9 +399,15 @@ def _kv_launch(src: C.PagedSide | torch.Tensor, dst: C.PagedSide | torch.Tensor,
         tbls = [meta.add(it.ids) for it in batch.items]
         n = np.array([it.n_tokens for it in batch.items], dtype=np.int64)
         chunks = -(-n // tok)
-        rows = np.stack([n, np.array([it.offset for it in batch.items], dtype=np.int64),
-                         np.array(tbls, dtype=np.int64),
-                         np.array([it.dense_offset for it in batch.items], dtype=np.int64)], 1)
+        rows = np.stack(
+            [
+                n,
+                np.array([it.offset for it in batch.items], dtype=np.int64),
+                np.array(tbls, dtype=np.int64),
+                np.array([it.dense_offset for it in batch.items], dtype=np.int64),
+            ],
+            1,
+        )
         rows = np.repeat(rows, chunks, axis=0)
         starts = np.repeat(np.cumsum(chunks) - chunks, chunks)
         chunk_idx = np.arange(int(chunks.sum()), dtype=np.int64) - starts
@@ -350,22 +415,55 @@ def _kv_launch(src: C.PagedSide | torch.Tensor, dst: C.PagedSide | torch.Tensor,
         n_chunks = int(chunks.sum())
         src_t = C.bits(pool) if batch.to_dense else C.bits(batch.flat)
         dst_t = C.bits(batch.flat) if batch.to_dense else C.bits(pool)
-    args = [src_t, dst_t, None, n_tokens,
-            sp["rel"], sp["tbl"], sp["lay"], sp["head_off"],
-            dp_["rel"], dp_["tbl"], dp_["lay"], dp_["head_off"],
-            *sp["strides"], sp["bs"], *dp_["strides"], dp_["bs"], batch_tbl]
+    args = [
+        src_t,
+        dst_t,
+        None,
+        n_tokens,
+        sp["rel"],
+        sp["tbl"],
+        sp["lay"],
+        sp["head_off"],
+        dp_["rel"],
+        dp_["tbl"],
+        dp_["lay"],
+        dp_["head_off"],
+        *sp["strides"],
+        sp["bs"],
+        *dp_["strides"],
+        dp_["bs"],
+        batch_tbl,
+    ]
     col64 = _col64(src if isinstance(src, C.PagedSide) else None, heads) or _col64(
-        dst if isinstance(dst, C.PagedSide) else None, heads)
-    const = dict(KV=kvf, HS=heads, D=head_dim, HB=hb, DP=dp, TOK=tok,
-                 SRC_PAGED=isinstance(src, C.PagedSide), DST_PAGED=isinstance(dst, C.PagedSide),
-                 BATCHED=batch is not None, COL64=col64)
-    return _Launch(_move_tokens_kernel, (n_chunks, nl * kvf, hchunks), args, 2, const,
-                   TUNE["num_warps"])
+        dst if isinstance(dst, C.PagedSide) else None, heads
+    )
+    const = dict(
+        KV=kvf,
+        HS=heads,
+        D=head_dim,
+        HB=hb,
+        DP=dp,
+        TOK=tok,
+        SRC_PAGED=isinstance(src, C.PagedSide),
+        DST_PAGED=isinstance(dst, C.PagedSide),
+        BATCHED=batch is not None,
+        COL64=col64,
+    )
+    return _Launch(
+        _move_tokens_kernel, (n_chunks, nl * kvf, hchunks), args, 2, const, TUNE["num_warps"]
+    )
 
 
-def _state_launch(pool: torch.Tensor, dense: torch.Tensor, layers: tuple[int, ...],
-                  heads: tuple[int, int], to_dense: bool, meta: _Meta, slot: int = 0,
-                  items: Sequence[tuple[int, int]] | None = None) -> _Launch:
+def _state_launch(
+    pool: torch.Tensor,
+    dense: torch.Tensor,
+    layers: tuple[int, ...],
+    heads: tuple[int, int],
+    to_dense: bool,
+    meta: _Meta,
+    slot: int = 0,
+    items: Sequence[tuple[int, int]] | None = None,
+) -> _Launch:
     row = 1
     for s in pool.shape[3:]:
         row *= int(s)
@@ -374,10 +472,22 @@ def _state_launch(pool: torch.Tensor, dense: torch.Tensor, layers: tuple[int, ..
     lay = meta.add(layers)
     items_off = meta.add([v for it in items for v in it]) if items is not None else 0
     s_l, s_s, s_h = pool.stride(0), pool.stride(1), pool.stride(2)
-    args = [C.bits(pool), C.bits(dense), None, slot * s_s, lay, items_off, heads[0] * s_h, row,
-            s_l, s_s, s_h]
-    const = dict(HS=hs, BLOCK=block, EVEN=row % block == 0, TO_DENSE=to_dense,
-                 BATCHED=items is not None)
+    args = [
+        C.bits(pool),
+        C.bits(dense),
+        None,
+        slot * s_s,
+        lay,
+        items_off,
+        heads[0] * s_h,
+        row,
+        s_l,
+        s_s,
+        s_h,
+    ]
+    const = dict(
+        HS=hs, BLOCK=block, EVEN=row % block == 0, TO_DENSE=to_dense, BATCHED=items is not None
+    )
     grid = (-(-row // block), len(layers) * hs, 1 if items is None else len(items))
     return _Launch(_move_state_kernel, grid, args, 2, const, TUNE["num_warps"])
 
@@ -389,8 +499,11 @@ def _execute(launches: Sequence[_Launch | None], meta: _Meta, device: torch.devi
     table = meta.tensor(device)
     for launch in todo:
         launch.args[launch.meta_slot] = table
-        launch.kernel[launch.grid](*launch.args, **launch.constexprs,  # type: ignore[index]
-                                   num_warps=launch.num_warps)
+        launch.kernel[launch.grid](
+            *launch.args,
+            **launch.constexprs,  # type: ignore[index]
+            num_warps=launch.num_warps,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,8 +518,9 @@ def run_kv(move: C.KVMove) -> None:
 
 def run_state(move: C.StateMove) -> None:
     meta = _Meta()
-    launch = _state_launch(move.pool, move.dense, move.layers, move.heads, move.to_dense, meta,
-                           slot=move.slot)
+    launch = _state_launch(
+        move.pool, move.dense, move.layers, move.heads, move.to_dense, meta, slot=move.slot
+    )
     _execute([launch], meta, move.pool.device)
 
 
@@ -418,16 +532,22 @@ def run_batches(batches: Sequence[C.KVBatch | C.StateBatch]) -> None:
     for b in batches:
         device = b.pool.device
         if isinstance(b, C.StateBatch):
-            launches.append(_state_launch(b.pool, b.flat, b.layers, b.heads, b.to_dense, meta,
-                                          items=b.items))
+            launches.append(
+                _state_launch(b.pool, b.flat, b.layers, b.heads, b.to_dense, meta, items=b.items)
+            )
         elif len(b.items) == 1:
             # one request: the plain launch (scalar arguments, no per-chunk table)
             item = b.items[0]
             side = C.PagedSide(b.pool, item.ids, item.offset, b.layers, b.heads)
-            shape = (len(b.layers), b.pool.shape[2], item.n_tokens, b.heads[1] - b.heads[0],
-                     b.pool.shape[5])
+            shape = (
+                len(b.layers),
+                b.pool.shape[2],
+                item.n_tokens,
+                b.heads[1] - b.heads[0],
+                b.pool.shape[5],
+            )
             numel = math.prod(shape)
-            dense = b.flat[item.dense_offset:item.dense_offset + numel].view(shape)
+            dense = b.flat[item.dense_offset : item.dense_offset + numel].view(shape)
             src, dst = (side, dense) if b.to_dense else (dense, side)
             launches.append(_kv_launch(src, dst, item.n_tokens, meta))
         else:
@@ -452,7 +572,10 @@ def prepare_kv(move: C.KVMove) -> Callable[[], None]:
     kernel = launch.kernel
 
     def run() -> None:
-        kernel[launch.grid](*launch.args, **launch.constexprs,  # type: ignore[index]
-                            num_warps=launch.num_warps)
+        kernel[launch.grid](
+            *launch.args,
+            **launch.constexprs,  # type: ignore[index]
+            num_warps=launch.num_warps,
+        )
 
     return run

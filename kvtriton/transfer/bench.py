@@ -36,16 +36,28 @@ MiB = 1 << 20
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes-mib", default="16,64,256,1024")
-    p.add_argument("--chunk-mib", type=int, default=None,
-                   help="chunk size (default chunking.DEFAULT_CHUNK_BYTES)")
-    p.add_argument("--chunk-sweep", default="16,64,128,256",
-                   help="chunk sizes (MiB) to sweep for e2e xK; empty to skip")
+    p.add_argument(
+        "--chunk-mib",
+        type=int,
+        default=None,
+        help="chunk size (default chunking.DEFAULT_CHUNK_BYTES)",
+    )
+    p.add_argument(
+        "--chunk-sweep",
+        default="16,64,128,256",
+        help="chunk sizes (MiB) to sweep for e2e xK; empty to skip",
+    )
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--in-flight-bytes-mib", type=int, default=2048,
-                   help="bytes kept in flight for e2e xK (K = this / size, at most 16)")
+    p.add_argument(
+        "--in-flight-bytes-mib",
+        type=int,
+        default=2048,
+        help="bytes kept in flight for e2e xK (K = this / size, at most 16)",
+    )
     p.add_argument("--json", default=None)
-    p.add_argument("--cpu", action="store_true",
-                   help="smoke test on CPU tensors over gloo (no GPU needed)")
+    p.add_argument(
+        "--cpu", action="store_true", help="smoke test on CPU tensors over gloo (no GPU needed)"
+    )
     return p.parse_args(argv)
 
 
@@ -66,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != 2:
-        print("bench_transfer needs exactly 2 ranks (torchrun --nproc-per-node 2)",
-              file=sys.stderr)
+        print("bench_transfer needs exactly 2 ranks (torchrun --nproc-per-node 2)", file=sys.stderr)
         return 2
     local = int(os.environ.get("LOCAL_RANK", rank))
     if args.cpu:
@@ -97,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     max_tokens = max(sizes) // bpt
     per_block = bpt * bsz
     inflight_bytes = args.in_flight_bytes_mib * MiB
-    nblocks = max(max_tokens // bsz + 1, inflight_bytes // per_block + 1) if rank == 1 \
+    nblocks = (
+        max(max_tokens // bsz + 1, inflight_bytes // per_block + 1)
+        if rank == 1
         else max_tokens // bsz + 1
+    )
     recv_blocks = max(max_tokens // bsz + 1, inflight_bytes // per_block + 1)
     pools = allocate_pools(spec, nblocks, device=dev)
     pool = pools.kv[group.name]
@@ -121,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         if rank == 0:
             tokens = nbytes // bpt
-            kernels.gather(pool, BlockSpan(0, perm[: -(-tokens // bsz)]),
-                           TokenRange(0, tokens), out=None)  # warm the kernel
-            packed = kernels.gather(pool, BlockSpan(0, perm[: -(-tokens // bsz)]),
-                                    TokenRange(0, tokens))
+            kernels.gather(
+                pool, BlockSpan(0, perm[: -(-tokens // bsz)]), TokenRange(0, tokens), out=None
+            )  # warm the kernel
+            packed = kernels.gather(
+                pool, BlockSpan(0, perm[: -(-tokens // bsz)]), TokenRange(0, tokens)
+            )
             buf.copy_(packed.reshape(-1).view(torch.uint8))
         sync_dev()
         for _ in range(2):  # warm-up
@@ -138,13 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter() - t0
         return t, (buf.clone() if rank == 1 else None)
 
-    def e2e(nbytes: int, k: int, chunk_bytes: int, prepost: bool = False
-            ) -> tuple[float, dict[str, float]]:
+    def e2e(
+        nbytes: int, k: int, chunk_bytes: int, prepost: bool = False
+    ) -> tuple[float, dict[str, float]]:
         """Seconds for k requests of nbytes in flight at once, through the agent."""
         tokens = nbytes // bpt
         nb = -(-tokens // bsz)
-        opts = TransferOptions(chunk_bytes=chunk_bytes, timeout_s=120.0, checksum=False,
-                               staging_slots=3, prepost=prepost)
+        opts = TransferOptions(
+            chunk_bytes=chunk_bytes,
+            timeout_s=120.0,
+            checksum=False,
+            staging_slots=3,
+            prepost=prepost,
+        )
         agent = TransferAgent(topo, rank, {group.name: pool}, ctrl, data, opts)
         rids = []
         for _ in range(k):
@@ -159,21 +181,27 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 1:
             for i, rid in enumerate(rids):
                 dst = BlockSpan(0, [perm[(i * nb + j) % nblocks] for j in range(nb)])
-                agent.request(rid, tokens, {group.name: TokenRange(0, tokens)}, (),
-                              {group.name: dst})
+                agent.request(
+                    rid, tokens, {group.name: TokenRange(0, tokens)}, (), {group.name: dst}
+                )
             ok = agent.wait(rids, timeout=120)
             t = time.perf_counter() - t0
             states = {agent.handle(r).state.value for r in rids}
             if not ok or states != {"TRANSFERRED"}:
-                raise RuntimeError(f"e2e transfer failed: {states} "
-                                   f"{[agent.handle(r).session.error for r in rids]}")
+                raise RuntimeError(
+                    f"e2e transfer failed: {states} {[agent.handle(r).session.error for r in rids]}"
+                )
             firsts = [agent.handle(r).t_first_data for r in rids]
             lasts = [agent.handle(r).t_last_data for r in rids]
             data_s = max(lasts) - min(firsts)  # type: ignore[type-var,operator]
         else:
-            agent.serve(until=lambda: all(
-                s.is_terminal for r in rids for s in agent.send_sessions(r).values())
-                and len([1 for r in rids if agent.send_sessions(r)]) == k, timeout=120)
+            agent.serve(
+                until=lambda: (
+                    all(s.is_terminal for r in rids for s in agent.send_sessions(r).values())
+                    and len([1 for r in rids if agent.send_sessions(r)]) == k
+                ),
+                timeout=120,
+            )
             t = time.perf_counter() - t0
             data_s = float("nan")
         agent.close()
@@ -203,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return (t1 - t0) / 5, (t2 - t1) / 5
 
     name = "cpu" if args.cpu else torch.cuda.get_device_name(dev)
+
     def in_flight(nbytes: int) -> int:
         """Requests in flight: distinct destination blocks on the receiver for each."""
         nb = -(-(nbytes // bpt) // bsz)
@@ -234,13 +263,19 @@ def main(argv: list[str] | None = None) -> int:
             exact = None
         g_s, s_s = kernel_only(nbytes)
         row = {
-            "size_mib": nbytes // MiB, "k": k, "chunk_mib": chunk_default / MiB,
-            "raw_1_gbps": nbytes / t_raw1 / 1e9, "raw_k_gbps": k * nbytes / t_rawk / 1e9,
-            "e2e_1_gbps": nbytes / t_e1 / 1e9, "e2e_k_gbps": k * nbytes / t_ek / 1e9,
-            "prepost_1_gbps": nbytes / t_p1 / 1e9, "prepost_k_gbps": k * nbytes / t_pk / 1e9,
+            "size_mib": nbytes // MiB,
+            "k": k,
+            "chunk_mib": chunk_default / MiB,
+            "raw_1_gbps": nbytes / t_raw1 / 1e9,
+            "raw_k_gbps": k * nbytes / t_rawk / 1e9,
+            "e2e_1_gbps": nbytes / t_e1 / 1e9,
+            "e2e_k_gbps": k * nbytes / t_ek / 1e9,
+            "prepost_1_gbps": nbytes / t_p1 / 1e9,
+            "prepost_k_gbps": k * nbytes / t_pk / 1e9,
             "data_1_gbps": nbytes / d_e1 / 1e9 if d_e1 > 0 else None,
             "data_k_gbps": k * nbytes / d_ek / 1e9 if d_ek > 0 else None,
-            "gather_gbps": nbytes / g_s / 1e9, "scatter_gbps": nbytes / s_s / 1e9,
+            "gather_gbps": nbytes / g_s / 1e9,
+            "scatter_gbps": nbytes / s_s / 1e9,
             "bit_exact": exact,
         }
         row["e2e_1_vs_raw_1"] = row["e2e_1_gbps"] / row["raw_1_gbps"]
@@ -252,35 +287,62 @@ def main(argv: list[str] | None = None) -> int:
             k = in_flight(nbytes)
             t = min(e2e(nbytes, k, c * MiB)[0] for _ in range(max(1, args.reps - 1)))
             t1 = min(e2e(nbytes, 1, c * MiB)[0] for _ in range(max(1, args.reps - 1)))
-            sweep.append({"chunk_mib": c, "size_mib": nbytes // MiB, "k": k,
-                          "e2e_k_gbps": k * nbytes / t / 1e9, "e2e_1_gbps": nbytes / t1 / 1e9})
+            sweep.append(
+                {
+                    "chunk_mib": c,
+                    "size_mib": nbytes // MiB,
+                    "k": k,
+                    "e2e_k_gbps": k * nbytes / t / 1e9,
+                    "e2e_1_gbps": nbytes / t1 / 1e9,
+                }
+            )
     if rank == 1:
-        out = {"device": name, "torch": torch.__version__, "model": "llama-3-8b (128 KiB/token)",
-               "results": results, "chunk_sweep": sweep,
-               "chunks_at_max": len(plan_chunks(model, {group.name: TokenRange(
-                   0, max(sizes) // bpt)}, [], layers={}, heads={},
-                   chunk_bytes=chunk_default))}
+        out = {
+            "device": name,
+            "torch": torch.__version__,
+            "model": "llama-3-8b (128 KiB/token)",
+            "results": results,
+            "chunk_sweep": sweep,
+            "chunks_at_max": len(
+                plan_chunks(
+                    model,
+                    {group.name: TokenRange(0, max(sizes) // bpt)},
+                    [],
+                    layers={},
+                    heads={},
+                    chunk_bytes=chunk_default,
+                )
+            ),
+        }
         print(f"device: {name} x2 ({backend} data, gloo control), torch {torch.__version__}")
-        print(f"{'size':>8} {'K':>3} {'raw x1':>8} {'e2e x1':>8} {'%':>5} {'pp x1':>8} "
-              f"{'data x1':>8} {'raw xK':>8} {'e2e xK':>8} {'%':>5} {'pp xK':>8} "
-              f"{'data xK':>8} {'gather':>8} {'scatter':>8} exact")
+        print(
+            f"{'size':>8} {'K':>3} {'raw x1':>8} {'e2e x1':>8} {'%':>5} {'pp x1':>8} "
+            f"{'data x1':>8} {'raw xK':>8} {'e2e xK':>8} {'%':>5} {'pp xK':>8} "
+            f"{'data xK':>8} {'gather':>8} {'scatter':>8} exact"
+        )
 
         def f(x: float | None) -> str:
             return f"{x:>8.1f}" if x is not None else f"{'-':>8}"
 
         for r in results:
-            print(f"{r['size_mib']:>5}MiB {r['k']:>3} {f(r['raw_1_gbps'])} "
-                  f"{f(r['e2e_1_gbps'])} {100 * r['e2e_1_vs_raw_1']:>4.0f}% "
-                  f"{f(r['prepost_1_gbps'])} {f(r['data_1_gbps'])} {f(r['raw_k_gbps'])} "
-                  f"{f(r['e2e_k_gbps'])} {100 * r['e2e_k_vs_raw_k']:>4.0f}% "
-                  f"{f(r['prepost_k_gbps'])} {f(r['data_k_gbps'])} "
-                  f"{f(r['gather_gbps'])} {f(r['scatter_gbps'])} {r['bit_exact']}")
-        print("e2e: ask -> last scatter done (gloo handshake included); pp: the same with "
-              "pre-posted receives; data: first receive posted -> last scatter done")
+            print(
+                f"{r['size_mib']:>5}MiB {r['k']:>3} {f(r['raw_1_gbps'])} "
+                f"{f(r['e2e_1_gbps'])} {100 * r['e2e_1_vs_raw_1']:>4.0f}% "
+                f"{f(r['prepost_1_gbps'])} {f(r['data_1_gbps'])} {f(r['raw_k_gbps'])} "
+                f"{f(r['e2e_k_gbps'])} {100 * r['e2e_k_vs_raw_k']:>4.0f}% "
+                f"{f(r['prepost_k_gbps'])} {f(r['data_k_gbps'])} "
+                f"{f(r['gather_gbps'])} {f(r['scatter_gbps'])} {r['bit_exact']}"
+            )
+        print(
+            "e2e: ask -> last scatter done (gloo handshake included); pp: the same with "
+            "pre-posted receives; data: first receive posted -> last scatter done"
+        )
         print("GB/s = payload bytes / s. chunk sweep (e2e GB/s):")
         for s in sweep:
-            print(f"  chunk {s['chunk_mib']:>4} MiB, {s['size_mib']:>5} MiB x{s['k']}: "
-                  f"{s['e2e_k_gbps']:.1f} (x1 {s['e2e_1_gbps']:.1f})")
+            print(
+                f"  chunk {s['chunk_mib']:>4} MiB, {s['size_mib']:>5} MiB x{s['k']}: "
+                f"{s['e2e_k_gbps']:.1f} (x1 {s['e2e_1_gbps']:.1f})"
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

@@ -76,8 +76,12 @@ def plan_chunks(
                 hs = heads.get(g.name)
                 nh = (hs[1] - hs[0]) if hs else g.state_shape[0]  # type: ignore[index]
                 per_head = g.state_elements() // g.num_layers // g.state_shape[0]  # type: ignore[index]
-                nbytes = (len(layers.get(g.name, g.layer_ids)) * nh * per_head
-                          * DTYPE_BYTES[g.state_dtype or root.dtype])
+                nbytes = (
+                    len(layers.get(g.name, g.layer_ids))
+                    * nh
+                    * per_head
+                    * DTYPE_BYTES[g.state_dtype or root.dtype]
+                )
                 state_list.append((g.name, nbytes))
             continue
         rng = tokens.get(g.name)
@@ -85,8 +89,13 @@ def plan_chunks(
             continue
         hs = heads.get(g.name)
         nh = (hs[1] - hs[0]) if hs else g.num_kv_heads
-        bpt = (len(layers.get(g.name, g.layer_ids)) * g.kv_factor * nh * g.head_dim
-               * DTYPE_BYTES[root.dtype])
+        bpt = (
+            len(layers.get(g.name, g.layer_ids))
+            * g.kv_factor
+            * nh
+            * g.head_dim
+            * DTYPE_BYTES[root.dtype]
+        )
         work.append((g.name, rng, bpt))
 
     plans: list[tuple[dict[str, TokenRange], list[str]]] = []
@@ -125,8 +134,12 @@ def plan_chunks(
 
     out = []
     for i, (tok, sts) in enumerate(plans):
-        layout = packed_layout(root, tok, sts,
-                               layers={g: layers[g] for g in [*tok, *sts] if g in layers},
-                               heads={g: heads[g] for g in [*tok, *sts] if g in heads})
+        layout = packed_layout(
+            root,
+            tok,
+            sts,
+            layers={g: layers[g] for g in [*tok, *sts] if g in layers},
+            heads={g: heads[g] for g in [*tok, *sts] if g in heads},
+        )
         out.append(Chunk(i, tok, tuple(sts), layout))
     return tuple(out)

@@ -11,8 +11,7 @@ from kvtriton.transfer.chunking import DEFAULT_CHUNK_BYTES
 if TYPE_CHECKING:
     from kvtriton.spec import KVCacheSpec
 
-__all__ = ["DisaggConfig", "FaultInjection", "TransferOptions", "add_arguments",
-           "config_from_args"]
+__all__ = ["DisaggConfig", "FaultInjection", "TransferOptions", "add_arguments", "config_from_args"]
 
 
 @dataclass
@@ -62,7 +61,6 @@ class TransferOptions:
     backend: str = "auto"
     prepost: bool = False
     faults: FaultInjection = field(default_factory=FaultInjection)
-
 
 
 @dataclass
@@ -142,42 +140,83 @@ class DisaggConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the disaggregated experiment (no torch import)."""
     d = DisaggConfig()
-    p.add_argument("--model", default=d.model,
-                   help="preset name or Hugging Face config (path, class or model_type); "
-                        "default %(default)s")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="preset name or Hugging Face config (path, class or model_type); default %(default)s",
+    )
     for side in ("ctx", "gen"):
         for dim in ("tp", "pp"):
-            p.add_argument(f"--{side}-{dim}", type=_positive, default=1, metavar="N",
-                           help=f"{'context' if side == 'ctx' else 'generation'} side "
-                                f"{dim.upper()} size (default 1)")
-    p.add_argument("--gen-block-size", type=_positive, default=None, metavar="B",
-                   help="receiver tokens_per_block (default: the model's)")
+            p.add_argument(
+                f"--{side}-{dim}",
+                type=_positive,
+                default=1,
+                metavar="N",
+                help=f"{'context' if side == 'ctx' else 'generation'} side "
+                f"{dim.upper()} size (default 1)",
+            )
+    p.add_argument(
+        "--gen-block-size",
+        type=_positive,
+        default=None,
+        metavar="B",
+        help="receiver tokens_per_block (default: the model's)",
+    )
     p.add_argument("--dtype", default=None, help="pool dtype override (e.g. bfloat16)")
-    p.add_argument("--modes", default="per_group,single_boundary",
-                   help="comma-separated reuse modes to run (default %(default)s)")
+    p.add_argument(
+        "--modes",
+        default="per_group,single_boundary",
+        help="comma-separated reuse modes to run (default %(default)s)",
+    )
     p.add_argument("--conversations", type=_positive, default=d.conversations)
     p.add_argument("--turns", type=_positive, default=d.turns)
     p.add_argument("--first-turn-tokens", type=_positive, default=d.first_turn_tokens)
-    p.add_argument("--turn-tokens", type=_count, default=d.turn_tokens,
-                   help="tokens each later turn adds (default %(default)s)")
-    p.add_argument("--draft-tokens", type=_count, default=0,
-                   help="speculative positions the receiver allocates past P (never sent)")
-    p.add_argument("--keep-sliding", action="store_true",
-                   help="do not evict the receiver's unreferenced sliding-window blocks")
-    p.add_argument("--in-flight", type=_positive, default=d.in_flight,
-                   help="requests a receiver keeps in flight (default %(default)s)")
+    p.add_argument(
+        "--turn-tokens",
+        type=_count,
+        default=d.turn_tokens,
+        help="tokens each later turn adds (default %(default)s)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=_count,
+        default=0,
+        help="speculative positions the receiver allocates past P (never sent)",
+    )
+    p.add_argument(
+        "--keep-sliding",
+        action="store_true",
+        help="do not evict the receiver's unreferenced sliding-window blocks",
+    )
+    p.add_argument(
+        "--in-flight",
+        type=_positive,
+        default=d.in_flight,
+        help="requests a receiver keeps in flight (default %(default)s)",
+    )
     p.add_argument("--chunk-bytes", type=_positive, default=d.chunk_bytes)
     p.add_argument("--no-checksum", action="store_true", help="skip per-chunk checksums")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="session timeout (s)")
-    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
-                   help="data transport: auto = NCCL when every rank owns a GPU, else gloo")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="data transport: auto = NCCL when every rank owns a GPU, else gloo",
+    )
     p.add_argument("--kernel-backend", choices=("auto", "triton", "reference"), default="auto")
     p.add_argument("--ctx-layout", choices=("NHD", "HND"), default=d.ctx_layout)
     p.add_argument("--gen-layout", choices=("NHD", "HND"), default=d.gen_layout)
-    p.add_argument("--prepost", action="store_true",
-                   help="receivers post their receives when they ask (one control hop less)")
-    p.add_argument("--devices", default="", metavar="G,G,...",
-                   help="torchrun + NCCL: GPU index per local rank (default: the local rank)")
+    p.add_argument(
+        "--prepost",
+        action="store_true",
+        help="receivers post their receives when they ask (one control hop less)",
+    )
+    p.add_argument(
+        "--devices",
+        default="",
+        metavar="G,G,...",
+        help="torchrun + NCCL: GPU index per local rank (default: the local rank)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
 
@@ -209,13 +248,29 @@ def config_from_args(args: argparse.Namespace) -> DisaggConfig:
     if bad or not modes:
         raise ValueError(f"--modes takes per_group and/or single_boundary, got {args.modes!r}")
     return DisaggConfig(
-        model=args.model, ctx_tp=args.ctx_tp, ctx_pp=args.ctx_pp, gen_tp=args.gen_tp,
-        gen_pp=args.gen_pp, gen_tokens_per_block=args.gen_block_size, dtype=args.dtype,
-        modes=modes, conversations=args.conversations, turns=args.turns,
-        first_turn_tokens=args.first_turn_tokens, turn_tokens=args.turn_tokens,
-        draft_tokens=args.draft_tokens, evict_sliding=not args.keep_sliding,
-        in_flight=args.in_flight, chunk_bytes=args.chunk_bytes,
-        checksum=not args.no_checksum, timeout_s=args.timeout, backend=args.backend,
-        kernel_backend=args.kernel_backend, ctx_layout=args.ctx_layout,
-        gen_layout=args.gen_layout, seed=args.seed, prepost=args.prepost,
-        devices=tuple(int(x) for x in args.devices.split(",") if x.strip()))
+        model=args.model,
+        ctx_tp=args.ctx_tp,
+        ctx_pp=args.ctx_pp,
+        gen_tp=args.gen_tp,
+        gen_pp=args.gen_pp,
+        gen_tokens_per_block=args.gen_block_size,
+        dtype=args.dtype,
+        modes=modes,
+        conversations=args.conversations,
+        turns=args.turns,
+        first_turn_tokens=args.first_turn_tokens,
+        turn_tokens=args.turn_tokens,
+        draft_tokens=args.draft_tokens,
+        evict_sliding=not args.keep_sliding,
+        in_flight=args.in_flight,
+        chunk_bytes=args.chunk_bytes,
+        checksum=not args.no_checksum,
+        timeout_s=args.timeout,
+        backend=args.backend,
+        kernel_backend=args.kernel_backend,
+        ctx_layout=args.ctx_layout,
+        gen_layout=args.gen_layout,
+        seed=args.seed,
+        prepost=args.prepost,
+        devices=tuple(int(x) for x in args.devices.split(",") if x.strip()),
+    )

@@ -85,9 +85,15 @@ def _modulus(dtype: torch.dtype) -> int:
     return 251
 
 
-def kv_values(group: LayerGroup, layer_ids: Sequence[int], heads: tuple[int, int],
-              positions: TokenRange, token_ids: Sequence[int], dtype: torch.dtype,
-              device: Any = "cpu") -> torch.Tensor:
+def kv_values(
+    group: LayerGroup,
+    layer_ids: Sequence[int],
+    heads: tuple[int, int],
+    positions: TokenRange,
+    token_ids: Sequence[int],
+    dtype: torch.dtype,
+    device: Any = "cpu",
+) -> torch.Tensor:
     """Packed ``[layers, kv, tokens, heads, head_dim]`` values of ``positions``: a function of
     (global layer, position, token id at the position, K/V, global head, dim), computed on
     ``device``."""
@@ -99,17 +105,23 @@ def kv_values(group: LayerGroup, layer_ids: Sequence[int], heads: tuple[int, int
     lay = torch.tensor(list(layer_ids), dtype=torch.int64, device=device).view(-1, 1, 1, 1, 1)
     kv = ar(0, group.kv_factor, (1, -1, 1, 1, 1))
     pos = ar(positions.start, positions.end, (1, 1, -1, 1, 1))
-    tok = torch.tensor(list(token_ids[positions.start:positions.end]), dtype=torch.int64,
-                       device=device).view(1, 1, -1, 1, 1)
+    tok = torch.tensor(
+        list(token_ids[positions.start : positions.end]), dtype=torch.int64, device=device
+    ).view(1, 1, -1, 1, 1)
     head = ar(heads[0], heads[1], (1, 1, 1, -1, 1))
     dim = ar(0, group.head_dim, (1, 1, 1, 1, -1))
     v = (lay * 131 + pos * 7 + tok * 13 + kv * 17 + head * 19 + dim * 3) % m - m // 2
     return v.to(torch.float32).to(dtype)
 
 
-def state_values(group: LayerGroup, layer_ids: Sequence[int], heads: tuple[int, int],
-                 token_ids: Sequence[int], dtype: torch.dtype, device: Any = "cpu"
-                 ) -> torch.Tensor:
+def state_values(
+    group: LayerGroup,
+    layer_ids: Sequence[int],
+    heads: tuple[int, int],
+    token_ids: Sequence[int],
+    dtype: torch.dtype,
+    device: Any = "cpu",
+) -> torch.Tensor:
     """``[layers, heads, *state_shape[1:]]`` state summarising ``token_ids`` (all of them)."""
     m = _modulus(dtype)
     assert group.state_shape is not None
@@ -133,46 +145,70 @@ def _global_heads(group: LayerGroup) -> tuple[int, int]:
     return group.head_start, group.head_end
 
 
-def prefill(spec: KVCacheSpec, pools: Any, spans: dict[str, BlockSpan], slots: dict[str, int],
-            token_ids: Sequence[int], backend: str) -> None:
+def prefill(
+    spec: KVCacheSpec,
+    pools: Any,
+    spans: dict[str, BlockSpan],
+    slots: dict[str, int],
+    token_ids: Sequence[int],
+    backend: str,
+) -> None:
     """Write every position a context rank holds for the request (its spans up to ``P``)."""
     p = len(token_ids)
     for g in spec.groups:
         if g.kind == "state":
-            vals = state_values(g, g.layer_ids, _global_heads(g), token_ids,
-                                pools.state[g.name].dtype, pools.device)
+            vals = state_values(
+                g, g.layer_ids, _global_heads(g), token_ids, pools.state[g.name].dtype, pools.device
+            )
             kernels.scatter_state(vals, pools.state[g.name], slots[g.name], backend=backend)
             continue
         span = spans[g.name]
         rng = TokenRange(span.first_block * spec.tokens_per_block, p)
         if rng.is_empty:
             continue
-        vals = kv_values(g, g.layer_ids, _global_heads(g), rng, token_ids,
-                         pools.kv[g.name].dtype, pools.device)
+        vals = kv_values(
+            g, g.layer_ids, _global_heads(g), rng, token_ids, pools.kv[g.name].dtype, pools.device
+        )
         kernels.scatter(vals, pools.kv[g.name], span, rng, backend=backend)
 
 
-def verify(spec: KVCacheSpec, pools: Any, spans: dict[str, BlockSpan], slots: dict[str, int],
-           token_ids: Sequence[int], backend: str) -> list[str]:
+def verify(
+    spec: KVCacheSpec,
+    pools: Any,
+    spans: dict[str, BlockSpan],
+    slots: dict[str, int],
+    token_ids: Sequence[int],
+    backend: str,
+) -> list[str]:
     """Mismatches (empty = bit-exact) over every needed position of every group and state."""
     p = len(token_ids)
     bad = []
     for g in spec.groups:
         if g.kind == "state":
-            want = state_values(g, g.layer_ids, _global_heads(g), token_ids,
-                                pools.state[g.name].dtype, pools.device)
+            want = state_values(
+                g, g.layer_ids, _global_heads(g), token_ids, pools.state[g.name].dtype, pools.device
+            )
             got = kernels.gather_state(pools.state[g.name], slots[g.name], backend=backend)
         else:
             rng = needed_range(g, p)
             if rng.is_empty:
                 continue
-            want = kv_values(g, g.layer_ids, _global_heads(g), rng, token_ids,
-                             pools.kv[g.name].dtype, pools.device)
+            want = kv_values(
+                g,
+                g.layer_ids,
+                _global_heads(g),
+                rng,
+                token_ids,
+                pools.kv[g.name].dtype,
+                pools.device,
+            )
             got = kernels.gather(pools.kv[g.name], spans[g.name], rng, backend=backend)
         if not torch.equal(want.view(torch.uint8), got.contiguous().view(torch.uint8)):
             diff = (want.float() != got.float()).nonzero()
-            bad.append(f"group {g.name!r}: {len(diff)} elements differ, first at "
-                       f"{diff[0].tolist() if len(diff) else '?'}")
+            bad.append(
+                f"group {g.name!r}: {len(diff)} elements differ, first at "
+                f"{diff[0].tolist() if len(diff) else '?'}"
+            )
     return bad
 
 
@@ -219,24 +255,42 @@ class _Stats:
     mismatches: list[str]
 
 
-def _run_ctx(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: Any,
-             manager: KVCacheManager, mode: str) -> dict[str, Any]:
+def _run_ctx(
+    agent: TransferAgent,
+    cfg: DisaggConfig,
+    spec: KVCacheSpec,
+    pools: Any,
+    manager: KVCacheManager,
+    mode: str,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     for conv in conversation_stream(cfg):
         for rid, tokens in conv:
             rid = f"{mode}/{rid}"
             alloc = manager.allocate(rid, tokens, prefill=True)
-            prefill(spec, pools, dict(alloc.spans), dict(alloc.state_slots), tokens,
-                    cfg.kernel_backend)
+            prefill(
+                spec, pools, dict(alloc.spans), dict(alloc.state_slots), tokens, cfg.kernel_backend
+            )
             manager.commit(rid, len(tokens))
-            agent.register_source(rid, len(tokens), dict(alloc.spans), dict(alloc.state_slots),
-                                  on_finished=lambda r, _s: manager.free(r))
+            agent.register_source(
+                rid,
+                len(tokens),
+                dict(alloc.spans),
+                dict(alloc.state_slots),
+                on_finished=lambda r, _s: manager.free(r),
+            )
     t_prefill = time.perf_counter() - t0
     return {"prefill_s": t_prefill}
 
 
-def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: Any,
-             manager: KVCacheManager, mode: str) -> list[_Stats]:
+def _run_gen(
+    agent: TransferAgent,
+    cfg: DisaggConfig,
+    spec: KVCacheSpec,
+    pools: Any,
+    manager: KVCacheManager,
+    mode: str,
+) -> list[_Stats]:
     convs = conversation_stream(cfg)
     next_turn = [0] * len(convs)
     live: dict[str, tuple[Any, list[int], float, float]] = {}
@@ -247,12 +301,25 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
         rid0, tokens = convs[c][next_turn[c]]
         rid = f"{mode}/{rid0}"
         t0 = time.perf_counter()
-        rx = prepare_receive(manager, rid, tokens, mode=mode,  # type: ignore[arg-type]
-                             num_draft_tokens=cfg.draft_tokens)
+        rx = prepare_receive(
+            manager,
+            rid,
+            tokens,
+            mode=mode,  # type: ignore[arg-type]
+            num_draft_tokens=cfg.draft_tokens,
+        )
         t_plan = time.perf_counter() - t0
-        agent.request(rid, len(tokens), rx.tokens, rx.states, rx.spans, rx.state_slots,
-                      mode=mode, on_commit=lambda h, rx=rx: complete_receive(manager, rx),
-                      on_release=lambda h, rx=rx: abort_receive(manager, rx))
+        agent.request(
+            rid,
+            len(tokens),
+            rx.tokens,
+            rx.states,
+            rx.spans,
+            rx.state_slots,
+            mode=mode,
+            on_commit=lambda h, rx=rx: complete_receive(manager, rx),
+            on_release=lambda h, rx=rx: abort_receive(manager, rx),
+        )
         live[rid] = (rx, tokens, t0, t_plan)
         if rid0 in cfg.cancel:
             agent.cancel(rid, "cancelled by the experiment")
@@ -273,8 +340,9 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
         none = plan_transfer(spec, len(tokens), 0)
         mism: list[str] = []
         if h.state is SessionState.TRANSFERRED:
-            mism = verify(spec, pools, dict(rx.spans), dict(rx.state_slots), tokens,
-                          cfg.kernel_backend)
+            mism = verify(
+                spec, pools, dict(rx.spans), dict(rx.state_slots), tokens, cfg.kernel_backend
+            )
             manager.free(rid)  # decoding done: blocks stay matchable
             if cfg.evict_sliding:
                 for g in sliding:
@@ -282,15 +350,25 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
         sess = h.session
         first = h.t_first_data
         created = sess.created
-        stats.append(_Stats(
-            rid=rid, mode=mode, num_tokens=len(tokens), bytes_by_group=by_group,
-            tokens_by_group=tok_by_group,
-            no_reuse_bytes={g.name: g.bytes for g in none.groups},
-            state=h.state.value, error=sess.error, t_plan=t_plan,
-            t_handshake=(first - created) if first else 0.0,
-            t_data=((h.t_last_data or first) - first) if first else 0.0,
-            t_total=t_end - t0, t_first_data=h.t_first_data, t_last_data=h.t_last_data,
-            mismatches=mism))
+        stats.append(
+            _Stats(
+                rid=rid,
+                mode=mode,
+                num_tokens=len(tokens),
+                bytes_by_group=by_group,
+                tokens_by_group=tok_by_group,
+                no_reuse_bytes={g.name: g.bytes for g in none.groups},
+                state=h.state.value,
+                error=sess.error,
+                t_plan=t_plan,
+                t_handshake=(first - created) if first else 0.0,
+                t_data=((h.t_last_data or first) - first) if first else 0.0,
+                t_total=t_end - t0,
+                t_first_data=h.t_first_data,
+                t_last_data=h.t_last_data,
+                mismatches=mism,
+            )
+        )
         agent.forget(rid)
 
     pending = [c for c in range(len(convs))]
@@ -301,8 +379,11 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
         agent.progress(0.005)
         for rid in list(live):
             h = agent.handle(rid)
-            if (rid.split("/", 1)[1] in cfg.cancel_during and h.bytes_received > 0
-                    and not h.session.is_terminal):
+            if (
+                rid.split("/", 1)[1] in cfg.cancel_during
+                and h.bytes_received > 0
+                and not h.session.is_terminal
+            ):
                 agent.cancel(rid, "cancelled by the experiment during the transfer")
             if h.session.is_terminal and not h.pending:
                 finish(rid)
@@ -313,8 +394,7 @@ def _run_gen(agent: TransferAgent, cfg: DisaggConfig, spec: KVCacheSpec, pools: 
     return stats
 
 
-def make_groups(world_size: int, data_backend: str, timeout_s: float = 120.0
-                ) -> tuple[Any, Any]:
+def make_groups(world_size: int, data_backend: str, timeout_s: float = 120.0) -> tuple[Any, Any]:
     """``(control, data)`` groups over ranks ``[0, world_size)`` of the default group.
 
     Collective: every rank of the default group must call it (non-members get a
@@ -328,13 +408,22 @@ def make_groups(world_size: int, data_backend: str, timeout_s: float = 120.0
 
 
 def _leaked(manager: KVCacheManager, spec: KVCacheSpec) -> dict[str, int]:
-    return {g.name: sum(manager.refcount(g.name, b) > 0
-                        for b in range(manager.num_blocks(g.name)))
-            for g in spec.groups if g.kind != "state"}
+    return {
+        g.name: sum(manager.refcount(g.name, b) > 0 for b in range(manager.num_blocks(g.name)))
+        for g in spec.groups
+        if g.kind != "state"
+    }
 
 
-def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str = "cpu",
-             data_backend: str = "gloo") -> dict[str, Any] | None:
+def run_rank(
+    cfg: DisaggConfig,
+    rank: int,
+    *,
+    ctrl: Any,
+    data: Any,
+    device: str = "cpu",
+    data_backend: str = "gloo",
+) -> dict[str, Any] | None:
     """Run the experiment on this rank over ``ctrl`` (gloo) and ``data`` groups whose ranks
     are ``[0, cfg.world_size)``.
 
@@ -342,27 +431,44 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
     ``None`` elsewhere. A dead peer does not hang the run: the report then holds what the
     surviving generation rank saw.
     """
-    topo_ctx = Topology(load_model(cfg.model, cfg.dtype), cfg.ctx_tp, cfg.ctx_pp, cfg.gen_tp,
-                        cfg.gen_pp, gen_tokens_per_block=cfg.gen_tokens_per_block)
+    topo_ctx = Topology(
+        load_model(cfg.model, cfg.dtype),
+        cfg.ctx_tp,
+        cfg.ctx_pp,
+        cfg.gen_tp,
+        cfg.gen_pp,
+        gen_tokens_per_block=cfg.gen_tokens_per_block,
+    )
     info = topo_ctx.info(rank)
     topo = topo_ctx
     if info.side == "gen" and cfg.gen_dtype is not None:  # a deliberately different model
-        topo = Topology(load_model(cfg.model, cfg.gen_dtype), cfg.ctx_tp, cfg.ctx_pp,
-                        cfg.gen_tp, cfg.gen_pp, gen_tokens_per_block=cfg.gen_tokens_per_block)
+        topo = Topology(
+            load_model(cfg.model, cfg.gen_dtype),
+            cfg.ctx_tp,
+            cfg.ctx_pp,
+            cfg.gen_tp,
+            cfg.gen_pp,
+            gen_tokens_per_block=cfg.gen_tokens_per_block,
+        )
     spec = topo.spec(rank)
     layout = cfg.ctx_layout if info.side == "ctx" else cfg.gen_layout
     nblocks = _blocks_needed(cfg, spec)
     nslots = 2 * cfg.conversations * cfg.turns + 4
     results: dict[str, Any] = {"rank": rank, "side": info.side, "modes": {}}
-    options = TransferOptions(chunk_bytes=cfg.chunk_bytes, timeout_s=cfg.timeout_s,
-                              checksum=cfg.checksum, backend=cfg.kernel_backend,
-                              prepost=cfg.prepost,
-                              faults=cfg.faults.get(rank, FaultInjection()))
+    options = TransferOptions(
+        chunk_bytes=cfg.chunk_bytes,
+        timeout_s=cfg.timeout_s,
+        checksum=cfg.checksum,
+        backend=cfg.kernel_backend,
+        prepost=cfg.prepost,
+        faults=cfg.faults.get(rank, FaultInjection()),
+    )
     healthy = True
     for mode in cfg.modes:
         has_state = any(g.kind == "state" for g in spec.groups)
-        pools = allocate_pools(spec, nblocks, num_state_slots=nslots if has_state else 0,
-                               device=device, layout=layout)  # type: ignore[arg-type]
+        pools = allocate_pools(
+            spec, nblocks, num_state_slots=nslots if has_state else 0, device=device, layout=layout
+        )  # type: ignore[arg-type]
         manager = KVCacheManager(spec, pools=pools)
         _debug(f"{mode}: creating the agent")
         agent = TransferAgent(topo, rank, {**pools.kv, **pools.state}, ctrl, data, options)
@@ -376,7 +482,8 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
             out["frames_sent"] = agent.stats["frames_sent"]
             out["sessions"] = {
                 f"{rid}@{peer}": [j.session.state.value, j.session.error]
-                for (peer, rid), j in agent._send_jobs.items()}
+                for (peer, rid), j in agent._send_jobs.items()
+            }
         else:
             reqs = [asdict(st) for st in _run_gen(agent, cfg, spec, pools, manager, mode)]
             out = {"requests": reqs, "scatter_s": agent.stats["scatter_s"]}
@@ -387,8 +494,9 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
             out["leaked"] = _leaked(manager, spec)
         else:
             out["leaked"] = {g: n for g, n in _leaked(manager, spec).items()}
-        out["cached"] = {g.name: manager.num_cached_blocks(g.name) for g in spec.groups
-                         if g.kind != "state"}
+        out["cached"] = {
+            g.name: manager.num_cached_blocks(g.name) for g in spec.groups if g.kind != "state"
+        }
         out["lost_peers"] = sorted(p for p, q in agent._peers.items() if q.lost is not None)
         out["wall_s"] = time.perf_counter() - t0
         results["modes"][mode] = out
@@ -399,8 +507,9 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
     reporter = topo.num_ctx
     gathered: list[Any] = [None] * cfg.world_size
     if healthy:
-        dist.gather_object(results, gathered if rank == reporter else None, dst=reporter,
-                           group=ctrl)
+        dist.gather_object(
+            results, gathered if rank == reporter else None, dst=reporter, group=ctrl
+        )
     elif rank == reporter:
         gathered = [results]
     if rank != reporter:
@@ -408,21 +517,34 @@ def run_rank(cfg: DisaggConfig, rank: int, *, ctrl: Any, data: Any, device: str 
     where = device
     if device.startswith("cuda"):
         where = f"{torch.cuda.get_device_name(torch.device(device))} (one per rank)"
-    return _summarise(cfg, topo_ctx, [g for g in gathered if g is not None], where,
-                      data_backend)
+    return _summarise(cfg, topo_ctx, [g for g in gathered if g is not None], where, data_backend)
 
 
-def _summarise(cfg: DisaggConfig, topo: Topology, per_rank: list[Any], device: str,
-               data_backend: str) -> dict[str, Any]:
+def _summarise(
+    cfg: DisaggConfig, topo: Topology, per_rank: list[Any], device: str, data_backend: str
+) -> dict[str, Any]:
     model = topo.model
     report: dict[str, Any] = {
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("faults",)},
-        "model": model.name, "topology": topo.describe(), "device": device,
-        "data_backend": data_backend, "modes": {}, "verified": True, "problems": [],
+        "model": model.name,
+        "topology": topo.describe(),
+        "device": device,
+        "data_backend": data_backend,
+        "modes": {},
+        "verified": True,
+        "problems": [],
     }
     for mode in cfg.modes:
-        groups = {g.name: {"kind": g.kind, "window": g.window, "tokens": 0, "bytes": 0,
-                           "no_reuse_bytes": 0} for g in model.groups}
+        groups = {
+            g.name: {
+                "kind": g.kind,
+                "window": g.window,
+                "tokens": 0,
+                "bytes": 0,
+                "no_reuse_bytes": 0,
+            }
+            for g in model.groups
+        }
         reqs: list[dict[str, Any]] = []
         for r in per_rank:
             if r["side"] != "gen":
@@ -431,8 +553,10 @@ def _summarise(cfg: DisaggConfig, topo: Topology, per_rank: list[Any], device: s
             reqs.extend(m["requests"])
             for g, n in m["leaked"].items():
                 if n:
-                    report["problems"].append(f"rank {r['rank']} {mode}: {n} blocks of "
-                                              f"{g!r} still referenced after the stream")
+                    report["problems"].append(
+                        f"rank {r['rank']} {mode}: {n} blocks of "
+                        f"{g!r} still referenced after the stream"
+                    )
         for q in reqs:
             for g, b in q["bytes_by_group"].items():
                 groups[g]["bytes"] += b
@@ -453,7 +577,9 @@ def _summarise(cfg: DisaggConfig, topo: Topology, per_rank: list[Any], device: s
         data_s = sum(q["t_data"] for q in reqs)
         total = sum(g["bytes"] for g in groups.values())
         report["modes"][mode] = {
-            "groups": groups, "requests": len(seen), "bytes": total,
+            "groups": groups,
+            "requests": len(seen),
+            "bytes": total,
             "no_reuse_bytes": sum(g["no_reuse_bytes"] for g in groups.values()),
             "t_plan_ms": 1e3 * sum(q["t_plan"] for q in reqs) / max(1, len(reqs)),
             "t_handshake_ms": 1e3 * sum(q["t_handshake"] for q in reqs) / max(1, len(reqs)),
@@ -494,8 +620,10 @@ def format_report(report: dict[str, Any]) -> str:
     pg = modes.get("per_group")
     sb = modes.get("single_boundary")
     title = "per-group" if pg else "single-boundary"
-    lines.append(f"  Moved with {title} reuse, against one boundary per sequence and against "
-                 f"no reuse (all receivers):")
+    lines.append(
+        f"  Moved with {title} reuse, against one boundary per sequence and against "
+        f"no reuse (all receivers):"
+    )
     hdr = f"  {'group':<12} {'kind':<13} {'tokens':>7} {'bytes':>11}"
     if sb and pg:
         hdr += f" {'single-bnd':>11} {'saved':>6}"
@@ -526,20 +654,25 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("  Time per phase (mean per request and receiver rank):")
     for mode, m in modes.items():
         rate = m["gbps"]
-        gb = "n/a" if not rate else (f"{rate:.2f} GB/s" if rate >= 0.1
-                                     else f"{rate * 1e3:.1f} MB/s")
+        gb = (
+            "n/a" if not rate else (f"{rate:.2f} GB/s" if rate >= 0.1 else f"{rate * 1e3:.1f} MB/s")
+        )
         lines.append(
             f"  {mode:<16} {m['requests']} requests, {_fmt_bytes(m['bytes'])}, {gb} while data "
-            f"flows; stream {m['wall_s']:.2f} s")
+            f"flows; stream {m['wall_s']:.2f} s"
+        )
         lines.append(
             f"  {'':<16} plan {m['t_plan_ms']:.2f} ms | ask -> first byte "
             f"{m['t_handshake_ms']:.2f} ms | data {m['t_data_ms']:.2f} ms | until committed "
-            f"{m['t_total_ms']:.2f} ms")
+            f"{m['t_total_ms']:.2f} ms"
+        )
     lines.append("")
     if report["verified"]:
         n = sum(m["requests"] for m in modes.values())
-        lines.append(f"VERIFIED: {n} requests, every needed position of every group "
-                     f"bit-exact on every generation rank, no leaked blocks")
+        lines.append(
+            f"VERIFIED: {n} requests, every needed position of every group "
+            f"bit-exact on every generation rank, no leaked blocks"
+        )
     else:
         lines.append("FAILED:")
         lines.extend(f"  {p}" for p in report["problems"][:20])
@@ -553,7 +686,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
 
 
 def spawn_for_result(
@@ -607,23 +739,25 @@ def exit_worker(out_q: Any) -> NoReturn:
     sys.stderr.flush()
     os._exit(0)
 
-def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
-            out_q: Any) -> None:
+
+def _worker(
+    rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool, out_q: Any
+) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.set_num_threads(1)
     # The agent's network threads hand the GIL back and forth per message: a short switch
     # interval keeps a small message from waiting 5 ms for the main thread (CPU demo).
     sys.setswitchinterval(0.0002)
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0,
-                          timeout=datetime.timedelta(seconds=60))
+    store = dist.TCPStore(
+        "127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60)
+    )
     device = "cpu"
     if use_nccl:
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
         # no device_id: lazy NCCL init, so each point-to-point pair gets its own 2-rank
         # communicator (own stream): sends to different peers never queue behind each other
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank,
-                                world_size=world)
+        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=world)
     else:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
@@ -637,14 +771,16 @@ def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
     exit_worker(out_q)
 
 
-def _case_worker(rank: int, cases: list[tuple[str, DisaggConfig]], world: int, port: int,
-                 out_q: Any) -> None:
+def _case_worker(
+    rank: int, cases: list[tuple[str, DisaggConfig]], world: int, port: int, out_q: Any
+) -> None:
     import traceback
 
     torch.set_num_threads(1)
     sys.setswitchinterval(0.0002)
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0,
-                          timeout=datetime.timedelta(seconds=60))
+    store = dist.TCPStore(
+        "127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60)
+    )
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     code = 0
     for name, cfg in cases:
@@ -666,8 +802,9 @@ def _case_worker(rank: int, cases: list[tuple[str, DisaggConfig]], world: int, p
     os._exit(code)
 
 
-def launch_cases(cases: Sequence[tuple[str, DisaggConfig]], world_size: int,
-                 timeout_s: float = 200.0) -> dict[str, dict[str, Any]]:
+def launch_cases(
+    cases: Sequence[tuple[str, DisaggConfig]], world_size: int, timeout_s: float = 200.0
+) -> dict[str, dict[str, Any]]:
     """Run several gloo experiments one after another in one spawned world of
     ``world_size`` CPU ranks (each case uses ranks ``[0, cfg.world_size)``), sharing the
     process start-up cost. Returns ``{case name: report or {"error": text}}``. A case with
@@ -681,8 +818,10 @@ def launch_cases(cases: Sequence[tuple[str, DisaggConfig]], world_size: int,
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_case_worker, args=(r, list(cases), world_size, port, out_q))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_case_worker, args=(r, list(cases), world_size, port, out_q))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[str, dict[str, Any]] = {}
@@ -704,8 +843,13 @@ def launch_cases(cases: Sequence[tuple[str, DisaggConfig]], world_size: int,
         if p.exitcode is None:
             p.kill()
     for name, _ in cases:
-        results.setdefault(name, {"error": "no report (a rank crashed or hung; exit codes "
-                                           f"{[p.exitcode for p in procs]})"})
+        results.setdefault(
+            name,
+            {
+                "error": "no report (a rank crashed or hung; exit codes "
+                f"{[p.exitcode for p in procs]})"
+            },
+        )
     return results
 
 
@@ -724,8 +868,11 @@ def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     timeout_s = cfg.timeout_s * (cfg.turns + 4) * len(cfg.modes) + 60
     report, codes = spawn_for_result(
-        _worker, world, lambda rank, port, out_q: (rank, cfg, world, port, use_nccl, out_q),
-        timeout_s)
+        _worker,
+        world,
+        lambda rank, port, out_q: (rank, cfg, world, port, use_nccl, out_q),
+        timeout_s,
+    )
     if report is None:
         raise RuntimeError(f"the experiment produced no report (exit codes {codes})")
     return report
@@ -735,8 +882,7 @@ def _debug(msg: str) -> None:
     """``KVTRITON_DEBUG=1``: progress lines on stderr (rank, time)."""
     if os.environ.get("KVTRITON_DEBUG"):
         rank = os.environ.get("RANK", "?")
-        print(f"[kvtriton rank {rank} {time.monotonic():.3f}] {msg}", file=sys.stderr,
-              flush=True)
+        print(f"[kvtriton rank {rank} {time.monotonic():.3f}] {msg}", file=sys.stderr, flush=True)
 
 
 def _torchrun_env() -> bool:
@@ -755,8 +901,10 @@ def run_torchrun(cfg: DisaggConfig) -> dict[str, Any] | None:
         faulthandler.dump_traceback_later(float(os.environ["KVTRITON_DUMP_STACKS_AFTER_S"]))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if world != cfg.world_size:
-        raise ValueError(f"torchrun started {world} ranks; ctx tp{cfg.ctx_tp}pp{cfg.ctx_pp} + "
-                         f"gen tp{cfg.gen_tp}pp{cfg.gen_pp} needs {cfg.world_size}")
+        raise ValueError(
+            f"torchrun started {world} ranks; ctx tp{cfg.ctx_tp}pp{cfg.ctx_pp} + "
+            f"gen tp{cfg.gen_tp}pp{cfg.gen_pp} needs {cfg.world_size}"
+        )
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     use_nccl = cfg.backend == "nccl" or (cfg.backend == "auto" and ngpu >= local_world > 0)
     device = "cpu"

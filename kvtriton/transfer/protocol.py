@@ -119,24 +119,32 @@ class Request:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "r": self.request_id, "d": self.model_digest, "P": self.num_tokens,
+            "r": self.request_id,
+            "d": self.model_digest,
+            "P": self.num_tokens,
             "t": {g: _range_out(r) for g, r in self.tokens.items()},
             "s": list(self.states),
             "l": {g: list(v) for g, v in self.layers.items()},
             "h": {g: list(v) for g, v in self.heads.items()},
-            "c": self.chunk_bytes, "k": int(self.checksum), "m": self.mode,
+            "c": self.chunk_bytes,
+            "k": int(self.checksum),
+            "m": self.mode,
             **({"z": list(self.sizes)} if self.sizes else {}),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Request:
         return cls(
-            request_id=str(d["r"]), model_digest=str(d["d"]), num_tokens=int(d["P"]),
+            request_id=str(d["r"]),
+            model_digest=str(d["d"]),
+            num_tokens=int(d["P"]),
             tokens={g: _range_in(v, f"tokens[{g}]") for g, v in d["t"].items()},
             states=tuple(d["s"]),
             layers={g: tuple(int(x) for x in v) for g, v in d["l"].items()},
             heads={g: (int(v[0]), int(v[1])) for g, v in d["h"].items()},
-            chunk_bytes=int(d["c"]), checksum=bool(d["k"]), mode=str(d.get("m", "per_group")),
+            chunk_bytes=int(d["c"]),
+            checksum=bool(d["k"]),
+            mode=str(d.get("m", "per_group")),
             sizes=tuple(int(x) for x in d.get("z", ())),
         )
 
@@ -183,15 +191,23 @@ class Schedule:
     frames: tuple[Frame, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"f": [[f.nbytes, [[p.request_id, p.chunk, p.offset, p.nbytes] for p in f.parts]]
-                      for f in self.frames]}
+        return {
+            "f": [
+                [f.nbytes, [[p.request_id, p.chunk, p.offset, p.nbytes] for p in f.parts]]
+                for f in self.frames
+            ]
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Schedule:
         frames = []
         for nbytes, parts in d["f"]:
-            frames.append(Frame(int(nbytes), tuple(
-                FramePart(str(r), int(k), int(o), int(n)) for r, k, o, n in parts)))
+            frames.append(
+                Frame(
+                    int(nbytes),
+                    tuple(FramePart(str(r), int(k), int(o), int(n)) for r, k, o, n in parts),
+                )
+            )
         return cls(tuple(frames))
 
 
@@ -276,8 +292,9 @@ class Ack:
 
 
 Message = Request | Refuse | Schedule | Done | Cancel | Abort | Bye | Ack
-_KINDS: dict[int, Any] = {c.KIND: c for c in (Request, Refuse, Schedule, Done, Cancel, Abort,
-                                              Bye, Ack)}
+_KINDS: dict[int, Any] = {
+    c.KIND: c for c in (Request, Refuse, Schedule, Done, Cancel, Abort, Bye, Ack)
+}
 
 
 def encode(message: Message) -> tuple[bytes, bytes]:
@@ -293,8 +310,10 @@ def decode_header(header: bytes | bytearray | memoryview) -> tuple[int, int]:
         raise ProtocolError(f"header must be {HEADER_BYTES} bytes, got {len(header)}")
     magic, version, kind, length = _HEADER.unpack(bytes(header))
     if magic != MAGIC:
-        raise ProtocolError(f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}): not a kvtriton "
-                            f"control message, or the channel lost sync")
+        raise ProtocolError(
+            f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}): not a kvtriton "
+            f"control message, or the channel lost sync"
+        )
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
     if kind not in _KINDS:
@@ -328,5 +347,7 @@ def validate_request_shape(req: Request, group_names: Sequence[str]) -> None:
     named = set(req.tokens) | set(req.states) | set(req.layers) | set(req.heads)
     unknown = sorted(named - known)
     if unknown:
-        raise ProtocolError(f"request {req.request_id!r} names unknown groups {unknown}; "
-                            f"this spec has {list(group_names)}")
+        raise ProtocolError(
+            f"request {req.request_id!r} names unknown groups {unknown}; "
+            f"this spec has {list(group_names)}"
+        )

@@ -118,7 +118,8 @@ class Session:
         if state not in _FORWARD.get(self.state, ()):
             raise InvalidTransition(
                 f"{self.side} session {self.request_id!r}: cannot go {self.state.value} -> "
-                f"{state.value} (allowed: INIT -> READY -> TRANSFERRING -> TRANSFERRED)")
+                f"{state.value} (allowed: INIT -> READY -> TRANSFERRING -> TRANSFERRED)"
+            )
         self._enter(state)
         return True
 
@@ -127,12 +128,17 @@ class Session:
         or terminal). Returns whether the state changed."""
         if self.is_terminal or self.state is state:
             return False
-        order = [SessionState.INIT, SessionState.READY, SessionState.TRANSFERRING,
-                 SessionState.TRANSFERRED]
+        order = [
+            SessionState.INIT,
+            SessionState.READY,
+            SessionState.TRANSFERRING,
+            SessionState.TRANSFERRED,
+        ]
         if state not in order or order.index(state) < order.index(self.state):
             raise InvalidTransition(
                 f"{self.side} session {self.request_id!r}: cannot go {self.state.value} -> "
-                f"{state.value}")
+                f"{state.value}"
+            )
         while self.state is not state:
             self._enter(order[order.index(self.state) + 1])
         return True

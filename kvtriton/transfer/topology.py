@@ -49,14 +49,20 @@ class SourceSlice:
     def groups(self) -> tuple[str, ...]:
         return tuple(self.layers)
 
-    def layout(self, model: KVCacheSpec, tokens: Mapping[str, TokenRange],
-               states: tuple[str, ...] | list[str] = ()) -> PackedLayout:
+    def layout(
+        self,
+        model: KVCacheSpec,
+        tokens: Mapping[str, TokenRange],
+        states: tuple[str, ...] | list[str] = (),
+    ) -> PackedLayout:
         """The packed layout of this slice for the given per-group ranges (both sides)."""
         return packed_layout(
             model.root,
             {g: r for g, r in tokens.items() if g in self.layers},
             [s for s in states if s in self.layers],
-            layers=self.layers, heads=self.heads)
+            layers=self.layers,
+            heads=self.heads,
+        )
 
 
 def _held_heads(group: LayerGroup) -> tuple[int, int]:
@@ -77,10 +83,22 @@ class Topology:
         gen_tokens_per_block: the receiver's block size (default: the model's).
     """
 
-    def __init__(self, model: KVCacheSpec, ctx_tp: int = 1, ctx_pp: int = 1, gen_tp: int = 1,
-                 gen_pp: int = 1, *, gen_tokens_per_block: int | None = None) -> None:
-        for name, value in (("ctx_tp", ctx_tp), ("ctx_pp", ctx_pp), ("gen_tp", gen_tp),
-                            ("gen_pp", gen_pp)):
+    def __init__(
+        self,
+        model: KVCacheSpec,
+        ctx_tp: int = 1,
+        ctx_pp: int = 1,
+        gen_tp: int = 1,
+        gen_pp: int = 1,
+        *,
+        gen_tokens_per_block: int | None = None,
+    ) -> None:
+        for name, value in (
+            ("ctx_tp", ctx_tp),
+            ("ctx_pp", ctx_pp),
+            ("gen_tp", gen_tp),
+            ("gen_pp", gen_pp),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if model.tp_size != 1 or model.pp_size != 1:
@@ -146,8 +164,10 @@ class Topology:
         head of each layer asked from exactly one sender; in sender-rank order."""
         info = self.info(gen_rank)
         if info.side != "gen":
-            raise ValueError(f"rank {gen_rank} is a context rank; sources() takes a "
-                             f"generation rank in {list(self.gen_ranks)}")
+            raise ValueError(
+                f"rank {gen_rank} is a context rank; sources() takes a "
+                f"generation rank in {list(self.gen_ranks)}"
+            )
         rspec = self.spec(gen_rank)
         layers: dict[int, dict[str, tuple[int, ...]]] = {}
         heads: dict[int, dict[str, tuple[int, int]]] = {}
@@ -186,8 +206,9 @@ class Topology:
         """Generation ranks that ask ``ctx_rank`` for something."""
         if self.info(ctx_rank).side != "ctx":
             raise ValueError(f"rank {ctx_rank} is not a context rank")
-        return tuple(r for r in self.gen_ranks
-                     if any(s.sender == ctx_rank for s in self.sources(r)))
+        return tuple(
+            r for r in self.gen_ranks if any(s.sender == ctx_rank for s in self.sources(r))
+        )
 
     def peers(self, rank: int) -> tuple[int, ...]:
         """The ranks ``rank`` exchanges messages with (symmetric)."""
@@ -196,5 +217,7 @@ class Topology:
         return self.receivers(rank)
 
     def describe(self) -> str:
-        return (f"ctx tp{self.ctx_tp}pp{self.ctx_pp} (ranks {list(self.ctx_ranks)}) -> "
-                f"gen tp{self.gen_tp}pp{self.gen_pp} (ranks {list(self.gen_ranks)})")
+        return (
+            f"ctx tp{self.ctx_tp}pp{self.ctx_pp} (ranks {list(self.ctx_ranks)}) -> "
+            f"gen tp{self.gen_tp}pp{self.gen_pp} (ranks {list(self.gen_ranks)})"
+        )

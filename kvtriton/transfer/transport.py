@@ -99,26 +99,30 @@ def _checksum_async(buf: torch.Tensor) -> tuple[torch.Tensor, int]:
         idx = torch.arange(1, words + 1, dtype=torch.int64, device=buf.device)
         total = total + x.sum() + (x * idx).sum()
     if n % 4:
-        tail = buf[words * 4:].to(torch.int64)
+        tail = buf[words * 4 :].to(torch.int64)
         total = total + (tail * torch.arange(7, 7 + tail.numel(), device=buf.device)).sum()
     return total, n
 
 
-def _check_blocks(pool: torch.Tensor, span: BlockSpan, rng: TokenRange, group: str,
-                  side: str) -> None:
+def _check_blocks(
+    pool: torch.Tensor, span: BlockSpan, rng: TokenRange, group: str, side: str
+) -> None:
     """Every block the range touches must exist in the pool (ValueError otherwise)."""
     bsz = int(pool.shape[3])
     ids = span.block_ids_for(rng, bsz, group=group)
     bad = [b for b in ids if b >= pool.shape[1]]
     if bad:
-        raise ValueError(f"group {group!r}: {side} block ids {bad[:4]} are outside the pool "
-                         f"of {pool.shape[1]} blocks")
+        raise ValueError(
+            f"group {group!r}: {side} block ids {bad[:4]} are outside the pool "
+            f"of {pool.shape[1]} blocks"
+        )
 
 
 def _check_slot(pool: torch.Tensor, slot: int, group: str, side: str) -> None:
     if not 0 <= slot < pool.shape[1]:
-        raise ValueError(f"state group {group!r}: {side} slot {slot} is outside "
-                         f"[0, {pool.shape[1]})")
+        raise ValueError(
+            f"state group {group!r}: {side} slot {slot} is outside [0, {pool.shape[1]})"
+        )
 
 
 class _BufferPool:
@@ -157,18 +161,21 @@ class _Peer:
         self.lost: str | None = None
         self.bye_received = False
         self.bye_sent = False
-        self.listener = threading.Thread(target=self._listen, daemon=True,
-                                         name=f"kvtr-listen-{agent.rank}<-{rank}")
-        self.writer = threading.Thread(target=self._write, daemon=True,
-                                       name=f"kvtr-write-{agent.rank}->{rank}")
+        self.listener = threading.Thread(
+            target=self._listen, daemon=True, name=f"kvtr-listen-{agent.rank}<-{rank}"
+        )
+        self.writer = threading.Thread(
+            target=self._write, daemon=True, name=f"kvtr-write-{agent.rank}->{rank}"
+        )
         self.listener.start()
         self.writer.start()
         #: pre-posted gloo receives: frames this rank expects from the peer, in order
         self.expect: queue.Queue[Any] = queue.Queue()
         self.data_listener: threading.Thread | None = None
         if agent.options.prepost and not agent.nccl_data:
-            self.data_listener = threading.Thread(target=self._listen_data, daemon=True,
-                                                  name=f"kvtr-data-{agent.rank}<-{rank}")
+            self.data_listener = threading.Thread(
+                target=self._listen_data, daemon=True, name=f"kvtr-data-{agent.rank}<-{rank}"
+            )
             self.data_listener.start()
 
     def _listen_data(self) -> None:
@@ -193,23 +200,22 @@ class _Peer:
                 dist.recv(frame, src=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
                 raw = frame.numpy().tobytes()
                 (length,) = _FRAME_LEN.unpack_from(raw)
-                blob = raw[_FRAME_LEN.size:_FRAME_LEN.size + min(length, _INLINE)]
+                blob = raw[_FRAME_LEN.size : _FRAME_LEN.size + min(length, _INLINE)]
                 if length > _INLINE:
                     rest = torch.empty(length - _INLINE, dtype=torch.uint8)
                     dist.recv(rest, src=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
                     blob += rest.numpy().tobytes()
                 pos = 0
                 while pos < len(blob):  # one or more messages, back to back
-                    kind, size = P.decode_header(blob[pos:pos + P.HEADER_BYTES])
+                    kind, size = P.decode_header(blob[pos : pos + P.HEADER_BYTES])
                     pos += P.HEADER_BYTES
-                    msg = P.decode(kind, blob[pos:pos + size])
+                    msg = P.decode(kind, blob[pos : pos + size])
                     pos += size
                     if isinstance(msg, P.Schedule) and not agent.nccl_data:
                         bufs = []
                         for f in msg.frames:
                             buf = agent._cpu_bufs.take(f.nbytes)
-                            dist.recv(buf, src=self.rank, group=agent.data_group,
-                                      tag=_DATA_TAG)
+                            dist.recv(buf, src=self.rank, group=agent.data_group, tag=_DATA_TAG)
                             bufs.append(buf)
                         events.put(("frames", self.rank, msg, bufs))
                     else:
@@ -252,13 +258,20 @@ class _Peer:
                     frame = bytearray(CTRL_FRAME_BYTES)
                     _FRAME_LEN.pack_into(frame, 0, len(blob))
                     inline = blob[:_INLINE]
-                    frame[_FRAME_LEN.size:_FRAME_LEN.size + len(inline)] = inline
-                    dist.send(torch.frombuffer(frame, dtype=torch.uint8),
-                              dst=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
+                    frame[_FRAME_LEN.size : _FRAME_LEN.size + len(inline)] = inline
+                    dist.send(
+                        torch.frombuffer(frame, dtype=torch.uint8),
+                        dst=self.rank,
+                        group=agent.ctrl_group,
+                        tag=_CTRL_TAG,
+                    )
                     if len(blob) > _INLINE:
-                        dist.send(torch.frombuffer(bytearray(blob[_INLINE:]),
-                                                   dtype=torch.uint8),
-                                  dst=self.rank, group=agent.ctrl_group, tag=_CTRL_TAG)
+                        dist.send(
+                            torch.frombuffer(bytearray(blob[_INLINE:]), dtype=torch.uint8),
+                            dst=self.rank,
+                            group=agent.ctrl_group,
+                            tag=_CTRL_TAG,
+                        )
                     if carry is not None and carry[0] == "end":
                         return
                 else:  # gloo data frame
@@ -383,9 +396,15 @@ class TransferAgent:
         options: :class:`TransferOptions`.
     """
 
-    def __init__(self, topology: Topology, rank: int, pools: Mapping[str, torch.Tensor],
-                 ctrl_group: Any, data_group: Any, options: TransferOptions | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        rank: int,
+        pools: Mapping[str, torch.Tensor],
+        ctrl_group: Any,
+        data_group: Any,
+        options: TransferOptions | None = None,
+    ) -> None:
         self.topology = topology
         self.rank = rank
         self.info = topology.info(rank)
@@ -398,8 +417,9 @@ class TransferAgent:
             raise ValueError(f"rank {rank}: pools lack groups {missing} of its spec")
         self.options = options or TransferOptions()
         if dist.get_backend(ctrl_group) != "gloo":
-            raise ValueError(f"ctrl_group must be a gloo group, got "
-                             f"{dist.get_backend(ctrl_group)!r}")
+            raise ValueError(
+                f"ctrl_group must be a gloo group, got {dist.get_backend(ctrl_group)!r}"
+            )
         self.ctrl_group = ctrl_group
         self.data_group = data_group
         self.nccl_data = dist.get_backend(data_group) == "nccl"
@@ -409,8 +429,9 @@ class TransferAgent:
         if not self.nccl_data and self.device.type != "cpu":
             raise ValueError("CUDA pools need an NCCL data group (gloo data moves CPU tensors)")
         self._events: queue.Queue[Any] = queue.Queue()
-        self._cpu_bufs = _BufferPool(min(self.options.chunk_bytes, 64 << 20),
-                                     keep=2 * self.options.max_frames_in_flight + 2)
+        self._cpu_bufs = _BufferPool(
+            min(self.options.chunk_bytes, 64 << 20), keep=2 * self.options.max_frames_in_flight + 2
+        )
         self._peers = {p: _Peer(self, p) for p in topology.peers(rank)}
         self._receivers = topology.receivers(rank) if self.info.side == "ctx" else ()
         self.closed = False
@@ -436,8 +457,13 @@ class TransferAgent:
             self._send_slot = dict.fromkeys(self._peers, 0)
             self._retired: list[torch.Tensor] = []
             self._recv_slot = dict.fromkeys(self._peers, 0)
-        self.stats: dict[str, float] = {"gather_s": 0.0, "scatter_s": 0.0, "frames_sent": 0,
-                                        "frames_received": 0, "bytes_sent": 0}
+        self.stats: dict[str, float] = {
+            "gather_s": 0.0,
+            "scatter_s": 0.0,
+            "frames_sent": 0,
+            "frames_received": 0,
+            "bytes_sent": 0,
+        }
         if self.nccl_data:
             self._connect_nccl()
 
@@ -450,8 +476,9 @@ class TransferAgent:
         PP and TP on both sides); visiting the pairs in the same sorted order on every rank
         cannot. Every rank of the topology constructs its agent, so every pair completes.
         """
-        pairs = sorted((src.sender, r) for r in self.topology.gen_ranks
-                       for src in self.topology.sources(r))
+        pairs = sorted(
+            (src.sender, r) for r in self.topology.gen_ranks for src in self.topology.sources(r)
+        )
         token = torch.zeros(1, dtype=torch.uint8, device=self.device)
         for s, r in pairs:
             if s == self.rank:
@@ -461,10 +488,15 @@ class TransferAgent:
         torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ sender API
-    def register_source(self, request_id: str, num_tokens: int, spans: Mapping[str, BlockSpan],
-                        state_slots: Mapping[str, int] | None = None, *,
-                        on_finished: Callable[[str, dict[int, Session]], None] | None = None
-                        ) -> None:
+    def register_source(
+        self,
+        request_id: str,
+        num_tokens: int,
+        spans: Mapping[str, BlockSpan],
+        state_slots: Mapping[str, int] | None = None,
+        *,
+        on_finished: Callable[[str, dict[int, Session]], None] | None = None,
+    ) -> None:
         """Make ``request_id``'s KV on this rank available to receivers.
 
         ``spans``: source block span per attention group of this rank; ``state_slots``: the
@@ -477,8 +509,9 @@ class TransferAgent:
         unknown = sorted((set(spans) | set(state_slots or {})) - set(self.spec.group_names))
         if unknown:
             raise ValueError(f"request {request_id!r}: unknown groups {unknown}")
-        self._sources[request_id] = _Source(num_tokens, dict(spans), dict(state_slots or {}),
-                                            on_finished)
+        self._sources[request_id] = _Source(
+            num_tokens, dict(spans), dict(state_slots or {}), on_finished
+        )
         for (_peer, rid), job in list(self._send_jobs.items()):
             if rid == request_id and job.session.state is SessionState.INIT:
                 self._accept(job)
@@ -488,12 +521,19 @@ class TransferAgent:
         return {p: j.session for (p, r), j in self._send_jobs.items() if r == request_id}
 
     # ------------------------------------------------------------------ receiver API
-    def request(self, request_id: str, num_tokens: int, tokens: Mapping[str, TokenRange],
-                states: Sequence[str], spans: Mapping[str, BlockSpan],
-                state_slots: Mapping[str, int] | None = None, *,
-                mode: str = "per_group",
-                on_commit: Callable[[RecvHandle], None] | None = None,
-                on_release: Callable[[RecvHandle], None] | None = None) -> RecvHandle:
+    def request(
+        self,
+        request_id: str,
+        num_tokens: int,
+        tokens: Mapping[str, TokenRange],
+        states: Sequence[str],
+        spans: Mapping[str, BlockSpan],
+        state_slots: Mapping[str, int] | None = None,
+        *,
+        mode: str = "per_group",
+        on_commit: Callable[[RecvHandle], None] | None = None,
+        on_release: Callable[[RecvHandle], None] | None = None,
+    ) -> RecvHandle:
         """Ask the senders holding this rank's heads and layers for one request's KV.
 
         Args:
@@ -511,8 +551,10 @@ class TransferAgent:
         Returns the :class:`RecvHandle`; drive it with :meth:`progress` / :meth:`wait`.
         """
         if self.info.side != "gen":
-            raise ValueError(f"rank {self.rank} is a context rank; request() runs on "
-                             f"generation ranks {list(self.topology.gen_ranks)}")
+            raise ValueError(
+                f"rank {self.rank} is a context rank; request() runs on "
+                f"generation ranks {list(self.topology.gen_ranks)}"
+            )
         if request_id in self._recv:
             raise ValueError(f"request {request_id!r} is already live on rank {self.rank}")
         state_slots = dict(state_slots or {})
@@ -522,38 +564,59 @@ class TransferAgent:
         for g in tokens:
             group = self.spec.group(g)
             if group.kind == "state":
-                raise ValueError(f"request {request_id!r}: group {g!r} is a state group; "
-                                 f"list it in states, not tokens")
+                raise ValueError(
+                    f"request {request_id!r}: group {g!r} is a state group; "
+                    f"list it in states, not tokens"
+                )
             if g not in spans:
                 raise ValueError(f"request {request_id!r}: no destination span for group {g!r}")
-            spans[g].check_covers(tokens[g], self.spec.tokens_per_block, group=g,
-                                  side="receiver")
+            spans[g].check_covers(tokens[g], self.spec.tokens_per_block, group=g, side="receiver")
             _check_blocks(self.pools[g], spans[g], tokens[g], g, "destination")
             if tokens[g].end > num_tokens:
-                raise ValueError(f"request {request_id!r}: group {g!r} range {tokens[g]} "
-                                 f"goes past the prompt length {num_tokens}")
+                raise ValueError(
+                    f"request {request_id!r}: group {g!r} range {tokens[g]} "
+                    f"goes past the prompt length {num_tokens}"
+                )
         for s in states:
             if self.spec.group(s).kind != "state":
                 raise ValueError(f"request {request_id!r}: {s!r} is not a state group")
             if s not in state_slots:
-                raise ValueError(f"request {request_id!r}: no destination slot for state "
-                                 f"group {s!r}")
+                raise ValueError(
+                    f"request {request_id!r}: no destination slot for state group {s!r}"
+                )
             _check_slot(self.pools[s], state_slots[s], s, "destination")
         session = Session(request_id, "recv", timeout_s=self.options.timeout_s)
-        handle = RecvHandle(session, num_tokens, tokens, states, dict(spans), state_slots,
-                            on_commit=on_commit, on_release=on_release)
+        handle = RecvHandle(
+            session,
+            num_tokens,
+            tokens,
+            states,
+            dict(spans),
+            state_slots,
+            on_commit=on_commit,
+            on_release=on_release,
+        )
         for src in self.topology.sources(self.rank):
             req = P.Request(
-                request_id=request_id, model_digest=self.digest, num_tokens=num_tokens,
+                request_id=request_id,
+                model_digest=self.digest,
+                num_tokens=num_tokens,
                 tokens={g: r for g, r in tokens.items() if g in src.layers},
                 states=tuple(s for s in states if s in src.layers),
-                layers={g: v for g, v in src.layers.items()
-                        if g in tokens or g in states},
+                layers={g: v for g, v in src.layers.items() if g in tokens or g in states},
                 heads={g: v for g, v in src.heads.items() if g in tokens or g in states},
-                chunk_bytes=self.options.chunk_bytes, checksum=self.options.checksum,
-                mode=mode)
-            chunks = plan_chunks(self.model, req.tokens, req.states, layers=req.layers,
-                                 heads=req.heads, chunk_bytes=req.chunk_bytes)
+                chunk_bytes=self.options.chunk_bytes,
+                checksum=self.options.checksum,
+                mode=mode,
+            )
+            chunks = plan_chunks(
+                self.model,
+                req.tokens,
+                req.states,
+                layers=req.layers,
+                heads=req.heads,
+                chunk_bytes=req.chunk_bytes,
+            )
             if self.options.prepost and chunks:
                 req = dataclasses.replace(req, sizes=tuple(c.nbytes for c in chunks))
             # Every source gets the request, even one with nothing to move (a full hit
@@ -563,16 +626,18 @@ class TransferAgent:
         for sender, part in handle.parts.items():
             peer = self._peers[sender]
             if peer.lost is not None:
-                self._fail_recv(handle, f"sender rank {sender} is unreachable: {peer.lost}",
-                                notify=sender)
+                self._fail_recv(
+                    handle, f"sender rank {sender} is unreachable: {peer.lost}", notify=sender
+                )
                 return handle
             peer.send_msg(part.request)
         session.advance(SessionState.READY)
         if self.options.prepost:
             for sender, part in handle.parts.items():
-                frames = tuple(P.Frame(c.nbytes, (P.FramePart(request_id, c.index, 0,
-                                                              c.nbytes),))
-                               for c in part.chunks)
+                frames = tuple(
+                    P.Frame(c.nbytes, (P.FramePart(request_id, c.index, 0, c.nbytes),))
+                    for c in part.chunks
+                )
                 if not frames:
                     continue
                 if self.nccl_data:  # receives and scatters enqueued now, before any reply
@@ -629,31 +694,36 @@ class TransferAgent:
             self._poll_gpu()
         self._check_deadlines()
 
-    def wait(self, request_ids: Sequence[str] | None = None, timeout: float | None = None
-             ) -> bool:
+    def wait(self, request_ids: Sequence[str] | None = None, timeout: float | None = None) -> bool:
         """Progress until the given receiver requests (default: all live ones) are terminal
         and released. Returns ``False`` if ``timeout`` seconds passed first."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             ids = list(self._recv) if request_ids is None else list(request_ids)
-            if all(self._recv[r].session.is_terminal and not self._recv[r].pending
-                   for r in ids if r in self._recv):
+            if all(
+                self._recv[r].session.is_terminal and not self._recv[r].pending
+                for r in ids
+                if r in self._recv
+            ):
                 return True
             if end is not None and time.monotonic() >= end:
                 return False
             self.progress(0.01)
 
-    def serve(self, until: Callable[[], bool] | None = None, timeout: float | None = None
-              ) -> bool:
+    def serve(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> bool:
         """Sender loop: progress until ``until()`` holds (default: every receiver peer said
         Bye or was lost, and no send is in flight). Returns ``False`` on timeout."""
         end = None if timeout is None else time.monotonic() + timeout
 
         def default() -> bool:
-            return (all(p.bye_received or p.lost is not None for p in self._peers.values())
-                    and not self._nccl_sends and not any(self._inflight.values())
-                    and not any(q for peer, q in self._pp_queue.items()
-                                if self._peers[peer].lost is None))
+            return (
+                all(p.bye_received or p.lost is not None for p in self._peers.values())
+                and not self._nccl_sends
+                and not any(self._inflight.values())
+                and not any(
+                    q for peer, q in self._pp_queue.items() if self._peers[peer].lost is None
+                )
+            )
 
         cond = until or default
         while not cond():
@@ -673,7 +743,8 @@ class TransferAgent:
                 p.bye_sent = True
         end = time.monotonic() + timeout
         while time.monotonic() < end and not all(
-                p.bye_received or p.lost is not None for p in self._peers.values()):
+            p.bye_received or p.lost is not None for p in self._peers.values()
+        ):
             self.progress(0.01)
         for p in self._peers.values():
             p.outbox.put(None)
@@ -719,8 +790,11 @@ class TransferAgent:
             handle = self._recv.get(msg.request_id)
             if handle is not None:
                 verb = "refused" if isinstance(msg, P.Refuse) else "aborted"
-                self._fail_recv(handle, f"sender rank {peer} {verb} request "
-                                        f"{msg.request_id!r}: {msg.reason}", notify=peer)
+                self._fail_recv(
+                    handle,
+                    f"sender rank {peer} {verb} request {msg.request_id!r}: {msg.reason}",
+                    notify=peer,
+                )
         elif isinstance(msg, P.Bye):
             self._peers[peer].bye_received = True
 
@@ -755,9 +829,12 @@ class TransferAgent:
         if job.prepost:
             self._pp_queue[peer].append(job)  # strict request order on this pair
         if req.model_digest != self.digest:
-            self._refuse(job, f"spec mismatch: receiver model digest {req.model_digest}, "
-                              f"sender rank {self.rank} holds {self.model.name!r} with digest "
-                              f"{self.digest}")
+            self._refuse(
+                job,
+                f"spec mismatch: receiver model digest {req.model_digest}, "
+                f"sender rank {self.rank} holds {self.model.name!r} with digest "
+                f"{self.digest}",
+            )
             return
         try:
             P.validate_request_shape(req, self.spec.group_names)
@@ -765,14 +842,23 @@ class TransferAgent:
                 group = self.spec.group(g)
                 select_layers(group, req.layers.get(g))
                 select_heads(group, req.heads.get(g))
-            job.chunks = plan_chunks(self.model, req.tokens, req.states, layers=req.layers,
-                                     heads=req.heads, chunk_bytes=req.chunk_bytes)
+            job.chunks = plan_chunks(
+                self.model,
+                req.tokens,
+                req.states,
+                layers=req.layers,
+                heads=req.heads,
+                chunk_bytes=req.chunk_bytes,
+            )
         except (ValueError, KeyError) as exc:
             self._refuse(job, f"bad request: {exc}")
             return
         if job.prepost and tuple(c.nbytes for c in job.chunks) != req.sizes:
-            self._refuse(job, f"chunk plan mismatch: receiver posted {list(req.sizes)} bytes, "
-                              f"this sender plans {[c.nbytes for c in job.chunks]}")
+            self._refuse(
+                job,
+                f"chunk plan mismatch: receiver posted {list(req.sizes)} bytes, "
+                f"this sender plans {[c.nbytes for c in job.chunks]}",
+            )
             return
         if req.request_id in self._sources:
             self._accept(job)
@@ -787,13 +873,14 @@ class TransferAgent:
         req = job.request
         try:
             if src.num_tokens != req.num_tokens:
-                raise ValueError(f"prompt length: receiver says {req.num_tokens}, sender "
-                                 f"registered {src.num_tokens}")
+                raise ValueError(
+                    f"prompt length: receiver says {req.num_tokens}, sender "
+                    f"registered {src.num_tokens}"
+                )
             for g, rng in req.tokens.items():
                 if g not in src.spans:
                     raise ValueError(f"group {g!r}: no source span registered")
-                src.spans[g].check_covers(rng, self.spec.tokens_per_block, group=g,
-                                          side="sender")
+                src.spans[g].check_covers(rng, self.spec.tokens_per_block, group=g, side="sender")
                 _check_blocks(self.pools[g], src.spans[g], rng, g, "source")
             for s in req.states:
                 if s not in src.state_slots:
@@ -815,10 +902,12 @@ class TransferAgent:
         if job.done_sent:
             return
         job.done_sent = True
-        sums = tuple(job.checksums[k] for k in range(len(job.chunks))) \
-            if job.request.checksum else ()
-        self._peers[job.session.peer].send_msg(P.Done(job.request.request_id, len(job.chunks),
-                                                      sums))
+        sums = (
+            tuple(job.checksums[k] for k in range(len(job.chunks))) if job.request.checksum else ()
+        )
+        self._peers[job.session.peer].send_msg(
+            P.Done(job.request.request_id, len(job.chunks), sums)
+        )
         # The session ends TRANSFERRED when the receiver's Ack arrives.
 
     def _maybe_source_finished(self, request_id: str) -> None:
@@ -838,7 +927,7 @@ class TransferAgent:
         if not q:
             return None
         head = q[0]
-        if (self.options.batch and len(head.chunks) == 1 and head.next_chunk == 0):
+        if self.options.batch and len(head.chunks) == 1 and head.next_chunk == 0:
             parts: list[tuple[_SendJob, Chunk]] = []
             used = 0
             for job in list(q):
@@ -898,8 +987,9 @@ class TransferAgent:
     def _send_dummy(self, peer: int, nbytes: int) -> None:
         """Bytes a pre-posted receive expects for a request that will not be served."""
         if self.nccl_data:
-            buf, slot = self._staging(self._send_ring[peer], self._send_slot, peer, nbytes,
-                                      self._gather_stream, send=True)
+            buf, slot = self._staging(
+                self._send_ring[peer], self._send_slot, peer, nbytes, self._gather_stream, send=True
+            )
             with torch.cuda.stream(self._gather_stream):
                 work = dist.isend(buf, dst=peer, group=self.data_group)
             self._send_ring[peer][slot] = (self._send_ring[peer][slot][0], work)
@@ -959,21 +1049,29 @@ class TransferAgent:
             offsets.append(total)
             total += -(-chunk.nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
         total = offsets[-1] + parts[-1][1].nbytes
-        frame_parts = tuple(P.FramePart(j.request.request_id, c.index, o, c.nbytes)
-                            for (j, c), o in zip(parts, offsets, strict=True))
+        frame_parts = tuple(
+            P.FramePart(j.request.request_id, c.index, o, c.nbytes)
+            for (j, c), o in zip(parts, offsets, strict=True)
+        )
         return offsets, P.Frame(total, frame_parts)
 
-    def _send_frame(self, peer: int, parts: list[tuple[_SendJob, Chunk]],
-                    meta: tuple[list[int], P.Frame] | None = None, *,
-                    announce: bool = True) -> None:
+    def _send_frame(
+        self,
+        peer: int,
+        parts: list[tuple[_SendJob, Chunk]],
+        meta: tuple[list[int], P.Frame] | None = None,
+        *,
+        announce: bool = True,
+    ) -> None:
         """Gather one frame and put it on the wire. On gloo its Schedule goes right before
         the data; on NCCL the caller already sent one Schedule for a run of frames."""
         offsets, pframe = meta or self._frame_meta(parts)
         total = pframe.nbytes
         t0 = time.perf_counter()
         if self.nccl_data:
-            buf, slot = self._staging(self._send_ring[peer], self._send_slot, peer, total,
-                                      self._gather_stream, send=True)
+            buf, slot = self._staging(
+                self._send_ring[peer], self._send_slot, peer, total, self._gather_stream, send=True
+            )
             stream_ctx: Any = torch.cuda.stream(self._gather_stream)
         else:
             buf = self._cpu_bufs.take(total)
@@ -987,12 +1085,15 @@ class TransferAgent:
                 # request in it fails here and is aborted on the receiver.
                 for job, _ in parts:
                     if job.session.fail(f"gather failed: {exc}"):
-                        self._peers[peer].send_msg(P.Abort(job.request.request_id,
-                                                           f"sender rank {self.rank}: gather "
-                                                           f"failed: {exc}"))
+                        self._peers[peer].send_msg(
+                            P.Abort(
+                                job.request.request_id,
+                                f"sender rank {self.rank}: gather failed: {exc}",
+                            )
+                        )
             for (job, chunk), off in zip(parts, offsets, strict=True):
                 if job.request.checksum:
-                    job.checksums[chunk.index] = checksum(buf[off:off + chunk.nbytes])
+                    job.checksums[chunk.index] = checksum(buf[off : off + chunk.nbytes])
                     if self.options.faults.corrupt_chunk == chunk.index:
                         buf[off] ^= 0xFF
         self.stats["gather_s"] += time.perf_counter() - t0
@@ -1020,13 +1121,21 @@ class TransferAgent:
             time.sleep(0.2)  # let the writer put the frame on the wire
             os._exit(17)
 
-    def _pack(self, parts: list[tuple[_SendJob, Chunk]], offsets: list[int],
-              buf: torch.Tensor) -> None:
+    def _pack(
+        self, parts: list[tuple[_SendJob, Chunk]], offsets: list[int], buf: torch.Tensor
+    ) -> None:
         if len(parts) == 1:
             job, chunk = parts[0]
             spans, slots = self._source_args(job)
-            kernels.pack_request(self.spec, chunk.layout, self.pools, spans, slots,
-                                 buf[: chunk.nbytes], backend=self.options.backend)
+            kernels.pack_request(
+                self.spec,
+                chunk.layout,
+                self.pools,
+                spans,
+                slots,
+                buf[: chunk.nbytes],
+                backend=self.options.backend,
+            )
             return
         reqs = []
         for (job, chunk), off in zip(parts, offsets, strict=True):
@@ -1046,13 +1155,24 @@ class TransferAgent:
     def _frame_delivered(self, frame: _Frame) -> None:
         for job, _chunk, _ in frame.parts:
             job.sent_chunks += 1
-            if (job.sent_chunks == len(job.chunks) and not job.session.is_terminal
-                    and job.request.checksum):
+            if (
+                job.sent_chunks == len(job.chunks)
+                and not job.session.is_terminal
+                and job.request.checksum
+            ):
                 self._send_done(job)
 
     # ------------------------------------------------------------------ CUDA staging
-    def _staging(self, ring: list[Any], slots: dict[int, int], peer: int, nbytes: int,
-                 stream: Any, *, send: bool) -> tuple[torch.Tensor, int]:
+    def _staging(
+        self,
+        ring: list[Any],
+        slots: dict[int, int],
+        peer: int,
+        nbytes: int,
+        stream: Any,
+        *,
+        send: bool,
+    ) -> tuple[torch.Tensor, int]:
         """A staging buffer of ``nbytes`` from the peer's ring; ``stream`` waits for the
         previous user of the slot (its send, or its scatter)."""
         n = self.options.staging_slots
@@ -1082,8 +1202,7 @@ class TransferAgent:
         return buf[:nbytes], i
 
     def _has_gpu_pending(self) -> bool:
-        return any(h.pending for h in self._recv.values()) or any(
-            h.pending for h in self._zombies)
+        return any(h.pending for h in self._recv.values()) or any(h.pending for h in self._zombies)
 
     def _poll_gpu(self) -> None:
         while self._nccl_sends and self._nccl_sends[0].work.is_completed():
@@ -1104,8 +1223,14 @@ class TransferAgent:
     # ------------------------------------------------------------------ receiver internals
     def _post_nccl_recvs(self, peer: int, sched: P.Schedule) -> None:
         for frame in sched.frames:
-            buf, slot = self._staging(self._recv_ring[peer], self._recv_slot, peer,
-                                      frame.nbytes, self._post_stream, send=False)
+            buf, slot = self._staging(
+                self._recv_ring[peer],
+                self._recv_slot,
+                peer,
+                frame.nbytes,
+                self._post_stream,
+                send=False,
+            )
             with torch.cuda.stream(self._post_stream):
                 work = dist.irecv(buf, src=peer, group=self.data_group)
             with torch.cuda.stream(self._scatter_stream):
@@ -1130,8 +1255,9 @@ class TransferAgent:
                     self._chunk_landed(handle, sender, chunk_index)
                 self._maybe_complete(handle)
 
-    def _unpack_frame(self, peer: int, frame: P.Frame, buf: torch.Tensor
-                      ) -> dict[RecvHandle, list[tuple[int, int]]]:
+    def _unpack_frame(
+        self, peer: int, frame: P.Frame, buf: torch.Tensor
+    ) -> dict[RecvHandle, list[tuple[int, int]]]:
         """Scatter the live parts of one frame (checksums first); returns, per handle, the
         (sender, chunk) pairs whose scatter was issued."""
         now = time.monotonic()
@@ -1141,10 +1267,17 @@ class TransferAgent:
             if handle is None or handle.session.is_terminal or peer not in handle.parts:
                 continue  # drained: cancelled / failed / unknown request
             rp = handle.parts[peer]
-            if not 0 <= part.chunk < len(rp.chunks) or part.chunk in rp.received \
-                    or rp.chunks[part.chunk].nbytes != part.nbytes:
-                self._fail_recv(handle, f"sender rank {peer} sent an unexpected chunk "
-                                        f"{part.chunk} ({part.nbytes} bytes)", notify=None)
+            if (
+                not 0 <= part.chunk < len(rp.chunks)
+                or part.chunk in rp.received
+                or rp.chunks[part.chunk].nbytes != part.nbytes
+            ):
+                self._fail_recv(
+                    handle,
+                    f"sender rank {peer} sent an unexpected chunk "
+                    f"{part.chunk} ({part.nbytes} bytes)",
+                    notify=None,
+                )
                 continue
             if handle.t_first_data is None:
                 handle.t_first_data = now
@@ -1152,23 +1285,31 @@ class TransferAgent:
             handle.bytes_received += part.nbytes
             handle.session.advance_to(SessionState.TRANSFERRING)
             if rp.request.checksum:
-                view = buf[part.offset: part.offset + part.nbytes]
-                rp.checksums[part.chunk] = (_checksum_async(view) if self.nccl_data
-                                            else checksum(view))
+                view = buf[part.offset : part.offset + part.nbytes]
+                rp.checksums[part.chunk] = (
+                    _checksum_async(view) if self.nccl_data else checksum(view)
+                )
             live.append((handle, rp.chunks[part.chunk], part))
         t0 = time.perf_counter()
         try:
             if len(live) == 1:
                 handle, chunk, part = live[0]
-                kernels.unpack_request(self.spec, chunk.layout,
-                                       buf[part.offset: part.offset + part.nbytes], self.pools,
-                                       handle.spans, handle.state_slots,
-                                       backend=self.options.backend)
+                kernels.unpack_request(
+                    self.spec,
+                    chunk.layout,
+                    buf[part.offset : part.offset + part.nbytes],
+                    self.pools,
+                    handle.spans,
+                    handle.state_slots,
+                    backend=self.options.backend,
+                )
             elif live:
-                reqs = [PackedRequest(c.layout, h.spans, h.state_slots, p.offset)
-                        for h, c, p in live]
-                kernels.unpack_requests(self.spec, reqs, buf, self.pools,
-                                        backend=self.options.backend)
+                reqs = [
+                    PackedRequest(c.layout, h.spans, h.state_slots, p.offset) for h, c, p in live
+                ]
+                kernels.unpack_requests(
+                    self.spec, reqs, buf, self.pools, backend=self.options.backend
+                )
         except (ValueError, RuntimeError) as exc:  # validation: nothing was written
             for handle, _, _ in live:
                 self._fail_recv(handle, f"scatter failed: {exc}", notify=None)
@@ -1190,8 +1331,12 @@ class TransferAgent:
             return
         rp = handle.parts[peer]
         if msg.num_chunks != len(rp.chunks):
-            self._fail_recv(handle, f"sender rank {peer} planned {msg.num_chunks} chunks, "
-                                    f"this receiver {len(rp.chunks)}", notify=peer)
+            self._fail_recv(
+                handle,
+                f"sender rank {peer} planned {msg.num_chunks} chunks, "
+                f"this receiver {len(rp.chunks)}",
+                notify=peer,
+            )
             return
         rp.done = msg
         handle.session.advance_to(SessionState.TRANSFERRING)
@@ -1214,9 +1359,13 @@ class TransferAgent:
                 if isinstance(got, tuple):
                     got = _checksum_value(*got)
                 if got != expected:
-                    self._fail_recv(handle, f"checksum mismatch in chunk {k} from sender rank "
-                                            f"{sender}: got {got:#x}, sender sent "
-                                            f"{expected:#x} (corrupted in flight)", notify=None)
+                    self._fail_recv(
+                        handle,
+                        f"checksum mismatch in chunk {k} from sender rank "
+                        f"{sender}: got {got:#x}, sender sent "
+                        f"{expected:#x} (corrupted in flight)",
+                        notify=None,
+                    )
                     return
         self._finish_recv(handle)
 
@@ -1235,8 +1384,9 @@ class TransferAgent:
             if peer.lost is None:
                 peer.send_msg(P.Ack(handle.request_id))
 
-    def _notify_senders(self, handle: RecvHandle, reason: str, *, error: bool,
-                        skip: int | None = None) -> None:
+    def _notify_senders(
+        self, handle: RecvHandle, reason: str, *, error: bool, skip: int | None = None
+    ) -> None:
         for sender in handle.parts:
             if sender == skip:
                 continue
