@@ -423,7 +423,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "(scripts/disagg.py has the same options, and runs under torchrun)."
     )
     print(flush=True)
-    from kvtriton.transfer.experiment import run_cli
+    from kvtriton.transfer.demo import run_cli
 
     try:
         return run_cli(args)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from kvtriton.transfer.experiment import run_cli
+    from kvtriton.transfer.demo import run_cli
 
     try:
         return run_cli(args)

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from kvtriton.spec import KVCacheSpec, LayerGroup
-from kvtriton.transfer.experiment import DisaggConfig, format_report, launch_cases
-from kvtriton.transfer.transport import FaultInjection
+from kvtriton.transfer.config import DisaggConfig, FaultInjection
+from kvtriton.transfer.demo import launch_cases
+from kvtriton.transfer.report import format_report
 
 pytestmark = pytest.mark.slow
 

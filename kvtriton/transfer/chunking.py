@@ -19,13 +19,12 @@ from kvtriton.spec import DTYPE_BYTES, KVCacheSpec
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "plan_chunks"]
 
-#: Default chunk size (bytes): 256 MiB. Measured on 2x H200 (NVLink) with
-#: scripts/bench_transfer.py (BENCHMARKS.md "## Transfer"): each chunk costs ~0.3-0.5 ms of
-#: host time to plan and launch its gather and its scatter, so a chunk must carry more than
-#: that much NVLink time (~150 MiB) for the pipeline to be wire-bound; 1 GiB moved at 85 / 154
-#: / 212 GB/s with 64 / 128 / 256 MiB chunks. Single-chunk requests to one receiver share a
-#: frame up to this size. CPU/gloo runs are insensitive to it.
-DEFAULT_CHUNK_BYTES = 256 << 20
+#: Default chunk size (bytes): 32 MiB, sized by the wire rather than by host cost. A chunk
+#: costs one kernel launch on each side (prepared once per request), so host time per chunk
+#: is a few tens of microseconds; 32 MiB takes ~90 us on NVLink (~360 GB/s) and ~8 us as a
+#: device copy, so the pipeline gather k+1 / send k / scatter k-1 keeps the wire busy while
+#: a request's first bytes arrive early.
+DEFAULT_CHUNK_BYTES = 32 << 20
 
 
 def _align(n: int) -> int:
