@@ -75,7 +75,6 @@ def test_unknown_groups_in_a_request_are_named() -> None:
 
 def test_checksum_catches_every_single_byte_flip() -> None:
     import torch
-
     from kvtriton.transfer.transport import checksum
 
     g = torch.Generator().manual_seed(0)

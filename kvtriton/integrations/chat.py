@@ -319,7 +319,7 @@ class TurnResult:
             "prompt_len": self.prompt_len,
             "mode": self.mode,
             "tokens": list(self.tokens),
-            "logits": self.logits.numpy(),
+            "logits": self.logits.tolist(),  # float32 -> float -> float32 is exact
             "moved": {g: (t.start, t.end) for g, t in self.moved.items()},
             "states": list(self.states),
             "bytes": self.bytes,
@@ -503,7 +503,7 @@ def _recv_ints(src: int, group: Any) -> list[int]:
 
 class AgentContext:
     """A :class:`ContextService` on another rank: the KV moves through the receiver's
-    :class:`kvtriton.transfer.transport.TransferAgent` (protocol, sessions, chunked
+    :class:`kvtriton.transfer.agent.TransferAgent` (protocol, sessions, chunked
     pipelining); prompts and logits go over ``router_group``.
 
     Args:
@@ -531,11 +531,15 @@ class AgentContext:
             raise ValueError("AgentContext needs at least one context rank")
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
+        self._digests: dict[str, str] = {}
 
     def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True) -> torch.Tensor:
         import torch
         import torch.distributed as dist
 
+        from kvtriton.transfer.protocol import prompt_digest
+
+        self._digests[request_id] = prompt_digest(prompt)
         rid = list(request_id.encode())
         for peer in self.peers:
             _send_ints([_PREFILL, int(send), len(rid), *rid, *prompt], peer, self.router_group)
@@ -555,19 +559,19 @@ class AgentContext:
         from kvtriton.transfer.session import SessionState
 
         for name, tensor in pools.items():
-            if self.agent.pools.get(name) is not tensor:
+            if self.agent.pools.pools.get(name) is not tensor:
                 raise ValueError(
                     f"request {request_id!r}: pool {name!r} is not the agent's "
                     "pool; build the agent over the generation worker's pools"
                 )
         handle = self.agent.request(
-            request_id, rx.num_tokens, rx.tokens, rx.states, rx.spans, rx.state_slots, mode=rx.mode
+            rx.target, prompt_digest=self._digests.pop(request_id), mode=rx.mode
         )
         done = self.agent.wait([request_id], timeout=self.timeout_s)
-        state, error = handle.state, handle.session.error
         if not done:
             self.agent.cancel(request_id, f"no transfer within {self.timeout_s} s")
             self.agent.wait([request_id], timeout=self.timeout_s)
+        state, error = handle.state, handle.session.error
         self.agent.forget(request_id)
         if state is not SessionState.TRANSFERRED:
             raise RuntimeError(f"request {request_id!r}: transfer ended {state.value}: {error}")
@@ -588,6 +592,9 @@ def serve_context(
     """
     import torch.distributed as dist
 
+    from kvtriton.adapter import source_target
+    from kvtriton.transfer.protocol import prompt_digest
+
     served = 0
     finished: set[str] = set()
     while True:
@@ -603,11 +610,9 @@ def serve_context(
         try:
             if send:
                 agent.register_source(
-                    request_id,
-                    len(prompt),
-                    worker.spans(request_id),
-                    worker.state_slots(request_id),
-                    on_finished=lambda rid, _sessions: finished.add(rid),
+                    source_target(worker.manager, request_id),
+                    prompt_digest=prompt_digest(prompt),
+                    on_release=lambda rid, _states: finished.add(rid),
                 )
             dist.send(logits.contiguous(), peer, group=router_group)
             if send and not agent.serve(
@@ -703,8 +708,9 @@ def chat_rank(
     import torch.distributed as dist
 
     from kvtriton.integrations.transformers import spec_for_model
+    from kvtriton.transfer.config import TransferOptions
+    from kvtriton.transfer.launch import connect
     from kvtriton.transfer.topology import Topology
-    from kvtriton.transfer.transport import TransferAgent, TransferOptions
 
     model = load_model(cfg)
     spec = spec_for_model(model, tokens_per_block=cfg.ctx_tokens_per_block)
@@ -716,14 +722,18 @@ def chat_rank(
     for mode in cfg.modes:
         if rank != gen_rank:
             worker = ContextWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
-            agent = TransferAgent(topology, rank, worker.pool_map, ctrl, data, options)
+            agent = connect(
+                topology, rank, worker.pool_map, ctrl_group=ctrl, data_group=data, options=options
+            )
             try:
                 serve_context(worker, agent, router, gen_rank, timeout_s=cfg.timeout_s)
             finally:
                 agent.close(timeout=cfg.timeout_s)
         else:
             gen = GenerationWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
-            agent = TransferAgent(topology, rank, gen.pool_map, ctrl, data, options)
+            agent = connect(
+                topology, rank, gen.pool_map, ctrl_group=ctrl, data_group=data, options=options
+            )
             context = AgentContext(
                 agent,
                 router,
@@ -750,21 +760,21 @@ def chat_rank(
     return out if rank == gen_rank else None
 
 
-def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) -> None:
+def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, conn: Any) -> None:
     import datetime
-    import sys
+    import traceback
 
     import torch
     import torch.distributed as dist
 
-    from kvtriton.transfer.experiment import exit_worker
+    from kvtriton.transfer.launch import exit_worker, send_result
 
     torch.set_num_threads(cfg.num_threads)
-    sys.setswitchinterval(0.0002)  # the agent's network threads pass the GIL per message
     store = dist.TCPStore(
         "127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60)
     )
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    code = 0
     try:
         timeout = datetime.timedelta(seconds=max(120.0, 4 * cfg.timeout_s))
         ctrl, data, router = (
@@ -772,33 +782,36 @@ def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) 
         )
         result = chat_rank(cfg, rank, ctrl, data, router)
         if result is not None:
-            out_q.put(result)
-    except BaseException as exc:
-        out_q.put({"error": f"rank {rank}: {type(exc).__name__}: {exc}"})
-        raise
-    finally:
-        dist.destroy_process_group()
-    exit_worker(out_q)
+            send_result(conn, result)
+    except BaseException:
+        send_result(conn, {"error": f"rank {rank}: {traceback.format_exc()}"})
+        code = 1
+    exit_worker(conn, code)
 
 
 def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
     """Spawn the ranks of ``cfg`` on this machine (gloo) and return the generation rank's
     records (see :func:`chat_rank`). Raises ``RuntimeError`` with the failing rank's error
     if a rank fails."""
-    from kvtriton.transfer.experiment import spawn_for_result
+    import numpy as np
+
+    from kvtriton.transfer.launch import spawn_for_result
 
     if not cfg.user_turns:
         raise ValueError("ChatConfig.user_turns is empty: give the token ids of each turn")
     world = cfg.ctx_tp * cfg.ctx_pp + 1
     timeout_s = 120 + cfg.timeout_s * len(cfg.user_turns) * len(cfg.modes)
     result, codes = spawn_for_result(
-        _chat_worker, world, lambda rank, port, out_q: (rank, cfg, world, port, out_q), timeout_s
+        _chat_worker, world, lambda rank, port, conn: (rank, cfg, world, port, conn), timeout_s
     )
     if result is None:
         raise RuntimeError(f"the chat produced no result (exit codes {codes})")
     if "error" in result:
         raise RuntimeError(result["error"])
-    return result
+    for turns in result.values():  # the records came as JSON: logits back to float32 arrays
+        for rec in turns:
+            rec["logits"] = np.asarray(rec["logits"], dtype=np.float32)
+    return result  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from kvtriton.transfer import protocol as P
 from kvtriton.transfer.channels.base import DataChannel
 from kvtriton.transfer.config import TransferOptions
 from kvtriton.transfer.control import ControlPlane, Lost
-from kvtriton.transfer.jobs import DataLost, Landed, Sent, WriteDone
+from kvtriton.transfer.jobs import DataLost, Handed, Landed, Sent, WriteDone
 from kvtriton.transfer.moves import PoolSet
 from kvtriton.transfer.receiver import Receiver, RecvHandle
 from kvtriton.transfer.sender import OnRelease, Sender
@@ -80,6 +80,8 @@ class TransferAgent:
         self.counters: dict[str, float] = _Counters()
         self.peers = tuple(topology.peers(rank))
         self._bye_from: set[int] = set()
+        #: peers lost before they said Bye (died, broke the protocol), with the reason
+        self.lost_peers: dict[int, str] = {}
         self._bye_sent = False
         self.closed = False
         channel.attach(self)
@@ -206,6 +208,10 @@ class TransferAgent:
             self._lost(peer, msg.reason)
         elif isinstance(msg, P.Bye):
             self._bye_from.add(peer)
+        elif isinstance(msg, P.Ready) and self.sender is not None:
+            error = self.channel.on_peer_message(peer, msg)
+            if error is not None:
+                self.peer_lost(peer, error)
         elif isinstance(msg, _TO_SENDER) and self.sender is not None:
             if isinstance(msg, P.Request):
                 self.sender.on_request(peer, msg)
@@ -227,6 +233,9 @@ class TransferAgent:
         if isinstance(ev, Sent):
             assert self.sender is not None
             self.sender.on_sent(ev)
+        elif isinstance(ev, Handed):
+            assert self.sender is not None
+            self.sender.maybe_done(ev.job)
         elif isinstance(ev, Landed):
             assert self.receiver is not None
             self.receiver.on_landed(ev)
@@ -244,9 +253,9 @@ class TransferAgent:
         self._lost(peer, reason)
 
     def _lost(self, peer: int, reason: str) -> None:
-        if peer in self._bye_from:
-            return  # an orderly close after Bye
-        self.counters["peers_lost"] += 1
+        if peer in self._bye_from or peer in self.lost_peers:
+            return  # an orderly close after Bye, or already handled
+        self.lost_peers[peer] = reason
         self.channel.peer_lost(peer)
         if self.sender is not None:
             self.sender.peer_lost(peer, reason)
@@ -324,11 +333,12 @@ class TransferAgent:
         out: dict[str, Any] = {"rank": self.rank, **self.channel.describe(), **self.counters}
         if self.sender is not None:
             out["sender_ended"] = dict(self.sender.ended)
+            out["recent_refusals"] = list(self.sender.refusals)
             out["sender_tables"] = self.sender.sizes()
         if self.receiver is not None:
             out["receiver_ended"] = dict(self.receiver.ended)
             out["receiver_tables"] = self.receiver.sizes()
-        out["lost_peers"] = sorted(self.control.lost)
+        out["lost_peers"] = sorted(self.lost_peers)
         return out
 
 

@@ -96,6 +96,8 @@ class _Stats:
     t_handshake: float
     t_data: float
     t_total: float
+    t_first_data: float | None
+    t_last_data: float | None
     mismatches: list[str]
 
 
@@ -110,7 +112,7 @@ def _run_ctx(
     """Prefill every request of the stream and register it as a source; its blocks are
     freed when the source is released (every receiver done, or its lease expired)."""
     t0 = time.perf_counter()
-    released: dict[str, int] = {}
+    released: dict[str, dict[int, str]] = {}
     for conv in conversation_stream(cfg):
         for rid, tokens in conv:
             rid = f"{mode}/{rid}"
@@ -122,7 +124,7 @@ def _run_ctx(
 
             def release(r: str, states: dict[int, SessionState]) -> None:
                 manager.free(r)
-                released[r] = len(states)
+                released[r] = {peer: st.value for peer, st in states.items()}
 
             agent.register_source(
                 source_target(manager, rid), prompt_digest=prompt_digest(tokens), on_release=release
@@ -203,6 +205,8 @@ def _run_gen(
                 t_handshake=(first - h.session.created) if first else 0.0,
                 t_data=((h.t_last_data or first) - first) if first else 0.0,
                 t_total=t_end - t0,
+                t_first_data=h.t_first_data,
+                t_last_data=h.t_last_data,
                 mismatches=mism,
             )
         )

@@ -72,6 +72,9 @@ class FaultyChannel(DataChannel):
             # let the chunks leave, then die the hard way (no cleanup, no goodbye)
             threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
+    def on_peer_message(self, peer: int, message: P.Message) -> str | None:
+        return self.inner.on_peer_message(peer, message)
+
     def on_announce(self, job: RecvJob, message: P.Schedule | P.Blocks) -> str | None:
         return self.inner.on_announce(job, message)
 

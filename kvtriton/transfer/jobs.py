@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kvtriton.transfer.chunking import Chunk
     from kvtriton.transfer.session import Session
 
-__all__ = ["DataLost", "Landed", "RecvJob", "SendJob", "Sent", "WriteDone"]
+__all__ = ["DataLost", "Handed", "Landed", "RecvJob", "SendJob", "Sent", "WriteDone"]
 
 
 @dataclass(eq=False)
@@ -37,6 +37,8 @@ class SendJob:
         moves: prepared pack of every chunk (``moves.run(k, buffer)``); ``None`` for a
             direct channel, which never packs.
         scheduled: chunks announced and handed to the channel (``[0, scheduled)``).
+        handed: chunks irrevocably on their way (in the wire's queue or sent); with their
+            checksums known, the receiver may hear Done once all are.
         sent: chunks whose bytes left this rank (their staging buffer is free again).
         in_flight: chunks handed to the channel whose send has not completed (the source
             blocks must stay leased while any is).
@@ -50,6 +52,7 @@ class SendJob:
     chunks: tuple[Chunk, ...]
     moves: Any = None
     scheduled: int = 0
+    handed: int = 0
     sent: int = 0
     in_flight: int = 0
     checksums: dict[int, int] = field(default_factory=dict)
@@ -84,6 +87,8 @@ class RecvJob:
         checksums: chunk -> checksum computed on arrival.
         done: the sender's Done, once it arrived.
         closed: the sender will send nothing more for this job (Done, Abort, Refuse, lost).
+        sender_ended: the sender's session already ended (Refuse, Abort, lost): it needs no
+            Cancel.
     """
 
     peer: int
@@ -97,6 +102,7 @@ class RecvJob:
     checksums: dict[int, int] = field(default_factory=dict)
     done: P.Done | None = None
     closed: bool = False
+    sender_ended: bool = False
 
     @property
     def request_id(self) -> str:
@@ -120,6 +126,13 @@ class Sent:
     job: SendJob
     chunk: int
     checksum: int | None = None
+
+
+@dataclass(frozen=True)
+class Handed:
+    """More chunks of ``job`` are irrevocably on their way (``job.handed`` counts them)."""
+
+    job: SendJob
 
 
 @dataclass(frozen=True)

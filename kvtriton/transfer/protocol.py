@@ -21,6 +21,7 @@ One request, receiver ``R`` asking sender ``S``::
     S -> R  Refuse    (unknown request, spec or prompt mismatch, ranges not held ...) -- or:
     S -> R  Schedule  packed channels: chunks [first, first + count) of the request follow on
                       the data channel of this pair, in order (the receiver posts receives)
+    R -> S  Ready     packed CPU channels: those receives are posted (the chunks may go)
     S -> R  Blocks    direct channel: the sender's block ids / slots of the requested ranges
     S -> R  Done      every chunk was handed to the wire (with per-chunk checksums when on)
     R -> S  Ack       everything arrived intact and was committed: the sender's session ends
@@ -62,6 +63,7 @@ __all__ = [
     "Hello",
     "Message",
     "ProtocolError",
+    "Ready",
     "Refuse",
     "Request",
     "Schedule",
@@ -305,6 +307,25 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """The receiver posted its receives for chunks ``[first, first + count)`` of the request
+    (packed CPU channels: gloo stalls for milliseconds on bytes that arrive before their
+    receive is posted, so the sender holds announced chunks until this arrives)."""
+
+    KIND: ClassVar[int] = 11
+    request_id: str
+    first: int
+    count: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"r": self.request_id, "f": self.first, "n": self.count}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Ready:
+        return cls(_str(d, "r"), _int(d, "f", 0, 1 << 32), _int(d, "n", 1, 1 << 32))
+
+
+@dataclass(frozen=True)
 class Blocks:
     """The sender's blocks for the requested ranges (direct channel): per attention group the
     physical ids of the blocks the range touches, in logical order, and per state group the
@@ -443,9 +464,10 @@ class Bye:
         return cls(_str(d, "n", _MAX_TEXT))
 
 
-Message = Hello | Request | Refuse | Schedule | Blocks | Done | Ack | Cancel | Abort | Bye
+Message = Hello | Request | Refuse | Schedule | Ready | Blocks | Done | Ack | Cancel | Abort | Bye
 _KINDS: dict[int, Any] = {
-    c.KIND: c for c in (Hello, Request, Refuse, Schedule, Blocks, Done, Ack, Cancel, Abort, Bye)
+    c.KIND: c
+    for c in (Hello, Request, Refuse, Schedule, Ready, Blocks, Done, Ack, Cancel, Abort, Bye)
 }
 
 

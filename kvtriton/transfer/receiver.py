@@ -170,7 +170,7 @@ class Receiver:
         lost = [s for s in handle.jobs if agent.control.is_lost(s)]
         if lost:  # nothing was sent: fail at once
             for job in handle.jobs.values():
-                job.closed = True
+                job.closed = job.sender_ended = True
             self._fail(
                 handle, f"sender rank {lost[0]} is unreachable: {agent.control.lost[lost[0]]}"
             )
@@ -237,7 +237,7 @@ class Receiver:
                 handle.session.advance_to(SessionState.TRANSFERRING)
                 self._maybe_complete(handle)
         elif isinstance(msg, (P.Refuse, P.Abort)):
-            job.closed = True
+            job.closed = job.sender_ended = True
             verb = "refused" if isinstance(msg, P.Refuse) else "aborted"
             why = f"sender rank {peer} {verb} request {rid!r}: {msg.reason}"
             if isinstance(msg, P.Abort) and msg.cancelled:
@@ -318,7 +318,8 @@ class Receiver:
         self, handle: RecvHandle, reason: str, *, error: bool, skip: int | None = None
     ) -> None:
         for sender, job in handle.jobs.items():
-            if sender != skip and not job.closed:
+            if sender != skip and not job.sender_ended:
+                job.sender_ended = True
                 self.agent.control.send(sender, P.Cancel(handle.request_id, reason, error))
 
     def _settle(self, handle: RecvHandle) -> None:
@@ -361,7 +362,7 @@ class Receiver:
         for (sender, _), job in list(self.jobs.items()):
             if sender != peer:
                 continue
-            job.closed = True
+            job.closed = job.sender_ended = True
             job.posted = job.landed  # nothing more will land from a lost peer
             job.pending = 0
             self._fail(job.handle, f"lost sender rank {peer}: {why}", skip=peer)

@@ -109,6 +109,7 @@ class Sender:
         self.queues: dict[int, deque[SendJob]] = {}
         self._rates: dict[int, _Rate] = {}
         self.ended: dict[str, int] = {s.value: 0 for s in SessionState if s.is_terminal}
+        self.refusals: deque[str] = deque(maxlen=16)  # the latest reasons, for reports
         topo = agent.topology
         self.receivers = frozenset(topo.receivers(agent.rank)) if agent.is_ctx else frozenset()
         # what each receiver must ask this rank for, derived once
@@ -170,6 +171,7 @@ class Sender:
                 peer, P.Refuse(req.request_id, f"sender rank {agent.rank}: {reason}")
             )
             agent.counters["refused"] += 1
+            self.refusals.append(f"{req.request_id} from rank {peer}: {reason}")
             return
         assert src is not None
         session = Session(
@@ -295,14 +297,23 @@ class Sender:
         job.sent += 1
         if ev.checksum is not None:
             job.checksums[ev.chunk] = ev.checksum
+        self.maybe_done(job)
         self._rates.setdefault(job.peer, _Rate()).finished(
             job.chunks[ev.chunk].nbytes, self.agent.clock()
         )
-        if job.sent == len(job.chunks) and not job.session.is_terminal:
-            self._send_done(job)
         src = self.sources.get(job.request_id)
         if src is not None and job.session.is_terminal:
             self._maybe_release(src)
+
+    def maybe_done(self, job: SendJob) -> None:
+        """Tell the receiver every chunk is on its way once all were handed to the wire and
+        their checksums (when asked) are known; it may arrive before the last chunk."""
+        n = len(job.chunks)
+        if job.done_sent or job.session.is_terminal or job.handed < n:
+            return
+        if job.request.checksum and len(job.checksums) < n:
+            return
+        self._send_done(job)
 
     def _send_done(self, job: SendJob) -> None:
         if job.done_sent:

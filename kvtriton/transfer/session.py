@@ -177,8 +177,8 @@ class Session:
         now = self.clock() if now is None else now
         if now < self.deadline:
             return False
-        waited = now - self.created
-        return self.fail(f"timed out after {waited:.3g} s in state {self.state.value}")
+        limit = self.deadline - self.created
+        return self.fail(f"timed out after {limit:.3g} s in state {self.state.value}")
 
     def __repr__(self) -> str:
         extra = f", error={self.error!r}" if self.error else ""

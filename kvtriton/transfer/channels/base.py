@@ -93,6 +93,11 @@ class DataChannel(ABC):
         receiver and start moving them (``job.scheduled`` / ``job.in_flight`` advance);
         each completes with a ``Sent`` event."""
 
+    def on_peer_message(self, peer: int, message: P.Message) -> str | None:
+        """A channel-specific message from a receiver (e.g. ``Ready``). Returns ``None``, or
+        why it is invalid (the pair is then treated as broken)."""
+        return f"a {type(message).__name__}, which the {self.name} channel never expects"
+
     def prepare_send(self, job: SendJob) -> None:  # noqa: B027 - optional hook
         """Prepare the job's kernel moves once, when the sender accepts it."""
 

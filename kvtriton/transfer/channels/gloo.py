@@ -1,12 +1,12 @@
 """Packed chunks over gloo point-to-point (CPU pools).
 
-gloo's ``send``/``recv`` block their caller until the bytes moved and never report
-completion without a blocking wait, so each peer gets a *send* thread and a *receive* thread
+gloo's ``send`` blocks its caller until the bytes moved and a receive never reports
+completion without a blocking wait, so each peer gets a *send* thread and a *wait* thread
 that do nothing else: the owning thread gathers chunk ``k+1`` while the send thread has
-chunk ``k`` on the wire, and scatters a chunk as soon as the receive thread hands it over
-(one queue hop and a wake-up of the owner's ``select``). Receives are posted in announcement
-order, which is the order the sender put the chunks on the wire: no tag or size ever comes
-from the peer.
+chunk ``k`` on the wire, posts receives itself (``irecv``: posted before it answers
+``Ready``), and scatters a chunk as soon as the wait thread hands it over (one queue hop and
+a wake-up of the owner's ``select``). Receives are posted in announcement order, which is
+the order the sender puts the chunks on the wire: no tag or size ever comes from the peer.
 """
 
 from __future__ import annotations
@@ -56,14 +56,11 @@ class _PeerThreads:
             ch._post(sent)
 
     def _recv_loop(self) -> None:
-        import torch.distributed as dist
-
         ch = self.channel
         while (item := self.recvs.get()) is not None:
-            job, k, nbytes = item
-            buf = ch.buffers.take(nbytes)
+            job, k, buf, work = item
             try:
-                dist.recv(buf, src=self.peer, group=ch.group, tag=_DATA_TAG)
+                work.wait()
             except Exception as exc:
                 ch._post(DataLost(self.peer, f"gloo recv failed: {type(exc).__name__}: {exc}"))
                 return
@@ -98,8 +95,12 @@ class GlooChannel(CpuPackedChannel):
         self._threads(peer).sends.put((buf, sent))
 
     def _receive(self, peer: int, job: RecvJob, k: int, nbytes: int) -> None:
+        import torch.distributed as dist
+
+        buf = self.buffers.take(nbytes)
+        work = dist.irecv(buf, src=peer, group=self.group, tag=_DATA_TAG)  # posted now
         self._posted[peer] = self._posted.get(peer, 0) + 1
-        self._threads(peer).recvs.put((job, k, nbytes))
+        self._threads(peer).recvs.put((job, k, buf, work))
 
     def pump(self) -> None:
         while True:
@@ -118,12 +119,12 @@ class GlooChannel(CpuPackedChannel):
         )
 
     def peer_lost(self, peer: int) -> None:
+        super().peer_lost(peer)
         threads = self._peers.pop(peer, None)
         if threads is not None:
             threads.sends.put(None)
             threads.recvs.put(None)
         self._posted.pop(peer, None)  # receives from a lost peer never land
-        self._in_flight[peer] = 0
 
     def close(self) -> None:
         for t in self._peers.values():

@@ -99,6 +99,7 @@ class LoopbackChannel(CpuPackedChannel):
                 self._arrived(job, k, data)
 
     def peer_lost(self, peer: int) -> None:
+        super().peer_lost(peer)
         self._posted.pop(peer, None)
 
     def busy(self) -> bool:

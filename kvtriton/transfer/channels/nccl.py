@@ -23,7 +23,7 @@ from kvtriton.transfer.channels.base import DataChannel
 from kvtriton.transfer.channels.cuda import Completions, Ring
 from kvtriton.transfer.channels.packed import PackedMoves
 from kvtriton.transfer.checksum import checksum_async, checksum_value
-from kvtriton.transfer.jobs import Landed, RecvJob, SendJob, Sent, WriteDone
+from kvtriton.transfer.jobs import Handed, Landed, RecvJob, SendJob, Sent, WriteDone
 
 __all__ = ["NcclChannel"]
 
@@ -113,6 +113,8 @@ class NcclChannel(PackedMoves, DataChannel):
             host.counters["chunks_sent"] += 1
             self._sends.add(event, _on_sent(self, job, k, total))
         job.scheduled = first + count
+        job.handed += count  # enqueued on the device: checksums (if asked) come with Sent
+        self._events.put(Handed(job))
 
     # -- receiver -------------------------------------------------------------------------
     def on_announce(self, job: RecvJob, message: P.Schedule | P.Blocks) -> str | None:
