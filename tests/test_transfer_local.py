@@ -274,7 +274,6 @@ def test_a_finished_id_is_never_served_again_from_freed_blocks() -> None:
     w.settle(first := w.ask("r", t))
     w.check(first, t)
     w.run(lambda: "r" in w.released)  # the sender freed the blocks
-    (ctx,) = w.topo.ctx_ranks
     (gen,) = w.topo.gen_ranks
     # the sender reuses the freed blocks for another request
     w.source("other", prompt(25, seed=9))
@@ -292,7 +291,7 @@ def test_a_terminal_session_is_never_replaced() -> None:
     w = World(gen_tp=2)
     t = prompt(25)
     w.source("r", t)
-    g0, g1 = w.topo.gen_ranks
+    g0, _ = w.topo.gen_ranks
     asked = w.ask("r", t)
     w.settle(asked)  # both receivers done: the source is released
     # a receiver asking twice while the source is still live (its peer has not asked yet)
@@ -325,7 +324,6 @@ def test_an_unknown_id_is_refused_at_once_and_blocks_nothing_behind_it() -> None
     w.settle(unknown)
     w.settle(known)
     ((hu, _),) = unknown.values()
-    ((hk, _),) = known.values()
     assert hu.state is S.ERROR and "unknown request" in (hu.session.error or "")
     assert hu.session.time_in(S.READY) < 0.1  # refused at once, not after the 30 s timeout
     w.check(known, t)
@@ -337,7 +335,7 @@ def test_a_source_is_leased_until_its_receivers_end_or_the_lease_expires() -> No
     t = prompt(25)
     w.source("partial", t, lease_s=5.0)
     w.source("nobody", t, lease_s=5.0)
-    g0, g1 = w.topo.gen_ranks
+    g0, _ = w.topo.gen_ranks
     m = w.managers[g0]
     rx = prepare_receive(m, "partial", t)
     h = w.agents[g0].request(

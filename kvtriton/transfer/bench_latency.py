@@ -124,7 +124,7 @@ def _rank(rank: int, port: int, requests: int, device: str, conn: Any) -> None:
         us = sorted(t * 1e6 for t in times)
         out = {
             "p50_us": statistics.median(us),
-            "p99_us": us[min(len(us) - 1, int(round(0.99 * (len(us) - 1))))],
+            "p99_us": us[min(len(us) - 1, round(0.99 * (len(us) - 1)))],
             "mean_us": statistics.fmean(us),
             "requests": requests,
             "transferred": len(plans),
