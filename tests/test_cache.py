@@ -15,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtriton.cache import (
+    HASH_NAMES,
+    BlockPool,
     KVCacheManager,
     OutOfBlocksError,
     allocate_pools,
@@ -96,6 +98,36 @@ def test_extra_key_and_block_size_change_every_hash() -> None:
     assert salted != as_bytes  # str and bytes keys are tagged differently
     assert not set(plain) & set(chain_hashes(data, 8, root_hash(None)))
     assert root_hash(b"") != root_hash(None)
+
+
+def test_xxh3_chain_matches_its_definition_and_never_meets_sha256() -> None:
+    xxhash = pytest.importorskip("xxhash")
+    tokens = list(range(1, 10))
+    root = xxhash.xxh3_128_digest(b"kvtriton/block-hash/v1\x00xxh3_128\x00" + b"\x00")
+    assert root_hash(None, hash_name="xxh3_128") == root
+    h0 = xxhash.xxh3_128_digest(root + struct.pack("<4Q", 1, 2, 3, 4))
+    h1 = xxhash.xxh3_128_digest(h0 + struct.pack("<4Q", 5, 6, 7, 8))
+    data = encode_tokens(tokens)
+    assert chain_hashes(data, 4, root, hash_name="xxh3_128") == [h0, h1]
+    assert chain_hashes(data, 4, h0, start_block=1, hash_name="xxh3_128") == [h1]
+    assert not set(chain_hashes(data, 4, root_hash(None))) & {h0, h1}
+    with pytest.raises(ValueError, match=r"hash_name must be one of \('sha256', 'xxh3_128'\)"):
+        KVCacheManager(hybrid(), 8, num_state_slots=2, hash_name="md5")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("hash_name", HASH_NAMES)
+def test_every_hash_gives_the_same_cache_behaviour(hash_name: str) -> None:
+    pytest.importorskip("xxhash") if hash_name == "xxh3_128" else None
+    results = []
+    for name in ("sha256", hash_name):
+        m = KVCacheManager(hybrid(window=6), 16, num_state_slots=4, hash_name=name)  # type: ignore[arg-type]
+        prefilled(m, "a", list(range(24)))
+        m.free("a")
+        match = m.match([*range(24), 99, 98, 97, 96])
+        alloc = m.allocate("b", match)
+        m.check_invariants()
+        results.append((match.cached, match.boundary, alloc.reused_blocks, alloc.state_hits))
+    assert results[0] == results[1]
 
 
 def test_encode_tokens_validates() -> None:
@@ -516,10 +548,12 @@ def test_matching_rules_hold_for_any_index_contents(
     if with_state:
         have["ssm"] = data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="ssm")
     for name, present in have.items():
-        cache = m._groups[name].cache  # white box: publish arbitrary blocks directly
-        for b, there in enumerate(present):
-            if there:
-                assert cache.insert(hashes[b], b)
+        # Publish exactly the blocks drawn through the group's pool: allocate, publish, free.
+        pool = m.block_pool(name)
+        chosen = [hashes[b] for b, there in enumerate(present) if there]
+        ids = pool.allocate(len(chosen))
+        assert pool.publish(chosen, ids) == len(chosen)
+        pool.release(ids)
     match = m.match(tokens)
     cached, boundary = brute_force(spec, tokens, have)
     assert dict(match.cached) == cached
@@ -564,3 +598,45 @@ def test_repr_summarises_the_pools() -> None:
         "full: 2 used / 2 cached / 8, swa: 2 used / 2 cached / 8, "
         "ssm: 1 used / 1 cached / 2)"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# the block pool on its own
+# ---------------------------------------------------------------------------------------
+
+
+def test_block_pool_moves_blocks_between_free_referenced_and_evictable() -> None:
+    pool = BlockPool(4, name="g")
+    ids = pool.allocate(3)
+    assert ids == [0, 1, 2] and pool.num_free == 1 and pool.num_referenced == 3
+    assert pool.publish([b"h0", b"h1"], ids[:2]) == 2
+    pool.take([ids[0]])  # a second reference
+    pool.release(ids)
+    assert pool.refcount(0) == 1 and pool.evictable_ids() == (1,)  # 2 had no hash: freed
+    assert pool.num_free == 2 and pool.num_available == 3
+    pool.release([0])
+    assert pool.evictable_ids() == (1, 0)
+    pool.touch(1)
+    assert pool.evictable_ids() == (0, 1)
+    assert pool.allocate(3) == [0, 2, 3]  # the evicted oldest cached block, then last-freed first
+    assert pool.lookup(b"h0") is None and pool.lookup(b"h1") == 1
+    assert pool.available_besides([1]) == 0
+    pool.check_invariants([1, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="allocate\\(2\\) with only 1 free or evictable"):
+        pool.allocate(2)
+    pool.release([0, 2, 3])
+    with pytest.raises(RuntimeError, match="double free of block 2"):
+        pool.release([2])
+    assert pool.evict() == 1 and pool.num_cached == 0 and pool.num_free == 4
+
+
+def test_block_pool_publish_keeps_the_first_of_repeated_hashes_and_ids() -> None:
+    pool = BlockPool(6, name="g")
+    ids = pool.allocate(6)
+    assert pool.publish([b"a", b"b", b"a"], ids[:3]) == 2  # a repeated hash: first one wins
+    assert pool.hash_of(ids[2]) is None and pool.lookup(b"a") == ids[0]
+    assert pool.publish([b"c", b"d"], [ids[3], ids[3]]) == 1  # a repeated id: tagged once
+    assert pool.publish([b"e", b"b"], ids[4:6]) == 1  # b is taken: that block stays private
+    with pytest.raises(ValueError, match="2 hashes for 1 blocks"):
+        pool.publish([b"x", b"y"], ids[:1])
+    pool.check_invariants([1] * 6)
