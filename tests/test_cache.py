@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import subprocess
 import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kvtriton.cache import (
@@ -29,21 +30,13 @@ from kvtriton.cache import (
 from kvtriton.plan import plan_transfer, single_boundary
 from kvtriton.ranges import needed_range
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
+from kvtriton.testing import brute_force_match, hybrid_spec
 
 B = 4
 
 
 def hybrid(window: int = 6, tokens_per_block: int = B) -> KVCacheSpec:
-    return KVCacheSpec(
-        (
-            LayerGroup("full", "full", (0, 3), num_kv_heads=2, head_dim=2),
-            LayerGroup("swa", "sliding", (1,), num_kv_heads=2, head_dim=2, window=window),
-            LayerGroup("ssm", "state", (2,), state_shape=(2, 3), state_dtype="float32"),
-        ),
-        tokens_per_block=tokens_per_block,
-        dtype="float32",
-        name="test-hybrid",
-    )
+    return hybrid_spec(tokens_per_block, window=window)
 
 
 def snapshot(m: KVCacheManager) -> tuple:
@@ -491,38 +484,6 @@ def test_a_stale_match_is_redone_at_allocation() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def brute_force(
-    spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]]
-) -> tuple[dict[str, int], int]:
-    """Per-group counts and the single boundary from the definitions, over every position."""
-    p, bsz = len(tokens), spec.tokens_per_block
-
-    def holds(group: str, lo: int, hi: int) -> bool:  # every block touching [lo, hi)
-        return all(b < len(have[group]) and have[group][b] for b in range(lo // bsz, -(-hi // bsz)))
-
-    cached: dict[str, int] = {}
-    ok = [True] * (p + 1)
-    for g in spec.groups:
-        if g.kind == "full":
-            cached[g.name] = max(c for c in range(p + 1) if holds(g.name, 0, c))
-            for c in range(p + 1):
-                ok[c] = ok[c] and holds(g.name, 0, c)
-        elif g.kind == "sliding":
-            start = needed_range(g, p).start
-            best = max(
-                c for c in range(start, p + 1) if c == start or holds(g.name, start // bsz * bsz, c)
-            )
-            cached[g.name] = -(-best // bsz) * bsz if best > start else start
-            for c in range(p + 1):
-                ok[c] = ok[c] and holds(g.name, max(0, c + 1 - g.window), c)
-        else:
-            cached[g.name] = p if p % bsz == 0 and have[g.name][p // bsz - 1] else 0
-            for c in range(1, p + 1):
-                ok[c] = ok[c] and c % bsz == 0 and have[g.name][c // bsz - 1]
-    return cached, max(c for c in range(p + 1) if ok[c])
-
-
-@settings(max_examples=500, deadline=None)
 @given(
     num_tokens=st.integers(1, 40),
     window=st.integers(1, 14),
@@ -555,7 +516,7 @@ def test_matching_rules_hold_for_any_index_contents(
         assert pool.publish(chosen, ids) == len(chosen)
         pool.release(ids)
     match = m.match(tokens)
-    cached, boundary = brute_force(spec, tokens, have)
+    cached, boundary = brute_force_match(spec, len(tokens), have)
     assert dict(match.cached) == cached
     assert match.boundary == boundary
     assert all(match.cached[g] >= boundary for g in ("full", "swa"))
@@ -593,11 +554,19 @@ def test_a_match_from_another_manager_is_redone() -> None:
 def test_repr_summarises_the_pools() -> None:
     m = KVCacheManager(hybrid(), 8, num_state_slots=2)
     prefilled(m, "a", list(range(8)))
-    assert repr(m) == (
-        "KVCacheManager(spec='test-hybrid', B=4, requests=1, "
-        "full: 2 used / 2 cached / 8, swa: 2 used / 2 cached / 8, "
-        "ssm: 1 used / 1 cached / 2)"
+    text = repr(m)
+    assert text.startswith("KVCacheManager(") and "'test-hybrid'" in text and "requests=1" in text
+    # one "<group>: <used> used / <cached> cached / <size>" entry per group, from stats()
+    entries = dict(
+        (name, (int(used), int(cached), int(size)))
+        for name, used, cached, size in re.findall(
+            r"(\w+): (\d+) used / (\d+) cached / (\d+)", text
+        )
     )
+    assert entries == {
+        name: (st["referenced"], st["cached"], st["blocks"]) for name, st in m.stats().items()
+    }
+    assert entries["full"] == (2, 2, 8) and entries["ssm"] == (1, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -473,16 +473,19 @@ def test_table_alignment_spans_and_rules() -> None:
     t.add_row("longer", None)
     t.add_rule()
     t.add_row("total", 12345)
-    lines = str(t).splitlines()
-    assert lines == [
-        "        a wide title",
-        "name               n",
-        "--------------------",
-        "x                  5",
-        "longer             -",
-        "--------------------",
-        "total          12345",
-    ]
+    spans, header, rule, *rows = str(t).splitlines()
+    width = len(rule)
+    assert set(rule) == {"-"} and rows[2] == rule  # a rule under the header and add_rule()
+    body = [rows[0], rows[1], rows[3]]
+    # the right-aligned last column ends every line at the full width, under its span title
+    assert all(len(line) == width for line in (spans, header, *body))
+    assert spans.strip() == "a wide title" and spans.endswith("a wide title")
+    name_width = len("longer")  # the widest cell of the left-aligned first column
+    gap = 2
+    assert width == name_width + gap + len("a wide title")  # a wide span widens its column
+    cells = [(line[:name_width].rstrip(), line[name_width + gap :].strip()) for line in body]
+    assert cells == [("x", "5"), ("longer", "-"), ("total", "12345")]  # None prints "-"
+    assert header.startswith("name") and header.endswith("n")
 
 
 def test_table_rejects_bad_shapes() -> None:
