@@ -28,7 +28,7 @@ from kvtriton.cache import (
     root_hash,
 )
 from kvtriton.plan import plan_transfer, single_boundary
-from kvtriton.ranges import needed_range
+from kvtriton.ranges import ceil_div, needed_range
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
 from kvtriton.testing import brute_force_match, hybrid_spec
 
@@ -299,7 +299,7 @@ def test_gpt_oss_second_turn_per_group_keeps_full_reuse_single_collapses() -> No
     m.free("t2")
     b = m.allocate("t2", turn2, num_draft_tokens=3)
     assert b.reused_blocks["full"] == range(0, 75)
-    assert b.spans["full"].first_block == 0 and b.spans["full"].end_block == -(-(p + 3) // bsz)
+    assert b.spans["full"].first_block == 0 and b.spans["full"].end_block == ceil_div(p + 3, bsz)
     assert b.spans["sliding128"].first_block == (p + 1 - 128) // bsz
     m.check_invariants()
 

@@ -18,7 +18,7 @@ from kvtriton.spec import PRESETS
 from kvtriton.table import Column, Table, format_bytes, format_count, format_percent
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE_WHEN = [
+GPT_OSS_SECOND_TURN = [
     "plan",
     "--preset",
     "gpt-oss-20b",
@@ -54,8 +54,8 @@ def row(out: str, name: str) -> list[str]:
 # -- plan ---------------------------------------------------------------------------------
 
 
-def test_plan_shows_the_issue_done_when_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = run(capsys, *DONE_WHEN)
+def test_plan_shows_the_gpt_oss_second_turn_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, *GPT_OSS_SECOND_TURN)
     assert status == 0 and err == ""
     # group kind layers window needed cached | per-group | single boundary | no reuse
     assert row(out, "full") == [
@@ -157,7 +157,7 @@ def test_plan_table_is_aligned(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plan_json_is_compare_policies(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(capsys, *DONE_WHEN, "--json")
+    status, out, _ = run(capsys, *GPT_OSS_SECOND_TURN, "--json")
     assert status == 0
     data = json.loads(out)
     assert list(data) == ["per_group", "single_boundary", "no_reuse"]
@@ -417,7 +417,7 @@ def test_module_help_and_plan_never_import_torch() -> None:
         "import sys\n"
         "from kvtriton.cli import main\n"
         "assert main(['--help']) == 0\n"
-        f"assert main({DONE_WHEN!r}) == 0\n"
+        f"assert main({GPT_OSS_SECOND_TURN!r}) == 0\n"
         "assert main(['presets']) == 0\n"
         "assert 'torch' not in sys.modules, 'kvtriton plan imported torch'\n"
         "assert 'triton' not in sys.modules, 'kvtriton plan imported triton'\n"

@@ -26,7 +26,7 @@ def _ids(spec, name):
     return spec.group(name).layer_ids
 
 
-# -- the configs the issue names --------------------------------------------------------------
+# -- the configs the README names ---------------------------------------------------------------
 
 
 def test_gpt_oss_alternates_sliding128_and_full():

@@ -44,7 +44,7 @@ from kvtriton.integrations.chat import (
     run_chat_demo,
 )
 from kvtriton.kernels import gather, resolve_backend
-from kvtriton.ranges import BlockSpan, GroupKind, TokenRange, needed_range
+from kvtriton.ranges import BlockSpan, GroupKind, TokenRange, ceil_div, needed_range
 
 BACKEND = "reference"  # kernels are tested against it elsewhere; keeps this file fast
 ATOL = RTOL = 1e-5
@@ -149,7 +149,7 @@ def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block, backe
     spans = {}  # sliding spans anchored at the window's first block, scattered block ids
     for g in attention:
         first = needed_range(g, p).start // block
-        spans[g.name] = BlockSpan(first, [15 - 2 * i for i in range(-(-p // block) - first)])
+        spans[g.name] = BlockSpan(first, [15 - 2 * i for i in range(ceil_div(p, block) - first)])
     slots = {g.name: 2 for g in spec.groups if g.is_state}
     written = kt.cache_to_pools(
         cache, spec, pools, spans, state_slots=slots, config=model.config, backend=backend

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvtriton.layout import SEGMENT_ALIGN, PackedLayout, packed_layout
-from kvtriton.ranges import TokenRange
+from kvtriton.ranges import TokenRange, ceil_div
 from kvtriton.spec import KVCacheSpec, preset
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -48,7 +48,7 @@ def check_invariants(spec: KVCacheSpec, layout: PackedLayout) -> None:
             )
             assert seg.dtype == (g.state_dtype or spec.dtype)
         previous_end, previous_index = seg.end, order[seg.group]
-    assert layout.nbytes == -(-previous_end // SEGMENT_ALIGN) * SEGMENT_ALIGN
+    assert layout.nbytes == ceil_div(previous_end, SEGMENT_ALIGN) * SEGMENT_ALIGN
     assert layout.nbytes % SEGMENT_ALIGN == 0
 
 

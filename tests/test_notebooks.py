@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from nbclient import NotebookClient
 
 from kvtriton.plan import compare_policies
+from kvtriton.ranges import ceil_div
 from kvtriton.spec import preset
 from kvtriton.viz import (
     CACHED,
@@ -168,7 +169,7 @@ def test_block_maps_match_brute_force(
                     assert status == DRAFT
                 else:
                     assert status == NOT_NEEDED
-            assert len(m.blocks) == -(-(p + drafts) // tpb)
+            assert len(m.blocks) == ceil_div(p + drafts, tpb)
 
 
 def test_alignment_plans_names_and_kinds() -> None:

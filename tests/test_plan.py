@@ -272,8 +272,8 @@ def _one(kind: str, *, window: int | None = None, tpb: int = 4) -> KVCacheSpec:
     )
 
 
-def test_gpt_oss_done_when_numbers() -> None:
-    """Issue 2's acceptance numbers: P = 8192, full cached 6000, sliding cached 0."""
+def test_gpt_oss_second_turn_numbers() -> None:
+    """The README's scenario: P = 8192, full cached 6000, sliding cached 0."""
     spec = preset("gpt-oss-20b")
     cached = {"full": 6000, "sliding128": 0}
     plans = compare_policies(spec, 8192, cached)
