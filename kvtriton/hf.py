@@ -1,5 +1,8 @@
 """A :class:`~kvtriton.spec.KVCacheSpec` from a Hugging Face ``transformers`` model config.
 
+(Over 600 lines on purpose: one job, but most of it is the table of per-family config
+conventions and the messages naming why a layer cannot be mapped, which read best together.)
+
 No network and no weights: the input is a config object, a plain dict, a local
 ``config.json`` (or a directory holding one) or the name of a ``transformers`` config class
 (instantiated with its defaults, e.g. ``"Gemma3TextConfig"``) or ``model_type``

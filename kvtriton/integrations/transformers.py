@@ -1,5 +1,10 @@
 """Hugging Face ``transformers`` KV caches to and from paged kvtriton pools.
 
+(Over 600 lines on purpose: one library bridge in sections -- cache-layer introspection,
+gated-DeltaNet state layers, spec <-> model checks, cache -> pools, pools -> cache, tiny
+seeded models -- that share private helpers on transformers' layer classes; splitting it
+would turn those helpers into an API.)
+
 What is supported (``transformers`` 5.x ``DynamicCache``, batch size 1 = one request):
 
 * full-attention layers (``DynamicLayer``): the layer holds positions ``[0, T)``;
