@@ -206,9 +206,6 @@ class LayerGroup:
             return 0
         return self.num_layers * self.kv_factor * self.local_heads * self.head_dim
 
-    def elements_per_block(self, tokens_per_block: int) -> int:
-        return self.elements_per_token() * tokens_per_block
-
     def state_elements(self) -> int:
         """State elements per request over this shard's layers (0 for attention groups)."""
         if not self.kind.has_state:
