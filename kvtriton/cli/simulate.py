@@ -127,6 +127,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"comma-separated subset of {names}",
     )
+    p.add_argument(
+        "--hash",
+        choices=("sha256", "xxh3_128"),
+        default="sha256",
+        help="the receiver cache's block hash (same results; xxh3_128 is faster)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="PATH", help="also save a plot (png, svg, pdf ...)")
     p.add_argument("--save-trace", metavar="PATH", help="also write the trace as JSONL")
@@ -200,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency,
                 state_slots=args.state_slots,
                 progress=bar.update,
+                hash_name=args.hash,
                 **capacity,
             )
     except (ValueError, TypeError, OSError) as exc:

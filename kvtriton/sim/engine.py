@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from kvtriton.adapter import complete_receive, prepare_receive
+from kvtriton.cache.hashing import DEFAULT_HASH, HashName, check_hash_name
 from kvtriton.cache.manager import KVCacheManager, OutOfBlocksError
 from kvtriton.cache.pools import blocks_for_bytes, resolve_num_blocks
 from kvtriton.plan import ReusePolicy, plan_transfer
@@ -95,6 +96,7 @@ def simulate(
     concurrency: int = 8,
     state_slots: int | None = None,
     progress: Callable[[int], None] | None = None,
+    hash_name: HashName = DEFAULT_HASH,
 ) -> SimResult:
     """Run ``trace`` through a fresh receiver :class:`KVCacheManager` per policy.
 
@@ -109,6 +111,8 @@ def simulate(
         state_slots: slots per state group (live states plus cached snapshots); default
             ``4 * concurrency``.
         progress: called with 1 after each request is planned (e.g. ``tqdm.update``).
+        hash_name: the receiver cache's block hash (``"sha256"`` or ``"xxh3_128"``; the
+            results are the same, only the time differs).
 
     Raises:
         ValueError: bad arguments, or a request that does not fit the pool even alone.
@@ -136,7 +140,16 @@ def simulate(
     if len(set(ids)) != len(ids):
         raise ValueError("request ids in the trace must be unique")
     results = {
-        policy: _run(spec, trace, policy, blocks, slots if has_state else 0, concurrency, progress)
+        policy: _run(
+            spec,
+            trace,
+            policy,
+            blocks,
+            slots if has_state else 0,
+            concurrency,
+            progress,
+            check_hash_name(hash_name),
+        )
         for policy in map(ReusePolicy, policies)
     }
     return SimResult(
@@ -158,8 +171,9 @@ def _run(
     slots: int,
     concurrency: int,
     progress: Callable[[int], None] | None,
+    hash_name: HashName,
 ) -> PolicyResult:
-    mgr = KVCacheManager(spec, blocks or None, num_state_slots=slots)
+    mgr = KVCacheManager(spec, blocks or None, num_state_slots=slots, hash_name=hash_name)
     bsz = spec.tokens_per_block
     attention = [g for g in spec.groups if g.is_attention]
     acc = {g.name: _Acc() for g in spec.groups}
