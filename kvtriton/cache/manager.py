@@ -262,7 +262,7 @@ class KVCacheManager:
         request_id: RequestId,
         tokens: Sequence[int] | PrefixMatch,
         num_draft_tokens: int = 0,
-        mode: Mode = "per_group",
+        mode: ReusePolicy | Mode = ReusePolicy.PER_GROUP,
         *,
         extra_key: ExtraKey = None,
         prefill: bool = False,

@@ -67,7 +67,9 @@ class PrefixMatch:
     version: int = field(default=-1, repr=False, compare=False)
     owner: object = field(default=None, repr=False, compare=False)
 
-    def cached_tokens(self, mode: Mode = "per_group") -> dict[str, int] | int:
+    def cached_tokens(
+        self, mode: ReusePolicy | Mode = ReusePolicy.PER_GROUP
+    ) -> dict[str, int] | int:
         """The ``cached_tokens`` argument of :func:`kvtriton.plan.plan_transfer` for ``mode``."""
         if parse_mode(mode) is ReusePolicy.PER_GROUP:
             return dict(self.cached)
