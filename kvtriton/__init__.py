@@ -8,6 +8,7 @@ The top level stays torch-free: ``kvtriton.ranges``, ``kvtriton.spec``, ``kvtrit
 from kvtriton.layout import PackedLayout, Segment, packed_layout
 from kvtriton.plan import (
     GroupTransfer,
+    ReusePolicy,
     TransferPlan,
     compare_policies,
     plan_transfer,
@@ -15,6 +16,7 @@ from kvtriton.plan import (
 )
 from kvtriton.ranges import (
     BlockSpan,
+    GroupKind,
     TokenRange,
     needed_range,
     state_needs_transfer,
@@ -27,10 +29,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "BlockSpan",
+    "GroupKind",
     "GroupTransfer",
     "KVCacheSpec",
     "LayerGroup",
     "PackedLayout",
+    "ReusePolicy",
     "Segment",
     "TokenRange",
     "TransferPlan",

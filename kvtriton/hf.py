@@ -1,5 +1,8 @@
 """A :class:`~kvtriton.spec.KVCacheSpec` from a Hugging Face ``transformers`` model config.
 
+(Over 600 lines on purpose: one job, but most of it is the table of per-family config
+conventions and the messages naming why a layer cannot be mapped, which read best together.)
+
 No network and no weights: the input is a config object, a plain dict, a local
 ``config.json`` (or a directory holding one) or the name of a ``transformers`` config class
 (instantiated with its defaults, e.g. ``"Gemma3TextConfig"``) or ``model_type``
@@ -73,7 +76,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtriton.spec import KVCacheSpec, LayerGroup, canonical_dtype
+from kvtriton.spec import GroupKind, KVCacheSpec, LayerGroup, canonical_dtype
 
 __all__ = ["HF_CONFIG_CHOICES", "hf_config_choices", "hf_layer_kinds", "spec_from_hf_config"]
 
@@ -103,9 +106,13 @@ HF_CONFIG_CHOICES: tuple[str, ...] = (
     "Qwen3NextConfig",
 )
 
-_FULL, _SLIDING, _STATE, _NONE = "full", "sliding", "state", None
+_FULL, _SLIDING, _STATE, _NONE = GroupKind.FULL, GroupKind.SLIDING, GroupKind.STATE, None
+#: a chunked-attention layer mapped to a window of ``attention_chunk_size`` (not a GroupKind)
+_CHUNKED = "chunked"
+#: group order in a spec made from a config: full attention, sliding windows, states
+_KIND_ORDER = {GroupKind.FULL: 0, GroupKind.SLIDING: 1, GroupKind.STATE: 2}
 
-_LAYER_TYPE_KINDS: dict[str, str | None] = {
+_LAYER_TYPE_KINDS: dict[str, GroupKind | None] = {
     "full_attention": _FULL,
     "attention": _FULL,
     "global": _FULL,
@@ -349,18 +356,21 @@ def _check_causal(view: _View, label: str) -> None:
         )
 
 
-def _kind_of(layer_type: Any, label: str, chunked_as_sliding: bool) -> str | None:
+def _kind_of(layer_type: Any, label: str, chunked_as_sliding: bool) -> GroupKind | str | None:
     text = str(layer_type)
     if text in _LAYER_TYPE_KINDS:
         return _LAYER_TYPE_KINDS[text]
     if text == "chunked_attention" and chunked_as_sliding:
-        return "chunked"
+        return _CHUNKED
     why = _UNSUPPORTED_LAYER_TYPES.get(text, "unknown layer type")
     raise ValueError(f"{label}: cannot map layer type {text!r}: {why}")
 
 
-def hf_layer_kinds(config_or_path: Any, *, chunked_as_sliding: bool = False) -> list[str | None]:
-    """Per decoder layer: ``"full"``, ``"sliding"``, ``"state"`` or ``None`` (no KV, no state).
+def hf_layer_kinds(
+    config_or_path: Any, *, chunked_as_sliding: bool = False
+) -> list[GroupKind | None]:
+    """Per decoder layer: a :class:`~kvtriton.spec.GroupKind` (``"full"``, ``"sliding"``,
+    ``"state"``) or ``None`` (no KV, no state).
 
     Applies the precedence rules of this module's docstring; a chunked-attention layer reads
     ``"sliding"`` when ``chunked_as_sliding`` (else ``ValueError``).
@@ -368,7 +378,7 @@ def hf_layer_kinds(config_or_path: Any, *, chunked_as_sliding: bool = False) -> 
     source, name = _load(config_or_path)
     view = _text_view(source, _label(source, name))
     kinds = _layer_kinds(view, view.label, chunked_as_sliding)
-    return [_SLIDING if k == "chunked" else k for k in kinds]
+    return [_SLIDING if k == _CHUNKED else k for k in kinds]  # type: ignore[misc]
 
 
 def _label(source: Any, name: str) -> str:
@@ -384,7 +394,7 @@ def _int(view: _View, key: str, label: str) -> int:
     return value
 
 
-def _layer_kinds(view: _View, label: str, chunked_as_sliding: bool) -> list[str | None]:
+def _layer_kinds(view: _View, label: str, chunked_as_sliding: bool) -> list[GroupKind | str | None]:
     types = view.get("layer_types") or view.get("layers_block_type")
     n_cfg = view.get("num_hidden_layers")
     if types is not None and not isinstance(types, str) and isinstance(types, Sequence):
@@ -404,7 +414,7 @@ def _layer_kinds(view: _View, label: str, chunked_as_sliding: bool) -> list[str 
     return kinds
 
 
-def _derived_kinds(view: _View, n: int, label: str) -> list[str | None]:
+def _derived_kinds(view: _View, n: int, label: str) -> list[GroupKind | str | None]:
     model_type = view.model_type
     period, offset = view.get("attn_layer_period"), view.get("attn_layer_offset")
     if period is not None and offset is not None:  # Jamba
@@ -599,32 +609,19 @@ def spec_from_hf_config(
     # key -> layer ids; key = (order, kind, window, heads, head_dim, kv_factor, state_shape)
     buckets: dict[tuple[Any, ...], list[int]] = {}
     state_shape: tuple[int, ...] | None = None
-    for layer, kind in enumerate(kinds):
-        if kind is None:
+    for layer, marker in enumerate(kinds):
+        if marker is None:
             continue
-        if kind == _STATE:
+        chunked = marker == _CHUNKED
+        kind = _SLIDING if chunked else GroupKind(marker)
+        if kind.has_state:
             if state_shape is None:
                 state_shape = _state_shape(view, label, include_conv_state)
-            key: tuple[Any, ...] = (2, _STATE, 0, 1, 1, 2, state_shape)
+            key: tuple[Any, ...] = (_KIND_ORDER[kind], kind, 0, 1, 1, 2, state_shape)
         else:
             heads, head_dim, kv_factor = _attention_shape(view, layer, label)
-            if kind == _FULL:
-                key = (0, _FULL, 0, heads, head_dim, kv_factor, None)
-            else:
-                if kind == "chunked":
-                    window = view.get("attention_chunk_size")
-                    what = "attention_chunk_size"
-                else:
-                    window = _override(view, layer).get("sliding_window") or view.get(
-                        "sliding_window"
-                    )
-                    what = "sliding_window"
-                if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-                    raise ValueError(
-                        f"{label}: layer {layer} is sliding but {what} is "
-                        f"{window!r} (expected an int >= 1)"
-                    )
-                key = (1, _SLIDING, window, heads, head_dim, kv_factor, None)
+            window = _window(view, layer, label, chunked) if kind.has_window else 0
+            key = (_KIND_ORDER[kind], kind, window, heads, head_dim, kv_factor, None)
         buckets.setdefault(key, []).append(layer)
     if not buckets:
         raise ValueError(f"{label}: no layer holds a KV cache or a recurrent state")
@@ -639,9 +636,9 @@ def spec_from_hf_config(
                 f"_{heads}x{head_dim}" if shape is None else "_" + "x".join(map(str, shape))
             )
         ids = tuple(buckets[key])
-        if kind == _STATE:
+        if kind.has_state:
             groups.append(
-                LayerGroup(group_name, "state", ids, state_shape=shape, state_dtype=state_dt)
+                LayerGroup(group_name, kind, ids, state_shape=shape, state_dtype=state_dt)
             )
         else:
             groups.append(
@@ -651,7 +648,7 @@ def spec_from_hf_config(
                     ids,
                     num_kv_heads=heads,
                     head_dim=head_dim,
-                    window=window if kind == _SLIDING else None,
+                    window=window if kind.has_window else None,
                     kv_factor=kv_factor,
                 )
             )
@@ -663,11 +660,25 @@ def spec_from_hf_config(
     )
 
 
+def _window(view: _View, layer: int, label: str, chunked: bool) -> int:
+    """The window of sliding layer ``layer`` (a chunked layer's chunk size)."""
+    if chunked:
+        window, what = view.get("attention_chunk_size"), "attention_chunk_size"
+    else:
+        window = _override(view, layer).get("sliding_window") or view.get("sliding_window")
+        what = "sliding_window"
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(
+            f"{label}: layer {layer} is sliding but {what} is {window!r} (expected an int >= 1)"
+        )
+    return window
+
+
 def _base_name(key: tuple[Any, ...]) -> str:
     _, kind, window, _heads, _head_dim, kv_factor, _shape = key
-    if kind == _STATE:
+    if kind.has_state:
         return "state"
-    prefix = "mla" if kv_factor == 1 else ""
-    if kind == _FULL:
-        return prefix or "full"
-    return f"{prefix}_sliding{window}" if prefix else f"sliding{window}"
+    name = f"sliding{window}" if kind.has_window else "full"
+    if kv_factor != 1:
+        return name
+    return "mla" if not kind.has_window else f"mla_{name}"

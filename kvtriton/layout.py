@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kvtriton.ranges import TokenRange
+from kvtriton.ranges import TokenRange, ceil_div
 from kvtriton.spec import DTYPE_BYTES, KVCacheSpec, LayerGroup
 
 __all__ = [
@@ -85,7 +85,7 @@ class PackedLayout:
 
 
 def _align(n: int) -> int:
-    return -(-n // SEGMENT_ALIGN) * SEGMENT_ALIGN
+    return ceil_div(n, SEGMENT_ALIGN) * SEGMENT_ALIGN
 
 
 def select_layers(group: LayerGroup, layer_ids: Sequence[int] | None) -> tuple[int, ...]:
@@ -106,12 +106,7 @@ def select_layers(group: LayerGroup, layer_ids: Sequence[int] | None) -> tuple[i
 
 def select_heads(group: LayerGroup, heads: tuple[int, int] | None) -> tuple[int, int]:
     """Validated global head range ``[start, end)`` (default: all the shard holds)."""
-    if group.kind == "state":
-        assert group.state_head_end is not None
-        lo, hi = group.state_head_start, group.state_head_end
-    else:
-        assert group.head_end is not None
-        lo, hi = group.head_start, group.head_end
+    lo, hi = group.held_heads
     if heads is None:
         return lo, hi
     start, end = heads
@@ -163,7 +158,7 @@ def packed_layout(
     segments: list[Segment] = []
     offset = 0
     for g in spec.groups:
-        if g.kind == "state":
+        if g.is_state:
             if g.name in tokens and not tokens[g.name].is_empty:
                 raise ValueError(f"group {g.name!r} is a state group: it moves no token range")
             if g.name not in state_set:
@@ -177,7 +172,7 @@ def packed_layout(
                 "state",
                 offset,
                 shape,
-                g.state_dtype or spec.dtype,
+                g.item_dtype(spec.dtype),
                 TokenRange(0, 0),
                 ids,
                 (lo, hi),

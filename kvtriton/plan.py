@@ -13,26 +13,84 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Literal
 
-from kvtriton.ranges import (
-    TokenRange,
-    check_count,
-    needed_range,
-    state_needs_transfer,
-    transfer_range,
-)
+from kvtriton.ranges import GroupKind, TokenRange, check_count
 from kvtriton.spec import KVCacheSpec, LayerGroup
 
 __all__ = [
     "GroupTransfer",
     "Mode",
+    "ReusePolicy",
     "TransferPlan",
     "compare_policies",
     "plan_transfer",
     "single_boundary",
 ]
 
+
+class ReusePolicy(str, Enum):
+    """How a receiver reuses its prefix cache (DESIGN.md §1); the one registry of the
+    policies' names (the values) and their human labels (:attr:`label`).
+
+    A ``str`` subclass: ``ReusePolicy.PER_GROUP == "per_group"`` and it formats and
+    serialises as its value, so plain strings are accepted wherever a policy is.
+    """
+
+    PER_GROUP = "per_group"
+    """One reuse boundary per layer group (kvtriton)."""
+    SINGLE_BOUNDARY = "single_boundary"
+    """One boundary for every group: what systems with one committed-token counter do."""
+    NO_REUSE = "no_reuse"
+    """Nothing is reused: every needed position moves."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def label(self) -> str:
+        """The column / legend title: ``"per-group"``, ``"single boundary"``, ``"no reuse"``."""
+        return _POLICY_LABELS[self]
+
+    @property
+    def cache_mode(self) -> ReusePolicy:
+        """The :class:`~kvtriton.cache.KVCacheManager` allocation mode that runs this policy
+        (``NO_REUSE`` allocates like ``PER_GROUP`` and never publishes)."""
+        return (
+            ReusePolicy.SINGLE_BOUNDARY
+            if self is ReusePolicy.SINGLE_BOUNDARY
+            else (ReusePolicy.PER_GROUP)
+        )
+
+    @classmethod
+    def parse(cls, value: object, *, what: str = "policy") -> ReusePolicy:
+        """``value`` (a member or its name) as a policy; ``ValueError`` listing the names."""
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(p.value for p in cls)
+            raise ValueError(f"{what} must be one of {names}; got {value!r}") from None
+
+    @classmethod
+    def table_order(cls) -> tuple[ReusePolicy, ...]:
+        """Column order of tables: per-group first, then the baselines."""
+        return (cls.PER_GROUP, cls.SINGLE_BOUNDARY, cls.NO_REUSE)
+
+    @classmethod
+    def baseline_order(cls) -> tuple[ReusePolicy, ...]:
+        """Simulation / plot order: the worst baseline first, kvtriton last."""
+        return (cls.NO_REUSE, cls.SINGLE_BOUNDARY, cls.PER_GROUP)
+
+
+_POLICY_LABELS = {
+    ReusePolicy.PER_GROUP: "per-group",
+    ReusePolicy.SINGLE_BOUNDARY: "single boundary",
+    ReusePolicy.NO_REUSE: "no reuse",
+}
+
+#: The modes :func:`plan_transfer` and the cache manager's allocations run in (the
+#: :class:`ReusePolicy` values ``per_group`` and ``single_boundary``).
 Mode = Literal["per_group", "single_boundary"]
 
 
@@ -63,7 +121,7 @@ class GroupTransfer:
         return self.group.name
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> GroupKind:
         return self.group.kind
 
     @property
@@ -104,7 +162,7 @@ class TransferPlan:
     spec: KVCacheSpec
     num_tokens: int
     num_draft_tokens: int
-    mode: Mode
+    mode: ReusePolicy
     groups: tuple[GroupTransfer, ...]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
@@ -154,23 +212,17 @@ class TransferPlan:
 def _group_transfer(
     spec: KVCacheSpec, group: LayerGroup, num_tokens: int, cached: int
 ) -> GroupTransfer:
-    needed = needed_range(group, num_tokens)
-    if group.kind == "state":
-        moves = state_needs_transfer(num_tokens, cached)
-        tokens = TokenRange(num_tokens, num_tokens)
-        state_bytes = spec.state_bytes(group) if moves else 0
-    else:
-        moves = False
-        tokens = transfer_range(group, num_tokens, cached)
-        state_bytes = 0
+    rule = group.rule
+    moves = rule.moves_state(num_tokens, cached)
+    tokens = rule.transfer(group, num_tokens, cached)
     return GroupTransfer(
         group=group,
-        needed=needed,
+        needed=rule.needed(group, num_tokens),
         cached_tokens=cached,
         tokens=tokens,
         moves_state=moves,
         kv_bytes=len(tokens) * spec.bytes_per_token(group),
-        state_bytes=state_bytes,
+        state_bytes=spec.state_bytes(group) if moves else 0,
     )
 
 
@@ -208,11 +260,11 @@ def plan_transfer(
             name: check_count(f"cached_tokens[{name!r}]", cached_tokens.get(name, 0), 0)
             for name in spec.group_names
         }
-        mode: Mode = "per_group"
+        mode = ReusePolicy.PER_GROUP
     else:
         c = min(check_count("cached_tokens (single boundary)", cached_tokens, 0), p)
         per_group = dict.fromkeys(spec.group_names, c)
-        mode = "single_boundary"
+        mode = ReusePolicy.SINGLE_BOUNDARY
     groups = tuple(_group_transfer(spec, g, p, per_group[g.name]) for g in spec.groups)
     return TransferPlan(spec, p, num_draft_tokens, mode, groups)
 
@@ -235,14 +287,12 @@ def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[s
     unknown = sorted(set(cached_tokens) - set(spec.group_names))
     if unknown:
         raise ValueError(f"cached_tokens names unknown layer groups {unknown}")
-    values = []
-    for g in spec.groups:
-        cached = check_count(f"cached_tokens[{g.name!r}]", cached_tokens.get(g.name, 0), 0)
-        if g.kind == "state":
-            values.append(cached if cached <= p else 0)
-        else:
-            values.append(min(cached, p))
-    return min(values)
+    return min(
+        g.rule.resume_point(
+            p, check_count(f"cached_tokens[{g.name!r}]", cached_tokens.get(g.name, 0), 0)
+        )
+        for g in spec.groups
+    )
 
 
 def compare_policies(
@@ -252,12 +302,14 @@ def compare_policies(
     *,
     num_draft_tokens: int = 0,
 ) -> dict[str, TransferPlan]:
-    """Plans under the three policies: ``per_group``, ``single_boundary`` and ``no_reuse``."""
+    """Plans under the three policies, keyed by :class:`ReusePolicy` (in table order)."""
     c = single_boundary(spec, num_tokens, cached_tokens)
+    cached: dict[ReusePolicy, Mapping[str, int] | int] = {
+        ReusePolicy.PER_GROUP: cached_tokens,
+        ReusePolicy.SINGLE_BOUNDARY: c,
+        ReusePolicy.NO_REUSE: 0,
+    }
     return {
-        "per_group": plan_transfer(
-            spec, num_tokens, cached_tokens, num_draft_tokens=num_draft_tokens
-        ),
-        "single_boundary": plan_transfer(spec, num_tokens, c, num_draft_tokens=num_draft_tokens),
-        "no_reuse": plan_transfer(spec, num_tokens, 0, num_draft_tokens=num_draft_tokens),
+        policy: plan_transfer(spec, num_tokens, cached[policy], num_draft_tokens=num_draft_tokens)
+        for policy in ReusePolicy.table_order()
     }

@@ -1,4 +1,4 @@
-"""Token ranges, block spans and the per-group alignment rules of DESIGN.md §1.
+"""Token ranges, block spans, group kinds and the per-kind alignment rules of DESIGN.md §1.
 
 Pure Python: importing this module never imports torch.
 
@@ -13,14 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from enum import Enum
+from typing import ClassVar, Protocol
 
 __all__ = [
     "BlockSpan",
+    "FullAttentionRule",
+    "GroupKind",
+    "KindRule",
+    "SlidingWindowRule",
+    "StateRule",
     "TokenRange",
     "WindowedGroup",
     "ceil_div",
     "check_count",
+    "kind_rule",
     "needed_range",
     "state_needs_transfer",
     "transfer_range",
@@ -74,11 +81,6 @@ class TokenRange:
         return f"TokenRange[{self.start}, {self.end})"
 
     @property
-    def length(self) -> int:
-        """Number of positions in the range."""
-        return self.end - self.start
-
-    @property
     def is_empty(self) -> bool:
         return self.start == self.end
 
@@ -86,10 +88,6 @@ class TokenRange:
         """Positions in both ranges; an empty range (anchored at the larger start) if disjoint."""
         start = max(self.start, other.start)
         return TokenRange(start, max(start, min(self.end, other.end)))
-
-    def shift(self, offset: int) -> TokenRange:
-        """The same range moved by ``offset`` positions (the result must stay non-negative)."""
-        return TokenRange(self.start + offset, self.end + offset)
 
     def blocks(self, tokens_per_block: int) -> range:
         """Logical block indices touched by the range (empty for an empty range)."""
@@ -149,9 +147,6 @@ class BlockSpan:
         """One past the last logical block held (half-open)."""
         return self.first_block + len(self.block_ids)
 
-    def logical_blocks(self) -> range:
-        return range(self.first_block, self.end_block)
-
     def covered(self, tokens_per_block: int) -> TokenRange:
         """Token positions held by the span, ``[first_block*B, end_block*B)``."""
         check_count("tokens_per_block", tokens_per_block, minimum=1)
@@ -197,6 +192,49 @@ class BlockSpan:
         return self.block_ids[lo : lo + len(blocks)]
 
 
+class GroupKind(str, Enum):
+    """What a layer group holds per request (DESIGN.md §1).
+
+    A ``str`` subclass: ``GroupKind.FULL == "full"``, it formats, prints and serialises (JSON)
+    as its value, so code comparing against the plain strings keeps working.
+    """
+
+    FULL = "full"
+    """Full attention: window = infinity, paged KV for every position."""
+    SLIDING = "sliding"
+    """Sliding window ``W``: a query at ``q`` attends ``(q - W, q]``; paged KV."""
+    STATE = "state"
+    """Recurrent / SSM / linear-attention state: one fixed-size state per request."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def parse(cls, value: object, *, where: str = "layer group") -> GroupKind:
+        """``value`` as a :class:`GroupKind` (a member or its string); ``ValueError`` naming
+        ``where`` and the valid kinds otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            valid = tuple(k.value for k in cls)
+            raise ValueError(f"{where}: unknown kind {value!r}; expected one of {valid}") from None
+
+    @property
+    def pages_tokens(self) -> bool:
+        """Holds paged per-token KV (full attention and sliding window; not state)."""
+        return self is not GroupKind.STATE
+
+    @property
+    def has_window(self) -> bool:
+        """Takes a sliding window ``W``."""
+        return self is GroupKind.SLIDING
+
+    @property
+    def has_state(self) -> bool:
+        """Holds one fixed-size state per request instead of paged KV."""
+        return self is GroupKind.STATE
+
+
 class WindowedGroup(Protocol):
     """What the range rules need to know about a layer group (``spec.LayerGroup`` is one)."""
 
@@ -210,6 +248,99 @@ class WindowedGroup(Protocol):
     def window(self) -> int | None: ...
 
 
+class KindRule:
+    """The position rules of one group kind (DESIGN.md §1); one stateless instance per kind,
+    looked up once per group (:func:`kind_rule`, ``LayerGroup.rule``)."""
+
+    kind: ClassVar[GroupKind]
+
+    def needed(self, group: WindowedGroup, num_tokens: int) -> TokenRange:
+        """Positions the receiver needs to decode position ``P = num_tokens``."""
+        raise NotImplementedError
+
+    def first_block(self, group: WindowedGroup, num_tokens: int, tokens_per_block: int) -> int:
+        """The first logical block a request of ``P`` tokens holds (the block of
+        ``needed.start``: blocks wholly before the window are never needed)."""
+        return self.needed(group, num_tokens).start // tokens_per_block
+
+    def transfer(self, group: WindowedGroup, num_tokens: int, cached_tokens: int) -> TokenRange:
+        """Positions to move: ``[max(cached, needed.start), P)`` (empty for a full hit)."""
+        needed = self.needed(group, num_tokens)
+        cached = check_count(f"cached tokens of group {group.name!r}", cached_tokens)
+        start = min(max(cached, needed.start), needed.end)
+        return TokenRange(start, needed.end)
+
+    def moves_state(self, num_tokens: int, cached_tokens: int) -> bool:
+        """Whether the group's per-request state moves (never, for attention groups)."""
+        return False
+
+    def resume_point(self, num_tokens: int, cached_tokens: int) -> int:
+        """The position this group could resume a common prefix from, given its per-group
+        count (:func:`kvtriton.plan.single_boundary`): ``min(cached, P)``."""
+        return min(cached_tokens, num_tokens)
+
+    def peak_blocks(self, group: WindowedGroup, num_tokens: int, tokens_per_block: int) -> int:
+        """The most blocks a request holds at once while it grows to ``num_tokens`` positions,
+        releasing blocks wholly before its window as it goes (0: no paged KV)."""
+        return ceil_div(num_tokens, tokens_per_block)
+
+
+class FullAttentionRule(KindRule):
+    kind = GroupKind.FULL
+
+    def needed(self, group: WindowedGroup, num_tokens: int) -> TokenRange:
+        return TokenRange(0, check_count("num_tokens", num_tokens, minimum=1))
+
+
+class SlidingWindowRule(KindRule):
+    kind = GroupKind.SLIDING
+
+    def needed(self, group: WindowedGroup, num_tokens: int) -> TokenRange:
+        p = check_count("num_tokens", num_tokens, minimum=1)
+        window = group.window
+        if window is None or window < 1:
+            raise ValueError(f"group {group.name!r}: sliding window must be >= 1, got {window}")
+        return TokenRange(max(0, p + 1 - window), p)
+
+    def peak_blocks(self, group: WindowedGroup, num_tokens: int, tokens_per_block: int) -> int:
+        # The window's W - 1 positions before q, plus q, touch at most (W-1)//B + 2 blocks.
+        window = group.window
+        assert window is not None
+        return min(ceil_div(num_tokens, tokens_per_block), (window - 1) // tokens_per_block + 2)
+
+
+class StateRule(KindRule):
+    kind = GroupKind.STATE
+
+    def needed(self, group: WindowedGroup, num_tokens: int) -> TokenRange:
+        # No per-token KV: the fixed-size state moves whole, so no position is needed.
+        p = check_count("num_tokens", num_tokens, minimum=1)
+        return TokenRange(p, p)
+
+    def moves_state(self, num_tokens: int, cached_tokens: int) -> bool:
+        return state_needs_transfer(num_tokens, cached_tokens)
+
+    def peak_blocks(self, group: WindowedGroup, num_tokens: int, tokens_per_block: int) -> int:
+        return 0
+
+    def resume_point(self, num_tokens: int, cached_tokens: int) -> int:
+        # A state resumes only where it was taken: a snapshot past P is no common prefix.
+        return cached_tokens if cached_tokens <= num_tokens else 0
+
+
+_RULES: dict[GroupKind, KindRule] = {
+    rule.kind: rule for rule in (FullAttentionRule(), SlidingWindowRule(), StateRule())
+}
+
+
+def kind_rule(group: WindowedGroup) -> KindRule:
+    """The :class:`KindRule` of ``group``'s kind; ``ValueError`` naming the group otherwise."""
+    rule = _RULES.get(group.kind)  # type: ignore[call-overload]
+    if rule is None:
+        raise ValueError(f"group {group.name!r}: unknown kind {group.kind!r}")
+    return rule
+
+
 def needed_range(group: WindowedGroup, num_tokens: int) -> TokenRange:
     """Positions the receiver needs to decode the first generated token (``q = P``).
 
@@ -217,17 +348,7 @@ def needed_range(group: WindowedGroup, num_tokens: int) -> TokenRange:
     ``(q - W, q]``), ``[0, P)`` for full attention. State groups hold no per-token KV
     (their fixed-size state moves whole): their needed token range is empty ``[P, P)``.
     """
-    p = check_count("num_tokens", num_tokens, minimum=1)
-    if group.kind == "full":
-        return TokenRange(0, p)
-    if group.kind == "sliding":
-        window = group.window
-        if window is None or window < 1:
-            raise ValueError(f"group {group.name!r}: sliding window must be >= 1, got {window}")
-        return TokenRange(max(0, p + 1 - window), p)
-    if group.kind == "state":
-        return TokenRange(p, p)
-    raise ValueError(f"group {group.name!r}: unknown kind {group.kind!r}")
+    return kind_rule(group).needed(group, num_tokens)
 
 
 def transfer_range(group: WindowedGroup, num_tokens: int, cached_tokens: int) -> TokenRange:
@@ -236,10 +357,7 @@ def transfer_range(group: WindowedGroup, num_tokens: int, cached_tokens: int) ->
     ``cached_tokens`` says the receiver already holds every needed position below it; it
     need not be block-aligned and may exceed ``P`` (a full hit).
     """
-    needed = needed_range(group, num_tokens)
-    cached = check_count(f"cached tokens of group {group.name!r}", cached_tokens)
-    start = min(max(cached, needed.start), needed.end)
-    return TokenRange(start, needed.end)
+    return kind_rule(group).transfer(group, num_tokens, cached_tokens)
 
 
 def state_needs_transfer(num_tokens: int, cached_tokens: int) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
+
+from kvtriton.ranges import GroupKind, KindRule, kind_rule
 
 __all__ = [
     "DTYPE_BYTES",
@@ -21,9 +23,6 @@ __all__ = [
     "LayerGroup",
     "preset",
 ]
-
-GroupKind = Literal["full", "sliding", "state"]
-GROUP_KINDS: tuple[str, ...] = ("full", "sliding", "state")
 
 #: Bytes per element of every dtype a pool may hold. fp8 KV moves as raw bytes.
 DTYPE_BYTES: dict[str, int] = {
@@ -72,8 +71,9 @@ class LayerGroup:
 
     Attributes:
         name: unique within a spec.
-        kind: ``"full"`` (window = infinity), ``"sliding"`` (window ``W`` tokens: a query at
-            ``q`` attends ``(q - W, q]``) or ``"state"`` (one fixed-size state per request).
+        kind: a :class:`~kvtriton.ranges.GroupKind` (its string is accepted and normalised):
+            ``FULL`` (window = infinity), ``SLIDING`` (window ``W`` tokens: a query at ``q``
+            attends ``(q - W, q]``) or ``STATE`` (one fixed-size state per request).
         layer_ids: global layer indices held (sorted, unique). A PP stage holds a subset.
         num_kv_heads: KV heads of the whole model (before TP sharding).
         head_dim: elements per head (the contiguous dimension of a pool).
@@ -87,7 +87,7 @@ class LayerGroup:
     """
 
     name: str
-    kind: str
+    kind: GroupKind
     layer_ids: tuple[int, ...]
     num_kv_heads: int = 1
     head_dim: int = 1
@@ -104,8 +104,8 @@ class LayerGroup:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"layer group name must be a non-empty string, got {self.name!r}")
         where = f"layer group {self.name!r}"
-        if self.kind not in GROUP_KINDS:
-            raise ValueError(f"{where}: unknown kind {self.kind!r}; expected one of {GROUP_KINDS}")
+        kind = GroupKind.parse(self.kind, where=where)
+        object.__setattr__(self, "kind", kind)
         ids = tuple(self.layer_ids)
         for layer in ids:
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
@@ -117,14 +117,14 @@ class LayerGroup:
         _positive(f"{where}: head_dim", self.head_dim)
         if self.kv_factor not in (1, 2):
             raise ValueError(f"{where}: kv_factor must be 1 or 2, got {self.kv_factor!r}")
-        if self.kind == "sliding":
+        if kind.has_window:
             if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
                 raise ValueError(
                     f"{where}: sliding window must be an int >= 1, got {self.window!r}"
                 )
         elif self.window is not None:
-            raise ValueError(f"{where}: only sliding groups take a window (kind {self.kind!r})")
-        if self.kind == "state":
+            raise ValueError(f"{where}: only sliding groups take a window (kind {kind.value!r})")
+        if kind.has_state:
             if not self.state_shape:
                 raise ValueError(f"{where}: a state group needs a non-empty state_shape")
             shape = tuple(self.state_shape)
@@ -150,6 +150,37 @@ class LayerGroup:
                 f"[0, {self.num_kv_heads})"
             )
 
+    # -- kind -----------------------------------------------------------------------------
+    @property
+    def rule(self) -> KindRule:
+        """The position rules of this group's kind (needed range, first block, transfer)."""
+        return kind_rule(self)
+
+    @property
+    def is_attention(self) -> bool:
+        """Holds paged per-token KV (full attention or a sliding window)."""
+        return self.kind.pages_tokens
+
+    @property
+    def is_state(self) -> bool:
+        """Holds one fixed-size state per request (no paged KV)."""
+        return self.kind.has_state
+
+    @property
+    def held_heads(self) -> tuple[int, int]:
+        """The global head range ``[start, end)`` this shard holds: kv heads of an attention
+        group, ``state_shape[0]`` of a state group."""
+        if self.kind.has_state:
+            assert self.state_head_end is not None
+            return self.state_head_start, self.state_head_end
+        assert self.head_end is not None
+        return self.head_start, self.head_end
+
+    def item_dtype(self, pool_dtype: str) -> str:
+        """Element dtype of this group's pool when the spec's dtype is ``pool_dtype``: the
+        state dtype of a state group that names one, else ``pool_dtype``."""
+        return self.state_dtype or pool_dtype
+
     # -- sizes --------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -171,16 +202,13 @@ class LayerGroup:
 
     def elements_per_token(self) -> int:
         """Pool elements per token position over this shard's layers (0 for state groups)."""
-        if self.kind == "state":
+        if not self.kind.pages_tokens:
             return 0
         return self.num_layers * self.kv_factor * self.local_heads * self.head_dim
 
-    def elements_per_block(self, tokens_per_block: int) -> int:
-        return self.elements_per_token() * tokens_per_block
-
     def state_elements(self) -> int:
         """State elements per request over this shard's layers (0 for attention groups)."""
-        if self.kind != "state":
+        if not self.kind.has_state:
             return 0
         return self.num_layers * math.prod(self.local_state_shape)
 
@@ -319,8 +347,7 @@ class KVCacheSpec:
     def state_bytes(self, group: str | LayerGroup) -> int:
         """Bytes of one request's state in ``group`` (0 for attention groups)."""
         g = self.group(group) if isinstance(group, str) else group
-        itemsize = DTYPE_BYTES[g.state_dtype or self.dtype]
-        return g.state_elements() * itemsize
+        return g.state_elements() * DTYPE_BYTES[g.item_dtype(self.dtype)]
 
     # -- identity -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -367,7 +394,7 @@ class KVCacheSpec:
         groups = []
         for g in self.groups:
             start, end = _head_split(g.num_kv_heads, tp_rank, tp_size, g.name, "kv heads")
-            if g.kind == "state":
+            if g.kind.has_state:
                 assert g.state_shape is not None
                 s0, s1 = _head_split(g.state_shape[0], tp_rank, tp_size, g.name, "state_shape[0]")
                 groups.append(
@@ -451,37 +478,21 @@ def _groups_from_layer_types(
     full_heads: int | None = None,
     full_head_dim: int | None = None,
 ) -> tuple[LayerGroup, ...]:
-    by_kind: dict[str, list[int]] = {}
+    by_kind: dict[GroupKind, list[int]] = {}
     for layer, kind in enumerate(layer_types):
-        by_kind.setdefault(kind, []).append(layer)
-    groups: list[LayerGroup] = []
-    for kind in ("full", "sliding", "state"):
-        ids = by_kind.get(kind)
-        if not ids:
-            continue
-        if kind == "full":
-            groups.append(
-                LayerGroup(
-                    "full",
-                    "full",
-                    tuple(ids),
-                    full_heads or num_kv_heads,
-                    full_head_dim or head_dim,
-                )
-            )
-        elif kind == "sliding":
-            groups.append(
-                LayerGroup(
-                    f"sliding{window}", "sliding", tuple(ids), num_kv_heads, head_dim, window=window
-                )
-            )
-        else:
-            groups.append(
-                LayerGroup(
-                    "state", "state", tuple(ids), state_shape=state_shape, state_dtype=state_dtype
-                )
-            )
-    return tuple(groups)
+        by_kind.setdefault(GroupKind.parse(kind, where=f"layer {layer}"), []).append(layer)
+    make = {
+        GroupKind.FULL: lambda ids: LayerGroup(
+            "full", GroupKind.FULL, ids, full_heads or num_kv_heads, full_head_dim or head_dim
+        ),
+        GroupKind.SLIDING: lambda ids: LayerGroup(
+            f"sliding{window}", GroupKind.SLIDING, ids, num_kv_heads, head_dim, window=window
+        ),
+        GroupKind.STATE: lambda ids: LayerGroup(
+            "state", GroupKind.STATE, ids, state_shape=state_shape, state_dtype=state_dtype
+        ),
+    }
+    return tuple(make[kind](tuple(by_kind[kind])) for kind in GroupKind if kind in by_kind)
 
 
 def _every(n: int, period: int, full_at: int) -> list[str]:
@@ -596,10 +607,3 @@ def preset(
     if dtype is not None:
         spec = replace(spec, dtype=dtype)
     return spec
-
-
-def iter_layer_positions(spec: KVCacheSpec) -> Iterable[tuple[str, int, int]]:
-    """``(group name, local layer index, global layer id)`` for every layer of the spec."""
-    for g in spec.groups:
-        for local, layer in enumerate(g.layer_ids):
-            yield g.name, local, layer

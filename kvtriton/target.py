@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvtriton.ranges import BlockSpan, TokenRange, check_count
+from kvtriton.ranges import BlockSpan, TokenRange, ceil_div, check_count
 
 __all__ = ["GroupTarget", "TransferTarget"]
 
@@ -55,7 +55,7 @@ class GroupTarget:
             return self.block_ids[:0]
         b = self.tokens_per_block
         lo = positions.start // b - self.first_block
-        hi = -(-positions.end // b) - self.first_block
+        hi = ceil_div(positions.end, b) - self.first_block
         return self.block_ids[lo:hi]
 
 
@@ -125,7 +125,7 @@ class TransferTarget:
             side = "destination" if destination else "source"
             span.check_covers(rng, tokens_per_block, group=name, side=f"{where}: {side}")
             first = rng.start // tokens_per_block
-            last = -(-rng.end // tokens_per_block)
+            last = ceil_div(rng.end, tokens_per_block)
             ids = np.asarray(
                 span.block_ids[first - span.first_block : last - span.first_block],
                 dtype=np.int64,

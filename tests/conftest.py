@@ -15,12 +15,11 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# CI runs at least 500 examples per property (the floor); a quick local loop can set
-# HYPOTHESIS_PROFILE=dev.
+# CI runs at least 500 examples per property (the project's floor; no test overrides
+# max_examples); a quick local loop can set HYPOTHESIS_PROFILE=dev. Shared specs, oracles and
+# DEVICES live in kvtriton.testing.
 settings.register_profile(
     "ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -16,63 +16,21 @@ from kvtriton.adapter import (
 )
 from kvtriton.cache import KVCacheManager, OutOfBlocksError, allocate_pools
 from kvtriton.plan import plan_transfer
-from kvtriton.ranges import BlockSpan, TokenRange, needed_range
-from kvtriton.spec import KVCacheSpec, LayerGroup, preset
+from kvtriton.ranges import TokenRange, needed_range
+from kvtriton.spec import KVCacheSpec, preset
+from kvtriton.testing import fill_positions, hybrid_spec, read_positions, write_positions
 
 
 def hybrid(tokens_per_block: int) -> KVCacheSpec:
-    return KVCacheSpec(
-        (
-            LayerGroup("full", "full", (0, 2), num_kv_heads=2, head_dim=4),
-            LayerGroup("swa", "sliding", (1,), num_kv_heads=2, head_dim=4, window=10),
-            LayerGroup("ssm", "state", (3,), state_shape=(2, 5), state_dtype="float32"),
-        ),
-        tokens_per_block=tokens_per_block,
-        dtype="float32",
+    return hybrid_spec(
+        tokens_per_block,
+        window=10,
+        head_dim=4,
+        full_layers=(0, 2),
+        state_layers=(3,),
+        state_shape=(2, 5),
         name="adapter-hybrid",
     )
-
-
-def value(group: str, layer: int, kv: int, position: int, token: int, head: int) -> float:
-    return float(
-        token * 1000
-        + position * 10
-        + kv * 5
-        + head
-        + layer * 0.5
-        + (100_000_000 if group == "swa" else 0)
-    )
-
-
-def fill(
-    pool: torch.Tensor,
-    group: str,
-    span: BlockSpan,
-    positions: TokenRange,
-    tokens: list[int],
-    bsz: int,
-) -> None:
-    for p in positions:
-        block = span.block_id(p // bsz)
-        for layer in range(pool.shape[0]):
-            for kv in range(pool.shape[2]):
-                for head in range(pool.shape[4]):
-                    pool[layer, block, kv, p % bsz, head] = value(
-                        group, layer, kv, p, tokens[p], head
-                    )
-
-
-def read(pool: torch.Tensor, span: BlockSpan, positions: TokenRange, bsz: int) -> torch.Tensor:
-    """[layers, kv, tokens, heads, dim] by token position (the reference for a gather)."""
-    cols = [pool[:, span.block_id(p // bsz), :, p % bsz] for p in positions]
-    return torch.stack(cols, dim=2)
-
-
-def write(
-    pool: torch.Tensor, span: BlockSpan, positions: TokenRange, bsz: int, packed: torch.Tensor
-) -> None:
-    for i, p in enumerate(positions):
-        pool[:, span.block_id(p // bsz), :, p % bsz] = packed[:, :, i]
 
 
 def test_second_turn_per_group_moves_far_less_than_single_boundary() -> None:
@@ -202,20 +160,22 @@ def test_end_to_end_move_between_block_sizes(tx_layout: str, rx_layout: str, mod
     a = tx.allocate("r", tokens, prefill=True)
     for name, span in a.spans.items():
         start = span.first_block * 4
-        fill(tx_pools.kv[name], name, span, TokenRange(start, 30), tokens, 4)
+        fill_positions(tx_pools.kv[name], name, span, TokenRange(start, 30), tokens, 4)
     tx_pools.state["ssm"][:, a.state_slots["ssm"]] = 3.25
     # receiver turn 1: the first 16 tokens, prefilled there and committed
     t1 = rx_m.allocate("turn1", tokens[:16], prefill=True)
     for name, span in t1.spans.items():
-        fill(rx_pools.kv[name], name, span, TokenRange(span.first_block * 8, 16), tokens, 8)
+        fill_positions(
+            rx_pools.kv[name], name, span, TokenRange(span.first_block * 8, 16), tokens, 8
+        )
     rx_m.commit("turn1")
     rx_m.free("turn1")
 
     rx = prepare_receive(rx_m, "r", tokens, num_draft_tokens=1, mode=mode)
     src = source_spans(tx, "r", rx.plan)
     for name, rng in rx.tokens.items():
-        packed = read(tx_pools.kv[name], src.spans[name], rng, 4)
-        write(rx_pools.kv[name], rx.spans[name], rng, 8, packed)
+        packed = read_positions(tx_pools.kv[name], src.spans[name], rng, 4)
+        write_positions(rx_pools.kv[name], rx.spans[name], rng, 8, packed)
     for name in rx.states:
         rx_pools.state[name][:, rx.state_slots[name]] = tx_pools.state[name][
             :, src.state_slots[name]
@@ -226,8 +186,8 @@ def test_end_to_end_move_between_block_sizes(tx_layout: str, rx_layout: str, mod
     assert rx.states == ("ssm",)  # P=30 is no block boundary: the state always moves
     for name in ("full", "swa"):
         need = needed_range(rx_spec.group(name), 30)
-        got = read(rx_pools.kv[name], rx.spans[name], need, 8)
-        want = read(tx_pools.kv[name], tx.spans("r")[name], need, 4)
+        got = read_positions(rx_pools.kv[name], rx.spans[name], need, 8)
+        want = read_positions(tx_pools.kv[name], tx.spans("r")[name], need, 4)
         assert torch.equal(got, want), name
     assert torch.all(rx_pools.state["ssm"][:, rx.state_slots["ssm"]] == 3.25)
     # what the receiver published is matchable and correct for a longer prompt

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import subprocess
 import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kvtriton.cache import (
+    HASH_NAMES,
+    BlockPool,
     KVCacheManager,
     OutOfBlocksError,
     allocate_pools,
@@ -25,23 +28,15 @@ from kvtriton.cache import (
     root_hash,
 )
 from kvtriton.plan import plan_transfer, single_boundary
-from kvtriton.ranges import needed_range
+from kvtriton.ranges import ceil_div, needed_range
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
+from kvtriton.testing import brute_force_match, hybrid_spec
 
 B = 4
 
 
 def hybrid(window: int = 6, tokens_per_block: int = B) -> KVCacheSpec:
-    return KVCacheSpec(
-        (
-            LayerGroup("full", "full", (0, 3), num_kv_heads=2, head_dim=2),
-            LayerGroup("swa", "sliding", (1,), num_kv_heads=2, head_dim=2, window=window),
-            LayerGroup("ssm", "state", (2,), state_shape=(2, 3), state_dtype="float32"),
-        ),
-        tokens_per_block=tokens_per_block,
-        dtype="float32",
-        name="test-hybrid",
-    )
+    return hybrid_spec(tokens_per_block, window=window)
 
 
 def snapshot(m: KVCacheManager) -> tuple:
@@ -96,6 +91,36 @@ def test_extra_key_and_block_size_change_every_hash() -> None:
     assert salted != as_bytes  # str and bytes keys are tagged differently
     assert not set(plain) & set(chain_hashes(data, 8, root_hash(None)))
     assert root_hash(b"") != root_hash(None)
+
+
+def test_xxh3_chain_matches_its_definition_and_never_meets_sha256() -> None:
+    xxhash = pytest.importorskip("xxhash")
+    tokens = list(range(1, 10))
+    root = xxhash.xxh3_128_digest(b"kvtriton/block-hash/v1\x00xxh3_128\x00" + b"\x00")
+    assert root_hash(None, hash_name="xxh3_128") == root
+    h0 = xxhash.xxh3_128_digest(root + struct.pack("<4Q", 1, 2, 3, 4))
+    h1 = xxhash.xxh3_128_digest(h0 + struct.pack("<4Q", 5, 6, 7, 8))
+    data = encode_tokens(tokens)
+    assert chain_hashes(data, 4, root, hash_name="xxh3_128") == [h0, h1]
+    assert chain_hashes(data, 4, h0, start_block=1, hash_name="xxh3_128") == [h1]
+    assert not set(chain_hashes(data, 4, root_hash(None))) & {h0, h1}
+    with pytest.raises(ValueError, match=r"hash_name must be one of \('sha256', 'xxh3_128'\)"):
+        KVCacheManager(hybrid(), 8, num_state_slots=2, hash_name="md5")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("hash_name", HASH_NAMES)
+def test_every_hash_gives_the_same_cache_behaviour(hash_name: str) -> None:
+    pytest.importorskip("xxhash") if hash_name == "xxh3_128" else None
+    results = []
+    for name in ("sha256", hash_name):
+        m = KVCacheManager(hybrid(window=6), 16, num_state_slots=4, hash_name=name)  # type: ignore[arg-type]
+        prefilled(m, "a", list(range(24)))
+        m.free("a")
+        match = m.match([*range(24), 99, 98, 97, 96])
+        alloc = m.allocate("b", match)
+        m.check_invariants()
+        results.append((match.cached, match.boundary, alloc.reused_blocks, alloc.state_hits))
+    assert results[0] == results[1]
 
 
 def test_encode_tokens_validates() -> None:
@@ -274,7 +299,7 @@ def test_gpt_oss_second_turn_per_group_keeps_full_reuse_single_collapses() -> No
     m.free("t2")
     b = m.allocate("t2", turn2, num_draft_tokens=3)
     assert b.reused_blocks["full"] == range(0, 75)
-    assert b.spans["full"].first_block == 0 and b.spans["full"].end_block == -(-(p + 3) // bsz)
+    assert b.spans["full"].first_block == 0 and b.spans["full"].end_block == ceil_div(p + 3, bsz)
     assert b.spans["sliding128"].first_block == (p + 1 - 128) // bsz
     m.check_invariants()
 
@@ -459,38 +484,6 @@ def test_a_stale_match_is_redone_at_allocation() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def brute_force(
-    spec: KVCacheSpec, tokens: list[int], have: dict[str, list[bool]]
-) -> tuple[dict[str, int], int]:
-    """Per-group counts and the single boundary from the definitions, over every position."""
-    p, bsz = len(tokens), spec.tokens_per_block
-
-    def holds(group: str, lo: int, hi: int) -> bool:  # every block touching [lo, hi)
-        return all(b < len(have[group]) and have[group][b] for b in range(lo // bsz, -(-hi // bsz)))
-
-    cached: dict[str, int] = {}
-    ok = [True] * (p + 1)
-    for g in spec.groups:
-        if g.kind == "full":
-            cached[g.name] = max(c for c in range(p + 1) if holds(g.name, 0, c))
-            for c in range(p + 1):
-                ok[c] = ok[c] and holds(g.name, 0, c)
-        elif g.kind == "sliding":
-            start = needed_range(g, p).start
-            best = max(
-                c for c in range(start, p + 1) if c == start or holds(g.name, start // bsz * bsz, c)
-            )
-            cached[g.name] = -(-best // bsz) * bsz if best > start else start
-            for c in range(p + 1):
-                ok[c] = ok[c] and holds(g.name, max(0, c + 1 - g.window), c)
-        else:
-            cached[g.name] = p if p % bsz == 0 and have[g.name][p // bsz - 1] else 0
-            for c in range(1, p + 1):
-                ok[c] = ok[c] and c % bsz == 0 and have[g.name][c // bsz - 1]
-    return cached, max(c for c in range(p + 1) if ok[c])
-
-
-@settings(max_examples=500, deadline=None)
 @given(
     num_tokens=st.integers(1, 40),
     window=st.integers(1, 14),
@@ -516,12 +509,14 @@ def test_matching_rules_hold_for_any_index_contents(
     if with_state:
         have["ssm"] = data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="ssm")
     for name, present in have.items():
-        cache = m._groups[name].cache  # white box: publish arbitrary blocks directly
-        for b, there in enumerate(present):
-            if there:
-                assert cache.insert(hashes[b], b)
+        # Publish exactly the blocks drawn through the group's pool: allocate, publish, free.
+        pool = m.block_pool(name)
+        chosen = [hashes[b] for b, there in enumerate(present) if there]
+        ids = pool.allocate(len(chosen))
+        assert pool.publish(chosen, ids) == len(chosen)
+        pool.release(ids)
     match = m.match(tokens)
-    cached, boundary = brute_force(spec, tokens, have)
+    cached, boundary = brute_force_match(spec, len(tokens), have)
     assert dict(match.cached) == cached
     assert match.boundary == boundary
     assert all(match.cached[g] >= boundary for g in ("full", "swa"))
@@ -559,8 +554,58 @@ def test_a_match_from_another_manager_is_redone() -> None:
 def test_repr_summarises_the_pools() -> None:
     m = KVCacheManager(hybrid(), 8, num_state_slots=2)
     prefilled(m, "a", list(range(8)))
-    assert repr(m) == (
-        "KVCacheManager(spec='test-hybrid', B=4, requests=1, "
-        "full: 2 used / 2 cached / 8, swa: 2 used / 2 cached / 8, "
-        "ssm: 1 used / 1 cached / 2)"
+    text = repr(m)
+    assert text.startswith("KVCacheManager(") and "'test-hybrid'" in text and "requests=1" in text
+    # one "<group>: <used> used / <cached> cached / <size>" entry per group, from stats()
+    entries = dict(
+        (name, (int(used), int(cached), int(size)))
+        for name, used, cached, size in re.findall(
+            r"(\w+): (\d+) used / (\d+) cached / (\d+)", text
+        )
     )
+    assert entries == {
+        name: (st["referenced"], st["cached"], st["blocks"]) for name, st in m.stats().items()
+    }
+    assert entries["full"] == (2, 2, 8) and entries["ssm"] == (1, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# the block pool on its own
+# ---------------------------------------------------------------------------------------
+
+
+def test_block_pool_moves_blocks_between_free_referenced_and_evictable() -> None:
+    pool = BlockPool(4, name="g")
+    ids = pool.allocate(3)
+    assert ids == [0, 1, 2] and pool.num_free == 1 and pool.num_referenced == 3
+    assert pool.publish([b"h0", b"h1"], ids[:2]) == 2
+    pool.take([ids[0]])  # a second reference
+    pool.release(ids)
+    assert pool.refcount(0) == 1 and pool.evictable_ids() == (1,)  # 2 had no hash: freed
+    assert pool.num_free == 2 and pool.num_available == 3
+    pool.release([0])
+    assert pool.evictable_ids() == (1, 0)
+    pool.touch(1)
+    assert pool.evictable_ids() == (0, 1)
+    assert pool.allocate(3) == [0, 2, 3]  # the evicted oldest cached block, then last-freed first
+    assert pool.lookup(b"h0") is None and pool.lookup(b"h1") == 1
+    assert pool.available_besides([1]) == 0
+    pool.check_invariants([1, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="allocate\\(2\\) with only 1 free or evictable"):
+        pool.allocate(2)
+    pool.release([0, 2, 3])
+    with pytest.raises(RuntimeError, match="double free of block 2"):
+        pool.release([2])
+    assert pool.evict() == 1 and pool.num_cached == 0 and pool.num_free == 4
+
+
+def test_block_pool_publish_keeps_the_first_of_repeated_hashes_and_ids() -> None:
+    pool = BlockPool(6, name="g")
+    ids = pool.allocate(6)
+    assert pool.publish([b"a", b"b", b"a"], ids[:3]) == 2  # a repeated hash: first one wins
+    assert pool.hash_of(ids[2]) is None and pool.lookup(b"a") == ids[0]
+    assert pool.publish([b"c", b"d"], [ids[3], ids[3]]) == 1  # a repeated id: tagged once
+    assert pool.publish([b"e", b"b"], ids[4:6]) == 1  # b is taken: that block stays private
+    with pytest.raises(ValueError, match="2 hashes for 1 blocks"):
+        pool.publish([b"x", b"y"], ids[:1])
+    pool.check_invariants([1] * 6)

@@ -32,16 +32,14 @@ from kvtriton.cache import (
     root_hash,
 )
 from kvtriton.plan import plan_transfer
-from kvtriton.ranges import BlockSpan, TokenRange, needed_range
-from kvtriton.spec import KVCacheSpec, LayerGroup
+from kvtriton.ranges import BlockSpan, TokenRange
+from kvtriton.spec import KVCacheSpec
+from kvtriton.testing import brute_force_match, hybrid_spec
 
 B = 4
 WINDOW = 6
-FULL = LayerGroup("full", "full", (0, 3), num_kv_heads=2, head_dim=2)
-SWA = LayerGroup("swa", "sliding", (1,), num_kv_heads=1, head_dim=2, window=WINDOW)
-SSM = LayerGroup("ssm", "state", (2,), state_shape=(2, 3), state_dtype="float32")
-WITH_STATE = KVCacheSpec((FULL, SWA, SSM), tokens_per_block=B, dtype="float32", name="sm-3")
-NO_STATE = KVCacheSpec((FULL, SWA), tokens_per_block=B, dtype="float32", name="sm-2")
+WITH_STATE = hybrid_spec(B, window=WINDOW, sliding_heads=1, name="sm-3")
+NO_STATE = hybrid_spec(B, window=WINDOW, sliding_heads=1, state_layers=None, name="sm-2")
 ATTENTION = ("full", "swa")
 BASES = [[100 * f + i for i in range(64)] for f in range(3)]
 MAX_LIVE = 4
@@ -106,32 +104,9 @@ class CacheMachine(RuleBasedStateMachine):
     def oracle(self, tokens: list[int]) -> tuple[dict[str, int], int]:
         """Per-group counts and the single boundary straight from their definitions, by
         brute force over every position (not only block boundaries) with index lookups."""
-        p = len(tokens)
         hashes = chain_hashes(encode_tokens(tokens), B, root_hash(None))
         have = {g: [self.m.lookup(g, h) is not None for h in hashes] for g in self.spec.group_names}
-
-        def holds(group: str, lo: int, hi: int) -> bool:  # every block touching [lo, hi)
-            return all(b < len(hashes) and have[group][b] for b in range(lo // B, -(-hi // B)))
-
-        cached: dict[str, int] = {}
-        cached["full"] = max(c for c in range(p + 1) if holds("full", 0, c))
-        start = needed_range(SWA, p).start
-        cached["swa"] = max(
-            c for c in range(start, p + 1) if holds("swa", start // B * B, c) or c == start
-        )
-        if cached["swa"] > start:
-            cached["swa"] = -(-cached["swa"] // B) * B  # whole blocks are held
-        state = self.has_state
-        if state:
-            cached["ssm"] = p if p % B == 0 and have["ssm"][p // B - 1] else 0
-        boundary = max(
-            c
-            for c in range(p + 1)
-            if holds("full", 0, c)
-            and holds("swa", max(0, c + 1 - WINDOW), c)
-            and (not state or c == 0 or (c % B == 0 and have["ssm"][c // B - 1]))
-        )
-        return cached, boundary
+        return brute_force_match(self.spec, len(tokens), have)
 
     def check_match(self, tokens: list[int]) -> None:
         before = self.snapshot()
@@ -390,10 +365,9 @@ class NoStateMachine(CacheMachine):
     spec = NO_STATE
 
 
+# max_examples and deadline come from the loaded profile (tests/conftest.py: 500 in CI).
 MACHINE_SETTINGS = settings(
-    max_examples=500,
     stateful_step_count=50,
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 CacheMachine.TestCase.settings = MACHINE_SETTINGS

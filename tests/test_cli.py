@@ -18,7 +18,7 @@ from kvtriton.spec import PRESETS
 from kvtriton.table import Column, Table, format_bytes, format_count, format_percent
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE_WHEN = [
+GPT_OSS_SECOND_TURN = [
     "plan",
     "--preset",
     "gpt-oss-20b",
@@ -54,8 +54,8 @@ def row(out: str, name: str) -> list[str]:
 # -- plan ---------------------------------------------------------------------------------
 
 
-def test_plan_shows_the_issue_done_when_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = run(capsys, *DONE_WHEN)
+def test_plan_shows_the_gpt_oss_second_turn_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, *GPT_OSS_SECOND_TURN)
     assert status == 0 and err == ""
     # group kind layers window needed cached | per-group | single boundary | no reuse
     assert row(out, "full") == [
@@ -157,7 +157,7 @@ def test_plan_table_is_aligned(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plan_json_is_compare_policies(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(capsys, *DONE_WHEN, "--json")
+    status, out, _ = run(capsys, *GPT_OSS_SECOND_TURN, "--json")
     assert status == 0
     data = json.loads(out)
     assert list(data) == ["per_group", "single_boundary", "no_reuse"]
@@ -417,7 +417,7 @@ def test_module_help_and_plan_never_import_torch() -> None:
         "import sys\n"
         "from kvtriton.cli import main\n"
         "assert main(['--help']) == 0\n"
-        f"assert main({DONE_WHEN!r}) == 0\n"
+        f"assert main({GPT_OSS_SECOND_TURN!r}) == 0\n"
         "assert main(['presets']) == 0\n"
         "assert 'torch' not in sys.modules, 'kvtriton plan imported torch'\n"
         "assert 'triton' not in sys.modules, 'kvtriton plan imported triton'\n"
@@ -473,16 +473,19 @@ def test_table_alignment_spans_and_rules() -> None:
     t.add_row("longer", None)
     t.add_rule()
     t.add_row("total", 12345)
-    lines = str(t).splitlines()
-    assert lines == [
-        "        a wide title",
-        "name               n",
-        "--------------------",
-        "x                  5",
-        "longer             -",
-        "--------------------",
-        "total          12345",
-    ]
+    spans, header, rule, *rows = str(t).splitlines()
+    width = len(rule)
+    assert set(rule) == {"-"} and rows[2] == rule  # a rule under the header and add_rule()
+    body = [rows[0], rows[1], rows[3]]
+    # the right-aligned last column ends every line at the full width, under its span title
+    assert all(len(line) == width for line in (spans, header, *body))
+    assert spans.strip() == "a wide title" and spans.endswith("a wide title")
+    name_width = len("longer")  # the widest cell of the left-aligned first column
+    gap = 2
+    assert width == name_width + gap + len("a wide title")  # a wide span widens its column
+    cells = [(line[:name_width].rstrip(), line[name_width + gap :].strip()) for line in body]
+    assert cells == [("x", "5"), ("longer", "-"), ("total", "12345")]  # None prints "-"
+    assert header.startswith("name") and header.endswith("n")
 
 
 def test_table_rejects_bad_shapes() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from kvtriton.hf import hf_config_choices, hf_layer_kinds, spec_from_hf_config
 from kvtriton.ranges import needed_range
-from kvtriton.spec import preset
+from kvtriton.spec import GroupKind, preset
 
 
 def _tf():
@@ -26,7 +26,7 @@ def _ids(spec, name):
     return spec.group(name).layer_ids
 
 
-# -- the configs the issue names --------------------------------------------------------------
+# -- the configs the README names ---------------------------------------------------------------
 
 
 def test_gpt_oss_alternates_sliding128_and_full():
@@ -226,7 +226,7 @@ def test_dict_qwen2_use_sliding_window_and_max_window_layers(use, window, expect
             "max_window_layers": 9,
         }
     )
-    sliding = [g for g in spec.groups if g.kind == "sliding"]
+    sliding = [g for g in spec.groups if g.kind is GroupKind.SLIDING]
     assert (sliding[0].layer_ids if sliding else ()) == expect_sliding
 
 

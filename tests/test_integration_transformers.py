@@ -44,7 +44,7 @@ from kvtriton.integrations.chat import (
     run_chat_demo,
 )
 from kvtriton.kernels import gather, resolve_backend
-from kvtriton.ranges import BlockSpan, TokenRange, needed_range
+from kvtriton.ranges import BlockSpan, GroupKind, TokenRange, ceil_div, needed_range
 
 BACKEND = "reference"  # kernels are tested against it elsewhere; keeps this file fast
 ATOL = RTOL = 1e-5
@@ -94,7 +94,7 @@ def test_window_convention_is_kvtriton_needed_range(models, kind):
     """transformers' sliding_window W: the query at P attends (P - W, P] -- kvtriton's W."""
     model = models[kind]
     spec = kt.spec_for_model(model, tokens_per_block=4)
-    (group,) = [g for g in spec.groups if g.kind == "sliding"]
+    (group,) = [g for g in spec.groups if g.kind is GroupKind.SLIDING]
     assert group.window == model.config.sliding_window == WINDOW
     p = 17
     assert needed_range(group, p) == TokenRange(p + 1 - WINDOW, p)
@@ -142,15 +142,15 @@ def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block, backe
     cache = DynamicCache(config=model.config)
     out = _prefill(model, tokens, cache)
     held = kt.held_ranges(cache, spec)
-    attention = [g for g in spec.groups if g.kind != "state"]
+    attention = [g for g in spec.groups if g.is_attention]
     for g in attention:
         assert held[g.name] == needed_range(g, p)  # a sliding layer keeps exactly W - 1
     pools = allocate_pools(spec, 16, layout=layout, num_state_slots=3)
     spans = {}  # sliding spans anchored at the window's first block, scattered block ids
     for g in attention:
         first = needed_range(g, p).start // block
-        spans[g.name] = BlockSpan(first, [15 - 2 * i for i in range(-(-p // block) - first)])
-    slots = {g.name: 2 for g in spec.groups if g.kind == "state"}
+        spans[g.name] = BlockSpan(first, [15 - 2 * i for i in range(ceil_div(p, block) - first)])
+    slots = {g.name: 2 for g in spec.groups if g.is_state}
     written = kt.cache_to_pools(
         cache, spec, pools, spans, state_slots=slots, config=model.config, backend=backend
     )
@@ -160,7 +160,7 @@ def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block, backe
     )
     assert kt.held_ranges(rebuilt, spec) == held
     for layer, (a, b) in enumerate(zip(cache.layers, rebuilt.layers, strict=True)):
-        if kt.cache_layer_kind(a) == "state":  # the oldest of K conv slots is never read
+        if kt.cache_layer_kind(a) is GroupKind.STATE:  # the oldest of K conv slots is never read
             assert torch.equal(a.recurrent_states[0], b.recurrent_states[0]), layer
             assert torch.equal(a.conv_states[0][..., 1:], b.conv_states[0][..., 1:]), layer
             assert not b.conv_states[0][..., 0].any()
@@ -183,7 +183,7 @@ def test_prompts_shorter_than_the_window_round_trip(models, p):
     spec = kt.spec_for_model(model, tokens_per_block=4)
     cache = DynamicCache(config=model.config)
     out = _prefill(model, _prompt(p), cache)
-    sliding = next(g for g in spec.groups if g.kind == "sliding")
+    sliding = next(g for g in spec.groups if g.kind is GroupKind.SLIDING)
     assert kt.held_ranges(cache, spec)[sliding.name] == TokenRange(max(0, p + 1 - WINDOW), p)
     pools = allocate_pools(spec, 4)
     spans = {g.name: BlockSpan(0, range(2)) for g in spec.groups}
@@ -252,7 +252,7 @@ def test_spec_must_match_the_model(models):
     wrong = replace(
         spec,
         groups=tuple(
-            replace(g, window=WINDOW + 1) if g.kind == "sliding" else g for g in spec.groups
+            replace(g, window=WINDOW + 1) if g.kind is GroupKind.SLIDING else g for g in spec.groups
         ),
     )
     with pytest.raises(ValueError, match=r"window 7 but layer 0 has sliding_window=6"):
@@ -321,9 +321,9 @@ def test_disaggregated_chat_matches_single_process(models, kind):
     c = (p1 + STEPS) // 5 * 5  # receiver commits [0, P1 + STEPS); blocks of 5 tokens
     prompts = [turns[0], turns[0] + runs["per_group"][2][0].tokens + turns[1]]
     refs = [greedy_reference(model, prompt, STEPS) for prompt in prompts]
-    full = [g for g in gen.spec.groups if g.kind == "full"]
-    sliding = [g for g in gen.spec.groups if g.kind == "sliding"]
-    states = tuple(g.name for g in gen.spec.groups if g.kind == "state")
+    full = [g for g in gen.spec.groups if g.kind is GroupKind.FULL]
+    sliding = [g for g in gen.spec.groups if g.kind is GroupKind.SLIDING]
+    states = tuple(g.name for g in gen.spec.groups if g.is_state)
     for mode, (_, _, results) in runs.items():
         first, second = results
         assert [r.prompt_len for r in results] == [p1, p2]

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvtriton.layout import SEGMENT_ALIGN, PackedLayout, packed_layout
-from kvtriton.ranges import TokenRange
+from kvtriton.ranges import TokenRange, ceil_div
 from kvtriton.spec import KVCacheSpec, preset
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -48,7 +48,7 @@ def check_invariants(spec: KVCacheSpec, layout: PackedLayout) -> None:
             )
             assert seg.dtype == (g.state_dtype or spec.dtype)
         previous_end, previous_index = seg.end, order[seg.group]
-    assert layout.nbytes == -(-previous_end // SEGMENT_ALIGN) * SEGMENT_ALIGN
+    assert layout.nbytes == ceil_div(previous_end, SEGMENT_ALIGN) * SEGMENT_ALIGN
     assert layout.nbytes % SEGMENT_ALIGN == 0
 
 
@@ -62,16 +62,13 @@ def selections(draw: st.DrawFn) -> Selection:
     layers: dict[str, list[int]] = {}
     heads: dict[str, tuple[int, int]] = {}
     for g in spec.groups:
-        if g.kind == "state":
+        if g.is_state:
             if draw(st.booleans()):
                 states.append(g.name)
-            lo, hi = g.state_head_start, g.state_head_end
-        else:
-            if draw(st.booleans()):
-                a, b = sorted(draw(st.lists(st.integers(0, 500), min_size=2, max_size=2)))
-                tokens[g.name] = TokenRange(a, b)
-            lo, hi = g.head_start, g.head_end
-        assert hi is not None
+        elif draw(st.booleans()):
+            a, b = sorted(draw(st.lists(st.integers(0, 500), min_size=2, max_size=2)))
+            tokens[g.name] = TokenRange(a, b)
+        lo, hi = g.held_heads
         if draw(st.booleans()):
             chosen = draw(st.lists(st.sampled_from(g.layer_ids), unique=True, min_size=1))
             layers[g.name] = draw(st.permutations(chosen))
@@ -103,13 +100,9 @@ def test_layout_invariants_and_both_sides_agree(
     # The other side may hold a different shard (here: the model): same selection, same bytes.
     explicit_heads: dict[str, tuple[int, int]] = {}
     for g in spec.groups:
-        if g.kind == "state":
-            explicit_heads[g.name] = (
-                g.state_head_start,
-                g.state_head_start + g.local_state_shape[0],
-            )
-        else:
-            explicit_heads[g.name] = (g.head_start, g.head_start + g.local_heads)
+        start = g.held_heads[0]
+        held = g.local_state_shape[0] if g.is_state else g.local_heads
+        explicit_heads[g.name] = (start, start + held)
     explicit_heads.update(heads)
     other = packed_layout(
         spec.root.with_block_size(7), tokens, states, layers=layers, heads=explicit_heads

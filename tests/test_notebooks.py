@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from nbclient import NotebookClient
 
 from kvtriton.plan import compare_policies
+from kvtriton.ranges import ceil_div
 from kvtriton.spec import preset
 from kvtriton.viz import (
     CACHED,
@@ -34,14 +34,19 @@ from kvtriton.viz import (
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
-#: Notebook -> wall-clock budget in seconds (2 CPU cores; each runs in well under a minute).
-NOTEBOOKS: dict[str, float] = {
-    "01_alignment.ipynb": 60.0,
-    "02_kernels.ipynb": 60.0,
-    "03_hybrid_reuse.ipynb": 60.0,
-    "04_distributed.ipynb": 90.0,
-    "05_transformers_e2e.ipynb": 90.0,  # kvtriton.integrations (tiny random transformers models)
-}
+#: Every notebook the suite runs (each takes well under a minute on 2 CPU cores; 05 runs
+#: kvtriton.integrations on tiny random transformers models).
+NOTEBOOKS: tuple[str, ...] = (
+    "01_alignment.ipynb",
+    "02_kernels.ipynb",
+    "03_hybrid_reuse.ipynb",
+    "04_distributed.ipynb",
+    "05_transformers_e2e.ipynb",
+)
+
+#: Per-cell limit: a guard against a hung kernel, not a speed test (a loaded CI box must not
+#: fail a notebook that is merely slow).
+CELL_TIMEOUT_S = 600
 
 #: Committed notebooks keep small outputs so that they read well on GitHub.
 MAX_NOTEBOOK_BYTES = 300 * 1024
@@ -68,7 +73,7 @@ def test_every_notebook_is_listed() -> None:
     found = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
     assert found == sorted(NOTEBOOKS), (
         f"notebooks/ holds {found} but tests/test_notebooks.py runs {sorted(NOTEBOOKS)}: "
-        "add the new notebook (with a time budget) to NOTEBOOKS"
+        "add the new notebook to NOTEBOOKS"
     )
 
 
@@ -92,25 +97,21 @@ def test_notebook_is_small_and_clean(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_runs(name: str, local_kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JUPYTER_PATH", local_kernel)
-    budget = NOTEBOOKS[name]
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     # one extra cell, in memory only: which interpreter ran the notebook
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable, end='')"))
     client = NotebookClient(
         nb,
         kernel_name="python3",
-        timeout=int(budget),  # per cell; the whole notebook is checked against budget below
+        timeout=CELL_TIMEOUT_S,
         startup_timeout=120,
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
     )
-    start = time.perf_counter()
     client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
-    elapsed = time.perf_counter() - start
     ran_with = "".join(out.get("text", "") for out in nb.cells[-1].outputs)
     assert Path(ran_with) == Path(sys.executable), (
         f"{name} ran in {ran_with!r}, not in this interpreter {sys.executable!r}"
     )
-    assert elapsed < budget, f"{name} took {elapsed:.1f} s, over its {budget:.0f} s budget"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,10 +149,10 @@ def test_block_maps_match_brute_force(
         assert [g.name for g in plan.groups] == list(maps) == list(spec.group_names)
         for g in plan.groups:
             m = maps[g.name]
-            if g.kind == "state":
+            if g.group.is_state:
                 assert m.tokens == () and m.blocks == () and m.moves_state == g.moves_state
                 continue
-            w = g.group.window if g.kind == "sliding" else None
+            w = g.group.window
             want = [_expected_token(p, w, g.cached_tokens, q) for q in range(p + drafts)]
             assert list(m.tokens) == want, (policy, g.name)
             assert m.count(MOVED) == len(g.tokens) and m.bytes == g.bytes
@@ -168,7 +169,7 @@ def test_block_maps_match_brute_force(
                     assert status == DRAFT
                 else:
                     assert status == NOT_NEEDED
-            assert len(m.blocks) == -(-(p + drafts) // tpb)
+            assert len(m.blocks) == ceil_div(p + drafts, tpb)
 
 
 def test_alignment_plans_names_and_kinds() -> None:

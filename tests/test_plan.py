@@ -17,9 +17,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvtriton.plan import TransferPlan, compare_policies, plan_transfer, single_boundary
-from kvtriton.ranges import BlockSpan, TokenRange
+from kvtriton.plan import (
+    ReusePolicy,
+    TransferPlan,
+    compare_policies,
+    plan_transfer,
+    single_boundary,
+)
+from kvtriton.ranges import BlockSpan, GroupKind, TokenRange
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
+from kvtriton.testing import moved_positions as oracle_moves
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
@@ -37,16 +44,6 @@ class RefGroup:
     nbytes: int
 
 
-def ref_attention_moves(kind: str, window: int | None, prompt: int, cached: int) -> set[int]:
-    q = prompt
-    if kind == "full":
-        needed = set(range(prompt))
-    else:
-        assert window is not None
-        needed = {k for k in range(prompt) if q - window < k <= q}
-    return {k for k in needed if not k < cached}
-
-
 def ref_bytes_per_token(spec: KVCacheSpec, g: LayerGroup) -> int:
     heads = g.num_kv_heads if g.head_end is None else g.head_end - g.head_start
     return len(g.layer_ids) * g.kv_factor * heads * g.head_dim * ITEMSIZE[spec.dtype]
@@ -62,11 +59,11 @@ def ref_plan(spec: KVCacheSpec, prompt: int, cached: Mapping[str, int]) -> dict[
     out = {}
     for g in spec.groups:
         c = cached.get(g.name, 0)
-        if g.kind == "state":
+        if g.kind is GroupKind.STATE:
             moves = c != prompt  # the state is held only if it was taken at exactly P
             out[g.name] = RefGroup(frozenset(), moves, ref_state_bytes(spec, g) if moves else 0)
         else:
-            pos = ref_attention_moves(g.kind, g.window, prompt, c)
+            pos = oracle_moves(g.kind, g.window, prompt, c)
             out[g.name] = RefGroup(frozenset(pos), False, len(pos) * ref_bytes_per_token(spec, g))
     return out
 
@@ -209,7 +206,7 @@ def test_policies_are_ordered_per_group_le_single_le_none(
     # The single boundary is a prefix every attention group can reuse.
     assert 0 <= c <= prompt
     for g in spec.groups:
-        if g.kind != "state":
+        if g.is_attention:
             assert c <= cached.get(g.name, 0)
     for a, b in ((per, single), (single, none)):
         for ga, gb in zip(a.groups, b.groups, strict=True):
@@ -275,8 +272,8 @@ def _one(kind: str, *, window: int | None = None, tpb: int = 4) -> KVCacheSpec:
     )
 
 
-def test_gpt_oss_done_when_numbers() -> None:
-    """Issue 2's acceptance numbers: P = 8192, full cached 6000, sliding cached 0."""
+def test_gpt_oss_second_turn_numbers() -> None:
+    """The README's scenario: P = 8192, full cached 6000, sliding cached 0."""
     spec = preset("gpt-oss-20b")
     cached = {"full": 6000, "sliding128": 0}
     plans = compare_policies(spec, 8192, cached)
@@ -428,3 +425,22 @@ def test_policies_need_per_group_counts() -> None:
         compare_policies(spec, 10, 5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"cached_tokens must be a mapping"):
         single_boundary(spec, 10, [("full", 3)])  # type: ignore[arg-type]
+
+
+# -- reuse policies -------------------------------------------------------------------------
+
+
+def test_reuse_policy_is_the_one_registry_of_names_and_labels() -> None:
+    assert [p.value for p in ReusePolicy] == ["per_group", "single_boundary", "no_reuse"]
+    assert [p.label for p in ReusePolicy] == ["per-group", "single boundary", "no reuse"]
+    assert ReusePolicy.table_order()[0] is ReusePolicy.PER_GROUP
+    assert ReusePolicy.baseline_order() == tuple(reversed(ReusePolicy.table_order()))
+    assert ReusePolicy.NO_REUSE.cache_mode is ReusePolicy.PER_GROUP
+    assert ReusePolicy.parse("single_boundary") is ReusePolicy.SINGLE_BOUNDARY
+    with pytest.raises(ValueError, match="policy must be one of per_group, single_boundary"):
+        ReusePolicy.parse("bogus")
+    plans = compare_policies(preset("tiny-hybrid"), 40, {"full": 20})
+    assert list(plans) == list(ReusePolicy.table_order())
+    assert plans["per_group"] is plans[ReusePolicy.PER_GROUP]  # str keys still work
+    assert plans[ReusePolicy.PER_GROUP].mode is ReusePolicy.PER_GROUP
+    assert json.loads(json.dumps(plans[ReusePolicy.PER_GROUP].to_dict()))["mode"] == "per_group"

@@ -1,7 +1,8 @@
 """TokenRange / BlockSpan / needed_range / transfer_range against token-level truth.
 
 The reference here is deliberately brute force: sets of positions, the window rule
-``(q - W, q]`` written out from scratch, and "which block holds position p" as ``p // B``.
+``(q - W, q]`` written out from scratch (:func:`kvtriton.testing.needed_positions`), and
+"which block holds position p" as ``p // B``.
 Nothing in this file calls the function under test to build its own expectation.
 """
 
@@ -23,28 +24,11 @@ from kvtriton.ranges import (
     transfer_range,
 )
 from kvtriton.spec import LayerGroup
+from kvtriton.testing import moved_positions, needed_positions
 
 # ---------------------------------------------------------------------------------------
 # brute-force reference
 # ---------------------------------------------------------------------------------------
-
-
-def ref_needed(kind: str, window: int | None, prompt: int) -> set[int]:
-    """Positions whose KV the query at q = P reads, excluding q itself (computed at decode)."""
-    if kind == "state":
-        return set()
-    q = prompt
-    if kind == "full":
-        return {k for k in range(prompt) if k <= q}
-    assert window is not None
-    return {k for k in range(prompt) if q - window < k <= q}
-
-
-def ref_moves(kind: str, window: int | None, prompt: int, cached: int) -> set[int]:
-    """Needed positions the receiver does not hold (it holds every needed position < cached)."""
-    needed = ref_needed(kind, window, prompt)
-    held = {k for k in needed if k < cached}
-    return needed - held
 
 
 def positions(r: TokenRange) -> list[int]:
@@ -98,7 +82,7 @@ def test_blocks_and_chunks_agree_with_positions(r: TokenRange, tpb: int) -> None
     truth_blocks = sorted({p // tpb for p in positions(r)})
     assert list(r.blocks(tpb)) == truth_blocks
     assert r.num_blocks(tpb) == len(truth_blocks)
-    assert len(r) == r.length == len(positions(r))
+    assert len(r) == len(positions(r))
     assert r.is_empty == (len(positions(r)) == 0)
 
     chunks = list(r.block_chunks(tpb))
@@ -192,9 +176,9 @@ def test_needed_and_transfer_ranges_match_window_rule(
     if kind == "state":
         assert needed.is_empty
     else:
-        assert set(positions(needed)) == ref_needed(kind, group.window, prompt)
+        assert set(positions(needed)) == needed_positions(kind, group.window, prompt)
     moves = transfer_range(group, prompt, cached)
-    assert set(positions(moves)) == ref_moves(kind, group.window, prompt, cached)
+    assert set(positions(moves)) == moved_positions(kind, group.window, prompt, cached)
     assert moves.end <= prompt
 
 

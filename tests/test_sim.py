@@ -559,3 +559,12 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_the_block_hash_does_not_change_the_result():
+    pytest.importorskip("xxhash")
+    spec = preset("gpt-oss-20b")
+    trace = synthetic_trace("chat", **SMALL_CHAT)
+    a = simulate(spec, trace, capacity_blocks=400)
+    b = simulate(spec, trace, capacity_blocks=400, hash_name="xxh3_128")
+    assert a.to_dict() == b.to_dict()

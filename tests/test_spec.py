@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvtriton.spec import PRESETS, KVCacheSpec, LayerGroup, preset
+from kvtriton.spec import PRESETS, GroupKind, KVCacheSpec, LayerGroup, preset
 
 
 def _spec(*groups: LayerGroup, tpb: int = 16, dtype: str = "bfloat16") -> KVCacheSpec:
@@ -301,10 +302,44 @@ def test_elements_match_shapes() -> None:
     for name in PRESETS:
         spec = preset(name)
         for g in spec.groups:
-            if g.kind == "state":
+            if g.is_state:
                 assert g.state_shape is not None
                 assert g.state_elements() == g.num_layers * math.prod(g.state_shape)
             else:
                 assert g.elements_per_token() == (
                     g.num_layers * g.kv_factor * g.num_kv_heads * g.head_dim
                 )
+
+
+# -- group kinds as types ---------------------------------------------------------------------
+
+
+def test_kind_is_normalised_to_the_enum_and_still_equals_its_string() -> None:
+    g = LayerGroup("s", "sliding", (0,), window=4)
+    assert g.kind is GroupKind.SLIDING and g.kind == "sliding"
+    assert f"{g.kind}" == str(g.kind) == "sliding"
+    assert json.loads(json.dumps({"kind": g.kind})) == {"kind": "sliding"}
+    assert LayerGroup("s", GroupKind.SLIDING, (0,), window=4) == g
+    assert {"sliding": 1}[g.kind] == 1  # hashes like its string
+    assert [k.pages_tokens for k in GroupKind] == [True, True, False]
+    assert [k.has_window for k in GroupKind] == [False, True, False]
+    assert [k.has_state for k in GroupKind] == [False, False, True]
+
+
+def test_held_heads_and_item_dtype() -> None:
+    spec = preset("qwen3-next-80b").shard(1, 2)
+    full, state = spec.group("full"), spec.group("state")
+    assert full.held_heads == (1, 2)  # 2 kv heads over 2 ranks
+    assert state.held_heads == (16, 32)  # state_shape[0] = 32
+    assert full.item_dtype(spec.dtype) == "bfloat16"
+    assert state.item_dtype(spec.dtype) == "float32"
+    assert spec.state_bytes(state) == state.state_elements() * 4
+    assert full.is_attention and not full.is_state and state.is_state
+
+
+def test_each_kind_has_one_rule() -> None:
+    kinds = [preset("tiny-hybrid").group(n).rule.kind for n in ("full", "sliding8", "state")]
+    assert kinds == list(GroupKind)
+    g = preset("tiny-hybrid").group("sliding8")
+    assert g.rule.first_block(g, 30, 4) == (30 + 1 - 8) // 4
+    assert g.rule.peak_blocks(g, 1000, 4) == (8 - 1) // 4 + 2

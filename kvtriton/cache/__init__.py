@@ -15,17 +15,19 @@ Pools (:mod:`kvtriton.cache.pools`, imports torch on use)::
     blocks_for_bytes(spec, num_bytes, num_state_slots=0) -> int   (same N for every group)
     pool_bytes(spec, num_blocks, num_state_slots=0) -> int
 
-Hashes (:mod:`kvtriton.cache.hashing`): a SHA-256 chain over the u64-le token ids of full
-blocks, rooted at the request's extra key (LoRA / multimodal salt); stable across processes.
+Hashes (:mod:`kvtriton.cache.hashing`): a hash chain (SHA-256 by default, or xxh3_128) over
+the u64-le token ids of full blocks, rooted at the request's extra key (LoRA / multimodal
+salt); stable across processes.
 
-Bookkeeping (:mod:`kvtriton.cache.allocator`): :class:`BlockAllocator` (refcounts + free
-list) and :class:`PrefixCache` (hash -> block index + LRU of unreferenced cached blocks), one
-pair per group; a state group uses the pair over its slots (request slots + snapshots).
+Bookkeeping: one :class:`~kvtriton.cache.block_pool.BlockPool` per group (free list,
+reference counts, hash -> block index, LRU of unreferenced cached blocks; a state group's
+pool holds its slots: request states plus snapshots), driven by one per-kind group cache
+(:mod:`kvtriton.cache.groups`: full attention, sliding window, state) chosen once per group.
 
 Manager (:class:`KVCacheManager`, pure Python bookkeeping; copies state snapshots when it
 owns pools)::
 
-    m = KVCacheManager(spec, num_blocks, num_state_slots=0, pools=None)
+    m = KVCacheManager(spec, num_blocks, num_state_slots=0, pools=None, hash_name="sha256")
     m.match(tokens, *, extra_key=None) -> PrefixMatch
         .cached {group: tokens}  per-group counts (feed plan_transfer as a mapping)
         .boundary int            single-boundary value (feed plan_transfer as an int)
@@ -43,7 +45,7 @@ owns pools)::
     m.spans(request_id), m.state_slots(request_id), m.request(request_id) -> RequestState
     m.requests, m.stats(), m.num_blocks(g), m.num_free_blocks(g), m.num_cached_blocks(g),
     m.refcount(g, id), m.block_hash(g, id), m.lookup(g, hash), m.evictable(g), m.version,
-    m.check_invariants()
+    m.block_pool(g), m.check_invariants()
 
 Passing the ``PrefixMatch`` of ``match`` to ``allocate`` skips rehashing (and re-matching
 while ``m.version`` is unchanged). ``prefill=True`` marks a request whose caller computes
@@ -70,8 +72,15 @@ snapshot at ``c``. For attention groups ``cached[g] >= boundary`` always.
 The transfer-facing wrapper (receiver and sender sides) is :mod:`kvtriton.adapter`.
 """
 
-from kvtriton.cache.allocator import BlockAllocator, PrefixCache
-from kvtriton.cache.hashing import BlockHash, chain_hashes, encode_tokens, root_hash
+from kvtriton.cache.block_pool import BlockPool
+from kvtriton.cache.hashing import (
+    DEFAULT_HASH,
+    HASH_NAMES,
+    BlockHash,
+    chain_hashes,
+    encode_tokens,
+    root_hash,
+)
 from kvtriton.cache.manager import (
     Allocation,
     KVCacheManager,
@@ -83,13 +92,14 @@ from kvtriton.cache.manager import (
 from kvtriton.cache.pools import CachePools, allocate_pools, blocks_for_bytes, pool_bytes
 
 __all__ = [
+    "DEFAULT_HASH",
+    "HASH_NAMES",
     "Allocation",
-    "BlockAllocator",
     "BlockHash",
+    "BlockPool",
     "CachePools",
     "KVCacheManager",
     "OutOfBlocksError",
-    "PrefixCache",
     "PrefixMatch",
     "RequestId",
     "RequestState",

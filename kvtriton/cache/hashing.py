@@ -1,15 +1,21 @@
-"""Stable block hashes: a SHA-256 chain over the token ids of full blocks.
+"""Stable block hashes: a hash chain over the token ids of full blocks.
 
 The hash of logical block ``b`` (positions ``[b*B, (b+1)*B)``) is::
 
-    h[-1] = SHA-256(b"kvtriton/block-hash/v1\\0" + encode_key(extra_key))
-    h[b]  = SHA-256(h[b-1] + u64le(tokens[b*B]) + ... + u64le(tokens[(b+1)*B - 1]))
+    h[-1] = H(b"kvtriton/block-hash/v1\\0" + encode_key(extra_key))
+    h[b]  = H(h[b-1] + u64le(tokens[b*B]) + ... + u64le(tokens[(b+1)*B - 1]))
 
 so a block's hash names the whole prefix ``[0, (b+1)*B)`` and the request's extra key (a LoRA
 name, a multimodal salt ...), which enters once, through the root. Token ids are encoded as
-unsigned 64-bit little-endian integers and the digest is the full 32-byte SHA-256, so the value
+unsigned 64-bit little-endian integers and the digest is the hash's full output, so the value
 is identical across processes, machines and Python versions (unlike ``hash()``). Two block
 sizes never share a chain (the byte length of every step differs).
+
+``H`` is chosen by name (:data:`HASH_NAMES`): ``"sha256"`` (the default; 32-byte digests) or
+``"xxh3_128"`` (the ``xxhash`` package; 16-byte digests, several times faster on long prompts,
+not cryptographic: a client able to choose token ids could construct a collision). Their
+roots differ (the name enters the root of every chain but SHA-256's, which keeps the v1
+values) and so do their digest sizes, so chains of two hashes never meet.
 
 Pure Python (no torch).
 """
@@ -19,13 +25,19 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 __all__ = [
+    "DEFAULT_HASH",
+    "HASH_NAMES",
     "HASH_VERSION",
     "BlockHash",
     "ExtraKey",
+    "HashName",
+    "available_hash_names",
     "chain_hashes",
+    "check_hash_name",
     "encode_extra_key",
     "encode_tokens",
     "root_hash",
@@ -38,8 +50,49 @@ HASH_VERSION = b"kvtriton/block-hash/v1\x00"
 BlockHash = bytes
 ExtraKey = bytes | str | None
 
-_sha256 = hashlib.sha256
+HashName = Literal["sha256", "xxh3_128"]
+#: The block hashes a cache manager can use.
+HASH_NAMES: tuple[str, ...] = ("sha256", "xxh3_128")
+DEFAULT_HASH: HashName = "sha256"
+
 _TOKEN_BYTES = 8
+
+
+def _sha256_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def check_hash_name(name: object) -> HashName:
+    """``name`` if it is one of :data:`HASH_NAMES`; ``ValueError`` (or ``ImportError`` when
+    ``xxhash`` is missing) otherwise."""
+    if name not in HASH_NAMES:
+        raise ValueError(f"hash_name must be one of {HASH_NAMES}, got {name!r}")
+    _digest(name)  # type: ignore[arg-type]
+    return name  # type: ignore[return-value]
+
+
+def available_hash_names() -> tuple[HashName, ...]:
+    """The :data:`HASH_NAMES` usable here (``xxh3_128`` needs the ``xxhash`` package)."""
+    names: list[HashName] = []
+    for name in HASH_NAMES:
+        try:
+            names.append(check_hash_name(name))
+        except ImportError:
+            pass
+    return tuple(names)
+
+
+def _digest(name: HashName) -> Callable[[bytes], bytes]:
+    """The one-shot digest function of hash ``name``."""
+    if name == "sha256":
+        return _sha256_digest
+    try:
+        import xxhash
+    except ImportError:  # a dependency of kvtriton, but keep the message useful
+        raise ImportError(
+            "hash_name='xxh3_128' needs the xxhash package: pip install xxhash"
+        ) from None
+    return xxhash.xxh3_128_digest
 
 
 def encode_extra_key(extra_key: ExtraKey) -> bytes:
@@ -57,9 +110,12 @@ def encode_extra_key(extra_key: ExtraKey) -> bytes:
     return tag + len(payload).to_bytes(8, "little") + payload
 
 
-def root_hash(extra_key: ExtraKey = None) -> BlockHash:
+def root_hash(extra_key: ExtraKey = None, *, hash_name: HashName = DEFAULT_HASH) -> BlockHash:
     """The chain's parent of block 0 for a request with ``extra_key``."""
-    return _sha256(HASH_VERSION + encode_extra_key(extra_key)).digest()
+    domain = (
+        HASH_VERSION if hash_name == DEFAULT_HASH else HASH_VERSION + hash_name.encode() + b"\0"
+    )
+    return _digest(hash_name)(domain + encode_extra_key(extra_key))
 
 
 def encode_tokens(tokens: Sequence[int], *, what: str = "tokens") -> bytes:
@@ -103,12 +159,14 @@ def chain_hashes(
     *,
     start_block: int = 0,
     end_block: int | None = None,
+    hash_name: HashName = DEFAULT_HASH,
 ) -> list[BlockHash]:
     """Hashes of full blocks ``[start_block, end_block)`` of the encoded tokens.
 
     ``token_bytes`` is the output of :func:`encode_tokens` (or :func:`token_array`);
-    ``parent`` is the hash of block ``start_block - 1`` (:func:`root_hash` for block 0);
-    ``end_block`` defaults to the number of full blocks in ``token_bytes``.
+    ``parent`` is the hash of block ``start_block - 1`` (:func:`root_hash` of the same
+    ``hash_name`` for block 0); ``end_block`` defaults to the number of full blocks in
+    ``token_bytes``.
     """
     view = memoryview(token_bytes).cast("B")
     step = tokens_per_block * _TOKEN_BYTES
@@ -121,9 +179,15 @@ def chain_hashes(
         )
     out: list[BlockHash] = []
     append = out.append
-    sha = _sha256
     data = view[start_block * step : end * step]
+    if hash_name == "sha256":  # two C calls per block: no Python wrapper in the loop
+        sha = hashlib.sha256
+        for offset in range(0, len(data), step):
+            parent = sha(parent + data[offset : offset + step]).digest()
+            append(parent)
+        return out
+    digest = _digest(hash_name)
     for offset in range(0, len(data), step):
-        parent = sha(parent + data[offset : offset + step]).digest()
+        parent = digest(parent + data[offset : offset + step])
         append(parent)
     return out

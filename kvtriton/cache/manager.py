@@ -1,31 +1,54 @@
 """The paged KV cache manager: per-layer-group prefix reuse, window release, state snapshots.
 
 See the package docstring (:mod:`kvtriton.cache`) for the request life cycle and the matching
-rules. Bookkeeping is pure Python; when the manager owns :class:`~kvtriton.cache.pools.CachePools`
-it also copies state snapshots between state slots (plain torch indexing).
+rules. The manager keeps the requests' bookkeeping and delegates everything per group to one
+:class:`~kvtriton.cache.groups.GroupCache` per layer group (chosen once from the group's kind),
+each owning its :class:`~kvtriton.cache.block_pool.BlockPool`. Bookkeeping is pure Python;
+when the manager owns :class:`~kvtriton.cache.pools.CachePools` it also copies state snapshots
+between state slots (plain torch indexing).
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kvtriton.cache.allocator import BlockAllocator, PrefixCache
+from kvtriton.cache.block_pool import BlockPool
+from kvtriton.cache.boundary import common_boundary
+from kvtriton.cache.groups import (
+    GroupAllocation,
+    GroupCache,
+    OutOfBlocksError,
+    PagedGroupCache,
+    RequestBlocks,
+    make_group_cache,
+)
 from kvtriton.cache.hashing import (
+    DEFAULT_HASH,
     BlockHash,
     ExtraKey,
+    HashName,
     chain_hashes,
+    check_hash_name,
     root_hash,
     token_array,
 )
 from kvtriton.cache.pools import CachePools, resolve_num_blocks
-from kvtriton.plan import Mode
-from kvtriton.ranges import BlockSpan, ceil_div, check_count, needed_range
-from kvtriton.spec import KVCacheSpec, LayerGroup
+from kvtriton.cache.results import (
+    MODES,
+    Allocation,
+    PrefixMatch,
+    RequestId,
+    RequestState,
+    parse_mode,
+)
+from kvtriton.plan import Mode, ReusePolicy
+from kvtriton.ranges import BlockSpan, ceil_div, check_count
+from kvtriton.spec import KVCacheSpec
 
 __all__ = [
+    "MODES",
     "Allocation",
     "KVCacheManager",
     "OutOfBlocksError",
@@ -34,275 +57,9 @@ __all__ = [
     "RequestState",
 ]
 
-RequestId = Hashable
-MODES: tuple[str, ...] = ("per_group", "single_boundary")
-
-
-class OutOfBlocksError(RuntimeError):
-    """A group has too few free plus evictable blocks (or state slots); nothing was changed.
-
-    Attributes: ``request_id``, ``group``, ``needed``, ``available`` (blocks or slots).
-    """
-
-    def __init__(
-        self, request_id: RequestId, group: str, needed: int, available: int, detail: str
-    ) -> None:
-        self.request_id = request_id
-        self.group = group
-        self.needed = needed
-        self.available = available
-        super().__init__(
-            f"request {request_id!r}: group {group!r} needs {needed} new "
-            f"{'slot' if 'slot' in detail else 'block'}{'s' if needed != 1 else ''} but only "
-            f"{available} are free or evictable ({detail}); nothing was allocated"
-        )
-
-
-@dataclass(frozen=True)
-class PrefixMatch:
-    """What the prefix cache holds for a prompt, per layer group and as one boundary.
-
-    Attributes:
-        num_tokens: prompt length ``P``.
-        tokens_per_block: ``B`` of the manager's spec.
-        cached: ``{group: count}`` in tokens, DESIGN.md §1 semantics (the receiver holds every
-            *needed* position below it): full attention ``k*B`` for a run of ``k`` cached blocks
-            from block 0; sliding window ``(s + k)*B`` for a run of ``k`` cached blocks from
-            the block ``s`` holding ``needed.start`` (``needed.start`` itself when ``k = 0``:
-            nothing needed lies below it); state ``P`` on a snapshot at exactly ``P``, else 0.
-        matched_blocks: ``{attention group: logical blocks found}`` (``range(0, k)`` or
-            ``range(s, s + k)``).
-        state_hits: ``{state group: whether a snapshot at exactly P exists}``.
-        boundary: the single-boundary value ``c`` (see :meth:`KVCacheManager.match`).
-        block_ids: ``{group: physical ids}`` of the matched blocks (in ``matched_blocks``
-            order) or of the snapshot slot at ``P`` (a state group; empty on a miss). Valid
-            until the cache changes.
-        extra_key: the key the hashes were rooted at.
-        hashes, token_bytes, version, owner: the prompt's block hashes and encoded ids, and
-            the manager and index version the match was taken at; they let
-            :meth:`KVCacheManager.allocate` take this match instead of the token ids.
-    """
-
-    num_tokens: int
-    tokens_per_block: int
-    cached: Mapping[str, int]
-    matched_blocks: Mapping[str, range]
-    state_hits: Mapping[str, bool]
-    boundary: int
-    block_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    extra_key: ExtraKey = None
-    hashes: tuple[BlockHash, ...] = field(default=(), repr=False)
-    token_bytes: array = field(default_factory=lambda: array("Q"), repr=False, compare=False)
-    version: int = field(default=-1, repr=False, compare=False)
-    owner: object = field(default=None, repr=False, compare=False)
-
-    def cached_tokens(self, mode: Mode = "per_group") -> dict[str, int] | int:
-        """The ``cached_tokens`` argument of :func:`kvtriton.plan.plan_transfer` for ``mode``."""
-        if mode == "per_group":
-            return dict(self.cached)
-        if mode == "single_boundary":
-            return self.boundary
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-    @property
-    def num_full_blocks(self) -> int:
-        """Full blocks of the prompt, ``P // B`` (the blocks that have a hash)."""
-        return len(self.hashes)
-
-
-@dataclass(frozen=True)
-class Allocation(Mapping[str, BlockSpan]):
-    """What :meth:`KVCacheManager.allocate` gave a request; a mapping ``{group: BlockSpan}``.
-
-    Attributes:
-        request_id, num_tokens (``P``), num_draft_tokens (``k``), mode.
-        spans: ``{attention group: span}``; each covers logical blocks
-            ``[needed(g, P).start // B, ceil((P + k) / B))`` (``first_block`` 0 for full attention).
-        state_slots: ``{state group: the request's slot}``.
-        cached: ``{group: count}`` the allocation reused, in tokens: the match's per-group counts
-            in ``per_group`` mode, the boundary ``c`` for every group in ``single_boundary`` mode.
-        reused_blocks: ``{attention group: logical blocks taken from the prefix cache}`` (the
-            transfer never writes them).
-        state_hits: ``{state group: whether the slot was restored from a snapshot at P}``.
-        match: the :class:`PrefixMatch` the allocation was made from.
-    """
-
-    request_id: RequestId
-    num_tokens: int
-    num_draft_tokens: int
-    mode: Mode
-    spans: Mapping[str, BlockSpan]
-    state_slots: Mapping[str, int]
-    cached: Mapping[str, int]
-    reused_blocks: Mapping[str, range]
-    state_hits: Mapping[str, bool]
-    match: PrefixMatch
-
-    def __getitem__(self, group: str) -> BlockSpan:
-        try:
-            return self.spans[group]
-        except KeyError:
-            raise KeyError(
-                f"request {self.request_id!r}: no block span for group {group!r}; "
-                f"attention groups: {list(self.spans)}"
-            ) from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.spans)
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    @property
-    def boundary(self) -> int:
-        return self.match.boundary
-
-    def cached_tokens(self) -> dict[str, int] | int:
-        """``cached_tokens`` for :func:`kvtriton.plan.plan_transfer` in this allocation's mode."""
-        if self.mode == "per_group":
-            return dict(self.cached)
-        return self.match.boundary
-
-
-@dataclass(frozen=True)
-class RequestState:
-    """A read-only snapshot of one live request.
-
-    Attributes:
-        num_tokens: sequence length ``L`` (prompt plus appended positions).
-        num_draft_tokens: extra positions ``[L, L + k)`` the spans also cover.
-        num_known_tokens: positions whose token ids the manager knows (commit stops there).
-        committed_tokens: the largest ``num_tokens`` committed so far.
-        spans: ``{attention group: BlockSpan}``; state_slots: ``{state group: slot}``.
-        valid_from: ``{attention group: first position whose KV is valid}`` (commit publishes
-            only blocks wholly at or after it).
-    """
-
-    request_id: RequestId
-    num_tokens: int
-    num_draft_tokens: int
-    num_known_tokens: int
-    committed_tokens: int
-    spans: Mapping[str, BlockSpan]
-    state_slots: Mapping[str, int]
-    valid_from: Mapping[str, int]
-    extra_key: ExtraKey = None
-
-
-class _Group:
-    __slots__ = ("alloc", "cache", "group", "name")
-
-    def __init__(self, group: LayerGroup, num_blocks: int) -> None:
-        self.group = group
-        self.name = group.name
-        self.alloc = BlockAllocator(num_blocks, name=group.name)
-        self.cache = PrefixCache(num_blocks, name=group.name)
-
-    @property
-    def available(self) -> int:
-        return self.alloc.num_free + self.cache.num_evictable
-
-    def take(self, ids: Sequence[int]) -> None:
-        """Add a reference to cached blocks (they leave the LRU list)."""
-        unpark = self.cache.unpark
-        ref = self.alloc._ref
-        for b in ids:
-            if ref[b] == 0:
-                unpark(b)
-            ref[b] += 1
-
-    def fresh(self, n: int) -> list[int]:
-        """``n`` new blocks with one reference each, evicting LRU cached blocks if needed."""
-        short = n - self.alloc.num_free
-        if short > 0:
-            self.alloc.push_free([self.cache.evict_lru() for _ in range(short)])
-        return self.alloc.allocate(n)
-
-    def release(self, ids: Sequence[int]) -> None:
-        """Drop one reference from each block, last block first: a block that reaches zero
-        goes to the LRU list if cached (tail blocks become the older entries, so a prefix is
-        evicted from its end) and to the free list otherwise."""
-        ref = self.alloc._ref
-        tags = self.cache._hash
-        lru = self.cache._lru
-        free = self.alloc._free
-        for b in reversed(ids):
-            r = ref[b]
-            if r <= 0:
-                raise RuntimeError(f"group {self.name!r}: double free of block {b}")
-            ref[b] = r - 1
-            if r == 1:
-                if b in tags:
-                    lru[b] = None
-                else:
-                    free.append(b)
-
-    def detail(self) -> str:
-        kind = "slots" if self.group.kind == "state" else "blocks"
-        return (
-            f"pool of {self.alloc.num_blocks} {kind}: {self.alloc.num_free} free, "
-            f"{self.cache.num_evictable} cached and unreferenced, "
-            f"{self.alloc.num_blocks - self.available} referenced"
-        )
-
-
-class _Request:
-    __slots__ = (
-        "blocks",
-        "committed",
-        "extra_key",
-        "first_block",
-        "hashes",
-        "num_draft",
-        "num_tokens",
-        "request_id",
-        "root",
-        "slots",
-        "token_bytes",
-        "valid_from",
-    )
-
-    def __init__(
-        self,
-        request_id: RequestId,
-        extra_key: ExtraKey,
-        root: BlockHash,
-        token_bytes: array,
-        hashes: list[BlockHash],
-        num_tokens: int,
-        num_draft: int,
-    ) -> None:
-        self.request_id = request_id
-        self.extra_key = extra_key
-        self.root = root
-        self.token_bytes = array("Q", token_bytes)
-        self.hashes = hashes
-        self.num_tokens = num_tokens
-        self.num_draft = num_draft
-        self.first_block: dict[str, int] = {}
-        self.blocks: dict[str, list[int]] = {}
-        self.slots: dict[str, int] = {}
-        self.valid_from: dict[str, int] = {}
-        self.committed = 0
-
-    @property
-    def num_known(self) -> int:
-        return len(self.token_bytes)
-
-    def span(self, name: str) -> BlockSpan:
-        return _span(self.first_block[name], self.blocks[name])
-
-
-def _span(first_block: int, block_ids: Sequence[int]) -> BlockSpan:
-    """A BlockSpan from ids the manager owns (ints >= 0): skips the per-id validation."""
-    span = object.__new__(BlockSpan)
-    object.__setattr__(span, "first_block", first_block)
-    object.__setattr__(span, "block_ids", tuple(block_ids))
-    return span
-
 
 class KVCacheManager:
-    """Paged KV cache of one rank: block allocators and prefix indexes, one per layer group.
+    """Paged KV cache of one rank: one block pool and prefix index per layer group.
 
     Args:
         spec: the local (possibly sharded) spec; all groups share ``spec.tokens_per_block``.
@@ -311,6 +68,10 @@ class KVCacheManager:
         num_state_slots: slots per state group (live requests' states plus cached snapshots).
         pools: optional tensors (:func:`~kvtriton.cache.pools.allocate_pools`); the manager
             then copies state snapshots itself. Without pools it is bookkeeping only.
+        hash_name: the block hash (:data:`~kvtriton.cache.hashing.HASH_NAMES`): ``"sha256"``
+            (the default; stable, cryptographic) or ``"xxh3_128"`` (several times faster; not
+            cryptographic, which only matters if untrusted clients can choose token ids to
+            collide). Managers that exchange hashes must use the same one.
     """
 
     def __init__(
@@ -320,11 +81,12 @@ class KVCacheManager:
         *,
         num_state_slots: int | None = None,
         pools: CachePools | None = None,
+        hash_name: HashName = DEFAULT_HASH,
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
-        attention = [g for g in spec.groups if g.kind != "state"]
-        states = [g for g in spec.groups if g.kind == "state"]
+        attention = [g for g in spec.groups if g.is_attention]
+        states = [g for g in spec.groups if g.is_state]
         if pools is not None:
             if pools.spec.digest() != spec.digest():
                 raise ValueError(
@@ -360,20 +122,31 @@ class KVCacheManager:
         self.spec = spec
         self.pools = pools
         self.tokens_per_block = spec.tokens_per_block
-        self._groups: dict[str, _Group] = {
-            g.name: _Group(g, slots if g.kind == "state" else blocks[g.name]) for g in spec.groups
+        self.hash_name: HashName = check_hash_name(hash_name)
+        self._groups: dict[str, GroupCache] = {
+            g.name: make_group_cache(
+                g,
+                blocks[g.name] if g.is_attention else slots,
+                spec.tokens_per_block,
+                self._copy_state,
+            )
+            for g in spec.groups
         }
-        self._attention = [self._groups[g.name] for g in attention]
-        self._states = [self._groups[g.name] for g in states]
-        self._requests: dict[RequestId, _Request] = {}
+        groups = list(self._groups.values())
+        self._paged = [gc for gc in groups if isinstance(gc, PagedGroupCache)]
+        self._others = [gc for gc in groups if not isinstance(gc, PagedGroupCache)]
+        # What the single-boundary search checks, fixed for the manager's life.
+        self._windows = [(gc.window, gc.pool.contains_hash) for gc in groups if gc.window]
+        self._snapshots = [gc.pool.contains_hash for gc in groups if gc.snapshots]
+        self._requests: dict[RequestId, RequestBlocks] = {}
         self._root_cache: dict[Any, BlockHash] = {}
         self._uid = object()  # identifies this manager's PrefixMatch results
 
     def __repr__(self) -> str:
         groups = ", ".join(
-            f"{name}: {gs.alloc.num_blocks - gs.available} used / {gs.cache.num_cached} cached"
-            f" / {gs.alloc.num_blocks}"
-            for name, gs in self._groups.items()
+            f"{name}: {gc.pool.num_referenced} used / {gc.pool.num_cached} cached"
+            f" / {gc.pool.num_blocks}"
+            for name, gc in self._groups.items()
         )
         return (
             f"KVCacheManager(spec={self.spec.name!r}, B={self.tokens_per_block}, "
@@ -387,18 +160,28 @@ class KVCacheManager:
         key = (type(extra_key), extra_key)
         root = self._root_cache.get(key)
         if root is None:
-            root = root_hash(extra_key)
+            root = root_hash(extra_key, hash_name=self.hash_name)
             if len(self._root_cache) < 1024:
                 self._root_cache[key] = root
         return root
 
-    def _request(self, request_id: RequestId) -> _Request:
+    def _hashes(self, data: array, parent: BlockHash, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
+        return chain_hashes(
+            data,
+            self.tokens_per_block,
+            parent,
+            start_block=start,
+            end_block=end,
+            hash_name=self.hash_name,
+        )
+
+    def _request(self, request_id: RequestId) -> RequestBlocks:
         try:
             return self._requests[request_id]
         except (KeyError, TypeError):
             raise KeyError(f"request {request_id!r} is not live in this cache manager") from None
 
-    def _group(self, name: str) -> _Group:
+    def _group(self, name: str) -> GroupCache:
         try:
             return self._groups[name]
         except KeyError:
@@ -412,6 +195,11 @@ class KVCacheManager:
         if n < 1:
             raise ValueError(f"{what} must hold at least one token id (a prompt of P >= 1)")
         return data, n
+
+    def _copy_state(self, group: str, src: int, dst: int) -> None:
+        if self.pools is not None:
+            pool = self.pools.state[group]
+            pool[:, dst] = pool[:, src]
 
     # ------------------------------------------------------------------------------------
     # matching
@@ -434,126 +222,37 @@ class KVCacheManager:
         ``boundary == P``.
         """
         data, p = self._encode(tokens, "tokens")
-        root = self._root(extra_key)
-        hashes = chain_hashes(data, self.tokens_per_block, root)
+        hashes = self._hashes(data, self._root(extra_key))
         return self._match(p, hashes, extra_key, data)
 
     @property
     def version(self) -> int:
         """Counts changes to the prefix indexes (publish, evict); a :class:`PrefixMatch`
         taken at the current version is still exact."""
-        return sum(gs.cache.version for gs in self._groups.values())
+        return sum(gc.pool.version for gc in self._groups.values())
 
     def _match(
         self, p: int, hashes: Sequence[BlockHash], extra_key: ExtraKey, data: array
     ) -> PrefixMatch:
+        found = {name: gc.match(hashes, p) for name, gc in self._groups.items()}
+        caps = [m.boundary_cap for m in found.values() if m.boundary_cap is not None]
+        upper = min([len(hashes), *caps])  # the boundary is at most min over full-attention runs
         bsz = self.tokens_per_block
-        nfull = len(hashes)
-        cached: dict[str, int] = {}
-        matched: dict[str, range] = {}
-        hits: dict[str, bool] = {}
-        ids: dict[str, tuple[int, ...]] = {}
-        upper = nfull  # the boundary is at most min over full-attention runs
-        for gs in self._groups.values():
-            g = gs.group
-            if g.kind == "full":
-                found = gs.cache.run_ids(hashes, 0)
-                run = len(found)
-                ids[g.name] = found
-                matched[g.name] = range(0, run)
-                cached[g.name] = run * bsz
-                upper = min(upper, run)
-            elif g.kind == "sliding":
-                start = needed_range(g, p).start
-                s = start // bsz
-                found = gs.cache.run_ids(hashes, s)
-                run = len(found)
-                ids[g.name] = found
-                matched[g.name] = range(s, s + run)
-                cached[g.name] = (s + run) * bsz if run else start
-            else:
-                slot = gs.cache.lookup(hashes[-1]) if p % bsz == 0 and nfull > 0 else None
-                hit = slot is not None
-                ids[g.name] = () if slot is None else (slot,)
-                hits[g.name] = hit
-                cached[g.name] = p if hit else 0
-        boundary = self._boundary(hashes, upper) * bsz
+        boundary = common_boundary(hashes, upper, bsz, self._windows, self._snapshots) * bsz
         return PrefixMatch(
             num_tokens=p,
             tokens_per_block=bsz,
-            cached=cached,
-            matched_blocks=matched,
-            state_hits=hits,
+            cached={name: m.cached for name, m in found.items()},
+            matched_blocks={name: m.blocks for name, m in found.items() if m.blocks is not None},
+            state_hits={name: m.hit for name, m in found.items() if m.hit is not None},
             boundary=boundary,
-            block_ids=ids,
+            block_ids={name: m.ids for name, m in found.items()},
             extra_key=extra_key,
             hashes=tuple(hashes),
             token_bytes=data,
             version=self.version,
             owner=self._uid,
         )
-
-    def _boundary(self, hashes: Sequence[BlockHash], upper: int) -> int:
-        """The largest block count ``j <= upper`` valid for every sliding and state group.
-
-        Tries ``j = upper`` directly (the common case), else scans ``j`` downwards over
-        presence lists at C speed: a sliding group missing block ``b`` of ``[lo(j), j)`` rules
-        out every ``j'`` in ``(p + 1, j]`` where ``p`` is its highest cached block below ``b``
-        (``lo`` never decreases with ``j``, and a window of ``W >= 2`` always holds block
-        ``j' - 1``), so the scan jumps to ``p + 1``; a state group jumps to its next snapshot.
-        """
-        if upper == 0:
-            return 0
-        bsz = self.tokens_per_block
-        sliding = [
-            (gs.group.window or 1, gs.cache._index)
-            for gs in self._attention
-            if gs.group.kind == "sliding"
-        ]
-        snapshots = [gs.cache._index for gs in self._states]
-        if not sliding and not snapshots:
-            return upper
-        last = hashes[upper - 1]
-        if all(last in index for index in snapshots) and all(
-            all(hashes[b] in index for b in range(max(0, upper * bsz + 1 - w) // bsz, upper))
-            for w, index in sliding
-        ):
-            return upper
-        # rev[i] is about block upper - 1 - i: block b <-> position upper - 1 - b
-        rev = list(hashes[:upper])
-        rev.reverse()
-        present = [(w, list(map(index.__contains__, rev))) for w, index in sliding]
-        state_ok: list[bool] | None = None
-        for index in snapshots:
-            here = list(map(index.__contains__, rev))
-            state_ok = (
-                here if state_ok is None else [a and b for a, b in zip(state_ok, here, strict=True)]
-            )
-        j = upper
-        while j > 0:
-            if state_ok is not None:  # the largest j' <= j with a snapshot at j'
-                try:
-                    j = upper - state_ok.index(True, upper - j)
-                except ValueError:
-                    return 0
-            jumped = False
-            for w, have in present:
-                lo = max(0, j * bsz + 1 - w) // bsz
-                if lo >= j:  # W = 1: the window before c is empty
-                    continue
-                try:
-                    missing = upper - 1 - have.index(False, upper - j, upper - lo)
-                except ValueError:
-                    continue
-                try:  # the highest cached block below the missing one
-                    j = upper - have.index(True, upper - missing)
-                except ValueError:
-                    return 0
-                jumped = True
-                break
-            if not jumped:
-                return j
-        return 0
 
     # ------------------------------------------------------------------------------------
     # allocation
@@ -563,7 +262,7 @@ class KVCacheManager:
         request_id: RequestId,
         tokens: Sequence[int] | PrefixMatch,
         num_draft_tokens: int = 0,
-        mode: Mode = "per_group",
+        mode: ReusePolicy | Mode = ReusePolicy.PER_GROUP,
         *,
         extra_key: ExtraKey = None,
         prefill: bool = False,
@@ -590,8 +289,7 @@ class KVCacheManager:
         :class:`OutOfBlocksError` (no change) if a group lacks blocks or slots, ``ValueError``
         if ``request_id`` is live already.
         """
-        if mode not in MODES:
-            raise ValueError(f"request {request_id!r}: mode must be one of {MODES}, got {mode!r}")
+        policy = parse_mode(mode, where=f"request {request_id!r}")
         try:
             live = request_id in self._requests
         except TypeError:
@@ -620,86 +318,40 @@ class KVCacheManager:
             match = prefix if fresh else self._match(p, hashes, extra_key, data)
         else:
             data, p = self._encode(tokens, f"request {request_id!r}: tokens")
-            hashes = chain_hashes(data, self.tokens_per_block, self._root(extra_key))
+            hashes = self._hashes(data, self._root(extra_key))
             match = self._match(p, hashes, extra_key, data)
-        root = self._root(extra_key)
-        bsz = self.tokens_per_block
-        end = ceil_div(p + k, bsz)
+        end = ceil_div(p + k, self.tokens_per_block)
+        boundary = match.boundary if policy is ReusePolicy.SINGLE_BOUNDARY else None
 
         # -- plan every group, check capacity, then change state (no partial allocation) --
-        plan: list[tuple[_Group, int, list[int], int]] = []  # group, first, reused ids, fresh
-        cached: dict[str, int] = {}
-        reused_blocks: dict[str, range] = {}
-        valid: dict[str, int] = {}
-        for gs in self._attention:
-            g = gs.group
-            first = 0 if g.kind == "full" else needed_range(g, p).start // bsz
-            found = match.matched_blocks[g.name]
-            if mode == "per_group":
-                take = found
-                cached[g.name] = match.cached[g.name]
-            else:
-                take = range(found.start, max(found.start, min(found.stop, match.boundary // bsz)))
-                cached[g.name] = match.boundary
-            ids = list(match.block_ids[g.name][: len(take)])
-            fresh = (end - first) - len(ids)
-            lru = gs.cache._lru
-            available = gs.available - (len(lru.keys() & ids) if lru and ids else 0)
-            if fresh > available:
-                raise OutOfBlocksError(request_id, g.name, fresh, available, gs.detail())
-            plan.append((gs, first, ids, fresh))
-            reused_blocks[g.name] = take
-            valid[g.name] = (
-                first * bsz if (prefill or ids or g.kind == "full") else (needed_range(g, p).start)
+        plans: dict[str, GroupAllocation] = {
+            name: gc.plan(
+                request_id,
+                match.group_match(name),
+                boundary=boundary,
+                hashes=hashes,
+                num_tokens=p,
+                end_block=end,
+                prefill=prefill,
             )
-        state_plan: list[tuple[_Group, int | None]] = []
-        state_hits: dict[str, bool] = {}
-        for gs in self._states:
-            g = gs.group
-            hit = match.state_hits[g.name] if mode == "per_group" else match.boundary == p
-            snapshot = gs.cache.lookup(hashes[-1]) if hit else None
-            available = gs.available - (1 if snapshot is not None else 0)
-            if available < 1:
-                raise OutOfBlocksError(
-                    request_id, g.name, 1, available, gs.detail() + "; state slot"
-                )
-            state_plan.append((gs, snapshot))
-            state_hits[g.name] = hit
-            cached[g.name] = (p if hit else 0) if mode == "per_group" else match.boundary
-
-        req = _Request(request_id, extra_key, root, data, hashes, p, k)
-        req.valid_from = valid
-        for gs, first, ids, fresh in plan:
-            gs.take(ids)
-            ids = ids + gs.fresh(fresh)
-            req.first_block[gs.name] = first
-            req.blocks[gs.name] = ids
-        for gs, snapshot in state_plan:
-            if snapshot is not None:
-                gs.take([snapshot])  # pin the source while the own slot is taken
-            slot = gs.fresh(1)[0]
-            if snapshot is not None:
-                self._copy_state(gs.name, snapshot, slot)
-                gs.release([snapshot])  # back on the LRU list, now the newest entry
-            req.slots[gs.name] = slot
+            for name, gc in self._groups.items()
+        }
+        req = RequestBlocks(request_id, extra_key, self._root(extra_key), data, hashes, p, k)
+        for name, gc in self._groups.items():
+            gc.apply(req, plans[name])
         self._requests[request_id] = req
         return Allocation(
             request_id=request_id,
             num_tokens=p,
             num_draft_tokens=k,
-            mode=mode,
-            spans={gs.name: req.span(gs.name) for gs in self._attention},
+            mode=policy,
+            spans={gc.name: req.span(gc.name) for gc in self._paged},
             state_slots=dict(req.slots),
-            cached=cached,
-            reused_blocks=reused_blocks,
-            state_hits=state_hits,
+            cached={name: plan.cached for name, plan in plans.items()},
+            reused_blocks={n: pl.taken for n, pl in plans.items() if pl.taken is not None},
+            state_hits={n: pl.hit for n, pl in plans.items() if pl.hit is not None},
             match=match,
         )
-
-    def _copy_state(self, group: str, src: int, dst: int) -> None:
-        if self.pools is not None:
-            pool = self.pools.state[group]
-            pool[:, dst] = pool[:, src]
 
     def append(
         self,
@@ -735,23 +387,20 @@ class KVCacheManager:
             else check_count(f"request {request_id!r}: num_draft_tokens", num_draft_tokens, 0)
         )
         end = ceil_div(req.num_tokens + n + k, self.tokens_per_block)
-        grow: list[tuple[_Group, int]] = []
-        for gs in self._attention:
-            extra = end - (req.first_block[gs.name] + len(req.blocks[gs.name]))
-            if extra > gs.available:
-                raise OutOfBlocksError(request_id, gs.name, extra, gs.available, gs.detail())
-            grow.append((gs, extra))
-        for gs, extra in grow:
-            blocks = req.blocks[gs.name]
-            if extra > 0:
-                blocks.extend(gs.fresh(extra))
-            elif extra < 0:
-                gs.release(blocks[extra:])
-                del blocks[extra:]
+        grow: list[tuple[PagedGroupCache, int]] = []
+        for gc in self._paged:
+            extra = gc.growth(req, end)
+            available = gc.pool.num_available
+            if extra > available:
+                raise OutOfBlocksError(request_id, gc.name, extra, available, gc.detail())
+            grow.append((gc, extra))
+        for gc, extra in grow:
+            gc.resize(req, extra)
         req.num_tokens += n
         req.num_draft = k
-        req.token_bytes += data
-        return {gs.name: req.span(gs.name) for gs in self._attention}
+        if data:
+            req.extend_tokens(data)
+        return {gc.name: req.span(gc.name) for gc in self._paged}
 
     def commit(self, request_id: RequestId, num_tokens: int | None = None) -> dict[str, int]:
         """Publish the request's full blocks below ``num_tokens`` (default: ``L``, or the
@@ -785,40 +434,14 @@ class KVCacheManager:
             )
         bsz = self.tokens_per_block
         nb = n // bsz
-        published = dict.fromkeys(self._groups, 0)
         if n <= req.committed:
-            return published
+            return dict.fromkeys(self._groups, 0)
         if len(req.hashes) < nb:
             parent = req.hashes[-1] if req.hashes else req.root
-            req.hashes.extend(
-                chain_hashes(
-                    req.token_bytes, bsz, parent, start_block=len(req.hashes), end_block=nb
-                )
-            )
-        hashes = req.hashes
-        lo_all = req.committed // bsz
-        for gs in self._attention:
-            first = req.first_block[gs.name]
-            blocks = req.blocks[gs.name]
-            lo = max(lo_all, first, ceil_div(req.valid_from[gs.name], bsz))
-            hi = min(nb, first + len(blocks))
-            if hi > lo:
-                published[gs.name] = gs.cache.insert_many(
-                    hashes[lo:hi], blocks[lo - first : hi - first]
-                )
-        if n == req.num_tokens and nb > 0 and n % bsz == 0:
-            key = hashes[nb - 1]
-            for gs in self._states:
-                if key in gs.cache:
-                    gs.cache.touch(gs.cache.lookup(key))  # type: ignore[arg-type]
-                    continue
-                if gs.available < 1:
-                    continue
-                snap = gs.fresh(1)[0]
-                self._copy_state(gs.name, req.slots[gs.name], snap)
-                gs.cache.insert(key, snap)
-                gs.release([snap])
-                published[gs.name] = 1
+            req.hashes.extend(self._hashes(req.token_bytes, parent, len(req.hashes), nb))
+        lo = req.committed // bsz
+        at_end = n == req.num_tokens and nb > 0 and n % bsz == 0
+        published = {name: gc.commit(req, lo, nb, at_end) for name, gc in self._groups.items()}
         req.committed = n
         return published
 
@@ -830,29 +453,15 @@ class KVCacheManager:
         evicted). Returns ``{sliding group: blocks released}``.
         """
         req = self._request(request_id)
-        released: dict[str, int] = {}
-        for gs in self._attention:
-            if gs.group.kind != "sliding":
-                continue
-            first = req.first_block[gs.name]
-            new_first = needed_range(gs.group, req.num_tokens).start // self.tokens_per_block
-            drop = new_first - first
-            if drop > 0:
-                blocks = req.blocks[gs.name]
-                gs.release(blocks[:drop])
-                del blocks[:drop]
-                req.first_block[gs.name] = new_first
-            released[gs.name] = max(drop, 0)
-        return released
+        released = {gc.name: gc.slide(req) for gc in self._paged}
+        return {name: n for name, n in released.items() if n is not None}
 
     def free(self, request_id: RequestId) -> None:
         """End the request: every block and slot loses its reference. Committed blocks stay
         matchable (LRU, evicted on demand); uncommitted ones return to the free list."""
         req = self._request(request_id)
-        for gs in self._attention:
-            gs.release(req.blocks[gs.name])
-        for gs in self._states:
-            gs.release([req.slots[gs.name]])
+        for gc in self._groups.values():
+            gc.free(req)
         del self._requests[request_id]
 
     def evict(self, num_blocks: int | None = None, *, group: str | None = None) -> int:
@@ -860,13 +469,7 @@ class KVCacheManager:
         group (oldest first), of ``group`` or of every group. Returns how many were evicted."""
         targets = list(self._groups.values()) if group is None else [self._group(group)]
         limit = None if num_blocks is None else check_count("num_blocks", num_blocks, 0)
-        total = 0
-        for gs in targets:
-            count = gs.cache.num_evictable if limit is None else min(limit, gs.cache.num_evictable)
-            if count:
-                gs.alloc.push_free([gs.cache.evict_lru() for _ in range(count)])
-            total += count
-        return total
+        return sum(gc.pool.evict(limit) for gc in targets)
 
     # ------------------------------------------------------------------------------------
     # reading state
@@ -885,7 +488,7 @@ class KVCacheManager:
     def spans(self, request_id: RequestId) -> dict[str, BlockSpan]:
         """``{attention group: BlockSpan}`` the request holds now."""
         req = self._request(request_id)
-        return {gs.name: req.span(gs.name) for gs in self._attention}
+        return {gc.name: req.span(gc.name) for gc in self._paged}
 
     def state_slots(self, request_id: RequestId) -> dict[str, int]:
         """``{state group: slot}`` of the request."""
@@ -905,106 +508,62 @@ class KVCacheManager:
             extra_key=req.extra_key,
         )
 
+    def block_pool(self, group: str) -> BlockPool:
+        """The :class:`~kvtriton.cache.block_pool.BlockPool` of ``group`` (to inspect; a
+        change made through it outside the manager's calls is the caller's responsibility)."""
+        return self._group(group).pool
+
     def num_blocks(self, group: str) -> int:
         """Pool size of ``group`` (blocks, or slots of a state group)."""
-        return self._group(group).alloc.num_blocks
+        return self._group(group).pool.num_blocks
 
     def num_free_blocks(self, group: str) -> int:
         """Blocks an allocation could take now: free plus cached-and-unreferenced."""
-        return self._group(group).available
+        return self._group(group).pool.num_available
 
     def num_cached_blocks(self, group: str) -> int:
         """Entries of the group's prefix index (blocks, or snapshots of a state group)."""
-        return self._group(group).cache.num_cached
+        return self._group(group).pool.num_cached
 
     def refcount(self, group: str, block_id: int) -> int:
-        return self._group(group).alloc.refcount(block_id)
+        return self._group(group).pool.refcount(block_id)
 
     def lookup(self, group: str, block_hash: BlockHash) -> int | None:
         """The block (or snapshot slot) published under ``block_hash`` in ``group``, or None."""
-        return self._group(group).cache.lookup(block_hash)
+        return self._group(group).pool.lookup(block_hash)
 
     def block_hash(self, group: str, block_id: int) -> BlockHash | None:
         """The hash a block (or snapshot slot) is published under, or ``None``."""
-        return self._group(group).cache.hash_of(block_id)
+        return self._group(group).pool.hash_of(block_id)
 
     def evictable(self, group: str) -> tuple[int, ...]:
         """Unreferenced cached blocks of ``group``, next to be evicted first."""
-        return self._group(group).cache.lru_ids()
+        return self._group(group).pool.evictable_ids()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """``{group: {"blocks", "free", "cached", "evictable", "referenced"}}``."""
-        out = {}
-        for name, gs in self._groups.items():
-            out[name] = {
-                "blocks": gs.alloc.num_blocks,
-                "free": gs.alloc.num_free,
-                "cached": gs.cache.num_cached,
-                "evictable": gs.cache.num_evictable,
-                "referenced": gs.alloc.num_blocks - gs.available,
+        return {
+            name: {
+                "blocks": gc.pool.num_blocks,
+                "free": gc.pool.num_free,
+                "cached": gc.pool.num_cached,
+                "evictable": gc.pool.num_evictable,
+                "referenced": gc.pool.num_referenced,
             }
-        return out
+            for name, gc in self._groups.items()
+        }
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` describing the first broken bookkeeping invariant:
         each block is referenced, free or evictable (exactly one); reference counts equal the
         live spans/slots holding a block; the index and block tags agree; spans are
         contiguous and cover ``needed`` plus drafts."""
-        bsz = self.tokens_per_block
-        for name, gs in self._groups.items():
-            expected = [0] * gs.alloc.num_blocks
+        for gc in self._groups.values():
+            expected = [0] * gc.pool.num_blocks
             for req in self._requests.values():
-                if gs.group.kind == "state":
-                    expected[req.slots[name]] += 1
-                else:
-                    for b in req.blocks[name]:
-                        expected[b] += 1
-            ref = gs.alloc._ref
-            assert ref == expected, (
-                f"group {name!r}: refcounts {_diff(ref, expected)} differ from live spans"
-            )
-            free = gs.alloc._free
-            assert len(set(free)) == len(free), f"group {name!r}: duplicate free ids"
-            lru = set(gs.cache._lru)
-            for b in range(gs.alloc.num_blocks):
-                places = (ref[b] > 0) + (b in lru) + (free.count(b) if b in free else 0)
-                assert places == 1, (
-                    f"group {name!r}: block {b} is in {places} of referenced/evictable/free"
-                )
-                tag = gs.cache._hash.get(b)
-                if b in lru:
-                    assert tag is not None, f"group {name!r}: evictable block {b} has no hash"
-                if b in free:
-                    assert tag is None, f"group {name!r}: free block {b} still has a hash"
-                if tag is not None:
-                    assert gs.cache._index.get(tag) == b, (
-                        f"group {name!r}: block {b}'s hash is not indexed to it"
-                    )
-            assert len(gs.cache._index) == len(gs.cache._hash), (
-                f"group {name!r}: index and block tags disagree"
-            )
-        for rid, req in self._requests.items():
-            end = ceil_div(req.num_tokens + req.num_draft, bsz)
-            for gs in self._attention:
-                first = req.first_block[gs.name]
-                assert first + len(req.blocks[gs.name]) == end, (
-                    f"request {rid!r}: group {gs.name!r} span ends at block "
-                    f"{first + len(req.blocks[gs.name])}, expected {end}"
-                )
-                need = needed_range(gs.group, req.num_tokens)
-                assert first * bsz <= need.start, (
-                    f"request {rid!r}: group {gs.name!r} span starts after needed {need}"
-                )
-                for i, b in enumerate(req.blocks[gs.name]):
-                    tag = gs.cache.hash_of(b)
-                    logical = first + i
-                    if tag is not None and logical < len(req.hashes):
-                        assert tag == req.hashes[logical], (
-                            f"request {rid!r}: group {gs.name!r} block {b} at logical "
-                            f"{logical} is published under another prefix's hash"
-                        )
-
-
-def _diff(a: list[int], b: list[int]) -> str:
-    bad = [(i, x, y) for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y][:5]
-    return ", ".join(f"block {i}: {x} (expected {y})" for i, x, y in bad)
+                for b in gc.held_ids(req):
+                    expected[b] += 1
+            gc.pool.check_invariants(expected)
+        for req in self._requests.values():
+            for gc in self._paged:
+                gc.check_span(req)

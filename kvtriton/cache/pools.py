@@ -8,7 +8,7 @@ One tensor per attention group, seen as the 6-D view of DESIGN.md §1
 
 Dim 0 holds the shard's layers in ``group.layer_ids`` order; the heads dim holds the shard's
 ``group.local_heads``. One tensor per state group ``[layers, slots, *group.local_state_shape]``
-of dtype ``group.state_dtype or spec.dtype``; a request owns one slot index, other slots hold
+of dtype ``group.item_dtype(spec.dtype)``; a request owns one slot index, other slots hold
 cached state snapshots.
 """
 
@@ -32,7 +32,7 @@ LAYOUTS: tuple[str, ...] = ("NHD", "HND")
 
 def resolve_num_blocks(spec: KVCacheSpec, num_blocks: int | Mapping[str, int]) -> dict[str, int]:
     """``{attention group: block count}`` from one count for every group or a mapping."""
-    attention = [g.name for g in spec.groups if g.kind != "state"]
+    attention = [g.name for g in spec.groups if g.is_attention]
     if isinstance(num_blocks, Mapping):
         unknown = sorted(set(num_blocks) - set(attention))
         if unknown:
@@ -57,7 +57,7 @@ def pool_bytes(
     blocks = resolve_num_blocks(spec, num_blocks) if _has_attention(spec) else {}
     slots = check_count("num_state_slots", num_state_slots, 0)
     kv = sum(spec.bytes_per_block(name) * n for name, n in blocks.items())
-    state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.kind == "state")
+    state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.is_state)
     return kv + state
 
 
@@ -69,8 +69,8 @@ def blocks_for_bytes(spec: KVCacheSpec, num_bytes: int, num_state_slots: int = 0
     """
     check_count("num_bytes", num_bytes, 1)
     slots = check_count("num_state_slots", num_state_slots, 0)
-    state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.kind == "state")
-    per_block = sum(spec.bytes_per_block(g) for g in spec.groups if g.kind != "state")
+    state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.is_state)
+    per_block = sum(spec.bytes_per_block(g) for g in spec.groups if g.is_attention)
     if per_block == 0:
         raise ValueError(f"spec {spec.name!r} has no attention group: size it by state slots")
     n = (num_bytes - state) // per_block
@@ -83,7 +83,7 @@ def blocks_for_bytes(spec: KVCacheSpec, num_bytes: int, num_state_slots: int = 0
 
 
 def _has_attention(spec: KVCacheSpec) -> bool:
-    return any(g.kind != "state" for g in spec.groups)
+    return any(g.is_attention for g in spec.groups)
 
 
 @dataclass
@@ -165,11 +165,10 @@ def allocate_pools(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     slots = check_count("num_state_slots", num_state_slots, 0)
-    has_state = any(g.kind == "state" for g in spec.groups)
-    if has_state and slots < 1:
+    states = [g.name for g in spec.groups if g.is_state]
+    if states and slots < 1:
         raise ValueError(
-            f"spec {spec.name!r} has state groups "
-            f"{[g.name for g in spec.groups if g.kind == 'state']}: num_state_slots must be >= 1"
+            f"spec {spec.name!r} has state groups {states}: num_state_slots must be >= 1"
         )
     if (num_blocks is None) == (num_bytes is None):
         if _has_attention(spec) or num_bytes is not None:
@@ -179,8 +178,8 @@ def allocate_pools(
     blocks = resolve_num_blocks(spec, num_blocks) if _has_attention(spec) else {}  # type: ignore[arg-type]
     pools = CachePools(spec=spec, layout=layout)
     for group in spec.groups:
-        if group.kind == "state":
-            dtype = getattr(torch, group.state_dtype or spec.dtype)
+        if group.is_state:
+            dtype = getattr(torch, group.item_dtype(spec.dtype))
             pools.state[group.name] = torch.zeros(
                 (group.num_layers, slots, *group.local_state_shape), dtype=dtype, device=device
             )

@@ -1,5 +1,10 @@
 """Hugging Face ``transformers`` KV caches to and from paged kvtriton pools.
 
+(Over 600 lines on purpose: one library bridge in sections -- cache-layer introspection,
+gated-DeltaNet state layers, spec <-> model checks, cache -> pools, pools -> cache, tiny
+seeded models -- that share private helpers on transformers' layer classes; splitting it
+would turn those helpers into an API.)
+
 What is supported (``transformers`` 5.x ``DynamicCache``, batch size 1 = one request):
 
 * full-attention layers (``DynamicLayer``): the layer holds positions ``[0, T)``;
@@ -50,7 +55,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvtriton.ranges import BlockSpan, TokenRange, needed_range
-from kvtriton.spec import KVCacheSpec, LayerGroup
+from kvtriton.spec import GroupKind, KVCacheSpec, LayerGroup
 
 if TYPE_CHECKING:
     import torch
@@ -104,8 +109,8 @@ def _cache_utils() -> Any:
     return cache_utils
 
 
-def cache_layer_kind(layer: object) -> str | None:
-    """``"full"``, ``"sliding"``, ``"state"`` or ``None`` (nothing cached) for a cache layer.
+def cache_layer_kind(layer: object) -> GroupKind | None:
+    """The :class:`~kvtriton.spec.GroupKind` of a cache layer (``None``: nothing cached).
 
     Raises ``ValueError`` for layer classes this module cannot move (hybrid attention+state
     layers, static, quantized or indexed layers, anything unknown), naming the class.
@@ -117,7 +122,7 @@ def cache_layer_kind(layer: object) -> str | None:
     if isinstance(layer, getattr(cu, "DummyLayer", ())):
         return None
     if cls is getattr(cu, "LinearAttentionLayer", None):
-        return "state"
+        return GroupKind.STATE
     if isinstance(layer, getattr(cu, "LinearAttentionCacheLayerMixin", ())):
         raise ValueError(
             f"cache layer {name} holds attention KV and a recurrent state in one layer: not "
@@ -126,9 +131,9 @@ def cache_layer_kind(layer: object) -> str | None:
     # Exact classes: subclasses (quantized, indexed, offloaded variants) keep extra tensors
     # this module would silently drop.
     if cls is cu.DynamicSlidingWindowLayer:
-        return "sliding"
+        return GroupKind.SLIDING
     if cls is cu.DynamicLayer:
-        return "full"
+        return GroupKind.FULL
     raise ValueError(
         f"cache layer {name} is not supported: expected DynamicLayer (full attention), "
         "DynamicSlidingWindowLayer (sliding window), LinearAttentionLayer (gated DeltaNet "
@@ -149,13 +154,13 @@ def held_positions(cache: Any, layer_idx: int) -> TokenRange:
         raise ValueError(f"layer {layer_idx} is outside the cache's {len(layers)} layers")
     layer = layers[layer_idx]
     kind = cache_layer_kind(layer)
-    if kind is None or kind == "state":
+    if kind is None or not kind.pages_tokens:
         raise ValueError(f"layer {layer_idx} ({type(layer).__name__}) holds no per-token KV")
     if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
-        end = int(getattr(layer, "cumulative_length", 0)) if kind == "sliding" else 0
+        end = int(getattr(layer, "cumulative_length", 0)) if kind.has_window else 0
         return TokenRange(end, end)
     held = int(layer.keys.shape[-2])
-    if kind == "full":
+    if not kind.has_window:  # full attention holds every position from 0
         return TokenRange(0, held)
     total = int(layer.cumulative_length)
     if held > total:
@@ -173,7 +178,7 @@ def held_ranges(cache: Any, spec: KVCacheSpec) -> dict[str, TokenRange]:
     """
     ranges: dict[str, TokenRange] = {}
     for group in spec.groups:
-        if group.kind == "state":
+        if group.is_state:
             continue
         per_layer = {layer: held_positions(cache, layer) for layer in group.layer_ids}
         distinct = set(per_layer.values())
@@ -328,7 +333,7 @@ def spec_for_model(
     return spec
 
 
-def _config_layer_kinds(config: Any) -> list[str | None]:
+def _config_layer_kinds(config: Any) -> list[GroupKind | None]:
     """Per layer, what ``DynamicCache(config=...)`` builds: full / sliding / None (no KV)."""
     cu = _cache_utils()
     text = _text_config(config)
@@ -384,7 +389,7 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
                 f"layer {layer} is {kind} in {type(text).__name__} but group "
                 f"{group.name!r} is {group.kind}"
             )
-        if kind == "sliding":
+        if kind.has_window:
             window = int(cache_layers[layer].sliding_window)
             if group.window != window:
                 raise ValueError(
@@ -399,7 +404,7 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     for group in root.groups:
-        if group.kind == "state":
+        if group.is_state:
             expected = state_layout(text).state_shape
             if tuple(group.state_shape or ()) != expected:
                 raise ValueError(
@@ -467,10 +472,11 @@ def _state_tensors(layer: Any, layer_idx: int, batch_index: int) -> tuple[Any, A
 def _check_state_group(spec: KVCacheSpec, group: LayerGroup) -> None:
     root = spec.root.group(group.name)
     assert root.state_shape is not None
-    if (group.state_head_start, group.state_head_end) != (0, root.state_shape[0]):
+    lo, hi = group.held_heads
+    if (lo, hi) != (0, root.state_shape[0]):
         raise ValueError(
             f"group {group.name!r}: a gated-DeltaNet state moves only whole (tp = 1); this shard "
-            f"holds state heads [{group.state_head_start}, {group.state_head_end}) of "
+            f"holds state heads [{lo}, {hi}) of "
             f"{root.state_shape[0]} (the conv packing is not a tensor-parallel split)"
         )
 
@@ -521,7 +527,7 @@ def cache_to_pools(
             f"{spec.name!r} ({sorted(held)})"
         )
     state_slots = dict(state_slots or {})
-    states = [g.name for g in spec.groups if g.kind == "state"]
+    states = [g.name for g in spec.groups if g.is_state]
     unknown = sorted(set(state_slots) - set(states))
     if unknown:
         raise ValueError(
@@ -531,7 +537,7 @@ def cache_to_pools(
     jobs: list[tuple[LayerGroup, TokenRange, torch.Tensor, BlockSpan]] = []
     state_jobs: list[tuple[LayerGroup, torch.Tensor, int, StateLayout]] = []
     for group in spec.groups:
-        if group.kind == "state":
+        if group.is_state:
             if group.name not in state_slots:
                 continue
             if config is None:
@@ -552,7 +558,7 @@ def cache_to_pools(
                     f"{layout.state_shape}"
                 )
             for layer in group.layer_ids:
-                if cache_layer_kind(cache.layers[layer]) != "state":
+                if cache_layer_kind(cache.layers[layer]) is not GroupKind.STATE:
                     raise ValueError(f"layer {layer} of the cache is not a state layer")
                 conv, rec = _state_tensors(cache.layers[layer], layer, batch_index)
                 if tuple(conv.shape) != (layout.conv_channels, layout.conv_kernel) or tuple(
@@ -596,7 +602,7 @@ def cache_to_pools(
                 )
         jobs.append((group, rng, pool, span))
     for group, rng, pool, span in jobs:
-        lo, hi = group.head_start, group.head_end
+        lo, hi = group.held_heads
         rows = []
         for layer in group.layer_ids:
             entry = cache.layers[layer]
@@ -624,12 +630,12 @@ def _unsharded(spec: KVCacheSpec, group: LayerGroup) -> LayerGroup:
 # ------------------------------------------------------------------------------------------
 
 
-def _fill_layer(layer: Any, keys: Any, values: Any, num_tokens: int, kind: str) -> None:
+def _fill_layer(layer: Any, keys: Any, values: Any, num_tokens: int, kind: GroupKind) -> None:
     """Install ``keys``/``values`` ([1, H, T, D]) into a fresh cache layer resuming at ``P``."""
     layer.lazy_initialization(keys, values)
     layer.keys = keys
     layer.values = values
-    if kind == "sliding":
+    if kind.has_window:
         if getattr(layer, "record_past", False):
             raise ValueError(
                 "sliding cache layer records its past (record_past=True); expected a "
@@ -690,7 +696,7 @@ def pools_to_cache(
     ranges: dict[str, TokenRange] = {}
     for group in spec.groups:
         pool = pools[group.name]
-        if group.kind == "state":
+        if group.is_state:
             if group.name not in state_slots:
                 raise ValueError(f"no state slot for state group {group.name!r}")
             slot = state_slots[group.name]
@@ -717,7 +723,7 @@ def pools_to_cache(
             )
     cache = cu.DynamicCache(config=text)
     for group in spec.groups:
-        if group.kind == "state":
+        if group.is_state:
             layout = state_layout(text)
             pool = pools[group.name]
             for local, layer in enumerate(group.layer_ids):

@@ -1,0 +1,48 @@
+"""Plots for the notebooks and ``kvtriton simulate --plot`` (matplotlib, imported on use).
+
+* :mod:`kvtriton.viz.blocks`: block maps of transfer plans and the what-if helpers;
+* :mod:`kvtriton.viz.sim`: simulation results;
+* :mod:`kvtriton.viz.bench`: kernel bandwidth and distributed-transfer reports.
+
+Every ``plot_*`` function returns a ``matplotlib.figure.Figure`` and saves it to ``path``
+when one is given.
+"""
+
+from kvtriton.viz._compare_backends import compare_backends
+from kvtriton.viz.bench import plot_kernel_bandwidth, plot_transfer_report
+from kvtriton.viz.blocks import (
+    CACHED,
+    DRAFT,
+    MOVED,
+    NOT_NEEDED,
+    PARTLY_MOVED,
+    STATUS_NAMES,
+    GroupMap,
+    alignment_plans,
+    block_maps,
+    plot_block_maps,
+    plot_plan_bytes,
+    with_window,
+)
+from kvtriton.viz.sim import plot_policy_summary, plot_simulation, plot_sweep
+
+__all__ = [
+    "CACHED",
+    "DRAFT",
+    "MOVED",
+    "NOT_NEEDED",
+    "PARTLY_MOVED",
+    "STATUS_NAMES",
+    "GroupMap",
+    "alignment_plans",
+    "block_maps",
+    "compare_backends",
+    "plot_block_maps",
+    "plot_kernel_bandwidth",
+    "plot_plan_bytes",
+    "plot_policy_summary",
+    "plot_simulation",
+    "plot_sweep",
+    "plot_transfer_report",
+    "with_window",
+]
