@@ -80,7 +80,7 @@ class ReceivePlan:
     @property
     def tokens(self) -> dict[str, TokenRange]:
         """``{attention group: positions to receive}`` (possibly empty), for ``packed_layout``."""
-        return {g.name: g.tokens for g in self.plan.groups if g.kind != "state"}
+        return {g.name: g.tokens for g in self.plan.groups if g.group.is_attention}
 
     @property
     def states(self) -> tuple[str, ...]:
@@ -155,7 +155,7 @@ def prepare_receive(
         )
         bsz = manager.tokens_per_block
         for g in plan.groups:
-            if g.kind == "state":
+            if g.group.is_state:
                 if g.moves_state == alloc.state_hits[g.name]:
                     raise RuntimeError(
                         f"request {request_id!r}: group {g.name!r}: state hit "
@@ -170,7 +170,7 @@ def prepare_receive(
                     f"request {request_id!r}: group {g.name!r}: transfer range {g.tokens} "
                     f"would write into reused cached blocks {reused}"
                 )
-        tokens = {g.name: g.tokens for g in plan.groups if g.kind != "state"}
+        tokens = {g.name: g.tokens for g in plan.groups if g.group.is_attention}
         states = plan.state_groups
         target = TransferTarget.from_spans(
             str(request_id),
@@ -236,7 +236,9 @@ def source_spans(
     spec = manager.spec
     held = set(spec.group_names)
     if isinstance(ranges, TransferPlan):
-        tokens = {g.name: g.tokens for g in ranges.groups if g.kind != "state" and g.name in held}
+        tokens = {
+            g.name: g.tokens for g in ranges.groups if g.group.is_attention and g.name in held
+        }
         wanted_states = tuple(name for name in ranges.state_groups if name in held)
     else:
         tokens = dict(ranges)
@@ -257,7 +259,7 @@ def source_spans(
                 f"request {request_id!r}: range of group {name!r} must be a "
                 f"TokenRange, got {type(rng).__name__}"
             )
-        if group.kind == "state":
+        if group.is_state:
             if not rng.is_empty:
                 raise ValueError(
                     f"request {request_id!r}: group {name!r} is a state group; "
@@ -275,7 +277,7 @@ def source_spans(
         spans[name] = span
     slots: dict[str, int] = {}
     for name in wanted_states:
-        if spec.group(name).kind != "state":
+        if not spec.group(name).is_state:
             raise ValueError(f"request {request_id!r}: group {name!r} is not a state group")
         slots[name] = state.state_slots[name]
     return SourceSpans(
@@ -298,7 +300,7 @@ def source_target(manager: KVCacheManager, request_id: RequestId) -> TransferTar
         start = max(held.start, state.valid_from.get(name, 0))
         if start < held.end:
             tokens[name] = TokenRange(start, held.end)
-    states = {g.name: state.state_slots[g.name] for g in spec.groups if g.kind == "state"}
+    states = {g.name: state.state_slots[g.name] for g in spec.groups if g.is_state}
     return TransferTarget.from_spans(
         str(request_id),
         p,

@@ -102,7 +102,7 @@ def _pools_and_manager(
     from kvtriton.integrations.transformers import check_spec
 
     check_spec(spec, model.config)
-    has_state = any(g.kind == "state" for g in spec.groups)
+    has_state = any(g.is_state for g in spec.groups)
     pools = allocate_pools(
         spec, num_blocks, num_state_slots=num_state_slots if has_state else 0, device=_device(model)
     )
@@ -154,7 +154,7 @@ class ContextWorker:
             with torch.no_grad():
                 cache = DynamicCache(config=self.model.config)
                 out = _forward(self.model, prompt, cache)
-            needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.kind != "state"}
+            needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.is_attention}
             cache_to_pools(
                 cache,
                 self.spec,
@@ -398,9 +398,7 @@ class GenerationWorker:
                     q = p + i
                     out = _forward(self.model, tokens[-1:], cache)
                     spans = self.manager.append(request_id, tokens[-1:])
-                    new = {
-                        g.name: TokenRange(q, q + 1) for g in self.spec.groups if g.kind != "state"
-                    }
+                    new = {g.name: TokenRange(q, q + 1) for g in self.spec.groups if g.is_attention}
                     # the state now summarises [0, q + 1): commit may snapshot it
                     cache_to_pools(
                         cache,
@@ -441,9 +439,7 @@ class GenerationWorker:
         Models memory pressure: released sliding-window pages are the first a loaded server
         loses. Returns the number of blocks evicted.
         """
-        return sum(
-            self.manager.evict(group=g.name) for g in self.spec.groups if g.kind == "sliding"
-        )
+        return sum(self.manager.evict(group=g.name) for g in self.spec.groups if g.kind.has_window)
 
 
 def run_chat(

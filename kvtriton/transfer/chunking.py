@@ -70,7 +70,7 @@ def plan_chunks(
     work: list[tuple[str, TokenRange, int]] = []  # (group, range, bytes per token)
     state_list: list[tuple[str, int]] = []
     for g in root.groups:
-        if g.kind == "state":
+        if g.is_state:
             if g.name in states:
                 hs = heads.get(g.name)
                 nh = (hs[1] - hs[0]) if hs else g.state_shape[0]  # type: ignore[index]
@@ -79,7 +79,7 @@ def plan_chunks(
                     len(layers.get(g.name, g.layer_ids))
                     * nh
                     * per_head
-                    * DTYPE_BYTES[g.state_dtype or root.dtype]
+                    * DTYPE_BYTES[g.item_dtype(root.dtype)]
                 )
                 state_list.append((g.name, nbytes))
             continue

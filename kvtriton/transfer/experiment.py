@@ -144,7 +144,7 @@ def _run_gen(
     next_turn = [0] * len(convs)
     live: dict[str, tuple[Any, list[int], float, float]] = {}
     stats: list[_Stats] = []
-    sliding = [g.name for g in spec.groups if g.kind == "sliding"]
+    sliding = [g.name for g in spec.groups if g.kind.has_window]
     clock = agent.clock
 
     def issue(c: int) -> None:
@@ -237,7 +237,7 @@ def _leaked(manager: KVCacheManager, spec: KVCacheSpec) -> dict[str, int]:
     return {
         g.name: sum(manager.refcount(g.name, b) > 0 for b in range(manager.num_blocks(g.name)))
         for g in spec.groups
-        if g.kind != "state"
+        if g.is_attention
     }
 
 
@@ -284,7 +284,7 @@ def run_rank(
     channel_name = "?"
     healthy = True
     for mode in cfg.modes:
-        has_state = any(g.kind == "state" for g in spec.groups)
+        has_state = any(g.is_state for g in spec.groups)
         pools = allocate_pools(
             spec, nblocks, num_state_slots=nslots if has_state else 0, device=device, layout=layout
         )  # type: ignore[arg-type]
@@ -321,7 +321,7 @@ def run_rank(
         out["stats"] = stats
         out["leaked"] = _leaked(manager, spec)
         out["cached"] = {
-            g.name: manager.num_cached_blocks(g.name) for g in spec.groups if g.kind != "state"
+            g.name: manager.num_cached_blocks(g.name) for g in spec.groups if g.is_attention
         }
         out["lost_peers"] = stats["lost_peers"]
         out["wall_s"] = time.perf_counter() - t0

@@ -121,14 +121,14 @@ class Receiver:
                 f"request {rid!r}: a sender may still send bytes of an earlier "
                 f"request with this id; use a new id"
             )
-        kinds = {g.name: g.kind for g in agent.spec.groups}
+        held = {g.name: g for g in agent.spec.groups}
         for g in target.kv:
-            if kinds.get(g) in (None, "state"):
+            if g not in held or not held[g].is_attention:
                 raise ValueError(
                     f"request {rid!r}: {g!r} is not an attention group of rank {agent.rank}"
                 )
         for g in target.state_slots:
-            if kinds.get(g) != "state":
+            if g not in held or not held[g].is_state:
                 raise ValueError(
                     f"request {rid!r}: {g!r} is not a state group of rank {agent.rank}"
                 )

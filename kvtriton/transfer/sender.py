@@ -225,12 +225,12 @@ class Sender:
                 f"{src.target.num_tokens}"
             )
         spec = agent.spec
-        kinds = {g.name: g.kind for g in spec.groups}
+        held = {g.name: g for g in spec.groups}
         for g in req.tokens:
-            if kinds.get(g) in (None, "state"):
+            if g not in held or not held[g].is_attention:
                 return f"group {g!r} is not an attention group of this rank"
         for g in req.states:
-            if kinds.get(g) != "state":
+            if g not in held or not held[g].is_state:
                 return f"group {g!r} is not a state group of this rank"
         if len(set(req.states)) != len(req.states):
             return "duplicate state groups"

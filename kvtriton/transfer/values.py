@@ -81,14 +81,6 @@ def state_values(
     return v.to(torch.float32).to(dtype).view(len(layer_ids), heads[1] - heads[0], *rest)
 
 
-def _global_heads(group: LayerGroup) -> tuple[int, int]:
-    if group.kind == "state":
-        assert group.state_head_end is not None
-        return group.state_head_start, group.state_head_end
-    assert group.head_end is not None
-    return group.head_start, group.head_end
-
-
 def prefill(
     spec: KVCacheSpec,
     pools: Any,
@@ -100,9 +92,9 @@ def prefill(
     """Write every position a context rank holds for the request (its spans up to ``P``)."""
     p = len(token_ids)
     for g in spec.groups:
-        if g.kind == "state":
+        if g.is_state:
             vals = state_values(
-                g, g.layer_ids, _global_heads(g), token_ids, pools.state[g.name].dtype, pools.device
+                g, g.layer_ids, g.held_heads, token_ids, pools.state[g.name].dtype, pools.device
             )
             kernels.scatter_state(vals, pools.state[g.name], slots[g.name], backend=backend)
             continue
@@ -111,7 +103,7 @@ def prefill(
         if rng.is_empty:
             continue
         vals = kv_values(
-            g, g.layer_ids, _global_heads(g), rng, token_ids, pools.kv[g.name].dtype, pools.device
+            g, g.layer_ids, g.held_heads, rng, token_ids, pools.kv[g.name].dtype, pools.device
         )
         kernels.scatter(vals, pools.kv[g.name], span, rng, backend=backend)
 
@@ -128,9 +120,9 @@ def verify(
     p = len(token_ids)
     bad = []
     for g in spec.groups:
-        if g.kind == "state":
+        if g.is_state:
             want = state_values(
-                g, g.layer_ids, _global_heads(g), token_ids, pools.state[g.name].dtype, pools.device
+                g, g.layer_ids, g.held_heads, token_ids, pools.state[g.name].dtype, pools.device
             )
             got = kernels.gather_state(pools.state[g.name], slots[g.name], backend=backend)
         else:
@@ -140,7 +132,7 @@ def verify(
             want = kv_values(
                 g,
                 g.layer_ids,
-                _global_heads(g),
+                g.held_heads,
                 rng,
                 token_ids,
                 pools.kv[g.name].dtype,
