@@ -807,6 +807,7 @@ def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
     for turns in result.values():  # the records came as JSON: logits back to float32 arrays
         for rec in turns:
             rec["logits"] = np.asarray(rec["logits"], dtype=np.float32)
+            rec["moved"] = {g: tuple(r) for g, r in rec["moved"].items()}
     return result  # type: ignore[no-any-return]
 
 

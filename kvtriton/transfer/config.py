@@ -20,8 +20,7 @@ class FaultInjection:
     data channel (:class:`kvtriton.transfer.faults.FaultyChannel`), never inside the library.
 
     Attributes:
-        die_after_frames: the process is killed right after handing this many chunks to the
-            wire.
+        die_after_frames: the process is killed once this many chunks left it.
         stall: accept requests but never send data (the receiver must time out).
         corrupt_chunk: flip one byte of this chunk index after its checksum was taken.
         frame_delay_s: wait this long between chunks (a slow sender).

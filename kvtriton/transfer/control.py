@@ -130,7 +130,8 @@ class SocketControl(ControlPlane):
     ) -> SocketControl:
         """Connect to every peer: this rank dials peers with a higher rank and accepts those
         with a lower one; each connection starts with a :class:`~protocol.Hello` naming the
-        dialling rank (checked against ``peers``, the model digest and the channel)."""
+        dialling rank (checked against ``peers`` and the data channel; a different model is
+        refused per request, by the sender)."""
         peers = sorted(set(peers))
         conns: dict[int, socket.socket] = {}
         deadline = time.monotonic() + timeout_s
@@ -158,11 +159,11 @@ class SocketControl(ControlPlane):
                     f"rank {rank}: a Hello from rank {hello.rank}, expected one of "
                     f"{sorted(expected)}"
                 )
-            if hello.model_digest != model_digest or hello.channel != channel:
+            if hello.channel != channel:  # a different model is refused per request instead
                 sock.close()
                 raise P.ProtocolError(
-                    f"rank {rank}: rank {hello.rank} runs model digest {hello.model_digest} over "
-                    f"{hello.channel!r}; this rank runs {model_digest} over {channel!r}"
+                    f"rank {rank}: rank {hello.rank} moves data over {hello.channel!r}; this "
+                    f"rank over {channel!r}"
                 )
             expected.discard(hello.rank)
             conns[hello.rank] = sock

@@ -36,7 +36,14 @@ from kvtriton.transfer.launch import (
 )
 from kvtriton.transfer.report import format_report
 
-__all__ = ["launch_cases", "launch_local", "run_cli", "run_torchrun"]
+__all__ = [
+    "DisaggConfig",
+    "format_report",
+    "launch_cases",
+    "launch_local",
+    "run_cli",
+    "run_torchrun",
+]
 
 
 def _init(rank: int, world: int, port: int, use_nccl: bool) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from kvtriton.transfer import protocol as P
 from kvtriton.transfer.channels.base import DataChannel
 from kvtriton.transfer.config import FaultInjection
-from kvtriton.transfer.jobs import RecvJob, SendJob
+from kvtriton.transfer.jobs import RecvJob, SendJob, Sent
 
 __all__ = ["FaultyChannel"]
 
@@ -28,7 +27,7 @@ class FaultyChannel(DataChannel):
         self.inner = inner
         self.faults = faults
         self.name = inner.name  # type: ignore[misc]
-        self._scheduled = 0
+        self._sent = 0
         self._next_at = 0.0
 
     def attach(self, host: Any) -> None:
@@ -42,6 +41,8 @@ class FaultyChannel(DataChannel):
         if self.faults.stall:
             return 0
         room = self.inner.capacity(peer)
+        if self.faults.die_after_frames is not None:
+            return min(room, 1)  # one chunk at a time: the death lands mid-request
         if self.faults.frame_delay_s > 0:
             if self._host_clock() < self._next_at:
                 return 0
@@ -64,13 +65,8 @@ class FaultyChannel(DataChannel):
 
     def schedule(self, job: SendJob, count: int) -> None:
         self.inner.schedule(job, count)
-        self._scheduled += count
         if self.faults.frame_delay_s > 0:
             self._next_at = self._host_clock() + self.faults.frame_delay_s
-        limit = self.faults.die_after_frames
-        if limit is not None and self._scheduled >= limit:
-            # let the chunks leave, then die the hard way (no cleanup, no goodbye)
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
     def on_peer_message(self, peer: int, message: P.Message) -> str | None:
         return self.inner.on_peer_message(peer, message)
@@ -85,7 +81,14 @@ class FaultyChannel(DataChannel):
         self.inner.finished(job)
 
     def events(self) -> list[Any]:
-        return self.inner.events()
+        out = self.inner.events()
+        limit = self.faults.die_after_frames
+        if limit is not None:
+            self._sent += sum(isinstance(ev, Sent) for ev in out)
+            if self._sent >= limit:
+                # those chunks left this rank: die the hard way (no cleanup, no goodbye)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out
 
     def peer_lost(self, peer: int) -> None:
         self.inner.peer_lost(peer)
