@@ -18,6 +18,7 @@ from kvtriton.cache import KVCacheManager, allocate_pools
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
 from kvtriton.transfer import protocol as P
 from kvtriton.transfer.config import FaultInjection, TransferOptions
+from kvtriton.transfer.jobs import Landed
 from kvtriton.transfer.local import LocalWorld
 from kvtriton.transfer.protocol import prompt_digest
 from kvtriton.transfer.session import SessionState
@@ -65,6 +66,7 @@ class World:
         faults: dict[int, FaultInjection] | None = None,
         blocks: int = 96,
         gen_options: TransferOptions | None = None,
+        channel: str = "loopback",
     ) -> None:
         self.topo = Topology(spec, ctx_tp, ctx_pp, gen_tp, gen_pp, gen_tokens_per_block=gen_block)
         self.clock = clock
@@ -82,7 +84,7 @@ class World:
         )
         per_rank: dict[int, TransferOptions] = dict.fromkeys(self.topo.ctx_ranks, opts)
         per_rank.update(dict.fromkeys(self.topo.gen_ranks, gen_options or opts))
-        kw: dict[str, Any] = {"bandwidth": bandwidth, "faults": faults}
+        kw: dict[str, Any] = {"bandwidth": bandwidth, "faults": faults, "channel": channel}
         if clock is not None:
             kw["clock"] = clock
         self.world = LocalWorld(
@@ -197,8 +199,9 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     ],
     ids=["tp1-tp1", "tp2-tp1", "tp1-tp2-bs3", "pp2-pp1", "tp1pp2-tp2pp1", "tp2-tp2-bs5"],
 )
-def test_topologies_move_exactly_what_each_group_needs(kw: dict[str, Any]) -> None:
-    w = World(**kw)
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_topologies_move_exactly_what_each_group_needs(kw: dict[str, Any], channel: str) -> None:
+    w = World(channel=channel, **kw)
     t1 = prompt(29)
     w.source("a", t1)
     asked = w.ask("a", t1)
@@ -221,8 +224,9 @@ def test_topologies_move_exactly_what_each_group_needs(kw: dict[str, Any]) -> No
     assert not w.leaked() and not any(w.sender_sizes().values())
 
 
-def test_state_groups_move_whole() -> None:
-    w = World(preset("tiny-hybrid"))
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_state_groups_move_whole(channel: str) -> None:
+    w = World(preset("tiny-hybrid"), channel=channel)
     t = prompt(40)
     w.source("s", t)
     asked = w.ask("s", t)
@@ -253,9 +257,10 @@ def test_single_boundary_mode_moves_more_and_is_bit_exact() -> None:
 # ---------------------------------------------------------------------------------------
 # sender-side safety rules
 # ---------------------------------------------------------------------------------------
-def test_a_request_is_bound_to_its_prompt() -> None:
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_a_request_is_bound_to_its_prompt(channel: str) -> None:
     # same id, another prompt of the same length: refused, nothing committed
-    w = World()
+    w = World(channel=channel)
     w.source("r", prompt(25))
     other = prompt(25, seed=5)
     asked = w.ask("r", other)
@@ -267,8 +272,9 @@ def test_a_request_is_bound_to_its_prompt() -> None:
     assert w.managers[gen].num_cached_blocks("full") == 0  # nothing reached the cache
 
 
-def test_a_finished_id_is_never_served_again_from_freed_blocks() -> None:
-    w = World()
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_a_finished_id_is_never_served_again_from_freed_blocks(channel: str) -> None:
+    w = World(channel=channel)
     t = prompt(25)
     w.source("r", t)
     w.settle(first := w.ask("r", t))
@@ -329,9 +335,10 @@ def test_an_unknown_id_is_refused_at_once_and_blocks_nothing_behind_it() -> None
     w.check(known, t)
 
 
-def test_a_source_is_leased_until_its_receivers_end_or_the_lease_expires() -> None:
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_a_source_is_leased_until_its_receivers_end_or_the_lease_expires(channel: str) -> None:
     clock = Clock()
-    w = World(gen_tp=2, clock=clock)
+    w = World(gen_tp=2, clock=clock, channel=channel)
     t = prompt(25)
     w.source("partial", t, lease_s=5.0)
     w.source("nobody", t, lease_s=5.0)
@@ -503,9 +510,11 @@ def test_corrupted_chunk_fails_both_sides_and_commits_nothing() -> None:
     assert not w.leaked()
 
 
-def test_receiver_timeout_when_the_sender_stalls() -> None:
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_receiver_timeout_when_the_sender_stalls(channel: str) -> None:
     clock = Clock()
     w = World(
+        channel=channel,
         clock=clock,
         faults={0: FaultInjection(stall=True)},
         options=TransferOptions(timeout_s=1.5, chunk_bytes=512, checksum=True),
@@ -572,8 +581,9 @@ def test_close_cancels_live_sessions_on_both_sides() -> None:
     assert not w.leaked()
 
 
-def test_spec_mismatch_is_refused() -> None:
-    w = World()
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_spec_mismatch_is_refused(channel: str) -> None:
+    w = World(channel=channel)
     t = prompt(25)
     w.source("r", t)
     (gen,) = w.topo.gen_ranks
@@ -632,3 +642,63 @@ def test_peer_data_is_never_unpickled() -> None:
                 if name == "recv" and owner.endswith(("sock", "_wake_r", "dist")):
                     continue  # socket bytes, tensors
                 assert name not in unpickling_calls, f"{path.name}: {owner}.{name}(...)"
+
+
+def test_direct_channel_checks_a_senders_block_ids_before_any_copy() -> None:
+    w = World(channel="direct")
+    t = prompt(25)
+    w.source("r", t)
+    (ctx,) = w.topo.ctx_ranks
+    (gen,) = w.topo.gen_ranks
+    sender = w.agents[ctx]
+    real = sender.channel.schedule
+
+    def lying_schedule(job: Any, count: int) -> None:  # a sender naming blocks it lacks
+        ids = job.target.kv["full"].block_ids.copy()
+        ids[0] = 10**6
+        job.target = dataclasses.replace(
+            job.target,
+            kv={**job.target.kv, "full": dataclasses.replace(job.target.kv["full"], block_ids=ids)},
+        )
+        real(job, count)
+
+    sender.channel.schedule = lying_schedule  # type: ignore[method-assign]
+    asked = w.ask("r", t)
+    w.settle(asked)
+    ((h, _),) = asked.values()
+    assert h.state is S.ERROR and "outside the pool's blocks" in (h.session.error or "")
+    assert h.bytes_received == 0 and not w.leaked().get(gen)
+
+
+def test_direct_channel_keeps_the_source_leased_until_the_receivers_final_word() -> None:
+    clock = Clock()
+    w = World(
+        channel="direct", clock=clock, options=TransferOptions(timeout_s=1.0, backend="reference")
+    )
+    t = prompt(25)
+    w.source("r", t)
+    (gen,) = w.topo.gen_ranks
+    receiver = w.agents[gen]
+    held: list[Any] = []
+
+    def slow_reader(job: Any, message: Any) -> Any:  # a copy launched, not yet complete
+        held.append(job)
+        job.posted = len(job.chunks)
+        job.pending += 1
+        return None
+
+    receiver.channel.on_announce = slow_reader  # type: ignore[method-assign]
+    asked = w.ask("r", t)
+    w.run(lambda: bool(held))
+    # both sides time out while the receiver still reads: the blocks stay leased, and the
+    # receiver's final word waits for its copy
+    w.run(lambda: clock.t > 1001.5, dt=0.01)
+    ((h, _),) = asked.values()
+    assert h.state is S.ERROR and "timed out" in (h.session.error or "")
+    assert "r" not in w.released and not h.released
+    (job,) = held
+    receiver.receiver.on_write_done(job)  # type: ignore[union-attr]
+    for k in range(len(job.chunks)):
+        receiver.receiver.on_landed(Landed(job, k, written=True))  # type: ignore[union-attr]
+    w.run(lambda: "r" in w.released)  # released only after the receiver's final word
+    assert h.released and not w.leaked()

@@ -118,6 +118,7 @@ class TransferAgent:
             target,
             lease_s=lease_s or self.options.lease,
             on_release=on_release,
+            ready=self.channel.ready_marker(),
         )
 
     # -- receiver API ---------------------------------------------------------------------

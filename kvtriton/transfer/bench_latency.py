@@ -1,11 +1,11 @@
 """Ask -> committed latency of 1-block requests between two ranks (``kvtriton bench latency``).
 
 A context rank and a generation rank are spawned on this machine (gloo on CPU; on a GPU box
-the fastest channel the ranks can use: NCCL with two GPUs). The context rank prefills
-``--requests`` prompts of exactly one block with position-derived values and registers
-them; then the generation rank asks for them one at a time, each request moving exactly one
-block (its whole prompt; nothing cached), and times from the ask to the commit (its
-``on_commit`` ran and the session ended TRANSFERRED). After the clock stops, every request
+the direct channel, both ranks sharing the GPU when there is one; ``--channel`` picks). The
+context rank prefills ``--requests`` prompts of exactly one block with position-derived
+values and registers them; then the generation rank asks for them one at a time, each
+request moving exactly one block (its whole prompt; nothing cached), and times from the ask
+to the commit (its ``on_commit`` ran and the session ended TRANSFERRED). After the clock stops, every request
 is checked bit-exact against the position-derived values. Prints and writes ``p50_us``,
 ``p99_us``, ``requests``, ``channel``, ``verified`` (true only if every request was checked
 and matched) and the shape.
@@ -40,8 +40,7 @@ def _spec() -> Any:
     )
 
 
-def _rank(rank: int, port: int, requests: int, device: str, conn: Any) -> None:
-    import datetime
+def _rank(rank: int, port: int, requests: int, channel: str, ngpu: int, conn: Any) -> None:
     import time
 
     import torch
@@ -50,26 +49,20 @@ def _rank(rank: int, port: int, requests: int, device: str, conn: Any) -> None:
     from kvtriton.adapter import complete_receive, prepare_receive, source_target
     from kvtriton.cache import KVCacheManager, allocate_pools
     from kvtriton.transfer.config import TransferOptions
-    from kvtriton.transfer.launch import connect, exit_worker, make_groups, send_result
+    from kvtriton.transfer.launch import (
+        connect,
+        exit_worker,
+        init_spawned,
+        make_groups,
+        send_result,
+    )
     from kvtriton.transfer.protocol import prompt_digest
     from kvtriton.transfer.session import SessionState
     from kvtriton.transfer.topology import Topology
     from kvtriton.transfer.values import prefill, verify
 
-    if os.environ.get("KVTR_TRACE"):
-        sys.path.insert(0, "/tmp/lead")
-        import tracehook  # noqa: F401
-    torch.set_num_threads(1)
-    sys.setswitchinterval(float(os.environ.get("KVTR_SWITCH", "0.005")))
-    use_nccl = device == "cuda"
-    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=60))
-    if use_nccl:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=2)
-    else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    ctrl, data = make_groups(2, "nccl" if use_nccl else "gloo")
-    dev = f"cuda:{rank}" if use_nccl else "cpu"
+    dev = init_spawned(rank, 2, port, ngpu)
+    ctrl, data = make_groups(2, "nccl" if channel == "nccl" else "gloo")
     topo = Topology(_spec())
     spec = topo.spec(rank)
     bsz = spec.tokens_per_block
@@ -81,9 +74,11 @@ def _rank(rank: int, port: int, requests: int, device: str, conn: Any) -> None:
         dict(pools.kv),
         ctrl_group=ctrl,
         data_group=data,
+        channel=channel,
         options=TransferOptions(timeout_s=30.0),
     )
     prompts = [[(i * 7919 + j) % 50_000 + 1 for j in range(bsz)] for i in range(requests)]
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     out: dict[str, Any] = {}
     if rank == 0:
         for i, tokens in enumerate(prompts):
@@ -96,8 +91,7 @@ def _rank(rank: int, port: int, requests: int, device: str, conn: Any) -> None:
                 prompt_digest=prompt_digest(tokens),
                 on_release=lambda r, _s: manager.free(r),
             )
-        if use_nccl:
-            torch.cuda.synchronize()
+        sync()
         dist.barrier(group=ctrl)
         agent.serve(timeout=600)
     else:
@@ -130,7 +124,8 @@ def _rank(rank: int, port: int, requests: int, device: str, conn: Any) -> None:
             "transferred": len(plans),
             "channel": agent.channel.name,
             "verified": ok == requests,
-            "device": torch.cuda.get_device_name(rank) if use_nccl else "cpu",
+            "device": torch.cuda.get_device_name(torch.device(dev)) if ngpu else "cpu",
+            "ranks_per_gpu": 2 // ngpu if ngpu else 0,
             "bytes_per_request": spec.bytes_per_block("full"),
             "shape": SHAPE,
         }
@@ -140,20 +135,16 @@ def _rank(rank: int, port: int, requests: int, device: str, conn: Any) -> None:
     exit_worker(conn)
 
 
-def measure(requests: int = 200, device: str = "auto") -> dict[str, Any]:
-    """Spawn the two ranks, run ``requests`` 1-block requests one at a time, return the
-    result (see the module docstring)."""
-    import torch
+def measure(requests: int = 200, channel: str = "auto") -> dict[str, Any]:
+    """Spawn the two ranks, run ``requests`` 1-block requests one at a time over
+    ``channel`` (``auto``: the direct channel on GPUs, gloo on CPU), return the result (see
+    the module docstring)."""
+    from kvtriton.transfer.launch import gpus_for, spawn_for_result
 
-    from kvtriton.transfer.launch import spawn_for_result
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
-    if device == "cuda" and torch.cuda.device_count() < 2:
-        raise ValueError("the nccl channel needs 2 GPUs (one per rank); use --device cpu")
+    ngpu = gpus_for(channel, 2)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     result, codes = spawn_for_result(
-        _rank, 2, lambda rank, port, conn: (rank, port, requests, device, conn), 300.0
+        _rank, 2, lambda rank, port, conn: (rank, port, requests, channel, ngpu, conn), 300.0
     )
     if result is None:
         raise RuntimeError(f"the latency benchmark produced no result (exit codes {codes})")
@@ -164,17 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvtriton bench latency", description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=200, help="1-block requests (default 200)")
     p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
+        "--channel",
+        choices=("auto", "gloo", "nccl", "ipc"),
         default="auto",
-        help="cpu: gloo; cuda: NCCL across two GPUs (default: cuda if 2 GPUs)",
+        help="auto: the direct channel (ipc) when a GPU is visible (the two ranks may share "
+        "it), gloo on CPU otherwise; nccl needs two GPUs",
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 100_000:
         p.error(f"--requests must be in [1, 100000], got {args.requests}")
     try:
-        r = measure(args.requests, args.device)
+        r = measure(args.requests, args.channel)
     except ValueError as exc:
         print(f"kvtriton bench latency: error: {exc}", file=sys.stderr)
         return 2

@@ -107,8 +107,9 @@ class DisaggConfig:
             memory-pressured decoder drops first).
         chunk_bytes, checksum, timeout_s: transfer options.
         ctx_layout, gen_layout: ``"NHD"`` / ``"HND"`` pools on each side.
-        channel: the data channel: ``"auto"`` (NCCL when every rank owns a GPU, else gloo on
-            CPU), ``"gloo"`` or ``"nccl"``.
+        channel: the data channel: ``"auto"`` (the direct channel when the ranks' GPUs are on
+            one host and can reach each other's memory, NCCL for GPUs otherwise, gloo on
+            CPU), ``"gloo"``, ``"nccl"`` or ``"ipc"``.
         kernel_backend: ``kernels`` backend for pack/unpack (``"auto"``/``"reference"``/...).
         devices: under torchrun with NCCL, the GPU of each local rank (default: its local
             rank); several ranks may share a GPU if every sender/receiver pair spans two.
@@ -219,9 +220,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="session timeout (s)")
     p.add_argument(
         "--channel",
-        choices=("auto", "gloo", "nccl"),
+        choices=("auto", "gloo", "nccl", "ipc"),
         default="auto",
-        help="data channel: auto = NCCL when every rank owns a GPU, else gloo on CPU",
+        help="data channel: auto = the direct channel (ipc, CUDA IPC) for GPUs on one host, "
+        "NCCL for GPUs otherwise, gloo on CPU",
     )
     p.add_argument("--kernel-backend", choices=("auto", "triton", "reference"), default="auto")
     p.add_argument("--ctx-layout", choices=("NHD", "HND"), default=d.ctx_layout)

@@ -13,7 +13,6 @@ Results come home as JSON bytes through one pipe per rank, never pickled.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -30,6 +29,8 @@ from kvtriton.transfer.experiment import run_rank
 from kvtriton.transfer.launch import (
     exit_worker,
     free_port,
+    gpus_for,
+    init_spawned,
     make_groups,
     send_result,
     spawn_for_result,
@@ -46,28 +47,13 @@ __all__ = [
 ]
 
 
-def _init(rank: int, world: int, port: int, use_nccl: bool) -> None:
-    torch.set_num_threads(1)
-    store = dist.TCPStore(
-        "127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60)
-    )
-    if use_nccl:
-        torch.cuda.set_device(rank)
-        # no device_id: lazy NCCL init, so each point-to-point pair gets its own 2-rank
-        # communicator (own stream): sends to different peers never queue behind each other
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=world)
-    else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-
-
-def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool, conn: Any) -> None:
+def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, ngpu: int, conn: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    _init(rank, world, port, use_nccl)
+    device = init_spawned(rank, world, port, ngpu)
     code = 0
     try:
-        backend = "nccl" if use_nccl else "gloo"
+        backend = "nccl" if cfg.channel == "nccl" else "gloo"
         ctrl, data = make_groups(world, backend, max(120.0, 4 * cfg.timeout_s))
-        device = f"cuda:{rank}" if use_nccl else "cpu"
         report = run_rank(cfg, rank, ctrl=ctrl, data=data, device=device)
         if report is not None:
             send_result(conn, report)
@@ -80,20 +66,18 @@ def _worker(rank: int, cfg: DisaggConfig, world: int, port: int, use_nccl: bool,
 def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
     """Spawn ``cfg.world_size`` ranks on this machine and return the report.
 
-    NCCL carries the data when ``cfg.channel`` is ``"nccl"``, or ``"auto"`` with at least
-    one GPU per rank; otherwise gloo on CPU. Raises ``RuntimeError`` with a rank's error.
+    With GPUs the ranks share them round-robin and ``auto`` picks the direct channel (NCCL
+    only when asked for, one GPU per rank); without, gloo on CPU. Raises ``RuntimeError``
+    with a rank's error.
     """
     world = cfg.world_size
-    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    use_nccl = cfg.channel == "nccl" or (cfg.channel == "auto" and ngpu >= world)
-    if use_nccl and ngpu < world:
-        raise RuntimeError(f"the nccl channel needs {world} GPUs (one per rank), found {ngpu}")
+    ngpu = gpus_for(cfg.channel, world)
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     timeout_s = cfg.timeout_s * (cfg.turns + 4) * len(cfg.modes) + 60
     report, codes = spawn_for_result(
         _worker,
         world,
-        lambda rank, port, conn: (rank, cfg, world, port, use_nccl, conn),
+        lambda rank, port, conn: (rank, cfg, world, port, ngpu, conn),
         timeout_s,
     )
     if report is None:
@@ -106,7 +90,7 @@ def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
 def _case_worker(
     rank: int, cases: list[tuple[str, DisaggConfig]], world: int, port: int, conn: Any
 ) -> None:
-    _init(rank, world, port, False)
+    init_spawned(rank, world, port, 0)
     code = 0
     for name, cfg in cases:
         ctrl, data = make_groups(cfg.world_size, "gloo", max(60.0, 4 * cfg.timeout_s))
@@ -204,19 +188,24 @@ def run_torchrun(cfg: DisaggConfig) -> dict[str, Any] | None:
             f"gen tp{cfg.gen_tp}pp{cfg.gen_pp} needs {cfg.world_size}"
         )
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    use_nccl = cfg.channel == "nccl" or (cfg.channel == "auto" and ngpu >= local_world > 0)
+    use_gpu = cfg.channel != "gloo" and ngpu > 0
+    if cfg.channel == "nccl" and ngpu < local_world and not cfg.devices:
+        raise ValueError(
+            f"the nccl channel needs a GPU per local rank ({local_world}), found "
+            f"{ngpu}; or map ranks to GPUs with --devices"
+        )
     device = "cpu"
-    if use_nccl:
+    if use_gpu:
         # --devices maps ranks to GPUs (several ranks may share one, as long as every
         # sender/receiver pair spans two GPUs); default: one GPU per local rank
-        gpu = cfg.devices[local_rank] if cfg.devices else local_rank
+        gpu = cfg.devices[local_rank] if cfg.devices else local_rank % ngpu
         torch.cuda.set_device(gpu)
         device = f"cuda:{gpu}"
         dist.init_process_group("cpu:gloo,cuda:nccl")  # lazy: p2p gets 2-rank comms
     else:
         dist.init_process_group("gloo")
     try:
-        backend = "nccl" if use_nccl else "gloo"
+        backend = "nccl" if cfg.channel == "nccl" else "gloo"
         ctrl, data = make_groups(world, backend, max(120.0, 4 * cfg.timeout_s))
         report = run_rank(cfg, rank, ctrl=ctrl, data=data, device=device)
     except BaseException:

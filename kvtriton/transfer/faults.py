@@ -27,6 +27,7 @@ class FaultyChannel(DataChannel):
         self.inner = inner
         self.faults = faults
         self.name = inner.name  # type: ignore[misc]
+        self.checksums = inner.checksums  # type: ignore[misc]
         self._sent = 0
         self._next_at = 0.0
 
@@ -34,8 +35,11 @@ class FaultyChannel(DataChannel):
         super().attach(host)
         self.inner.attach(host)
 
-    def connect(self, pairs: Sequence[tuple[int, int]]) -> None:
-        self.inner.connect(pairs)
+    def connect_start(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self.inner.connect_start(pairs)
+
+    def connect_finish(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self.inner.connect_finish(pairs)
 
     def capacity(self, peer: int) -> int:
         if self.faults.stall:
@@ -57,6 +61,15 @@ class FaultyChannel(DataChannel):
 
     def _host_clock(self) -> float:
         return self._host.clock()  # type: ignore[attr-defined, no-any-return]
+
+    def ready_marker(self) -> Any:
+        return self.inner.ready_marker()
+
+    def remote_done(self, job: SendJob) -> None:
+        self.inner.remote_done(job)
+
+    def chunk_bytes(self, requested: int) -> int:
+        return self.inner.chunk_bytes(requested)
 
     def prepare_send(self, job: SendJob) -> None:
         self.inner.prepare_send(job)

@@ -58,6 +58,8 @@ class SendJob:
     checksums: dict[int, int] = field(default_factory=dict)
     done_sent: bool = False
     corrupt_chunk: int | None = None  # fault injection (tests): flip a byte after the checksum
+    ready: Any = None  # the source's readiness marker (a CUDA event), from the channel
+    remote_lease: bool = False  # a peer may read the source blocks until its final word
 
     @property
     def request_id(self) -> str:
@@ -87,8 +89,8 @@ class RecvJob:
         checksums: chunk -> checksum computed on arrival.
         done: the sender's Done, once it arrived.
         closed: the sender will send nothing more for this job (Done, Abort, Refuse, lost).
-        sender_ended: the sender's session already ended (Refuse, Abort, lost): it needs no
-            Cancel.
+        refused: the sender refused the request (it holds no session for it).
+        final_sent: this receiver sent the job's one final word (Ack or Cancel).
     """
 
     peer: int
@@ -102,7 +104,9 @@ class RecvJob:
     checksums: dict[int, int] = field(default_factory=dict)
     done: P.Done | None = None
     closed: bool = False
-    sender_ended: bool = False
+    refused: bool = False
+    final_sent: bool = False
+    cancel_due: tuple[str, bool] | None = None  # a Cancel waiting for in-flight device work
 
     @property
     def request_id(self) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from kvtriton.transfer.agent import TransferAgent
 from kvtriton.transfer.channels.base import DataChannel
+from kvtriton.transfer.channels.direct import DirectChannel, LocalMemory
 from kvtriton.transfer.channels.loopback import LoopbackHub
 from kvtriton.transfer.config import FaultInjection, TransferOptions
 from kvtriton.transfer.control import LocalHub
@@ -41,6 +42,8 @@ class LocalWorld:
         clock: time source of the agents and the links (a test may pass a virtual clock and
             advance it; :meth:`run_until` then advances it by ``step`` when idle).
         faults: ``{rank: FaultInjection}`` (wraps that rank's channel).
+        channel: ``"loopback"`` (packed chunks through memory) or ``"direct"`` (the direct
+            channel's pool-to-pool copies, pools "mapped" in-process).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class LocalWorld:
         bandwidth: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         faults: Mapping[int, FaultInjection] | None = None,
+        channel: str = "loopback",
     ) -> None:
         self.topology = topology
         self.clock = clock
@@ -60,14 +64,25 @@ class LocalWorld:
         self.agents: dict[int, TransferAgent] = {}
         for rank in range(topology.world_size):
             opts = options.get(rank) if isinstance(options, Mapping) else options
-            channel: DataChannel = self.links.channel()
+            data: DataChannel
+            if channel == "direct":
+                data = DirectChannel(LocalMemory(), "cpu")
+            elif channel == "loopback":
+                data = self.links.channel()
+            else:
+                raise ValueError(f"channel must be 'loopback' or 'direct', got {channel!r}")
             fault = (faults or {}).get(rank)
             if fault is not None and fault.active:
-                channel = FaultyChannel(channel, fault)
+                data = FaultyChannel(data, fault)
             ctl = self.control.endpoint(rank, topology.peers(rank))
             self.agents[rank] = TransferAgent(
-                topology, rank, pools[rank], ctl, channel, opts, clock=clock
+                topology, rank, pools[rank], ctl, data, opts, clock=clock
             )
+        pairs = [(s.sender, r) for r in topology.gen_ranks for s in topology.sources(r)]
+        for agent in self.agents.values():
+            agent.channel.connect_start(pairs)
+        for agent in self.agents.values():
+            agent.channel.connect_finish(pairs)
 
     def step(self) -> None:
         """One :meth:`TransferAgent.progress` of every live agent (no waiting)."""

@@ -23,12 +23,14 @@ One request, receiver ``R`` asking sender ``S``::
                       the data channel of this pair, in order (the receiver posts receives)
     R -> S  Ready     packed CPU channels: those receives are posted (the chunks may go)
     S -> R  Blocks    direct channel: the sender's block ids / slots of the requested ranges
+                      and an interprocess event that fires once its KV is written
     S -> R  Done      every chunk was handed to the wire (with per-chunk checksums when on)
     R -> S  Ack       everything arrived intact and was committed: the sender's session ends
                       TRANSFERRED and the receiver's share of the source lease is returned
     R -> S  Cancel    the receiver gave up (cancel, timeout, error)
     S -> R  Abort     the sender gave up mid-request (its own error, timeout, shutdown)
     * -> *  Hello     first message on a connection: who is speaking
+    * -> *  PoolHandles  direct channel set-up: a rank's pools as CUDA IPC handles
     * -> *  Bye       this side sends nothing more on this pair
 
 Pure Python (no torch).
@@ -62,6 +64,7 @@ __all__ = [
     "Done",
     "Hello",
     "Message",
+    "PoolHandles",
     "ProtocolError",
     "Ready",
     "Refuse",
@@ -146,6 +149,18 @@ def _pair(value: object, what: str, hi: int) -> tuple[int, int]:
     ):
         raise ProtocolError(f"{what}: expected [start, end] with 0 <= start <= end <= {hi}")
     return int(value[0]), int(value[1])
+
+
+def _b64(value: object, what: str, limit: int) -> bytes:
+    if not isinstance(value, str) or len(value) > 2 * limit:
+        raise ProtocolError(f"{what} must be base64 text of at most {limit} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: bad base64 ({exc})") from None
+    if len(raw) > limit:
+        raise ProtocolError(f"{what}: {len(raw)} bytes, at most {limit}")
+    return raw
 
 
 def _int_list(value: object, what: str, limit: int, hi: int) -> tuple[int, ...]:
@@ -335,13 +350,17 @@ class Blocks:
     request_id: str
     block_ids: Mapping[str, np.ndarray]
     slots: Mapping[str, int] = field(default_factory=dict)
+    event: bytes = b""  # an interprocess CUDA event: the source's KV is written when it fires
 
     def to_json(self) -> dict[str, Any]:
         ids = {
             g: base64.b64encode(np.ascontiguousarray(v, dtype="<i4").tobytes()).decode()
             for g, v in self.block_ids.items()
         }
-        return {"r": self.request_id, "b": ids, "s": dict(self.slots)}
+        out = {"r": self.request_id, "b": ids, "s": dict(self.slots)}
+        if self.event:
+            out["e"] = base64.b64encode(self.event).decode()
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Blocks:
@@ -357,18 +376,62 @@ class Blocks:
                 raise ProtocolError(f"blocks[{g!r}]: {len(raw)} bytes is not a multiple of 4")
             ids[g] = np.frombuffer(raw, dtype="<i4").astype(np.int32)
         slots = {g: _int({"v": v}, "v", 0, 1 << 31) for g, v in _dict(d, "s").items()}
-        return cls(_str(d, "r"), ids, slots)
+        return cls(_str(d, "r"), ids, slots, _b64(d.get("e", ""), "event", 128))
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Blocks)
             and self.request_id == other.request_id
             and dict(self.slots) == dict(other.slots)
+            and self.event == other.event
             and self.block_ids.keys() == other.block_ids.keys()
             and all(np.array_equal(v, other.block_ids[g]) for g, v in self.block_ids.items())
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class PoolHandles:
+    """The direct channel's set-up: a rank's pools as CUDA IPC handles and the metadata to
+    view them (``{group: fields}``, see :mod:`kvtriton.transfer.channels.ipc`). Every field
+    is type-checked here; the receiving rank checks shapes against its topology and the
+    view against the real size of the mapped allocation before any kernel touches it."""
+
+    KIND: ClassVar[int] = 12
+    rank: int
+    pools: Mapping[str, Mapping[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {}
+        for g, f in self.pools.items():
+            out[g] = {
+                k: (base64.b64encode(v).decode() if isinstance(v, bytes) else v)
+                for k, v in f.items()
+            }
+        return {"r": self.rank, "p": out}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PoolHandles:
+        pools: dict[str, dict[str, Any]] = {}
+        for g, f in _dict(d, "p").items():
+            if not isinstance(f, dict):
+                raise ProtocolError(f"pools[{g!r}] must be an object")
+            pools[g] = {
+                "device": _int(f, "device", 0, 1 << 10),
+                "handle": _b64(f["handle"], "handle", 256),
+                "size": _int(f, "size", 1, 1 << 50),
+                "offset": _int(f, "offset", 0, 1 << 50),
+                "ref_handle": _b64(f["ref_handle"], "ref_handle", 1024),
+                "ref_offset": _int(f, "ref_offset", 0, 1 << 40),
+                "event": _b64(f["event"], "event", 256),
+                "event_sync": _bool(f, "event_sync"),
+                "dtype": _str(f, "dtype", 32),
+                "shape": _int_list(f["shape"], "shape", 8, 1 << 40),
+                "stride": _int_list(f["stride"], "stride", 8, 1 << 50),
+                "storage_offset": _int(f, "storage_offset", 0, 1 << 50),
+            }
+        return cls(_int(d, "r", 0, 1 << 20), pools)
 
 
 @dataclass(frozen=True)
@@ -464,11 +527,23 @@ class Bye:
         return cls(_str(d, "n", _MAX_TEXT))
 
 
-Message = Hello | Request | Refuse | Schedule | Ready | Blocks | Done | Ack | Cancel | Abort | Bye
-_KINDS: dict[int, Any] = {
-    c.KIND: c
-    for c in (Hello, Request, Refuse, Schedule, Ready, Blocks, Done, Ack, Cancel, Abort, Bye)
-}
+Message = (
+    Hello
+    | Request
+    | Refuse
+    | Schedule
+    | Ready
+    | Blocks
+    | PoolHandles
+    | Done
+    | Ack
+    | Cancel
+    | Abort
+    | Bye
+)
+_MESSAGES = (Hello, Request, Refuse, Schedule, Ready, Blocks, PoolHandles, Done, Ack, Cancel,
+             Abort, Bye)  # fmt: skip
+_KINDS: dict[int, Any] = {c.KIND: c for c in _MESSAGES}
 
 
 def encode(message: Message) -> bytes:

@@ -150,8 +150,8 @@ class Receiver:
                 states=tuple(s for s in states if s in src.layers),
                 layers={g: src.layers[g] for g in groups},
                 heads={g: src.heads[g] for g in groups},
-                chunk_bytes=agent.options.chunk_bytes,
-                checksum=agent.options.checksum,
+                chunk_bytes=agent.channel.chunk_bytes(agent.options.chunk_bytes),
+                checksum=agent.options.checksum and agent.channel.checksums,
                 deadline_ms=deadline_ms,
                 mode=mode,
             )
@@ -170,7 +170,7 @@ class Receiver:
         lost = [s for s in handle.jobs if agent.control.is_lost(s)]
         if lost:  # nothing was sent: fail at once
             for job in handle.jobs.values():
-                job.closed = job.sender_ended = True
+                job.closed = job.final_sent = True
             self._fail(
                 handle, f"sender rank {lost[0]} is unreachable: {agent.control.lost[lost[0]]}"
             )
@@ -237,14 +237,17 @@ class Receiver:
                 handle.session.advance_to(SessionState.TRANSFERRING)
                 self._maybe_complete(handle)
         elif isinstance(msg, (P.Refuse, P.Abort)):
-            job.closed = job.sender_ended = True
-            verb = "refused" if isinstance(msg, P.Refuse) else "aborted"
+            # every job still ends with one final word from here (Cancel), so a sender that
+            # aborted knows when this rank stopped reading its blocks
+            job.closed = True
+            job.refused = isinstance(msg, P.Refuse)
+            verb = "refused" if job.refused else "aborted"
             why = f"sender rank {peer} {verb} request {rid!r}: {msg.reason}"
             if isinstance(msg, P.Abort) and msg.cancelled:
                 if handle.session.cancel(why):
-                    self._notify(handle, why, error=False, skip=peer)
+                    self._notify(handle, why, error=False)
             else:
-                self._fail(handle, why, skip=peer)
+                self._fail(handle, why)
             self._settle(handle)
         self._maybe_close(job)
 
@@ -272,6 +275,7 @@ class Receiver:
     def on_write_done(self, job: RecvJob) -> None:
         """A device write into the job's blocks completed (channels with async writes)."""
         job.pending -= 1
+        self._send_cancel(job)
         if job.handle.session.is_terminal:
             self._settle(job.handle)
         self._maybe_close(job)
@@ -306,7 +310,8 @@ class Receiver:
                 return
         handle.session.advance(SessionState.TRANSFERRED)
         self.ended[SessionState.TRANSFERRED.value] += 1
-        for sender in handle.jobs:
+        for sender, job in handle.jobs.items():
+            job.final_sent = True
             self.agent.control.send(sender, P.Ack(handle.request_id))
 
     def _fail(self, handle: RecvHandle, reason: str, *, skip: int | None = None) -> None:
@@ -318,9 +323,18 @@ class Receiver:
         self, handle: RecvHandle, reason: str, *, error: bool, skip: int | None = None
     ) -> None:
         for sender, job in handle.jobs.items():
-            if sender != skip and not job.sender_ended:
-                job.sender_ended = True
-                self.agent.control.send(sender, P.Cancel(handle.request_id, reason, error))
+            if sender != skip and not job.final_sent and not job.refused:
+                job.cancel_due = (reason, error)
+                self._send_cancel(job)
+
+    def _send_cancel(self, job: RecvJob) -> None:
+        """The job's final word, once no device work of it is in flight: until then this rank
+        may still read the sender's memory (direct channel), which stays leased."""
+        if job.cancel_due is None or job.pending or job.final_sent:
+            return
+        reason, error = job.cancel_due
+        job.final_sent = True
+        self.agent.control.send(job.peer, P.Cancel(job.request_id, reason, error))
 
     def _settle(self, handle: RecvHandle) -> None:
         """``on_release`` of an ended, uncommitted request once no write is in flight."""
@@ -362,7 +376,7 @@ class Receiver:
         for (sender, _), job in list(self.jobs.items()):
             if sender != peer:
                 continue
-            job.closed = job.sender_ended = True
+            job.closed = job.final_sent = True
             job.posted = job.landed  # nothing more will land from a lost peer
             job.pending = 0
             self._fail(job.handle, f"lost sender rank {peer}: {why}", skip=peer)

@@ -26,7 +26,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvtriton.layout import packed_layout
 from kvtriton.target import TransferTarget
@@ -68,6 +68,7 @@ class Source:
     expires: float
     on_release: OnRelease | None
     receivers: frozenset[int]
+    ready: Any = None
     sessions: dict[int, Session] = field(default_factory=dict)
     jobs: dict[int, SendJob] = field(default_factory=dict)
     expired: bool = False
@@ -126,6 +127,7 @@ class Sender:
         *,
         lease_s: float,
         on_release: OnRelease | None,
+        ready: Any = None,
     ) -> None:
         if request_id in self.sources:
             raise ValueError(
@@ -146,6 +148,7 @@ class Sender:
             self.agent.clock() + lease_s,
             on_release,
             self.receivers,
+            ready,
         )
 
     # -- requests -------------------------------------------------------------------------
@@ -178,7 +181,7 @@ class Sender:
             req.request_id, "send", peer=peer, timeout_s=agent.options.timeout_s, clock=agent.clock
         )
         session.limit_deadline(session.created + req.deadline_ms / 1e3)
-        job = SendJob(peer, req, session, src.target, chunks)
+        job = SendJob(peer, req, session, src.target, chunks, ready=src.ready)
         try:
             agent.channel.prepare_send(job)
         except ValueError as exc:  # the target does not hold what was checked: a bug
@@ -271,24 +274,32 @@ class Sender:
     def on_ack(self, peer: int, msg: P.Ack) -> None:
         src = self.sources.get(msg.request_id)
         job = src.jobs.get(peer) if src else None
-        if job is None or job.session.is_terminal or not job.done_sent:
-            return  # late, duplicate or premature: changes nothing
-        job.session.advance_to(SessionState.TRANSFERRED)
-        self._ended(src, job)  # type: ignore[arg-type]
+        if job is None:
+            return
+        self.agent.channel.remote_done(job)  # the receiver's final word: it reads no more
+        if not job.session.is_terminal and job.done_sent:
+            job.session.advance_to(SessionState.TRANSFERRED)
+            self._ended(src, job)  # type: ignore[arg-type]
+        else:  # late (this side had ended): nothing changes but the lease
+            self._maybe_release(src)  # type: ignore[arg-type]
 
     def on_cancel(self, peer: int, msg: P.Cancel) -> None:
         src = self.sources.get(msg.request_id)
         job = src.jobs.get(peer) if src else None
         if job is None:
             return
+        self.agent.channel.remote_done(job)  # the receiver's final word: it reads no more
         why = f"receiver rank {peer}: {msg.reason}"
+        live = not job.session.is_terminal
         changed = job.session.fail(why) if msg.error else job.session.cancel(why)
-        # the receiver keeps its side open until it hears that nothing more will follow
-        self.agent.control.send(
-            peer, P.Abort(msg.request_id, "cancel acknowledged", cancelled=not msg.error)
-        )
+        if live:  # the receiver keeps its side open until it hears nothing more will follow
+            self.agent.control.send(
+                peer, P.Abort(msg.request_id, "cancel acknowledged", cancelled=not msg.error)
+            )
         if changed:
             self._ended(src, job)  # type: ignore[arg-type]
+        else:
+            self._maybe_release(src)  # type: ignore[arg-type]
 
     # -- channel events -------------------------------------------------------------------
     def on_sent(self, ev: Sent) -> None:

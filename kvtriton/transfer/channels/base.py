@@ -45,6 +45,8 @@ class DataChannel(ABC):
     """
 
     name: ClassVar[str]
+    #: whether chunks travel as bytes a checksum can cover (the direct channel's never do)
+    checksums: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -59,9 +61,18 @@ class DataChannel(ABC):
         assert self.host is not None, "attach() the channel to an agent first"
         return self.host
 
-    def connect(self, pairs: Sequence[tuple[int, int]]) -> None:  # noqa: B027 - optional hook
+    def connect(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Collective set-up over every (sender, receiver) pair of the topology, called by
-        every rank with the same pairs after :meth:`attach` (default: nothing)."""
+        every rank with the same pairs after :meth:`attach`: :meth:`connect_start` then
+        :meth:`connect_finish` (agents of one process run every start before any finish)."""
+        self.connect_start(pairs)
+        self.connect_finish(pairs)
+
+    def connect_start(self, pairs: Sequence[tuple[int, int]]) -> None:  # noqa: B027
+        """What this rank tells its peers at set-up (default: nothing)."""
+
+    def connect_finish(self, pairs: Sequence[tuple[int, int]]) -> None:  # noqa: B027
+        """What this rank waits for at set-up (default: nothing)."""
 
     def _post(self, event: Any) -> None:
         """Queue an event (any thread) and wake the agent's loop."""
@@ -97,6 +108,23 @@ class DataChannel(ABC):
         """A channel-specific message from a receiver (e.g. ``Ready``). Returns ``None``, or
         why it is invalid (the pair is then treated as broken)."""
         return f"a {type(message).__name__}, which the {self.name} channel never expects"
+
+    def ready_marker(self) -> Any:
+        """Called when a source is registered: what marks its KV as written (on CUDA an
+        event recorded on the current stream, which the sender's reads wait for); ``None``
+        when the writes are already complete (CPU)."""
+        return None
+
+    def remote_done(self, job: SendJob) -> None:
+        """The receiver's final word (Ack or Cancel) arrived: it reads the source no more
+        (channels whose receivers read the sender's memory hold a lease until then)."""
+        if job.remote_lease:
+            job.remote_lease = False
+            job.in_flight -= 1
+
+    def chunk_bytes(self, requested: int) -> int:
+        """The chunk size a receiver asks for on this channel (default: the option)."""
+        return requested
 
     def prepare_send(self, job: SendJob) -> None:  # noqa: B027 - optional hook
         """Prepare the job's kernel moves once, when the sender accepts it."""

@@ -53,7 +53,7 @@ class NcclChannel(PackedMoves, DataChannel):
         self._sends = Completions("kvtr-nccl-sent")
         self._recvs = Completions("kvtr-nccl-landed")
 
-    def connect(self, pairs: Sequence[tuple[int, int]]) -> None:
+    def connect_finish(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Create every (sender, receiver) communicator now, in ONE global pair order.
 
         A point-to-point communicator is created by the first send/recv on the pair, and
@@ -72,6 +72,11 @@ class NcclChannel(PackedMoves, DataChannel):
             elif r == rank:
                 dist.irecv(token, src=s, group=self.group).wait()
         torch.cuda.synchronize(self.device)
+
+    def ready_marker(self) -> Any:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def _ring(self, rings: dict[int, Ring], peer: int) -> Ring:
         ring = rings.get(peer)
@@ -95,6 +100,8 @@ class NcclChannel(PackedMoves, DataChannel):
             nbytes = job.chunks[k].nbytes
             slot, buf = ring.take(nbytes)
             with torch.cuda.stream(self.gather_stream):
+                if job.ready is not None and k == first:
+                    self.gather_stream.wait_event(job.ready)  # the source's KV is written
                 if ring.last[slot] is not None:
                     ring.last[slot].wait()  # the slot's previous send must be done
                 job.moves.run(k, buf)
