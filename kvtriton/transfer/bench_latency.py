@@ -5,10 +5,10 @@ the direct channel, both ranks sharing the GPU when there is one; ``--channel`` 
 context rank prefills ``--requests`` prompts of exactly one block with position-derived
 values and registers them; then the generation rank asks for them one at a time, each
 request moving exactly one block (its whole prompt; nothing cached), and times from the ask
-to the commit (its ``on_commit`` ran and the session ended TRANSFERRED). After the clock stops, every request
-is checked bit-exact against the position-derived values. Prints and writes ``p50_us``,
-``p99_us``, ``requests``, ``channel``, ``verified`` (true only if every request was checked
-and matched) and the shape.
+to the commit (its ``on_commit`` ran and the session ended TRANSFERRED). After the clock
+stops, every request is checked bit-exact against the position-derived values. Prints and
+writes ``p50_us``, ``p99_us``, ``requests``, ``channel``, ``verified`` (true only if every
+request was checked and matched) and the shape.
 """
 
 from __future__ import annotations
