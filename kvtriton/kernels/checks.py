@@ -1,9 +1,10 @@
-"""Validation and normalised move plans shared by the reference and the Triton backends.
+"""Argument checks of the convenience API, and the moves they turn into.
 
-Every public entry validates its arguments here *before* any write and turns them into a
-small plan object (:class:`PagedSide`, :class:`KVMove`, :class:`StateMove`,
-:class:`KVBatch`, :class:`StateBatch`). Backends only execute plans, so both backends see
-exactly the same checks and the same normalised indices.
+Every public entry of :mod:`kvtriton.kernels` (``gather`` ... ``unpack_requests``) validates
+all of its arguments here *before* any write and turns them into
+:class:`~kvtriton.kernels.descriptors.Move` objects; both backends then execute the same
+descriptors. A bad argument raises ``ValueError`` naming it. The prepared-plan API
+(:mod:`kvtriton.kernels.plan`) reuses the pool checks once per :class:`PoolSet`.
 """
 
 from __future__ import annotations
@@ -16,21 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtriton.layout import PackedLayout, Segment
+from kvtriton.kernels.descriptors import Dense, Move, pool_side, state_side
+from kvtriton.layout import SEGMENT_ALIGN, PackedLayout, Segment
 from kvtriton.ranges import BlockSpan, TokenRange
 from kvtriton.spec import KVCacheSpec, LayerGroup
 
 __all__ = [
     "BACKENDS",
     "BITS_DTYPE",
-    "KVBatch",
-    "KVBatchItem",
-    "KVMove",
     "PackedRequest",
-    "PagedSide",
-    "StateBatch",
-    "StateMove",
     "bits",
+    "check_group_pool",
+    "plan_copy",
+    "plan_gather",
+    "plan_requests",
+    "plan_scatter",
+    "plan_state",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -228,51 +230,24 @@ def check_dense(
 
 
 # ---------------------------------------------------------------------------------------
-# plans
+# single moves
 # ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PagedSide:
-    """The paged side of a token move.
-
-    ``ids[i]`` (int64 array) is the physical block of the ``i``-th touched logical block; the
-    first moved position sits at in-block offset ``offset`` of ``ids[0]``.
-    """
-
-    pool: torch.Tensor
-    ids: np.ndarray
-    offset: int
-    layers: tuple[int, ...]
-    heads: tuple[int, int]
-
-    @property
-    def tokens_per_block(self) -> int:
-        return int(self.pool.shape[3])
-
-
-@dataclass(frozen=True)
-class KVMove:
-    """One token move: paged->dense (gather), dense->paged (scatter) or paged->paged (copy)."""
-
-    n_tokens: int
-    src: PagedSide | torch.Tensor
-    dst: PagedSide | torch.Tensor
-
-
-@dataclass(frozen=True)
-class StateMove:
-    """One state-slot move between ``pool[layers, slot, h0:h1]`` and a dense tensor."""
-
-    pool: torch.Tensor
-    slot: int
-    layers: tuple[int, ...]
-    heads: tuple[int, int]
-    dense: torch.Tensor
-    to_dense: bool
+def _kv_move(n: int, src: Any, dst: Any, pool: torch.Tensor, heads: tuple[int, int], nl: int):
+    return Move(
+        src,
+        dst,
+        nl,
+        int(pool.shape[2]),
+        n,
+        heads[1] - heads[0],
+        pool.shape[5] * pool.element_size(),
+    )
 
 
 def plan_gather(
     pool: object, span: object, tokens: object, layers: object, heads: object, out: object
-) -> KVMove:
+) -> tuple[Move, torch.Tensor]:
+    """The move of :func:`kvtriton.kernels.gather` and its (allocated or checked) ``out``."""
     pool = check_pool("pool", pool)
     tokens = check_range("tokens", tokens)
     ids, offset = check_span("span", span, tokens, pool)
@@ -285,12 +260,14 @@ def plan_gather(
         out = check_dense("out", out, shape, pool.dtype, pool.device)
         _check_no_self_overlap("out", out)
         _check_disjoint("out", out, "pool", pool)
-    return KVMove(len(tokens), PagedSide(pool, ids, offset, lay, hd), out)
+    src = pool_side(pool, ids, offset, lay, hd)
+    return _kv_move(len(tokens), src, Dense(0), pool, hd, len(lay)), out
 
 
 def plan_scatter(
     packed: object, pool: object, span: object, tokens: object, layers: object, heads: object
-) -> KVMove:
+) -> tuple[Move, torch.Tensor]:
+    """The move of :func:`kvtriton.kernels.scatter` and the checked ``packed``."""
     pool = check_pool("pool", pool, writable=True)
     tokens = check_range("tokens", tokens)
     ids, offset = check_span("span", span, tokens, pool, unique=True)
@@ -299,7 +276,8 @@ def plan_scatter(
     shape = (len(lay), pool.shape[2], len(tokens), hd[1] - hd[0], pool.shape[5])
     packed = check_dense("packed", packed, shape, pool.dtype, pool.device)
     _check_disjoint("packed", packed, "pool", pool)
-    return KVMove(len(tokens), packed, PagedSide(pool, ids, offset, lay, hd))
+    dst = pool_side(pool, ids, offset, lay, hd)
+    return _kv_move(len(tokens), Dense(0), dst, pool, hd, len(lay)), packed
 
 
 def plan_copy(
@@ -312,7 +290,8 @@ def plan_copy(
     dst_layers: object,
     src_heads: object,
     dst_heads: object,
-) -> KVMove:
+) -> Move:
+    """The move of :func:`kvtriton.kernels.copy`."""
     src_pool = check_pool("src_pool", src_pool)
     dst_pool = check_pool("dst_pool", dst_pool, writable=True)
     check_device("dst_pool", dst_pool, src_pool.device)
@@ -340,11 +319,11 @@ def plan_copy(
             f"dst_heads {dhd} selects {dhd[1] - dhd[0]} heads but src_heads {shd} selects "
             f"{shd[1] - shd[0]}"
         )
-    src = PagedSide(src_pool, sids, soff, slay, shd)
-    dst = PagedSide(dst_pool, dids, doff, dlay, dhd)
     if _same_storage(src_pool, dst_pool) and len(tokens):
-        _check_copy_overlap(src, dst)
-    return KVMove(len(tokens), src, dst)
+        _check_copy_overlap(src_pool, dst_pool, (slay, sids, shd), (dlay, dids, dhd))
+    src = pool_side(src_pool, sids, soff, slay, shd)
+    dst = pool_side(dst_pool, dids, doff, dlay, dhd)
+    return _kv_move(len(tokens), src, dst, src_pool, shd, len(slay))
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -366,23 +345,31 @@ def _check_disjoint(name: str, t: torch.Tensor, other_name: str, other: torch.Te
         raise ValueError(f"{name} overlaps the memory of {other_name}")
 
 
-def _check_copy_overlap(src: PagedSide, dst: PagedSide) -> None:
+def _check_copy_overlap(
+    src_pool: torch.Tensor,
+    dst_pool: torch.Tensor,
+    src: tuple[tuple[int, ...], np.ndarray, tuple[int, int]],
+    dst: tuple[tuple[int, ...], np.ndarray, tuple[int, int]],
+    names: tuple[str, str] = ("src_span", "dst_span"),
+) -> None:
+    """Source and destination (layers, block ids, heads) in one pool must not overlap."""
     same_view = (
-        src.pool.data_ptr() == dst.pool.data_ptr()
-        and src.pool.shape == dst.pool.shape
-        and src.pool.stride() == dst.pool.stride()
+        src_pool.data_ptr() == dst_pool.data_ptr()
+        and src_pool.shape == dst_pool.shape
+        and src_pool.stride() == dst_pool.stride()
     )
     if not same_view:
         raise ValueError(
             "dst_pool shares memory with src_pool through a different view; a copy between "
             "overlapping views is not supported"
         )
-    shared_layers = set(src.layers) & set(dst.layers)
-    shared_blocks = set(src.ids.tolist()) & set(dst.ids.tolist())
-    heads_overlap = src.heads[0] < dst.heads[1] and dst.heads[0] < src.heads[1]
+    (slay, sids, shd), (dlay, dids, dhd) = src, dst
+    shared_layers = set(slay) & set(dlay)
+    shared_blocks = set(np.asarray(sids).tolist()) & set(np.asarray(dids).tolist())
+    heads_overlap = shd[0] < dhd[1] and dhd[0] < shd[1]
     if shared_layers and shared_blocks and heads_overlap:
         raise ValueError(
-            f"dst_span and src_span both touch physical blocks {sorted(shared_blocks)} of "
+            f"{names[1]} and {names[0]} both touch physical blocks {sorted(shared_blocks)} of "
             f"layers {sorted(shared_layers)} in the same pool; source and destination overlap"
         )
 
@@ -425,7 +412,9 @@ def check_slot(name: str, slot: object, num_slots: int) -> int:
 
 def plan_state(
     pool: object, slot: object, layers: object, heads: object, dense: object, to_dense: bool
-) -> StateMove:
+) -> tuple[Move, torch.Tensor]:
+    """The move of :func:`~kvtriton.kernels.gather_state` (``to_dense``) or
+    :func:`~kvtriton.kernels.scatter_state`, and the dense tensor."""
     pool_name = "state_pool"
     pool = check_state_pool(pool_name, pool, writable=not to_dense)
     s = check_slot("slot", slot, pool.shape[1])
@@ -438,11 +427,25 @@ def plan_state(
         name = "out" if to_dense else "packed"
         dense = check_dense(name, dense, shape, pool.dtype, pool.device)
         _check_disjoint(name, dense, pool_name, pool)
-    return StateMove(pool, s, lay, hd, dense, to_dense)
+    return _state_move(pool, s, lay, hd, Dense(0), to_dense), dense
+
+
+def _state_move(
+    pool: torch.Tensor,
+    slot: int,
+    layers: tuple[int, ...],
+    heads: tuple[int, int],
+    dense: Dense,
+    to_dense: bool,
+) -> Move:
+    paged = state_side(pool, slot, layers, heads)
+    row = pool[0, 0, 0].numel() * pool.element_size()
+    src, dst = (paged, dense) if to_dense else (dense, paged)
+    return Move(src, dst, len(layers), 1, 1, heads[1] - heads[0], row, state=True)
 
 
 # ---------------------------------------------------------------------------------------
-# request-level plans
+# request-level moves
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PackedRequest:
@@ -463,36 +466,19 @@ class PackedRequest:
     offset: int = 0
 
 
-@dataclass(frozen=True)
-class KVBatchItem:
-    n_tokens: int
-    ids: np.ndarray
-    offset: int  # in-block offset of the first position in ids[0]
-    dense_offset: int  # element offset of the [L, kv, T, H, D] segment in the flat buffer
+def _is_state(group: LayerGroup) -> bool:
+    return group.kind == "state"
 
 
-@dataclass(frozen=True)
-class KVBatch:
-    """All requests' segments of one attention group sharing one layer/head selection."""
-
-    group: str
-    pool: torch.Tensor
-    layers: tuple[int, ...]
-    heads: tuple[int, int]
-    flat: torch.Tensor  # the whole buffer viewed as a 1-D tensor of the pool dtype
-    items: tuple[KVBatchItem, ...]
-    to_dense: bool
-
-
-@dataclass(frozen=True)
-class StateBatch:
-    group: str
-    pool: torch.Tensor
-    layers: tuple[int, ...]
-    heads: tuple[int, int]
-    flat: torch.Tensor
-    items: tuple[tuple[int, int], ...]  # (slot, element offset of the segment)
-    to_dense: bool
+def held_heads(group: LayerGroup) -> tuple[int, int]:
+    """The global head range ``[start, end)`` of ``group`` this shard holds (``state_shape[0]``
+    of a state group)."""
+    if _is_state(group):
+        lo, hi = group.state_head_start, group.state_head_end
+    else:
+        lo, hi = group.head_start, group.head_end
+    assert hi is not None
+    return lo, hi
 
 
 def _local_layers(group: LayerGroup, seg: Segment, where: str) -> tuple[int, ...]:
@@ -507,11 +493,7 @@ def _local_layers(group: LayerGroup, seg: Segment, where: str) -> tuple[int, ...
 
 
 def _local_heads(group: LayerGroup, seg: Segment, where: str) -> tuple[int, int]:
-    if group.kind == "state":
-        lo, hi = group.state_head_start, group.state_head_end
-    else:
-        lo, hi = group.head_start, group.head_end
-    assert hi is not None
+    lo, hi = held_heads(group)
     start, end = seg.heads
     if not lo <= start < end <= hi:
         raise ValueError(
@@ -521,13 +503,13 @@ def _local_heads(group: LayerGroup, seg: Segment, where: str) -> tuple[int, int]
     return start - lo, end - lo
 
 
-def _check_group_pool(
+def check_group_pool(
     spec: KVCacheSpec, group: LayerGroup, pools: Mapping[str, Any], writable: bool
 ) -> torch.Tensor:
     name = f"pools[{group.name!r}]"
     if group.name not in pools:
         raise ValueError(f"pools has no tensor for group {group.name!r}")
-    if group.kind == "state":
+    if _is_state(group):
         pool = check_state_pool(name, pools[group.name], writable=writable)
         expected = (group.num_layers, *group.local_state_shape)
         got = (pool.shape[0], *pool.shape[2:])
@@ -561,8 +543,8 @@ def plan_requests(
     *,
     to_dense: bool,
     exact_size: bool,
-) -> list[KVBatch | StateBatch]:
-    """Validate a (batched) pack/unpack and group the work into one batch per launch."""
+) -> list[Move]:
+    """Validate a (batched) pack/unpack; its moves (dense offsets: bytes into ``buffer``)."""
     if not isinstance(spec, KVCacheSpec):
         raise ValueError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
     if not isinstance(pools, Mapping):
@@ -579,8 +561,6 @@ def plan_requests(
             f"buffer must start at a 16-byte aligned address (segments are viewed as the pool "
             f"dtypes), got address {buffer.data_ptr():#x}"
         )
-    from kvtriton.layout import SEGMENT_ALIGN
-
     # -- requests: types, offsets, buffer extent --------------------------------------
     extents: list[tuple[int, int, int]] = []
     for r, req in enumerate(requests):
@@ -621,7 +601,7 @@ def plan_requests(
     checked: dict[str, torch.Tensor] = {}
     for g in spec.groups:
         if g.name in used:
-            checked[g.name] = _check_group_pool(spec, g, pools, writable=not to_dense)
+            checked[g.name] = check_group_pool(spec, g, pools, writable=not to_dense)
     device = next(iter(checked.values())).device if checked else buffer.device
     for name, pool in checked.items():
         check_device(f"pools[{name!r}]", pool, device)
@@ -630,9 +610,9 @@ def plan_requests(
         for name, pool in checked.items():
             _check_disjoint("buffer", buffer, f"pools[{name!r}]", pool)
 
-    # -- segments -> batches keyed by (group, layers, heads) -------------------------
-    kv_items: dict[tuple[str, tuple[int, ...], tuple[int, int]], list[KVBatchItem]] = {}
-    st_items: dict[tuple[str, tuple[int, ...], tuple[int, int]], list[tuple[int, int]]] = {}
+    moves: list[Move] = []
+    written: dict[str, list[tuple[np.ndarray, int, int]]] = {}
+    slots_written: dict[str, list[int]] = {}
     for r, req in enumerate(requests):
         where = f"requests[{r}]" if not exact_size else "layout"
         for seg in req.layout.segments:
@@ -640,18 +620,14 @@ def plan_requests(
             pool = checked[g.name]
             lay = _local_layers(g, seg, where)
             hd = _local_heads(g, seg, where)
-            dtype = getattr(torch, seg.dtype)
-            if dtype != pool.dtype:
+            if getattr(torch, seg.dtype) != pool.dtype:
                 raise ValueError(
                     f"{where}: segment of group {g.name!r} has dtype {seg.dtype}, the pool "
                     f"{pool.dtype}"
                 )
-            byte0 = int(req.offset) + seg.offset
-            if byte0 % pool.element_size():
-                raise ValueError(f"{where}: segment of group {g.name!r} is misaligned")
-            elem0 = byte0 // pool.element_size()
+            dense = Dense(int(req.offset) + seg.offset)
             if seg.kind == "state":
-                if g.kind != "state":
+                if not _is_state(g):
                     raise ValueError(f"{where}: state segment for attention group {g.name!r}")
                 slots = req.state_slots
                 if g.name not in slots:
@@ -659,70 +635,47 @@ def plan_requests(
                 s = check_slot(f"{where} state_slots[{g.name!r}]", slots[g.name], pool.shape[1])
                 if tuple(seg.shape) != (len(lay), hd[1] - hd[0], *pool.shape[3:]):
                     raise ValueError(f"{where}: segment shape {seg.shape} does not match the pool")
-                st_items.setdefault((g.name, lay, hd), []).append((s, elem0))
-            else:
-                if g.kind == "state":
-                    raise ValueError(f"{where}: kv segment for state group {g.name!r}")
-                if tuple(seg.shape) != (
-                    len(lay),
-                    pool.shape[2],
-                    len(seg.tokens),
-                    hd[1] - hd[0],
-                    pool.shape[5],
-                ):
-                    raise ValueError(f"{where}: segment shape {seg.shape} does not match the pool")
-                if g.name not in req.spans:
-                    raise ValueError(f"{where}: spans has no BlockSpan for group {g.name!r}")
-                ids, off = check_span(
-                    f"{where} spans[{g.name!r}]",
-                    req.spans[g.name],
-                    seg.tokens,
-                    pool,
-                    unique=not to_dense,
-                )
-                kv_items.setdefault((g.name, lay, hd), []).append(
-                    KVBatchItem(len(seg.tokens), ids, off, elem0)
-                )
-
+                moves.append(_state_move(pool, s, lay, hd, dense, to_dense))
+                slots_written.setdefault(g.name, []).append(s)
+                continue
+            if _is_state(g):
+                raise ValueError(f"{where}: kv segment for state group {g.name!r}")
+            n = len(seg.tokens)
+            if tuple(seg.shape) != (len(lay), pool.shape[2], n, hd[1] - hd[0], pool.shape[5]):
+                raise ValueError(f"{where}: segment shape {seg.shape} does not match the pool")
+            if g.name not in req.spans:
+                raise ValueError(f"{where}: spans has no BlockSpan for group {g.name!r}")
+            ids, off = check_span(
+                f"{where} spans[{g.name!r}]",
+                req.spans[g.name],
+                seg.tokens,
+                pool,
+                unique=not to_dense,
+            )
+            side = pool_side(pool, ids, off, lay, hd)
+            src, dst = (side, dense) if to_dense else (dense, side)
+            moves.append(_kv_move(n, src, dst, pool, hd, len(lay)))
+            written.setdefault(g.name, []).append((ids, off, n))
     if not to_dense:
         # two requests writing the same physical block position of one group would collide
-        for (name, _, _), items in kv_items.items():
+        for name, items in written.items():
             if len(items) > 1:
                 _check_batch_positions(name, items, checked[name])
-        for (name, _, _), sitems in st_items.items():
-            slots = [s for s, _ in sitems]
+        for name, slots in slots_written.items():
             if len(set(slots)) != len(slots):
                 raise ValueError(f"two requests write the same state slot of group {name!r}")
-
-    plans: list[KVBatch | StateBatch] = []
-    flats: dict[torch.dtype, torch.Tensor] = {}
-
-    def flat(pool: torch.Tensor) -> torch.Tensor:
-        dtype = pool.dtype
-        if dtype not in flats:
-            size = pool.element_size()
-            flats[dtype] = buffer[: buffer.numel() // size * size].view(dtype)
-        return flats[dtype]
-
-    for (name, lay, hd), items in kv_items.items():
-        pool = checked[name]
-        plans.append(KVBatch(name, pool, lay, hd, flat(pool), tuple(items), to_dense))
-    for (name, lay, hd), sitems in st_items.items():
-        pool = checked[name]
-        plans.append(StateBatch(name, pool, lay, hd, flat(pool), tuple(sitems), to_dense))
-    order = {g.name: i for i, g in enumerate(spec.groups)}
-    plans.sort(key=lambda p: order[p.group])
-    return plans
+    return moves
 
 
-def _check_batch_positions(name: str, items: Sequence[KVBatchItem], pool: torch.Tensor) -> None:
+def _check_batch_positions(
+    name: str, items: Sequence[tuple[np.ndarray, int, int]], pool: torch.Tensor
+) -> None:
     tpb = int(pool.shape[3])
     seen: dict[int, list[tuple[int, int]]] = {}
-    for item in items:
-        n = item.n_tokens
-        for i, block in enumerate(item.ids.tolist()):
-            lo = item.offset if i == 0 else 0
-            hi = min(tpb, item.offset + n - i * tpb)
+    for ids, offset, n in items:
+        for i, block in enumerate(ids.tolist()):
+            lo = offset if i == 0 else 0
+            hi = min(tpb, offset + n - i * tpb)
             for a, b in seen.get(block, ()):
                 if lo < b and a < hi:
                     raise ValueError(
