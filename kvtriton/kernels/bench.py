@@ -340,97 +340,174 @@ def _case(
 # ---------------------------------------------------------------------------------------
 # host overhead per request
 # ---------------------------------------------------------------------------------------
+def _staging_variants(plan: Any, device: torch.device, reps: int) -> dict:
+    """Host time of ways to put one plan's tables on the device (diagnostics): the one
+    :func:`~kvtriton.kernels.descriptors.stage` uses (pinned block from torch's caching host
+    allocator + a device tensor + one async copy), a copy from pageable memory while the
+    stream is busy, and preallocated pinned + device buffers (the copy call alone)."""
+    import numpy as np
+
+    from kvtriton.kernels import descriptors as D
+
+    nbytes = plan.meta.size * 8 + plan.ids.size * 4
+    raw = np.empty(nbytes, dtype=np.uint8)
+    raw[: plan.meta.size * 8].view(np.int64)[:] = plan.meta
+    out = {"stage_us": _host_time(lambda: D.stage(plan, device), device, reps) * 1e6}
+    if device.type != "cuda":
+        return out
+    busy = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+
+    def pageable_busy() -> None:
+        busy.random_()  # ~0.1 ms of device work queued ahead of the copy
+        torch.from_numpy(raw).to(device, non_blocking=True)
+
+    def busy_only() -> None:
+        busy.random_()
+
+    out["pageable_busy_us"] = (
+        _host_time(pageable_busy, device, reps) - _host_time(busy_only, device, reps)
+    ) * 1e6
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    out["copy_call_us"] = (
+        _host_time(lambda: dev.copy_(pinned, non_blocking=True), device, reps) * 1e6
+    )
+    out["pinned_alloc_us"] = (
+        _host_time(lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), device, reps)
+        * 1e6
+    )
+    out["device_alloc_us"] = (
+        _host_time(lambda: torch.empty(nbytes, dtype=torch.uint8, device=device), device, reps)
+        * 1e6
+    )
+    return out
+
+
+def _launch_paths(prepared: Any, buf: Any, device: torch.device, reps: int) -> dict:
+    """Host time of ``run`` through the direct launch path and through Triton's normal one."""
+    from kvtriton.kernels.prepared import triton_module
+
+    T = triton_module()
+    out = {"run_direct_us": _host_time(lambda: prepared.run(0, buf), device, reps) * 1e6}
+    saved = dict(T._compiled)
+    T._compiled.clear()
+    direct, T.DIRECT = T.DIRECT, False
+    try:
+        out["run_triton_path_us"] = _host_time(lambda: prepared.run(0, buf), device, reps) * 1e6
+    finally:
+        T.DIRECT = direct
+        T._compiled.update(saved)
+    return out
+
+
 def _host_overheads(device: torch.device, reps: int, shapes: Sequence = HOST_SHAPES) -> list:
+    gen = torch.Generator().manual_seed(1)
+    return [_host_row(device, reps, name, prompt, cached, gen) for name, prompt, cached in shapes]
+
+
+def _host_row(
+    device: torch.device, reps: int, name: str, prompt: int, cached: int, gen: torch.Generator
+) -> dict:
+    """One request of preset ``name``: ``prompt`` tokens, ``cached`` held by the receiver in
+    every group, packed and unpacked as one chunk."""
     from kvtriton import kernels as K
+    from kvtriton.kernels import descriptors as D
+    from kvtriton.kernels.plan import packed_moves
+    from kvtriton.kernels.prepared import _sm_count
     from kvtriton.layout import packed_layout
     from kvtriton.plan import plan_transfer
     from kvtriton.ranges import BlockSpan
     from kvtriton.spec import preset
     from kvtriton.target import TransferTarget
 
-    rows = []
-    gen = torch.Generator().manual_seed(1)
-    for name, prompt, cached in shapes:
-        spec = preset(name)
-        tpb = spec.tokens_per_block
-        nblocks = -(-prompt // tpb) + 1
-        pools: dict[str, torch.Tensor] = {}
-        spans: dict[str, BlockSpan] = {}
-        for g in spec.groups:
-            shape = (g.num_layers, nblocks, g.kv_factor, tpb, g.local_heads, g.head_dim)
-            pools[g.name] = torch.zeros(shape, dtype=spec.torch_dtype, device=device)
-            spans[g.name] = BlockSpan(0, torch.randperm(nblocks, generator=gen).tolist())
-        plan = plan_transfer(spec, prompt, {g.name: cached for g in spec.groups})
-        tokens = {g.name: g.tokens for g in plan if not g.tokens.is_empty}
-        layout = packed_layout(spec, tokens, plan.state_groups)
-        num_blocks = {g: nblocks for g in pools}
+    spec = preset(name)
+    tpb = spec.tokens_per_block
+    nblocks = -(-prompt // tpb) + 1
+    pools: dict[str, torch.Tensor] = {}
+    spans: dict[str, BlockSpan] = {}
+    slots: dict[str, int] = {}
+    for g in spec.groups:
+        if g.kind == "state":
+            dtype = getattr(torch, g.state_dtype or spec.dtype)
+            shape = (g.num_layers, 2, *g.local_state_shape)
+            pools[g.name] = torch.zeros(shape, dtype=dtype, device=device)
+            slots[g.name] = 1
+            continue
+        shape = (g.num_layers, nblocks, g.kv_factor, tpb, g.local_heads, g.head_dim)
+        pools[g.name] = torch.zeros(shape, dtype=spec.torch_dtype, device=device)
+        spans[g.name] = BlockSpan(0, torch.randperm(nblocks, generator=gen).tolist())
+    plan = plan_transfer(spec, prompt, {g.name: cached for g in spec.groups})
+    tokens = {g.name: g.tokens for g in plan if not g.tokens.is_empty}
+    layout = packed_layout(spec, tokens, plan.state_groups)
 
-        def target(dst, spans=spans, tokens=tokens, num_blocks=num_blocks, prompt=prompt, tpb=tpb):
-            return TransferTarget.from_spans(
-                "r",
-                prompt,
-                tokens,
-                spans,
-                {},
-                tokens_per_block=tpb,
-                num_blocks=num_blocks,
-                num_slots={},
-                destination=dst,
-            )
-
-        src, dst = target(False), target(True)
-        ps = K.PoolSet(spec, pools)
-        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-        packer = K.prepare_pack(ps, src, [layout])
-        unpacker = K.prepare_unpack(ps, dst, [layout])
-
-        def pack(ps=ps, src=src, layout=layout, buf=buf):
-            K.prepare_pack(ps, src, [layout]).run(0, buf)
-
-        def unpack(ps=ps, dst=dst, layout=layout, buf=buf):
-            K.prepare_unpack(ps, dst, [layout]).run(0, buf)
-
-        rows.append(
-            {
-                "spec": name,
-                "prompt": prompt,
-                "cached": cached,
-                "groups": len(layout.segments),
-                "blocks": sum(len(g.block_ids) for g in src.kv.values()),
-                "mib": layout.nbytes / MIB,
-                "launches": len(packer._chunks[0]),
-                "target_us": _host_time(lambda: target(True), device, reps) * 1e6,
-                "prepare_pack_us": _host_time(
-                    lambda ps=ps, src=src, layout=layout: K.prepare_pack(ps, src, [layout]),
-                    device,
-                    reps,
-                )
-                * 1e6,
-                "run_pack_us": _host_time(lambda p=packer, x=buf: p.run(0, x), device, reps) * 1e6,
-                "pack_us": _host_time(pack, device, reps) * 1e6,
-                "run_unpack_us": _host_time(lambda p=unpacker, x=buf: p.run(0, x), device, reps)
-                * 1e6,
-                "unpack_us": _host_time(unpack, device, reps) * 1e6,
-                "pack_b2b_us": _back_to_back(pack, device, reps) * 1e6,
-                "pack_request_us": _host_time(
-                    lambda spec=spec, layout=layout, pools=pools, spans=spans, buf=buf: (
-                        K.pack_request(spec, layout, pools, spans, {}, buf)
-                    ),
-                    device,
-                    reps,
-                )
-                * 1e6,
-            }
+    def target(dst: bool) -> TransferTarget:
+        return TransferTarget.from_spans(
+            "r",
+            prompt,
+            tokens,
+            spans,
+            slots,
+            tokens_per_block=tpb,
+            num_blocks=dict.fromkeys(spans, nblocks),
+            num_slots=dict.fromkeys(slots, 2),
+            destination=dst,
         )
-        del pools, packer, unpacker
-    return rows
+
+    src, dst = target(False), target(True)
+    ps = K.PoolSet(spec, pools)
+    buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+    packer = K.prepare_pack(ps, src, [layout])
+    unpacker = K.prepare_unpack(ps, dst, [layout])
+    moves = packed_moves(ps, src, [layout], True)
+    sms = _sm_count(device)
+    hplan = D.build(moves, sm_count=sms, interpret=device.type == "cpu")
+
+    def timed(fn: Callable[[], Any]) -> float:
+        return _host_time(fn, device, reps) * 1e6
+
+    def pack() -> None:
+        K.prepare_pack(ps, src, [layout]).run(0, buf)
+
+    def unpack() -> None:
+        K.prepare_unpack(ps, dst, [layout]).run(0, buf)
+
+    row = {
+        "spec": name,
+        "prompt": prompt,
+        "cached": cached,
+        "groups": len(layout.segments),
+        "blocks": sum(len(g.block_ids) for g in src.kv.values()),
+        "mib": layout.nbytes / MIB,
+        "launches": len(packer._chunks[0]),
+        "target_us": timed(lambda: target(True)),
+        "prepare_pack_us": timed(lambda: K.prepare_pack(ps, src, [layout])),
+        "checks_us": timed(lambda: packed_moves(ps, src, [layout], True)),
+        "build_us": timed(lambda: D.build(moves, sm_count=sms)),
+        "run_pack_us": timed(lambda: packer.run(0, buf)),
+        "pack_us": timed(pack),
+        "prepare_unpack_us": timed(lambda: K.prepare_unpack(ps, dst, [layout])),
+        "run_unpack_us": timed(lambda: unpacker.run(0, buf)),
+        "unpack_us": timed(unpack),
+        "pack_b2b_us": _back_to_back(pack, device, reps) * 1e6,
+        "pack_request_us": timed(lambda: K.pack_request(spec, layout, pools, spans, slots, buf)),
+    }
+    row.update(_staging_variants(hplan, device, reps))
+    if device.type == "cuda":
+        row.update(_launch_paths(packer, buf, device, reps))
+    return row
 
 
 # ---------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------
 def _cases(quick: bool) -> list[tuple[str, int, dict]]:
-    sizes = [64, 512, 2048, 8192] if not quick else [8, 32]
+    if quick:  # a smoke test: one case of each kind, a few tokens
+        return [
+            ("gather", 4, {"tpb": 16, "start": 5}),
+            ("scatter", 4, {"tpb": 16, "layout": "HND", "start": 3}),
+            ("copy", 4, {"tpb": 16, "dst_tpb": 32, "start": 7, "dst_layout": "HND"}),
+        ]
+    sizes = [64, 512, 2048, 8192]
     out = []
     for n in sizes:
         for op in ("gather", "scatter"):
@@ -498,12 +575,41 @@ _HEADER = (
 )
 
 
+def _num(x: float, width: int) -> str:
+    """A rate or time in ``width`` characters: whole numbers when large, 3 digits when small."""
+    if math.isnan(x):
+        return "-".rjust(width)
+    return f"{x:{width}.0f}" if abs(x) >= 100 else f"{x:{width}.3g}"
+
+
 def _fmt(r: dict) -> str:
     g = r["gbs"]
     return (
         f"{r['op']:8s} {r['src']:12s} {r['dst']:12s} {r['start']:5d} {r['tokens']:6d} "
-        f"{r['mib']:7.1f} {g['kvtriton']:8.0f} {g['copy_torch']:7.0f} {g['copy_triton']:7.0f}"
-        f"      {r['vs_copy']:6.1%}"
+        f"{r['mib']:7.1f} {_num(g['kvtriton'], 8)} {_num(g['copy_torch'], 7)} "
+        f"{_num(g['copy_triton'], 7)}      {r['vs_copy']:6.1%}"
+    )
+
+
+_HOST_COLUMNS = (
+    ("target", "target_us"),
+    ("prep", "prepare_pack_us"),
+    ("checks", "checks_us"),
+    ("build", "build_us"),
+    ("stage", "stage_us"),
+    ("run", "run_pack_us"),
+    ("pack", "pack_us"),
+    ("unpack", "unpack_us"),
+    ("b2b", "pack_b2b_us"),
+    ("pack_req", "pack_request_us"),
+)
+
+
+def _fmt_host(h: dict) -> str:
+    label = f"{h['spec']} P={h['prompt']} cached={h['cached']}"
+    cols = " ".join(_num(h.get(key, math.nan), 8) for _, key in _HOST_COLUMNS)
+    return (
+        f"{label:28s} {h['groups']:4d} {h['blocks']:6d} {h['mib']:7.1f} {h['launches']:4d} {cols}"
     )
 
 
@@ -566,23 +672,23 @@ def run_benchmark(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     sweep = _sweep(device, reps, print_table) if tune and device.type == "cuda" else []
-    shapes = HOST_SHAPES if not quick else HOST_SHAPES[-1:]
+    shapes = HOST_SHAPES if not quick else (("tiny-hybrid", 64, 16),)
     overhead = _host_overheads(device, 200 if not quick else 5, shapes) if host else []
     if print_table and overhead:
         print("\nhost time per request, whole request as one chunk (median us, device idle):")
-        print(
-            f"{'request':28s} {'segs':>4s} {'blocks':>6s} {'MiB':>7s} {'launch':>6s} "
-            f"{'target':>7s} {'prep':>7s} {'run':>7s} {'pack':>7s} {'unpack':>7s} {'b2b':>7s} "
-            f"{'pack_request':>12s}"
-        )
+        heads = " ".join(f"{name:>8s}" for name, _ in _HOST_COLUMNS)
+        print(f"{'request':28s} {'segs':>4s} {'blocks':>6s} {'MiB':>7s} {'runs':>4s} {heads}")
         for h in overhead:
-            label = f"{h['spec']} P={h['prompt']} cached={h['cached']}"
-            print(
-                f"{label:28s} {h['groups']:4d} {h['blocks']:6d} {h['mib']:7.1f} "
-                f"{h['launches']:6d} {h['target_us']:7.1f} {h['prepare_pack_us']:7.1f} "
-                f"{h['run_pack_us']:7.1f} {h['pack_us']:7.1f} {h['unpack_us']:7.1f} "
-                f"{h['pack_b2b_us']:7.1f} {h['pack_request_us']:12.1f}"
-            )
+            print(_fmt_host(h), flush=True)
+        if device.type == "cuda":
+            print("staging and launch paths (us):")
+            for h in overhead:
+                extra = {
+                    k: round(v, 1)
+                    for k, v in h.items()
+                    if k.endswith("_us") and k not in dict((v, 0) for _, v in _HOST_COLUMNS)
+                }
+                print(f"  {h['spec']} P={h['prompt']}: {extra}")
     verdict = _verdict(results, overhead)
     if print_table and device.type == "cuda":
         print(f"\ntargets: {json.dumps(verdict)}")

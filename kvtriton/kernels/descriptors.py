@@ -102,10 +102,12 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Paged:
     """A pool side (see the module docstring). ``layers`` are element offsets (layer index x
-    stride 0); ``strides`` are elements (block, kv, token, head); ``ids`` the block table."""
+    stride 0); ``strides`` are elements (block, kv, token, head); ``ids`` the block table;
+    ``size`` the element size; ``gcd`` the gcd of the address and every stride and layer
+    offset in bytes (what the copy unit and vector width must divide)."""
 
     tensor: torch.Tensor
     addr: int
@@ -114,16 +116,18 @@ class Paged:
     rel: int
     block: int
     strides: tuple[int, int, int, int]
+    size: int
+    gcd: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dense:
     """A packed segment at byte ``offset`` of the run's buffer."""
 
     offset: int
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Move:
     """``layers x kv x tokens x heads`` rows of ``head_bytes`` bytes from ``src`` to ``dst``."""
 
@@ -137,7 +141,7 @@ class Move:
     state: bool = False
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Launch:
     """One kernel launch: its rows in ``meta`` and its compile-time shape."""
 
@@ -157,13 +161,27 @@ class Launch:
     tensors: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...]  # per row
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class HostPlan:
     """All chunks' launches of one request and the host tables they read."""
 
     meta: np.ndarray  # int64
     ids: np.ndarray  # int32
     chunks: tuple[tuple[Launch, ...], ...]
+
+
+def side_geometry(
+    pool: torch.Tensor, layers: Sequence[int], head0: int, head_dim: int
+) -> tuple[int, tuple[int, ...], int]:
+    """``(addr, layer offsets, gcd)`` of a paged side: local ``layers`` of dim 0, first head
+    ``head0`` of dim ``head_dim`` (4 for a KV pool, 2 for a state pool)."""
+    st = pool.stride()
+    size = pool.element_size()
+    addr = pool.data_ptr() + head0 * st[head_dim] * size
+    offsets = tuple(layer * st[0] for layer in layers)
+    strides = st[1:5] if head_dim == 4 else (st[1], st[2])
+    g = math.gcd(addr, *(x * size for x in strides), *(x * size for x in offsets))
+    return addr, offsets, g
 
 
 def pool_side(
@@ -176,17 +194,10 @@ def pool_side(
     """The paged side of a 6-D ``[layers, blocks, kv, block, heads, head_dim]`` pool view:
     local ``layers`` (dim 0 indices), local head range ``heads``, block table ``ids``; the
     move's first position is ``rel`` positions after the start of block ``ids[0]``."""
+    addr, offsets, g = side_geometry(pool, layers, heads[0], 4)
     st = pool.stride()
-    size = pool.element_size()
-    return Paged(
-        pool,
-        pool.data_ptr() + heads[0] * st[4] * size,
-        tuple(layer * st[0] for layer in layers),
-        ids,
-        rel,
-        int(pool.shape[3]),
-        (st[1], st[2], st[3], st[4]),
-    )
+    strides = (st[1], st[2], st[3], st[4])
+    return Paged(pool, addr, offsets, ids, rel, int(pool.shape[3]), strides, pool.element_size(), g)
 
 
 def state_side(
@@ -194,21 +205,15 @@ def state_side(
 ) -> Paged:
     """The paged side of slot ``slot`` of a ``[layers, slots, heads, *rest]`` state pool (rest
     row-major contiguous): one token per block, the slot as the only block."""
+    addr, offsets, g = side_geometry(pool, layers, heads[0], 2)
     st = pool.stride()
-    size = pool.element_size()
-    return Paged(
-        pool,
-        pool.data_ptr() + heads[0] * st[2] * size,
-        tuple(layer * st[0] for layer in layers),
-        _slot_table(slot),
-        0,
-        1,
-        (st[1], 0, 0, st[2]),
-    )
+    strides = (st[1], 0, 0, st[2])
+    return Paged(pool, addr, offsets, slot_table(slot), 0, 1, strides, pool.element_size(), g)
 
 
 @functools.lru_cache(maxsize=1024)
-def _slot_table(slot: int) -> np.ndarray:
+def slot_table(slot: int) -> np.ndarray:
+    """The one-entry block table of a state slot (shared, read-only)."""
     arr = np.array([slot], dtype=np.int32)
     arr.setflags(write=False)
     return arr
@@ -227,6 +232,11 @@ def magic(d: int) -> tuple[int, int]:
     return ((1 << p) + d - 1) // d, p - 32
 
 
+@functools.lru_cache(maxsize=4096)
+def _steps(offsets: tuple[int, ...], size: int, step: int) -> tuple[int, ...]:
+    return offsets if size == step else tuple(x * size // step for x in offsets)
+
+
 def _low_pow2(n: int, cap: int) -> int:
     """Largest power of two dividing ``n`` (``cap`` when ``n == 0``), at most ``cap``."""
     return cap if n == 0 else min(cap, n & -n)
@@ -236,20 +246,16 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _side_gcd(side: Paged | Dense) -> int:
-    if isinstance(side, Dense):
-        return side.offset
-    size = side.tensor.element_size()
-    return math.gcd(side.addr, *(s * size for s in side.strides), *(x * size for x in side.layers))
+def _move_gcd(m: Move) -> int:
+    src, dst = m.src, m.dst
+    a = src.gcd if type(src) is Paged else src.offset
+    b = dst.gcd if type(dst) is Paged else dst.offset
+    return math.gcd(a, b, m.head_bytes)
 
 
-def _shape(moves: Sequence[Move], buffer_align: int, tuning: Tuning) -> tuple[int, int, int]:
-    """``(unit, piece, vec)`` of a launch of ``moves``."""
-    g = buffer_align
-    h = 0
-    for m in moves:
-        g = math.gcd(g, _side_gcd(m.src), _side_gcd(m.dst), m.head_bytes)
-        h = math.gcd(h, m.head_bytes)
+def _shape(g: int, h: int, tuning: Tuning) -> tuple[int, int, int]:
+    """``(unit, piece, vec)`` for byte gcd ``g`` of every address / stride / size and gcd
+    ``h`` of the head sizes of a launch."""
     unit = _low_pow2(g, 4)
     piece = _low_pow2(h // unit, max(1, tuning.max_piece_bytes // unit))
     vec = min(piece, 16 // unit, _low_pow2(g // unit, 16))
@@ -257,61 +263,60 @@ def _shape(moves: Sequence[Move], buffer_align: int, tuning: Tuning) -> tuple[in
 
 
 class _Tables:
-    """Append-only int64 / int32 tables with offsets known at append time."""
+    """Append-only int64 (``meta``) and int32 (``ids``) tables with offsets known at append
+    time."""
 
     def __init__(self) -> None:
-        self.meta: list[np.ndarray] = []
-        self.meta_size = 0
+        self.meta: list[int] = []
         self.ids: list[np.ndarray] = []
         self.ids_size = 0
         self._ids_at: dict[int, int] = {}
-        self._lay_at: dict[tuple[tuple[int, ...], int], int] = {}
-        self._keep: list[np.ndarray] = []  # keeps id() keys unique while building
-
-    def add_meta(self, arr: np.ndarray) -> int:
-        at = self.meta_size
-        self.meta.append(arr)
-        self.meta_size += arr.size
-        return at
+        self._lay_at: dict[tuple, int] = {}
 
     def table(self, ids: np.ndarray) -> int:
-        key = id(ids)
+        key = id(ids)  # the arrays stay referenced by the moves while building
         at = self._ids_at.get(key)
         if at is None:
             at = self._ids_at[key] = self.ids_size
             self.ids.append(ids)
-            self._keep.append(ids)
             self.ids_size += ids.size
         return at
 
-    def layers(self, offsets: tuple[int, ...], scale: int, step: int) -> int:
-        """Meta index of ``offsets`` (elements of ``scale`` bytes) in ``step``-byte units."""
-        key = (offsets, scale, step)
+    def layers(self, offsets: tuple[int, ...], size: int, step: int) -> int:
+        """Meta index of ``offsets`` (elements of ``size`` bytes) in ``step``-byte units."""
+        key = (offsets, size, step)
         at = self._lay_at.get(key)
         if at is None:
-            arr = np.array(offsets, dtype=np.int64)
-            if scale != step:
-                arr = arr * scale // step
-            at = self._lay_at[key] = self.add_meta(arr)
+            at = self._lay_at[key] = len(self.meta)
+            self.meta.extend(_steps(offsets, size, step))
         return at
 
 
 def _side_cols(side: Paged | Dense, tables: _Tables, step: int, layer0: int, shift: int) -> list:
     """The 11 side columns; ``layer0`` / ``shift`` select a layer sub-range of a split row.
     Layer offsets and strides are in ``step``-byte units (copy unit x vector width)."""
-    if isinstance(side, Dense):
+    if type(side) is Dense:
         return [side.offset + shift, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
-    size = side.tensor.element_size()
+    size = side.size
     lay = tables.layers(side.layers, size, step) + layer0
     m, s = magic(side.block)
-    # exact: the step divides every stride in bytes (_shape)
-    strides = [x * size // step for x in side.strides]
-    return [side.addr, lay, tables.table(side.ids), side.rel, side.block, m, s, *strides]
+    sb, skv, st, sh = side.strides  # exact: the step divides every stride in bytes (_shape)
+    return [
+        side.addr,
+        lay,
+        tables.table(side.ids),
+        side.rel,
+        side.block,
+        m,
+        s,
+        sb * size // step,
+        skv * size // step,
+        st * size // step,
+        sh * size // step,
+    ]
 
 
-def _rows(
-    m: Move, unit: int, piece: int, vec: int, tables: _Tables
-) -> list[tuple[list, Move, int]]:
+def _rows(m: Move, unit: int, piece: int, vec: int, tables: _Tables) -> list[tuple[list, int]]:
     """Descriptor rows of one move (several when it holds more than MAX_PIECES pieces: split
     by layers) with their piece counts."""
     pph = m.head_bytes // unit // piece
@@ -323,82 +328,94 @@ def _rows(
             f"one layer of a move holds {per_layer} pieces of {piece * unit} bytes, more than "
             f"{MAX_PIECES}: use smaller chunks"
         )
-    step = max(1, MAX_PIECES // per_layer)
+    common = [0, npc, *magic(npc), hpp, *magic(hpp), pph, *magic(pph), m.kv.bit_length() - 1]
+    step = unit * vec
+    if m.layers * per_layer <= MAX_PIECES:
+        common[NP] = m.layers * per_layer
+        row = common + _side_cols(m.src, tables, step, 0, 0) + _side_cols(m.dst, tables, step, 0, 0)
+        return [(row, m.layers * per_layer)]
     out = []
-    for l0 in range(0, m.layers, step):
-        nl = min(step, m.layers - l0)
+    per_row = max(1, MAX_PIECES // per_layer)
+    for l0 in range(0, m.layers, per_row):
+        nl = min(per_row, m.layers - l0)
         shift = l0 * per_layer * piece * unit  # dense byte shift of the sub-range
-        common = [nl * per_layer, npc, *magic(npc), hpp, *magic(hpp), pph, *magic(pph)]
-        common.append(m.kv.bit_length() - 1)
-        row = common + _side_cols(m.src, tables, unit * vec, l0, shift)
-        row += _side_cols(m.dst, tables, unit * vec, l0, shift)
-        out.append((row, m, nl * per_layer))
+        row = [nl * per_layer, *common[1:]]
+        row += _side_cols(m.src, tables, step, l0, shift) + _side_cols(
+            m.dst, tables, step, l0, shift
+        )
+        out.append((row, nl * per_layer))
     return out
 
 
 def _launch(
     moves: Sequence[Move],
+    shape: tuple[int, int, int],
     tables: _Tables,
-    buffer_align: int,
     sm_count: int,
     interpret: bool,
     tuning: Tuning,
 ) -> list[Launch]:
-    unit, piece, vec = _shape(moves, buffer_align, tuning)
-    rows: list[tuple[list, Move, int]] = []
+    unit, piece, vec = shape
+    rows: list[tuple[list, int]] = []
+    owners: list[Move] = []
     for m in moves:
-        rows.extend(_rows(m, unit, piece, vec, tables))
-    pieces = np.array([n for _, _, n in rows], dtype=np.int64)
+        got = _rows(m, unit, piece, vec, tables)
+        rows.extend(got)
+        owners.extend([m] * len(got))
+    pieces = [n for _, n in rows]
     if interpret:
-        tile_rows = min(_pow2_ceil(int(pieces.max())), max(1, tuning.interpret_tile_units // piece))
+        tile_rows = min(_pow2_ceil(max(pieces)), max(1, tuning.interpret_tile_units // piece))
         num_warps = 4
     else:
         units = max(piece, tuning.tile_bytes // unit)
         floor = max(piece, tuning.min_tile_bytes // unit)
         want = tuning.programs_per_sm * sm_count
-        while units > floor and int((-(-pieces // (units // piece))).sum()) < want:
+        while units > floor and sum(-(-n // (units // piece)) for n in pieces) < want:
             units //= 2
         tile_rows = max(1, units // piece)
         # one 16-byte vector per thread per pass; at most tuning.num_warps warps
         num_warps = max(1, min(tuning.num_warps, tile_rows * piece * unit // 512))
     out = []
     cap = SEG_FINE * SEG_FINE
+    meta = tables.meta
     for lo in range(0, len(rows), cap):
         part = rows[lo : lo + cap]
-        tiles = -(-pieces[lo : lo + cap] // tile_rows)
-        first = np.concatenate([[0], np.cumsum(tiles)[:-1]]).astype(np.int64)
+        first, tiles = [], 0
+        for _, n in part:
+            first.append(tiles)
+            tiles += -(-n // tile_rows)
         n = len(part)
+        desc = len(meta)
+        for row, _ in part:
+            meta.extend(row)
+        starts = len(meta)
         if n == 1:
             levels, block = 0, 2
-            table = np.zeros(0, dtype=np.int64)
         elif n <= SEG_ONE_LEVEL:
             levels, block = 1, max(2, _pow2_ceil(n))
-            table = np.full(block, BIG, dtype=np.int64)
-            table[:n] = first
+            meta.extend(first)
+            meta.extend([BIG] * (block - n))
         else:
             levels, block = 2, SEG_FINE
-            coarse = np.full(block, BIG, dtype=np.int64)
-            coarse_n = -(-n // block)
-            coarse[:coarse_n] = first[::block]
-            fine = np.full(coarse_n * block, BIG, dtype=np.int64)
-            fine[:n] = first
-            table = np.concatenate([coarse, fine])
-        desc = tables.add_meta(np.array([r for r, _, _ in part], dtype=np.int64).ravel())
-        starts = tables.add_meta(table)
+            coarse = first[::block]
+            meta.extend(coarse)
+            meta.extend([BIG] * (block - len(coarse)))
+            meta.extend(first)
+            meta.extend([BIG] * (len(coarse) * block - n))
         tensors = tuple(
             (
-                m.src.tensor if isinstance(m.src, Paged) else None,
-                m.dst.tensor if isinstance(m.dst, Paged) else None,
+                m.src.tensor if type(m.src) is Paged else None,
+                m.dst.tensor if type(m.dst) is Paged else None,
             )
-            for _, m, _ in part
+            for m in owners[lo : lo + cap]
         )
-        m0 = part[0][1]
+        m0 = owners[lo]
         out.append(
             Launch(
                 desc,
                 starts,
                 n,
-                int(tiles.sum()),
+                tiles,
                 unit,
                 piece,
                 tile_rows,
@@ -406,8 +423,8 @@ def _launch(
                 block,
                 levels,
                 num_warps,
-                isinstance(m0.src, Paged),
-                isinstance(m0.dst, Paged),
+                type(m0.src) is Paged,
+                type(m0.dst) is Paged,
                 tensors,
             )
         )
@@ -432,29 +449,46 @@ def build(
     tables = _Tables()
     plans = []
     for moves in chunks:
-        moves = [m for m in moves if m.tokens and m.layers and m.heads and m.head_bytes]
-        if not moves:
+        main: list[Move] = []
+        extra: list[Move] = []
+        states: list[tuple[Move, int]] = []
+        g, h = buffer_align, 0
+        for m in moves:
+            if not (m.tokens and m.layers and m.heads and m.head_bytes):
+                continue
+            mg = _move_gcd(m)
+            if m.state:
+                states.append((m, mg))
+            else:
+                main.append(m)
+                g, h = math.gcd(g, mg), math.gcd(h, m.head_bytes)
+        if not main:  # state rows only: one launch of their own shape
+            main = [m for m, _ in states]
+            for m, mg in states:
+                g, h = math.gcd(g, mg), math.gcd(h, m.head_bytes)
+            states = []
+        if not main:
             plans.append(())
             continue
-        main = [m for m in moves if not m.state]
-        extra: list[Move] = []
-        if main:
-            shape = _shape(main, buffer_align, tuning)
-            for m in moves:
-                if m.state:
-                    (main if _shape([*main, m], buffer_align, tuning) == shape else extra).append(m)
-        else:
-            main = moves
-        launches = _launch(main, tables, buffer_align, sm_count, interpret, tuning)
+        shape = _shape(g, h, tuning)
+        g2, h2 = buffer_align, 0
+        for m, mg in states:
+            if _shape(math.gcd(g, mg), math.gcd(h, m.head_bytes), tuning) == shape:
+                main.append(m)
+            else:
+                extra.append(m)
+                g2, h2 = math.gcd(g2, mg), math.gcd(h2, m.head_bytes)
+        launches = _launch(main, shape, tables, sm_count, interpret, tuning)
         if extra:
-            launches += _launch(extra, tables, buffer_align, sm_count, interpret, tuning)
+            launches += _launch(extra, _shape(g2, h2, tuning), tables, sm_count, interpret, tuning)
         plans.append(tuple(launches))
-    meta = np.concatenate(tables.meta) if tables.meta else np.zeros(1, dtype=np.int64)
-    ids = (
-        np.concatenate(tables.ids).astype(np.int32, copy=False)
-        if tables.ids
-        else np.zeros(1, dtype=np.int32)
-    )
+    meta = np.array(tables.meta or [0], dtype=np.int64)
+    if not tables.ids:
+        ids = np.zeros(1, dtype=np.int32)
+    elif len(tables.ids) == 1:
+        ids = tables.ids[0].astype(np.int32, copy=False)
+    else:
+        ids = np.concatenate(tables.ids).astype(np.int32, copy=False)
     return HostPlan(meta, ids, tuple(plans))
 
 

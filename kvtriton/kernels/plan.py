@@ -22,7 +22,7 @@ from kvtriton.kernels import descriptors as D
 from kvtriton.kernels.prepared import PreparedMoves
 from kvtriton.layout import PackedLayout, Segment
 from kvtriton.spec import KVCacheSpec, LayerGroup
-from kvtriton.target import TransferTarget
+from kvtriton.target import GroupTarget, TransferTarget
 
 __all__ = ["PoolSet", "prepare_copy", "prepare_pack", "prepare_unpack"]
 
@@ -30,11 +30,12 @@ __all__ = ["PoolSet", "prepare_copy", "prepare_pack", "prepare_unpack"]
 class _GroupPool:
     """One group's pool with everything a segment needs precomputed."""
 
-    def __init__(self, spec: KVCacheSpec, group: LayerGroup, pool: torch.Tensor) -> None:
+    def __init__(self, group: LayerGroup, pool: torch.Tensor) -> None:
         self.name = group.name
         self.state = group.kind == "state"
         self.tensor = pool
         self.dtype = str(pool.dtype).removeprefix("torch.")
+        self.size = pool.element_size()
         self.layer_of = {lid: i for i, lid in enumerate(group.layer_ids)}
         self.held = C.held_heads(group)
         try:
@@ -45,22 +46,27 @@ class _GroupPool:
         self.inner = tuple(pool.shape[3:]) if self.state else (pool.shape[2], pool.shape[5])
         self.count = int(pool.shape[1])  # blocks or slots
         self.block = 0 if self.state else int(pool.shape[3])
-        self._layers: dict[tuple[int, ...], tuple[int, ...]] = {}
+        st = pool.stride()
+        self.strides = (st[1], 0, 0, st[2]) if self.state else (st[1], st[2], st[3], st[4])
+        row = 1  # state: elements per (layer, head), the dims after the head dim
+        for x in self.inner:
+            row *= int(x)
+        self.head_bytes = row * self.size if self.state else self.inner[1] * self.size
+        self._geometry: dict[tuple, tuple] = {}
 
-    def layers(self, seg: Segment, where: str) -> tuple[int, ...]:
-        """Local indices of ``seg``'s global layer ids."""
-        hit = self._layers.get(seg.layer_ids)
-        if hit is None:
-            missing = [lid for lid in seg.layer_ids if lid not in self.layer_of]
-            if missing:
-                raise ValueError(
-                    f"{where}: layers {missing} of group {self.name!r} are not held by this "
-                    f"rank (it holds {sorted(self.layer_of)})"
-                )
-            hit = self._layers[seg.layer_ids] = tuple(self.layer_of[lid] for lid in seg.layer_ids)
-        return hit
-
-    def heads(self, seg: Segment, where: str) -> tuple[int, int]:
+    def geometry(self, seg: Segment, where: str) -> tuple:
+        """``(local layers, local heads, addr, layer offsets, gcd)`` of ``seg``'s selection,
+        checked and cached per (layer ids, heads)."""
+        key = (seg.layer_ids, seg.heads)
+        hit = self._geometry.get(key)
+        if hit is not None:
+            return hit
+        missing = [lid for lid in seg.layer_ids if lid not in self.layer_of]
+        if missing:
+            raise ValueError(
+                f"{where}: layers {missing} of group {self.name!r} are not held by this "
+                f"rank (it holds {sorted(self.layer_of)})"
+            )
         lo, hi = self.held
         start, end = seg.heads
         if not lo <= start < end <= hi:
@@ -68,7 +74,11 @@ class _GroupPool:
                 f"{where}: heads [{start}, {end}) of group {self.name!r} are not inside the "
                 f"held range [{lo}, {hi})"
             )
-        return start - lo, end - lo
+        layers = tuple(self.layer_of[lid] for lid in seg.layer_ids)
+        heads = (start - lo, end - lo)
+        geo = D.side_geometry(self.tensor, layers, heads[0], 2 if self.state else 4)
+        hit = self._geometry[key] = (layers, heads, *geo)
+        return hit
 
 
 class PoolSet:
@@ -103,7 +113,7 @@ class PoolSet:
             if device is None:
                 device = pool.device
             C.check_device(f"pools[{g.name!r}]", pool, device)
-            groups[g.name] = _GroupPool(spec, g, pool)
+            groups[g.name] = _GroupPool(g, pool)
         self.spec = spec
         self.pools: Mapping[str, torch.Tensor] = MappingProxyType(
             {g.name: pools[g.name] for g in spec.groups}
@@ -151,9 +161,11 @@ def _nbytes(chunk: object) -> int:
 
 def _side(
     pools: PoolSet, target: TransferTarget, seg: Segment, where: str, write: bool
-) -> tuple[D.Paged, _GroupPool, tuple[int, int]]:
+) -> tuple[D.Paged, _GroupPool, tuple[int, ...], tuple[int, int]]:
     """The paged side of ``seg`` on this rank, every property checked."""
-    g = pools._group(seg.group, where)
+    g = pools._groups.get(seg.group)
+    if g is None:
+        g = pools._group(seg.group, where)  # raises, naming the groups
     if write and not g.writable:
         raise ValueError(f"{where}: pools[{g.name!r}] has overlapping elements; cannot write it")
     if (seg.kind == "state") != g.state:
@@ -163,10 +175,9 @@ def _side(
         raise ValueError(
             f"{where}: segment of group {g.name!r} has dtype {seg.dtype}, the pool {g.dtype}"
         )
-    layers = g.layers(seg, where)
-    heads = g.heads(seg, where)
+    layers, heads, addr, offsets, gcd = g.geometry(seg, where)
     if g.state:
-        if tuple(seg.shape) != (len(layers), heads[1] - heads[0], *g.inner):
+        if seg.shape != (len(layers), heads[1] - heads[0], *g.inner):
             raise ValueError(
                 f"{where}: segment shape {seg.shape} of group {g.name!r} does not match the "
                 f"pool's state shape {list(g.inner)}"
@@ -179,46 +190,74 @@ def _side(
                 f"{where}: state group {g.name!r}: slot {slot} is outside the pool's slots "
                 f"[0, {g.count})"
             )
-        return D.state_side(g.tensor, slot, layers, heads), g, heads
-    kv, head_dim = g.inner
-    if tuple(seg.shape) != (len(layers), kv, len(seg.tokens), heads[1] - heads[0], head_dim):
+        ids, rel, block = D.slot_table(slot), 0, 1
+    else:
+        kv, head_dim = g.inner
+        if seg.shape != (len(layers), kv, len(seg.tokens), heads[1] - heads[0], head_dim):
+            raise ValueError(
+                f"{where}: segment shape {seg.shape} of group {g.name!r} does not match the "
+                f"pool (kv={kv}, head_dim={head_dim})"
+            )
+        gt = target.kv.get(g.name)
+        if gt is None:
+            raise ValueError(
+                f"{where}: the target holds no blocks of group {g.name!r} (positions {seg.tokens})"
+            )
+        if not gt.covers(seg.tokens):
+            raise ValueError(
+                f"{where}: group {g.name!r}: positions {seg.tokens} are not inside the "
+                f"target's range {gt.tokens}"
+            )
+        block = g.block
+        if gt.tokens_per_block != block:
+            raise ValueError(
+                f"{where}: group {g.name!r}: the target has {gt.tokens_per_block} tokens per "
+                f"block, the pool {block}"
+            )
+        ids = gt.block_ids
+        _check_ids(g, gt, where)
+        rel = seg.tokens.start - gt.first_block * block
+    side = D.Paged(g.tensor, addr, offsets, ids, rel, block, g.strides, g.size, gcd)
+    return side, g, layers, heads
+
+
+def _check_ids(g: _GroupPool, gt: GroupTarget, where: str) -> None:
+    """The target's ids were checked at birth against the pool size it was given; a pool of
+    this group smaller than that one is refused (once per target and PoolSet)."""
+    if gt.num_blocks is not None and gt.num_blocks <= g.count:
+        return
+    top = int(gt.block_ids.max()) if gt.block_ids.size else -1
+    if top >= g.count:
         raise ValueError(
-            f"{where}: segment shape {seg.shape} of group {g.name!r} does not match the pool "
-            f"(kv={kv}, head_dim={head_dim})"
+            f"{where}: group {g.name!r}: block id {top} is outside the pool's blocks [0, {g.count})"
         )
-    gt = target.kv.get(g.name)
-    if gt is None:
-        raise ValueError(
-            f"{where}: the target holds no blocks of group {g.name!r} (positions {seg.tokens})"
-        )
-    if not gt.covers(seg.tokens):
-        raise ValueError(
-            f"{where}: group {g.name!r}: positions {seg.tokens} are not inside the target's "
-            f"range {gt.tokens}"
-        )
-    if gt.tokens_per_block != g.block:
-        raise ValueError(
-            f"{where}: group {g.name!r}: the target has {gt.tokens_per_block} tokens per "
-            f"block, the pool {g.block}"
-        )
-    if gt.block_ids.size and int(gt.block_ids.max()) >= g.count:
-        raise ValueError(
-            f"{where}: group {g.name!r}: block id {int(gt.block_ids.max())} is outside the "
-            f"pool's blocks [0, {g.count})"
-        )
-    rel = seg.tokens.start - gt.first_block * g.block
-    return D.pool_side(g.tensor, gt.block_ids, rel, layers, heads), g, heads
 
 
 def _move(src: D.Paged | D.Dense, dst: D.Paged | D.Dense, seg: Segment, g: _GroupPool) -> D.Move:
-    size = g.tensor.element_size()
     if g.state:
-        row = 1  # elements per (layer, head): the state dims after the head dim
-        for s in g.inner:
-            row *= int(s)
-        return D.Move(src, dst, seg.shape[0], 1, 1, seg.shape[1], row * size, state=True)
-    layers, kv, tokens, heads, head_dim = seg.shape
-    return D.Move(src, dst, layers, kv, tokens, heads, head_dim * size)
+        return D.Move(src, dst, seg.shape[0], 1, 1, seg.shape[1], g.head_bytes, True)
+    layers, kv, tokens, heads, _ = seg.shape
+    return D.Move(src, dst, layers, kv, tokens, heads, g.head_bytes)
+
+
+def packed_moves(
+    pools: PoolSet, target: TransferTarget, chunks: Sequence[object], to_dense: bool
+) -> list[list[D.Move]]:
+    """Every chunk's moves between ``pools`` and a packed buffer, every segment checked."""
+    if not isinstance(pools, PoolSet):
+        raise ValueError(f"pools must be a PoolSet, got {type(pools).__name__}")
+    if not isinstance(target, TransferTarget):
+        raise ValueError(f"target must be a TransferTarget, got {type(target).__name__}")
+    plans = []
+    for k, chunk in enumerate(chunks):
+        where = f"request {target.request_id!r} chunk {k}"
+        moves = []
+        for seg in _segments(chunk, k):
+            side, g, _, _ = _side(pools, target, seg, where, not to_dense)
+            dense = D.Dense(seg.offset)
+            moves.append(_move(side, dense, seg, g) if to_dense else _move(dense, side, seg, g))
+        plans.append(moves)
+    return plans
 
 
 def _prepare_packed(
@@ -229,28 +268,10 @@ def _prepare_packed(
     to_dense: bool,
     tuning: D.Tuning | None,
 ) -> PreparedMoves:
-    if not isinstance(pools, PoolSet):
-        raise ValueError(f"pools must be a PoolSet, got {type(pools).__name__}")
-    if not isinstance(target, TransferTarget):
-        raise ValueError(f"target must be a TransferTarget, got {type(target).__name__}")
     C.check_backend(backend)
-    plans = []
-    for k, chunk in enumerate(chunks):
-        where = f"request {target.request_id!r} chunk {k}"
-        moves = []
-        for seg in _segments(chunk, k):
-            side, g, _ = _side(pools, target, seg, where, write=not to_dense)
-            dense = D.Dense(seg.offset)
-            moves.append(_move(side, dense, seg, g) if to_dense else _move(dense, side, seg, g))
-        plans.append(moves)
-    return PreparedMoves(
-        plans,
-        [_nbytes(c) for c in chunks],
-        pools.device,
-        backend,
-        needs_buffer=True,
-        tuning=tuning,
-    )
+    plans = packed_moves(pools, target, chunks, to_dense)
+    nbytes = [_nbytes(c) for c in chunks]
+    return PreparedMoves(plans, nbytes, pools.device, backend, needs_buffer=True, tuning=tuning)
 
 
 def prepare_pack(
@@ -308,8 +329,10 @@ def prepare_copy(
         where = f"request {src_target.request_id!r} chunk {k}"
         moves = []
         for seg in _segments(chunk, k):
-            s_side, s_g, s_heads = _side(src, src_target, seg, f"{where} (source)", False)
-            d_side, d_g, d_heads = _side(dst, dst_target, seg, f"{where} (destination)", True)
+            s_side, s_g, s_layers, s_heads = _side(src, src_target, seg, f"{where} (source)", False)
+            d_side, d_g, d_layers, d_heads = _side(
+                dst, dst_target, seg, f"{where} (destination)", True
+            )
             if s_g.dtype != d_g.dtype or s_g.inner != d_g.inner:
                 raise ValueError(
                     f"{where}: group {seg.group!r}: source pool {s_g.dtype} {list(s_g.inner)} "
@@ -319,8 +342,8 @@ def prepare_copy(
                 C._check_copy_overlap(
                     s_g.tensor,
                     d_g.tensor,
-                    (s_g.layers(seg, where), s_side.ids, s_heads),
-                    (d_g.layers(seg, where), d_side.ids, d_heads),
+                    (s_layers, s_side.ids, s_heads),
+                    (d_layers, d_side.ids, d_heads),
                     names=("src_target", "dst_target"),
                 )
             moves.append(_move(s_side, d_side, seg, s_g))

@@ -51,8 +51,21 @@ def _triton_available() -> bool:
         return False
 
 
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """``"triton"`` or ``"reference"``: what ``backend`` means for tensors on ``device``."""
+    if _TRITON is not None:  # the answer no longer changes: cached
+        key = (backend, device.type if isinstance(device, torch.device) else str(device))
+        hit = _RESOLVED.get(key)
+        if hit is None:
+            hit = _RESOLVED[key] = _resolve(backend, device)
+        return hit
+    return _resolve(backend, device)
+
+
+def _resolve(backend: str, device: torch.device | str) -> str:
     backend = check_backend(backend)
     device = torch.device(device)
     if backend == "auto":
