@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -226,12 +227,15 @@ def _check(
     if op == "gather":
         buf.fill_(0xA5)
         plan.run(0, buf)
-        want = naive.gather(pool, _span(targets[0]), tokens)
-        return torch.equal(naive.bits(buf.view(torch.bfloat16)), naive.bits(want).reshape(-1))
+        want = naive.bits(naive.gather(pool, _span(targets[0]), tokens)).reshape(-1)
+        got = naive.bits(buf[: want.numel() * 2].view(torch.bfloat16))
+        return torch.equal(got, want)
     if op == "scatter":
         expected = pool.clone()
         naive.scatter(
-            buf.view(torch.bfloat16).view(LAYERS, KVF, len(tokens), HEADS, DIM),
+            buf[: len(tokens) * BYTES_PER_TOKEN]
+            .view(torch.bfloat16)
+            .view(LAYERS, KVF, len(tokens), HEADS, DIM),
             expected,
             _span(targets[0]),
             tokens,
@@ -527,45 +531,48 @@ def _cases(quick: bool) -> list[tuple[str, int, dict]]:
     return out
 
 
+#: The sweep's cases: small moves (where per-program latency shows), 64 and 256 MiB.
+_SWEEP_CASES = (
+    ("gather", 64, {"tpb": 16, "start": 5}),
+    ("scatter", 64, {"tpb": 16, "start": 5}),
+    ("gather", 512, {"tpb": 16}),
+    ("scatter", 2048, {"tpb": 16, "start": 5}),
+    ("copy", 512, {"tpb": 16, "dst_tpb": 32, "start": 5}),
+)
+
+
 def _sweep(device: torch.device, reps: int, print_table: bool) -> list[dict]:
+    """% of copy for tile sizes x warps (4 programs per SM), and 8 programs per SM."""
     from kvtriton.kernels.descriptors import Tuning
 
+    configs = [(tile, warps, 4) for tile in (8192, 16384, 32768) for warps in (4, 8)]
     rows = []
-    for tile in (8192, 16384, 32768):
-        for warps in (4, 8):
-            for pps in (4, 8):
-                tuning = Tuning(tile_bytes=tile, num_warps=warps, programs_per_sm=pps)
-                b = _Bench(device, 1.0, reps, tuning)
-                for op, n, kw in [
-                    ("gather", 64, {"tpb": 16, "start": 5}),
-                    ("scatter", 64, {"tpb": 16, "start": 5}),
-                    ("gather", 512, {"tpb": 16}),
-                    ("scatter", 2048, {"tpb": 16, "start": 5}),
-                    ("copy", 512, {"tpb": 16, "dst_tpb": 32, "start": 5}),
-                ]:
-                    r = _case(b, op, n, rotate=512 * MIB, **kw)
-                    rows.append(
-                        {
-                            "tile_bytes": tile,
-                            "num_warps": warps,
-                            "programs_per_sm": pps,
-                            "op": op,
-                            "mib": r["mib"],
-                            "start": r["start"],
-                            "dst": r["dst"],
-                            "gbs": r["gbs"]["kvtriton"],
-                            "vs_copy": r["vs_copy"],
-                        }
-                    )
-                    if print_table:
-                        print(
-                            f"tune tile={tile:6d} warps={warps} pps={pps} {op:8s} "
-                            f"{r['mib']:6.0f} MiB start={r['start']:2d} {r['dst']:12s} "
-                            f"{r['gbs']['kvtriton']:6.0f} GB/s {r['vs_copy']:6.1%} of copy",
-                            flush=True,
-                        )
-                b.pools.clear()
-                torch.cuda.empty_cache()
+    for tile, warps, pps in [*configs, (16384, 8, 8)]:
+        b = _Bench(device, 1.0, reps, Tuning(tile_bytes=tile, num_warps=warps, programs_per_sm=pps))
+        for op, n, kw in _SWEEP_CASES:
+            r = _case(b, op, n, rotate=512 * MIB, **kw)
+            rows.append(
+                {
+                    "tile_bytes": tile,
+                    "num_warps": warps,
+                    "programs_per_sm": pps,
+                    "op": op,
+                    "mib": r["mib"],
+                    "start": r["start"],
+                    "dst": r["dst"],
+                    "gbs": r["gbs"]["kvtriton"],
+                    "vs_copy": r["vs_copy"],
+                }
+            )
+            if print_table:
+                print(
+                    f"tune tile={tile:6d} warps={warps} pps={pps} {op:8s} {r['mib']:6.0f} MiB "
+                    f"start={r['start']:2d} {r['dst']:12s} {r['gbs']['kvtriton']:6.0f} GB/s "
+                    f"{r['vs_copy']:6.1%} of copy",
+                    flush=True,
+                )
+        b.pools.clear()
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -660,20 +667,34 @@ def run_benchmark(
     scale = 1.0 if not quick else 1 / 1024
     b = _Bench(device, scale, reps if not quick else 3)
     results: list[dict] = []
+    errors: list[str] = []
     if cases:
         if print_table:
             print(_HEADER, flush=True)
         for op, n, kw in _cases(quick):
-            row = _case(b, op, n, rotate=0 if quick else 512 * MIB, **kw)
+            try:
+                row = _case(b, op, n, rotate=0 if quick else 512 * MIB, **kw)
+            except Exception as err:  # report it and measure the other cases
+                errors.append(f"{op} {n} {kw}: {err!r}")
+                print(f"ERROR {op} {n} {kw}: {err!r}", flush=True)
+                traceback.print_exc()
+                continue
             results.append(row)
             if print_table:
                 print(_fmt(row), flush=True)
     b.pools.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    sweep = _sweep(device, reps, print_table) if tune and device.type == "cuda" else []
-    shapes = HOST_SHAPES if not quick else (("tiny-hybrid", 64, 16),)
-    overhead = _host_overheads(device, 200 if not quick else 5, shapes) if host else []
+    sweep, overhead = [], []
+    try:
+        if tune and device.type == "cuda":
+            sweep = _sweep(device, reps, print_table)
+        shapes = HOST_SHAPES if not quick else (("tiny-hybrid", 64, 16),)
+        overhead = _host_overheads(device, 200 if not quick else 5, shapes) if host else []
+    except Exception as err:  # report it; keep what was measured
+        errors.append(repr(err))
+        print(f"ERROR: {err!r}", flush=True)
+        traceback.print_exc()
     if print_table and overhead:
         print("\nhost time per request, whole request as one chunk (median us, device idle):")
         heads = " ".join(f"{name:>8s}" for name, _ in _HOST_COLUMNS)
@@ -710,6 +731,7 @@ def run_benchmark(
         "tune_sweep": sweep,
         "host_overhead": overhead,
         "targets": verdict,
+        "errors": errors,
     }
     if json_path:
         with open(json_path, "w") as f:
@@ -741,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    run_benchmark(
+    out = run_benchmark(
         device=args.device,
         quick=args.quick,
         json_path=args.json,
@@ -750,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases=not args.no_cases,
         host=not args.no_host,
     )
-    return 0
+    return 1 if out["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -193,7 +193,10 @@ class PreparedMoves:
     def _join(self, stream: int) -> None:
         """First run on another stream than the one that staged the tables: that stream
         waits for the staging copy, and the allocator learns the tables are used there."""
-        staged = torch.cuda.ExternalStream(self._stream, device=self.device)
+        if self._stream == torch.cuda.default_stream(self._index).cuda_stream:
+            staged = torch.cuda.default_stream(self._index)
+        else:
+            staged = torch.cuda.ExternalStream(self._stream, device=self.device)
         event = torch.cuda.Event()
         event.record(staged)
         current = torch.cuda.current_stream(self._index)

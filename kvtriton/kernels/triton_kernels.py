@@ -213,26 +213,11 @@ def launch(plan: D.Launch, meta: int, ids: int, buf: int, stream: int, device: i
     )
     hit = _compiled.get((key, plan.num_warps, device))
     if hit is not None and not _hooks_active():
-        run, function, metadata = hit
-        run(
-            plan.grid,
-            1,
-            1,
-            stream,
-            function,
-            metadata,
-            None,
-            None,
-            None,
-            meta,
-            ids,
-            buf,
-            plan.desc,
-            plan.starts,
-            *key,
-        )
-        _counts["direct"] += 1
-        return
+        try:
+            _direct(hit, plan, meta, ids, buf, stream, key)
+            return
+        except (TypeError, ValueError, AttributeError) as err:  # an unexpected launcher
+            _disable_direct(err)
     kernel = _piece_copy_kernel[(plan.grid,)](
         meta,
         ids,
@@ -256,3 +241,39 @@ def launch(plan: D.Launch, meta: int, ids: int, buf: int, stream: int, device: i
             kernel.function,
             kernel.packed_metadata,
         )
+
+
+def _direct(hit: tuple, plan: D.Launch, meta: int, ids: int, buf: int, stream: int, key: tuple):
+    run, function, metadata = hit
+    run(
+        plan.grid,
+        1,
+        1,
+        stream,
+        function,
+        metadata,
+        None,  # launch metadata: only for launch hooks, and none is active
+        None,
+        None,
+        meta,
+        ids,
+        buf,
+        plan.desc,
+        plan.starts,
+        *key,  # the constexpr parameters: the launcher skips them
+    )
+    _counts["direct"] += 1
+
+
+def _disable_direct(err: Exception) -> None:
+    global DIRECT
+    import warnings
+
+    warnings.warn(
+        f"kvtriton: calling the compiled kernel directly failed ({err!r}); using Triton's "
+        "normal launch path from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    DIRECT = False
+    _compiled.clear()
