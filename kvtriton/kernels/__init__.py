@@ -49,10 +49,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kvtriton.kernels import checks as C
-from kvtriton.kernels.checks import PackedRequest
 from kvtriton.kernels.descriptors import Move, Tuning
 from kvtriton.kernels.plan import PoolSet, prepare_copy, prepare_pack, prepare_unpack
 from kvtriton.kernels.prepared import PreparedMoves, interpreter_enabled, resolve_backend
+from kvtriton.kernels.requests import PackedRequest, plan_requests
 from kvtriton.layout import PackedLayout
 from kvtriton.ranges import BlockSpan, TokenRange
 from kvtriton.spec import KVCacheSpec
@@ -228,7 +228,7 @@ def pack_request(
     """
     C.check_backend(backend)
     req = PackedRequest(layout, spans, state_slots, 0)
-    moves = C.plan_requests(spec, [req], pools, buffer, to_dense=True, exact_size=True)
+    moves = plan_requests(spec, [req], pools, buffer, to_dense=True, exact_size=True)
     _execute(moves, buffer, buffer.device, backend)
 
 
@@ -244,7 +244,7 @@ def unpack_request(
     """Scatter every segment of ``layout`` from ``buffer`` into ``pools`` (one launch)."""
     C.check_backend(backend)
     req = PackedRequest(layout, spans, state_slots, 0)
-    moves = C.plan_requests(spec, [req], pools, buffer, to_dense=False, exact_size=True)
+    moves = plan_requests(spec, [req], pools, buffer, to_dense=False, exact_size=True)
     _execute(moves, buffer, buffer.device, backend)
 
 
@@ -261,7 +261,7 @@ def pack_requests(
     One launch for the whole batch (one more for state groups, see :func:`pack_request`).
     """
     C.check_backend(backend)
-    moves = C.plan_requests(spec, requests, pools, buffer, to_dense=True, exact_size=False)
+    moves = plan_requests(spec, requests, pools, buffer, to_dense=True, exact_size=False)
     _execute(moves, buffer, buffer.device, backend)
 
 
@@ -274,5 +274,5 @@ def unpack_requests(
 ) -> None:
     """Batched :func:`unpack_request` (see :func:`pack_requests`)."""
     C.check_backend(backend)
-    moves = C.plan_requests(spec, requests, pools, buffer, to_dense=False, exact_size=False)
+    moves = plan_requests(spec, requests, pools, buffer, to_dense=False, exact_size=False)
     _execute(moves, buffer, buffer.device, backend)

@@ -19,6 +19,7 @@ import torch
 
 from kvtriton.kernels import checks as C
 from kvtriton.kernels import descriptors as D
+from kvtriton.kernels import requests as R
 from kvtriton.kernels.prepared import PreparedMoves
 from kvtriton.layout import PackedLayout, Segment
 from kvtriton.spec import KVCacheSpec, LayerGroup
@@ -37,9 +38,9 @@ class _GroupPool:
         self.dtype = str(pool.dtype).removeprefix("torch.")
         self.size = pool.element_size()
         self.layer_of = {lid: i for i, lid in enumerate(group.layer_ids)}
-        self.held = C.held_heads(group)
+        self.held = R.held_heads(group)
         try:
-            C._check_no_self_overlap(f"pools[{group.name!r}]", pool)
+            C.check_no_self_overlap(f"pools[{group.name!r}]", pool)
             self.writable = True
         except ValueError:
             self.writable = False
@@ -109,7 +110,7 @@ class PoolSet:
         groups: dict[str, _GroupPool] = {}
         device = None
         for g in spec.groups:
-            pool = C.check_group_pool(spec, g, pools, writable=False)
+            pool = R.check_group_pool(spec, g, pools, writable=False)
             if device is None:
                 device = pool.device
             C.check_device(f"pools[{g.name!r}]", pool, device)
@@ -338,8 +339,8 @@ def prepare_copy(
                     f"{where}: group {seg.group!r}: source pool {s_g.dtype} {list(s_g.inner)} "
                     f"and destination pool {d_g.dtype} {list(d_g.inner)} differ"
                 )
-            if C._same_storage(s_g.tensor, d_g.tensor):
-                C._check_copy_overlap(
+            if C.same_storage(s_g.tensor, d_g.tensor):
+                C.check_copy_overlap(
                     s_g.tensor,
                     d_g.tensor,
                     (s_layers, s_side.ids, s_heads),

@@ -144,12 +144,13 @@ class PreparedMoves:
             if self._cuda
             else 0
         )
-        self._stream = torch._C._cuda_getCurrentRawStream(self._index) if self._cuda else 0
+        self._stream = triton_module().current_stream(self._index) if self._cuda else 0
         self._joined: set[int] = set()
         if triton:
             self._plan = None
             self._owner, self._meta, self._ids = D.stage(plan, device)
             self._launch = triton_module().launch
+            self._current_stream = triton_module().current_stream
         else:
             self._plan = plan
             ids = torch.from_numpy(plan.ids.astype(np.int64))
@@ -184,7 +185,7 @@ class PreparedMoves:
             with torch.cuda.device(self._index):
                 self.run(k, buffer)
             return
-        stream = torch._C._cuda_getCurrentRawStream(self._index)
+        stream = self._current_stream(self._index)
         if stream != self._stream and stream not in self._joined:
             self._join(stream)
         for launch in launches:

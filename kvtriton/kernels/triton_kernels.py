@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kvtriton.kernels import descriptors as D
 
-__all__ = ["INTERPRET", "launch", "launch_counts"]
+__all__ = ["INTERPRET", "current_stream", "launch", "launch_counts"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -191,6 +191,19 @@ def _hooks_active() -> bool:
 
     hook = knobs.runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_get_stream = None
+
+
+def current_stream(device: int) -> int:
+    """Raw handle of the current CUDA stream of ``device`` (Triton's own getter, cached)."""
+    global _get_stream
+    if _get_stream is None:
+        from triton.runtime import driver
+
+        _get_stream = driver.active.get_current_stream
+    return _get_stream(device)
 
 
 def launch_counts() -> dict[str, int]:
