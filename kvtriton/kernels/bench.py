@@ -230,6 +230,7 @@ def _case(
     dst_tpb: int | None = None,
     dst_layout: str | None = None,
     rotate: int = 0,
+    profile: bool = False,
 ) -> dict:
     from kvtriton import kernels as K
     from kvtriton.layout import packed_layout
@@ -265,6 +266,10 @@ def _case(
     if not ok:
         raise AssertionError(f"{op} {tokens} differs from the naive oracle")
     fns = [(lambda p=p, x=x: p.run(0, x)) for p, x in zip(plans, bufs, strict=True)]
+    if profile:
+        for f in fns[:3]:
+            f()
+        return {}
     t_k = _time_graph(fns, device, b.reps)
     flat_src = [
         torch.empty(payload // 2, dtype=torch.int16, device=device).random_() for _ in plans
@@ -348,20 +353,28 @@ _SWEEP_CASES = (
 
 
 def _sweep(device: torch.device, reps: int, print_table: bool) -> list[dict]:
-    """% of copy for tile sizes x warps (4 programs per SM), and 8 programs per SM."""
+    """% of copy for tile sizes x warps, with and without the streaming eviction hint."""
     from kvtriton.kernels.descriptors import Tuning
 
-    configs = [(tile, warps, 4) for tile in (8192, 16384, 32768) for warps in (4, 8)]
+    configs = [
+        Tuning(),  # the defaults
+        Tuning(stream_hint=False),
+        Tuning(tile_bytes=8192, num_warps=4),
+        Tuning(tile_bytes=8192, num_warps=4, stream_hint=False),
+        Tuning(tile_bytes=32768, num_warps=4),
+        Tuning(programs_per_sm=8),
+    ]
     rows = []
-    for tile, warps, pps in [*configs, (16384, 8, 8)]:
-        b = _Bench(device, 1.0, reps, Tuning(tile_bytes=tile, num_warps=warps, programs_per_sm=pps))
+    for tuning in configs:
+        b = _Bench(device, 1.0, reps, tuning)
         for op, n, kw in _SWEEP_CASES:
             r = _case(b, op, n, rotate=512 * MIB, **kw)
             rows.append(
                 {
-                    "tile_bytes": tile,
-                    "num_warps": warps,
-                    "programs_per_sm": pps,
+                    "tile_bytes": tuning.tile_bytes,
+                    "num_warps": tuning.num_warps,
+                    "programs_per_sm": tuning.programs_per_sm,
+                    "stream_hint": tuning.stream_hint,
                     "op": op,
                     "mib": r["mib"],
                     "start": r["start"],
@@ -372,14 +385,24 @@ def _sweep(device: torch.device, reps: int, print_table: bool) -> list[dict]:
             )
             if print_table:
                 print(
-                    f"tune tile={tile:6d} warps={warps} pps={pps} {op:8s} {r['mib']:6.0f} MiB "
-                    f"start={r['start']:2d} {r['dst']:12s} {r['gbs']['kvtriton']:6.0f} GB/s "
-                    f"{r['vs_copy']:6.1%} of copy",
+                    f"tune tile={tuning.tile_bytes:6d} warps={tuning.num_warps} "
+                    f"pps={tuning.programs_per_sm} hint={int(tuning.stream_hint)} {op:8s} "
+                    f"{r['mib']:6.0f}MiB start={r['start']:2d} {r['gbs']['kvtriton']:6.0f}GB/s "
+                    f"{r['vs_copy']:6.1%}",
                     flush=True,
                 )
         b.pools.clear()
         torch.cuda.empty_cache()
     return rows
+
+
+def profile_cases(device: str = "cuda") -> None:
+    """Run a 64 MiB gather, scatter and copy a few times, untimed: a target for
+    ``ncu -k regex:piece_copy python scripts/bench_kernels.py --profile``."""
+    b = _Bench(torch.device(device), 1.0, 1)
+    for op, kw in (("gather", {}), ("scatter", {}), ("copy", {"dst_tpb": 32})):
+        _case(b, op, 512, tpb=16, start=5, rotate=512 * MIB, profile=True, **kw)
+    torch.cuda.synchronize()
 
 
 _HEADER = (
@@ -556,7 +579,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="also sweep tile size and warps")
     parser.add_argument("--no-cases", action="store_true", help="skip the bandwidth table")
     parser.add_argument("--no-host", action="store_true", help="skip the host-overhead table")
+    parser.add_argument(
+        "--profile", action="store_true", help="only run a few untimed 64 MiB moves (for ncu)"
+    )
     args = parser.parse_args(argv)
+    if args.profile:
+        profile_cases(args.device)
+        return 0
     if args.device == "cpu":
         if not args.quick:
             parser.error("--device cpu needs --quick (the full shapes are 8 GiB pools)")

@@ -67,9 +67,9 @@ def _staging_variants(plan: Any, device: torch.device, reps: int) -> dict:
 
     from kvtriton.kernels import descriptors as D
 
-    nbytes = plan.meta.size * 8 + plan.ids.size * 4
+    nbytes = len(plan.meta) * 8 + plan.ids.size * 4
     raw = np.empty(nbytes, dtype=np.uint8)
-    raw[: plan.meta.size * 8].view(np.int64)[:] = plan.meta
+    raw[: len(plan.meta) * 8] = np.frombuffer(plan.meta, dtype=np.uint8)
     out = {"stage_us": _host_time(lambda: D.stage(plan, device), device, reps) * 1e6}
     if device.type != "cuda":
         return out

@@ -25,10 +25,11 @@ array (``ids``, the block tables), copied to the device in one transfer (:func:`
 
 from __future__ import annotations
 
+import array
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,12 +37,14 @@ import torch
 __all__ = [
     "NCOL",
     "Dense",
+    "Geometry",
     "HostPlan",
     "Launch",
     "Move",
     "Paged",
     "Tuning",
     "build",
+    "geometry",
     "magic",
     "pool_side",
     "stage",
@@ -93,6 +96,9 @@ class Tuning:
     max_piece_bytes: int = 256
     # Warps per program for tiles >= 4 KiB: 8 warps x 32 threads x 16 B = 4 KiB per pass.
     num_warps: int = 8
+    # Data loads and stores evict first: every byte moves once, and L2 then keeps the
+    # descriptors and block tables every program reads before its data.
+    stream_hint: bool = True
     # Under the Triton interpreter every program is a Python-level loop iteration: few,
     # large tiles (units per program).
     interpret_tile_units: int = 1 << 14
@@ -103,21 +109,44 @@ DEFAULT_TUNING = Tuning()
 
 
 @dataclass(slots=True, eq=False)
-class Paged:
-    """A pool side (see the module docstring). ``layers`` are element offsets (layer index x
-    stride 0); ``strides`` are elements (block, kv, token, head); ``ids`` the block table;
-    ``size`` the element size; ``gcd`` the gcd of the address and every stride and layer
-    offset in bytes (what the copy unit and vector width must divide)."""
+class Geometry:
+    """Where a selection (layers, first head) of a pool lives: ``layers`` are element offsets
+    (layer index x stride 0), ``strides`` elements (block, kv, token, head), ``size`` the
+    element size, ``gcd`` the gcd of the address and every stride and layer offset in bytes
+    (what the copy unit and vector width must divide). Its descriptor columns are cached per
+    step, so a PoolSet that keeps the geometry builds them once."""
 
     tensor: torch.Tensor
     addr: int
     layers: tuple[int, ...]
-    ids: np.ndarray
-    rel: int
     block: int
     strides: tuple[int, int, int, int]
     size: int
     gcd: int
+    _cols: dict = field(default_factory=dict)
+
+    def cols(self, step: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(layer offsets, (addr, block, magic, shift, 4 strides))`` in ``step``-byte units
+        (exact: the step divides every stride in bytes, see :func:`_shape`)."""
+        hit = self._cols.get(step)
+        if hit is None:
+            k = self.size
+            m, s = magic(self.block)
+            sb, skv, st, sh = self.strides
+            steps = (sb * k // step, skv * k // step, st * k // step, sh * k // step)
+            layers = tuple(x * k // step for x in self.layers)
+            hit = self._cols[step] = (layers, (self.addr, self.block, m, s, *steps))
+        return hit
+
+
+@dataclass(slots=True, eq=False)
+class Paged:
+    """A pool side: its geometry, the block table ``ids`` and the position ``rel`` of the
+    move's first token counted from the start of block ``ids[0]``."""
+
+    geo: Geometry
+    ids: np.ndarray
+    rel: int
 
 
 @dataclass(slots=True)
@@ -158,30 +187,34 @@ class Launch:
     num_warps: int
     src_paged: bool
     dst_paged: bool
-    tensors: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...]  # per row
+    stream: bool  # eviction hint on the data accesses
+    moves: tuple[Move, ...]  # the move of each row (the torch backend reads its tensors)
 
 
 @dataclass(slots=True, eq=False)
 class HostPlan:
     """All chunks' launches of one request and the host tables they read."""
 
-    meta: np.ndarray  # int64
+    meta: array.array  # int64 ("q")
     ids: np.ndarray  # int32
     chunks: tuple[tuple[Launch, ...], ...]
 
 
-def side_geometry(
-    pool: torch.Tensor, layers: Sequence[int], head0: int, head_dim: int
-) -> tuple[int, tuple[int, ...], int]:
-    """``(addr, layer offsets, gcd)`` of a paged side: local ``layers`` of dim 0, first head
-    ``head0`` of dim ``head_dim`` (4 for a KV pool, 2 for a state pool)."""
+def geometry(pool: torch.Tensor, layers: Sequence[int], head0: int, state: bool) -> Geometry:
+    """The geometry of local ``layers`` (dim 0) from head ``head0`` on of a 6-D KV pool view
+    ``[layers, blocks, kv, block, heads, head_dim]`` or (``state``) a state pool ``[layers,
+    slots, heads, *rest]`` (one token per block, the slot as its block)."""
     st = pool.stride()
     size = pool.element_size()
-    addr = pool.data_ptr() + head0 * st[head_dim] * size
+    if state:
+        addr = pool.data_ptr() + head0 * st[2] * size
+        strides, block = (st[1], 0, 0, st[2]), 1
+    else:
+        addr = pool.data_ptr() + head0 * st[4] * size
+        strides, block = (st[1], st[2], st[3], st[4]), int(pool.shape[3])
     offsets = tuple(layer * st[0] for layer in layers)
-    strides = st[1:5] if head_dim == 4 else (st[1], st[2])
     g = math.gcd(addr, *(x * size for x in strides), *(x * size for x in offsets))
-    return addr, offsets, g
+    return Geometry(pool, addr, offsets, block, strides, size, g)
 
 
 def pool_side(
@@ -194,10 +227,7 @@ def pool_side(
     """The paged side of a 6-D ``[layers, blocks, kv, block, heads, head_dim]`` pool view:
     local ``layers`` (dim 0 indices), local head range ``heads``, block table ``ids``; the
     move's first position is ``rel`` positions after the start of block ``ids[0]``."""
-    addr, offsets, g = side_geometry(pool, layers, heads[0], 4)
-    st = pool.stride()
-    strides = (st[1], st[2], st[3], st[4])
-    return Paged(pool, addr, offsets, ids, rel, int(pool.shape[3]), strides, pool.element_size(), g)
+    return Paged(geometry(pool, layers, heads[0], False), ids, rel)
 
 
 def state_side(
@@ -205,10 +235,7 @@ def state_side(
 ) -> Paged:
     """The paged side of slot ``slot`` of a ``[layers, slots, heads, *rest]`` state pool (rest
     row-major contiguous): one token per block, the slot as the only block."""
-    addr, offsets, g = side_geometry(pool, layers, heads[0], 2)
-    st = pool.stride()
-    strides = (st[1], 0, 0, st[2])
-    return Paged(pool, addr, offsets, slot_table(slot), 0, 1, strides, pool.element_size(), g)
+    return Paged(geometry(pool, layers, heads[0], True), slot_table(slot), 0)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -232,11 +259,6 @@ def magic(d: int) -> tuple[int, int]:
     return ((1 << p) + d - 1) // d, p - 32
 
 
-@functools.lru_cache(maxsize=4096)
-def _steps(offsets: tuple[int, ...], size: int, step: int) -> tuple[int, ...]:
-    return offsets if size == step else tuple(x * size // step for x in offsets)
-
-
 def _low_pow2(n: int, cap: int) -> int:
     """Largest power of two dividing ``n`` (``cap`` when ``n == 0``), at most ``cap``."""
     return cap if n == 0 else min(cap, n & -n)
@@ -248,8 +270,8 @@ def _pow2_ceil(n: int) -> int:
 
 def _move_gcd(m: Move) -> int:
     src, dst = m.src, m.dst
-    a = src.gcd if type(src) is Paged else src.offset
-    b = dst.gcd if type(dst) is Paged else dst.offset
+    a = src.geo.gcd if type(src) is Paged else src.offset
+    b = dst.geo.gcd if type(dst) is Paged else dst.offset
     return math.gcd(a, b, m.head_bytes)
 
 
@@ -271,54 +293,31 @@ class _Tables:
         self.ids: list[np.ndarray] = []
         self.ids_size = 0
         self._ids_at: dict[int, int] = {}
-        self._lay_at: dict[tuple, int] = {}
+        self._lay_at: dict[int, int] = {}
 
-    def table(self, ids: np.ndarray) -> int:
-        key = id(ids)  # the arrays stay referenced by the moves while building
-        at = self._ids_at.get(key)
-        if at is None:
-            at = self._ids_at[key] = self.ids_size
+    def side(self, side: Paged | Dense, step: int, layer0: int, shift: int) -> tuple:
+        """The 11 side columns; ``layer0`` / ``shift`` select a layer sub-range of a split
+        row. Layer offsets and strides are in ``step``-byte units (unit x vector width)."""
+        if type(side) is Dense:
+            return (side.offset + shift, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
+        layers, cols = side.geo.cols(step)
+        lay = self._lay_at.get(id(layers))  # the tuple is cached by its Geometry
+        if lay is None:
+            lay = self._lay_at[id(layers)] = len(self.meta)
+            self.meta.extend(layers)
+        ids = side.ids
+        tbl = self._ids_at.get(id(ids))  # the arrays stay referenced by the moves
+        if tbl is None:
+            tbl = self._ids_at[id(ids)] = self.ids_size
             self.ids.append(ids)
             self.ids_size += ids.size
-        return at
-
-    def layers(self, offsets: tuple[int, ...], size: int, step: int) -> int:
-        """Meta index of ``offsets`` (elements of ``size`` bytes) in ``step``-byte units."""
-        key = (offsets, size, step)
-        at = self._lay_at.get(key)
-        if at is None:
-            at = self._lay_at[key] = len(self.meta)
-            self.meta.extend(_steps(offsets, size, step))
-        return at
+        addr, block, m, s, sb, skv, st, sh = cols
+        return (addr, lay + layer0, tbl, side.rel, block, m, s, sb, skv, st, sh)
 
 
-def _side_cols(side: Paged | Dense, tables: _Tables, step: int, layer0: int, shift: int) -> list:
-    """The 11 side columns; ``layer0`` / ``shift`` select a layer sub-range of a split row.
-    Layer offsets and strides are in ``step``-byte units (copy unit x vector width)."""
-    if type(side) is Dense:
-        return [side.offset + shift, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
-    size = side.size
-    lay = tables.layers(side.layers, size, step) + layer0
-    m, s = magic(side.block)
-    sb, skv, st, sh = side.strides  # exact: the step divides every stride in bytes (_shape)
-    return [
-        side.addr,
-        lay,
-        tables.table(side.ids),
-        side.rel,
-        side.block,
-        m,
-        s,
-        sb * size // step,
-        skv * size // step,
-        st * size // step,
-        sh * size // step,
-    ]
-
-
-def _rows(m: Move, unit: int, piece: int, vec: int, tables: _Tables) -> list[tuple[list, int]]:
-    """Descriptor rows of one move (several when it holds more than MAX_PIECES pieces: split
-    by layers) with their piece counts."""
+def _rows(m: Move, unit: int, piece: int, step: int, tables: _Tables, out: list) -> None:
+    """Append ``(row, pieces, move)`` for the descriptor rows of ``m`` to ``out`` (several
+    rows when it holds more than MAX_PIECES pieces: split by layers)."""
     pph = m.head_bytes // unit // piece
     hpp = m.heads * pph
     npc = m.tokens * hpp
@@ -328,23 +327,35 @@ def _rows(m: Move, unit: int, piece: int, vec: int, tables: _Tables) -> list[tup
             f"one layer of a move holds {per_layer} pieces of {piece * unit} bytes, more than "
             f"{MAX_PIECES}: use smaller chunks"
         )
-    common = [0, npc, *magic(npc), hpp, *magic(hpp), pph, *magic(pph), m.kv.bit_length() - 1]
-    step = unit * vec
-    if m.layers * per_layer <= MAX_PIECES:
-        common[NP] = m.layers * per_layer
-        row = common + _side_cols(m.src, tables, step, 0, 0) + _side_cols(m.dst, tables, step, 0, 0)
-        return [(row, m.layers * per_layer)]
-    out = []
+    head = (npc, *magic(npc), hpp, *magic(hpp), pph, *magic(pph), m.kv.bit_length() - 1)
+    n = m.layers * per_layer
+    if n <= MAX_PIECES:
+        src, dst = tables.side(m.src, step, 0, 0), tables.side(m.dst, step, 0, 0)
+        out.append(((n, *head, *src, *dst), n, m))
+        return
     per_row = max(1, MAX_PIECES // per_layer)
     for l0 in range(0, m.layers, per_row):
-        nl = min(per_row, m.layers - l0)
+        n = min(per_row, m.layers - l0) * per_layer
         shift = l0 * per_layer * piece * unit  # dense byte shift of the sub-range
-        row = [nl * per_layer, *common[1:]]
-        row += _side_cols(m.src, tables, step, l0, shift) + _side_cols(
-            m.dst, tables, step, l0, shift
-        )
-        out.append((row, nl * per_layer))
-    return out
+        src = tables.side(m.src, step, l0, shift)
+        dst = tables.side(m.dst, step, l0, shift)
+        out.append(((n, *head, *src, *dst), n, m))
+
+
+def _tile_rows(
+    pieces: list[int], unit: int, piece: int, sm_count: int, interpret: bool, tuning: Tuning
+) -> tuple[int, int]:
+    """``(pieces per program, warps)`` of a launch: the widest tile (power of two, at most
+    ``tile_bytes``, at least ``min_tile_bytes``) that still gives ``programs_per_sm``
+    programs per SM."""
+    if interpret:
+        return min(_pow2_ceil(max(pieces)), max(1, tuning.interpret_tile_units // piece)), 4
+    most = max(1, tuning.tile_bytes // unit // piece)
+    least = min(most, max(1, tuning.min_tile_bytes // unit // piece))
+    fit = sum(pieces) // (tuning.programs_per_sm * sm_count)  # rows per program for `want`
+    rows = min(most, max(least, 1 << max(0, fit.bit_length() - 1)))
+    # one 16-byte vector per thread per pass; at most tuning.num_warps warps
+    return rows, max(1, min(tuning.num_warps, rows * piece * unit // 512))
 
 
 def _launch(
@@ -356,39 +367,25 @@ def _launch(
     tuning: Tuning,
 ) -> list[Launch]:
     unit, piece, vec = shape
-    rows: list[tuple[list, int]] = []
-    owners: list[Move] = []
+    rows: list[tuple[tuple, int, Move]] = []
     for m in moves:
-        got = _rows(m, unit, piece, vec, tables)
-        rows.extend(got)
-        owners.extend([m] * len(got))
-    pieces = [n for _, n in rows]
-    if interpret:
-        tile_rows = min(_pow2_ceil(max(pieces)), max(1, tuning.interpret_tile_units // piece))
-        num_warps = 4
-    else:
-        units = max(piece, tuning.tile_bytes // unit)
-        floor = max(piece, tuning.min_tile_bytes // unit)
-        want = tuning.programs_per_sm * sm_count
-        while units > floor and sum(-(-n // (units // piece)) for n in pieces) < want:
-            units //= 2
-        tile_rows = max(1, units // piece)
-        # one 16-byte vector per thread per pass; at most tuning.num_warps warps
-        num_warps = max(1, min(tuning.num_warps, tile_rows * piece * unit // 512))
+        _rows(m, unit, piece, unit * vec, tables, rows)
+    tile_rows, num_warps = _tile_rows(
+        [n for _, n, _ in rows], unit, piece, sm_count, interpret, tuning
+    )
     out = []
     cap = SEG_FINE * SEG_FINE
     meta = tables.meta
     for lo in range(0, len(rows), cap):
-        part = rows[lo : lo + cap]
+        part = rows[lo : lo + cap] if len(rows) > cap else rows
+        desc = len(meta)
         first, tiles = [], 0
-        for _, n in part:
+        for row, n, _ in part:
+            meta.extend(row)
             first.append(tiles)
             tiles += -(-n // tile_rows)
-        n = len(part)
-        desc = len(meta)
-        for row, _ in part:
-            meta.extend(row)
         starts = len(meta)
+        n = len(part)
         if n == 1:
             levels, block = 0, 2
         elif n <= SEG_ONE_LEVEL:
@@ -402,14 +399,8 @@ def _launch(
             meta.extend([BIG] * (block - len(coarse)))
             meta.extend(first)
             meta.extend([BIG] * (len(coarse) * block - n))
-        tensors = tuple(
-            (
-                m.src.tensor if type(m.src) is Paged else None,
-                m.dst.tensor if type(m.dst) is Paged else None,
-            )
-            for m in owners[lo : lo + cap]
-        )
-        m0 = owners[lo]
+        m0 = part[0][2]
+        owners = tuple(m for _, _, m in part)
         out.append(
             Launch(
                 desc,
@@ -425,7 +416,8 @@ def _launch(
                 num_warps,
                 type(m0.src) is Paged,
                 type(m0.dst) is Paged,
-                tensors,
+                tuning.stream_hint,
+                owners,
             )
         )
     return out
@@ -482,7 +474,7 @@ def build(
         if extra:
             launches += _launch(extra, _shape(g2, h2, tuning), tables, sm_count, interpret, tuning)
         plans.append(tuple(launches))
-    meta = np.array(tables.meta or [0], dtype=np.int64)
+    meta = array.array("q", tables.meta or [0])
     if not tables.ids:
         ids = np.zeros(1, dtype=np.int32)
     elif len(tables.ids) == 1:
@@ -499,16 +491,15 @@ def stage(plan: HostPlan, device: torch.device) -> tuple[torch.Tensor | np.ndarr
     stream (torch's caching host allocator keeps the pinned block until the copy is done).
     On CPU the host arrays themselves (one contiguous buffer).
     """
-    meta_bytes = plan.meta.size * 8
+    meta_bytes = len(plan.meta) * 8
     total = meta_bytes + plan.ids.size * 4
     if device.type == "cuda":
         host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
         raw = host.numpy()
     else:
-        raw = np.empty(total, dtype=np.uint8)
-        host = raw
-    raw[:meta_bytes].view(np.int64)[:] = plan.meta
-    raw[meta_bytes:].view(np.int32)[:] = plan.ids
+        raw = host = np.empty(total, dtype=np.uint8)
+    raw[:meta_bytes] = np.frombuffer(plan.meta, dtype=np.uint8)
+    raw[meta_bytes:] = plan.ids.view(np.uint8)
     if device.type == "cuda":
         dev = torch.empty(total, dtype=torch.uint8, device=device)
         dev.copy_(host, non_blocking=True)

@@ -47,8 +47,6 @@ class _GroupPool:
         self.inner = tuple(pool.shape[3:]) if self.state else (pool.shape[2], pool.shape[5])
         self.count = int(pool.shape[1])  # blocks or slots
         self.block = 0 if self.state else int(pool.shape[3])
-        st = pool.stride()
-        self.strides = (st[1], 0, 0, st[2]) if self.state else (st[1], st[2], st[3], st[4])
         row = 1  # state: elements per (layer, head), the dims after the head dim
         for x in self.inner:
             row *= int(x)
@@ -56,8 +54,8 @@ class _GroupPool:
         self._geometry: dict[tuple, tuple] = {}
 
     def geometry(self, seg: Segment, where: str) -> tuple:
-        """``(local layers, local heads, addr, layer offsets, gcd)`` of ``seg``'s selection,
-        checked and cached per (layer ids, heads)."""
+        """``(local layers, local heads, Geometry)`` of ``seg``'s selection, checked and cached
+        per (layer ids, heads)."""
         key = (seg.layer_ids, seg.heads)
         hit = self._geometry.get(key)
         if hit is not None:
@@ -77,8 +75,8 @@ class _GroupPool:
             )
         layers = tuple(self.layer_of[lid] for lid in seg.layer_ids)
         heads = (start - lo, end - lo)
-        geo = D.side_geometry(self.tensor, layers, heads[0], 2 if self.state else 4)
-        hit = self._geometry[key] = (layers, heads, *geo)
+        geo = D.geometry(self.tensor, layers, heads[0], self.state)
+        hit = self._geometry[key] = (layers, heads, geo)
         return hit
 
 
@@ -176,7 +174,7 @@ def _side(
         raise ValueError(
             f"{where}: segment of group {g.name!r} has dtype {seg.dtype}, the pool {g.dtype}"
         )
-    layers, heads, addr, offsets, gcd = g.geometry(seg, where)
+    layers, heads, geo = g.geometry(seg, where)
     if g.state:
         if seg.shape != (len(layers), heads[1] - heads[0], *g.inner):
             raise ValueError(
@@ -191,7 +189,7 @@ def _side(
                 f"{where}: state group {g.name!r}: slot {slot} is outside the pool's slots "
                 f"[0, {g.count})"
             )
-        ids, rel, block = D.slot_table(slot), 0, 1
+        ids, rel = D.slot_table(slot), 0
     else:
         kv, head_dim = g.inner
         if seg.shape != (len(layers), kv, len(seg.tokens), heads[1] - heads[0], head_dim):
@@ -218,8 +216,7 @@ def _side(
         ids = gt.block_ids
         _check_ids(g, gt, where)
         rel = seg.tokens.start - gt.first_block * block
-    side = D.Paged(g.tensor, addr, offsets, ids, rel, block, g.strides, g.size, gcd)
-    return side, g, layers, heads
+    return D.Paged(geo, ids, rel), g, layers, heads
 
 
 def _check_ids(g: _GroupPool, gt: GroupTarget, where: str) -> None:

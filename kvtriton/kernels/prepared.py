@@ -149,12 +149,15 @@ class PreparedMoves:
         if triton:
             self._plan = None
             self._owner, self._meta, self._ids = D.stage(plan, device)
-            self._launch = triton_module().launch
-            self._current_stream = triton_module().current_stream
+            T = triton_module()
+            self._launch = T.launch
+            self._current_stream = T.current_stream
+            self._calls = [[(launch, T.key(launch)) for launch in c] for c in plan.chunks]
         else:
             self._plan = plan
             ids = torch.from_numpy(plan.ids.astype(np.int64))
-            self._owner = (torch.from_numpy(plan.meta).to(device), ids.to(device))
+            meta = torch.from_numpy(np.frombuffer(plan.meta, dtype=np.int64).copy())
+            self._owner = (meta.to(device), ids.to(device))
             self._meta = self._ids = 0
 
     def nbytes(self, k: int) -> int:
@@ -178,8 +181,8 @@ class PreparedMoves:
             return
         buf = buffer.data_ptr() if buffer is not None else self._meta
         if not self._cuda:
-            for launch in launches:
-                self._launch(launch, self._meta, self._ids, buf, 0, 0)
+            for launch, consts in self._calls[k]:
+                self._launch(launch, self._meta, self._ids, buf, 0, 0, consts)
             return
         if torch.cuda.current_device() != self._index:
             with torch.cuda.device(self._index):
@@ -188,8 +191,8 @@ class PreparedMoves:
         stream = self._current_stream(self._index)
         if stream != self._stream and stream not in self._joined:
             self._join(stream)
-        for launch in launches:
-            self._launch(launch, self._meta, self._ids, buf, stream, self._index)
+        for launch, consts in self._calls[k]:
+            self._launch(launch, self._meta, self._ids, buf, stream, self._index, consts)
 
     def _join(self, stream: int) -> None:
         """First run on another stream than the one that staged the tables: that stream

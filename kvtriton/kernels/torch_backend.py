@@ -75,8 +75,11 @@ def run(
     tensors on the data's device (index math runs there)."""
     meta_t, ids_t = device_tables
     for launch in launches:
-        rows = plan.meta[launch.desc : launch.desc + launch.rows * D.NCOL].reshape(-1, D.NCOL)
-        for row, (src_t, dst_t) in zip(rows, launch.tensors, strict=True):
+        meta = np.frombuffer(plan.meta, dtype=np.int64)
+        rows = meta[launch.desc : launch.desc + launch.rows * D.NCOL].reshape(-1, D.NCOL)
+        for row, move in zip(rows, launch.moves, strict=True):
+            src_t = move.src.geo.tensor if type(move.src) is D.Paged else None
+            dst_t = move.dst.geo.tensor if type(move.dst) is D.Paged else None
             device = meta_t.device
             i = torch.arange(int(row[D.NP]), device=device, dtype=torch.int64)
             npc, hpp, pph = int(row[D.NPC]), int(row[D.HPP]), int(row[D.PPH])

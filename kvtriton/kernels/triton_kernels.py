@@ -22,6 +22,7 @@ then the same kernel runs on CPU tensors under the Triton interpreter.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import triton
 import triton.language as tl
@@ -112,6 +113,7 @@ def _piece_copy_kernel(
     LEVELS: tl.constexpr,
     SRC_PAGED: tl.constexpr,
     DST_PAGED: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
     """Copy ``ROWS`` pieces of ``PIECE`` units of one descriptor row (see descriptors.py)."""
     meta = meta_addr.to(tl.pointer_type(tl.int64))
@@ -159,8 +161,19 @@ def _piece_copy_kernel(
     cols = tl.arange(0, PIECE)
     src = _unit_ptr(src_addr, UNIT, VEC)
     dst = _unit_ptr(dst_addr, UNIT, VEC)
-    vals = tl.load(src + src_rows[:, None] + cols[None, :], mask=m[:, None])
-    tl.store(dst + dst_rows[:, None] + cols[None, :], vals, mask=m[:, None])
+    if STREAM:  # each byte is touched once: keep L2 for the descriptors and block tables
+        vals = tl.load(
+            src + src_rows[:, None] + cols[None, :], mask=m[:, None], eviction_policy="evict_first"
+        )
+        tl.store(
+            dst + dst_rows[:, None] + cols[None, :],
+            vals,
+            mask=m[:, None],
+            eviction_policy="evict_first",
+        )
+    else:
+        vals = tl.load(src + src_rows[:, None] + cols[None, :], mask=m[:, None])
+        tl.store(dst + dst_rows[:, None] + cols[None, :], vals, mask=m[:, None])
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,12 +197,16 @@ DIRECT = _direct_supported() and os.environ.get("KVTRITON_DIRECT_LAUNCH", "1") !
 
 _compiled: dict[tuple, tuple] = {}
 _counts = {"direct": 0, "triton": 0}
+_runtime = None  # triton.knobs.runtime, looked up once
 
 
 def _hooks_active() -> bool:
-    from triton import knobs
+    global _runtime
+    if _runtime is None:
+        from triton import knobs
 
-    hook = knobs.runtime.launch_enter_hook
+        _runtime = knobs.runtime
+    hook = _runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
@@ -211,10 +228,9 @@ def launch_counts() -> dict[str, int]:
     return dict(_counts)
 
 
-def launch(plan: D.Launch, meta: int, ids: int, buf: int, stream: int, device: int) -> None:
-    """Launch ``plan`` on ``stream`` (raw handle; ignored on CPU) of CUDA device ``device``
-    (the current device); ``meta`` / ``ids`` / ``buf`` are byte addresses."""
-    key = (
+def key(plan: D.Launch) -> tuple:
+    """The constexpr parameters of ``plan``'s kernel, in signature order."""
+    return (
         plan.unit,
         plan.piece,
         plan.tile_rows,
@@ -223,11 +239,29 @@ def launch(plan: D.Launch, meta: int, ids: int, buf: int, stream: int, device: i
         plan.levels,
         plan.src_paged,
         plan.dst_paged,
+        plan.stream,
     )
-    hit = _compiled.get((key, plan.num_warps, device))
+
+
+def launch(
+    plan: D.Launch,
+    meta: int,
+    ids: int,
+    buf: int,
+    stream: int,
+    device: int,
+    consts: tuple | None = None,
+) -> None:
+    """Launch ``plan`` on ``stream`` (raw handle; ignored on CPU) of CUDA device ``device``
+    (the current device); ``meta`` / ``ids`` / ``buf`` are byte addresses; ``consts`` is
+    :func:`key` of ``plan`` when the caller kept it."""
+    if consts is None:
+        consts = key(plan)
+    hit = _compiled.get((consts, plan.num_warps, device))
     if hit is not None and not _hooks_active():
         try:
-            _direct(hit, plan, meta, ids, buf, stream, key)
+            hit(plan.grid, stream, meta, ids, buf, plan.desc, plan.starts, consts)
+            _counts["direct"] += 1
             return
         except (TypeError, ValueError, AttributeError) as err:  # an unexpected launcher
             _disable_direct(err)
@@ -245,37 +279,48 @@ def launch(plan: D.Launch, meta: int, ids: int, buf: int, stream: int, device: i
         LEVELS=plan.levels,
         SRC_PAGED=plan.src_paged,
         DST_PAGED=plan.dst_paged,
+        STREAM=plan.stream,
         num_warps=plan.num_warps,
     )
     _counts["triton"] += 1
     if DIRECT and kernel is not None and hasattr(kernel, "packed_metadata"):
-        _compiled[(key, plan.num_warps, device)] = (
-            kernel.run,
-            kernel.function,
-            kernel.packed_metadata,
-        )
+        _compiled[(consts, plan.num_warps, device)] = _direct_call(kernel)
 
 
-def _direct(hit: tuple, plan: D.Launch, meta: int, ids: int, buf: int, stream: int, key: tuple):
-    run, function, metadata = hit
-    run(
-        plan.grid,
-        1,
-        1,
-        stream,
-        function,
-        metadata,
-        None,  # launch metadata: only for launch hooks, and none is active
-        None,
-        None,
-        meta,
-        ids,
-        buf,
-        plan.desc,
-        plan.starts,
-        *key,  # the constexpr parameters: the launcher skips them
+def _direct_call(kernel) -> Callable:  # type: ignore[no-untyped-def]
+    """A function launching the compiled ``kernel`` with no argument binding: its launcher's
+    C entry when the launcher is the one of Triton 3.6 with no scratch memory (checked on an
+    H200), else the launcher object (the signature of 3.4 - 3.9's ``JITFunction.run``)."""
+    runner, function, metadata = kernel.run, kernel.function, kernel.packed_metadata
+    c_launch = getattr(runner, "launch", None)
+    plain = (
+        triton.__version__.startswith("3.6.")
+        and c_launch is not None
+        and not getattr(runner, "global_scratch_size", 1)
+        and not getattr(runner, "profile_scratch_size", 1)
+        and hasattr(runner, "launch_cooperative_grid")
+        and hasattr(runner, "launch_pdl")
     )
-    _counts["direct"] += 1
+    if plain:
+        coop, pdl = runner.launch_cooperative_grid, runner.launch_pdl
+
+        def go(grid, stream, meta, ids, buf, desc, starts, consts):  # type: ignore[no-untyped-def]
+            c_launch(
+                grid, 1, 1, stream, function, coop, pdl, None, None,  # no scratch memory
+                metadata, None, None, None,  # launch metadata and hooks: none is active
+                meta, ids, buf, desc, starts, *consts,  # constexprs: the launcher skips them
+            )  # fmt: skip
+
+        return go
+
+    def go_runner(grid, stream, meta, ids, buf, desc, starts, consts):  # type: ignore[no-untyped-def]
+        runner(
+            grid, 1, 1, stream, function,
+            metadata, None, None, None,  # launch metadata and hooks: none is active
+            meta, ids, buf, desc, starts, *consts,  # constexprs: the launcher skips them
+        )  # fmt: skip
+
+    return go_runner
 
 
 def _disable_direct(err: Exception) -> None:
