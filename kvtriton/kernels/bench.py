@@ -414,7 +414,7 @@ def _num(x: float, width: int) -> str:
     """A rate or time in ``width`` characters: whole numbers when large, 3 digits when small."""
     if math.isnan(x):
         return "-".rjust(width)
-    return f"{x:{width}.0f}" if abs(x) >= 100 else f"{x:{width}.3g}"
+    return f"{x:{width}.0f}" if abs(x) >= 1000 else f"{x:{width}.3g}"
 
 
 def _fmt(r: dict) -> str:
@@ -422,7 +422,7 @@ def _fmt(r: dict) -> str:
     return (
         f"{r['op']:8s} {r['src']:12s} {r['dst']:12s} {r['start']:5d} {r['tokens']:6d} "
         f"{r['mib']:7.1f} {_num(g['kvtriton'], 8)} {_num(g['copy_torch'], 7)} "
-        f"{_num(g['copy_triton'], 7)}      {r['vs_copy']:6.1%}"
+        f"{_num(g['copy_triton'], 7)}      {_num(100 * r['vs_copy'], 5)}%"
     )
 
 
