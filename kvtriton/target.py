@@ -34,6 +34,8 @@ class GroupTarget:
         first_block: logical block of ``block_ids[0]`` (``tokens.start // B``).
         block_ids: physical ids of logical blocks ``[first_block, first_block + n)``, the
             blocks ``tokens`` touches, as a read-only ``int32`` array.
+        num_blocks: the pool size every id was checked against (``None``: not checked), so
+            a user of another pool compares two ints instead of scanning the ids again.
     """
 
     group: str
@@ -41,6 +43,7 @@ class GroupTarget:
     tokens_per_block: int
     first_block: int
     block_ids: np.ndarray
+    num_blocks: int | None = None
 
     def covers(self, positions: TokenRange) -> bool:
         """Whether every position of ``positions`` lies in :attr:`tokens`."""
@@ -146,7 +149,7 @@ class TransferTarget:
                 )
             arr = ids.astype(np.int32)
             arr.setflags(write=False)
-            kv[name] = GroupTarget(name, rng, tokens_per_block, first, arr)
+            kv[name] = GroupTarget(name, rng, tokens_per_block, first, arr, int(limit))
         slots: dict[str, int] = {}
         for name, slot in state_slots.items():
             if name not in num_slots:

@@ -1,7 +1,7 @@
 """Benchmark the paged gather/scatter/copy kernels (see kvtriton/kernels/bench.py).
 
 python scripts/bench_kernels.py --json bench.json        # on a GPU
-TRITON_INTERPRET=1 python scripts/bench_kernels.py --device cpu --quick   # smoke test
+python scripts/bench_kernels.py --device cpu --quick   # CPU smoke test (Triton interpreter)
 """
 
 import sys

@@ -1,9 +1,10 @@
-"""Kernels: Triton (interpreter on CPU, compiled on CUDA) and the torch reference, both checked
-bit-exactly against a naive per-position oracle, plus validation (a failed call writes
-nothing) and the request-level entries.
+"""The convenience API (gather / scatter / copy / state / pack_request(s)): Triton
+(interpreter on CPU, compiled on CUDA) and the torch backend, both checked bit-exactly against
+the naive per-position oracle (kvtriton.kernels.naive), plus validation (a failed call writes
+nothing). Prepared plans: tests/test_kernels_plan.py.
 
-Sizes are small: under the interpreter every program is a Python loop iteration. Each
-property sets its own ``max_examples`` (the CI profile's 500 would take far too long).
+Sizes are small: under the interpreter every program is a Python loop iteration. On a GPU
+box every new shape compiles a kernel, so properties run fewer examples there.
 """
 
 from __future__ import annotations
@@ -14,105 +15,43 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_helpers import (
+    BACKENDS,
+    DEVICES,
+    DTYPES,
+    HND,
+    NHD,
+    as_bytes,
+    hybrid_spec,
+    make_pool,
+    make_pools,
+    poison,
+    random_bits,
+    same_bits,
+    skip_unless_runnable,
+)
 
 from kvtriton import kernels as K
-from kvtriton.kernels import _common as C
+from kvtriton.kernels import checks as C
+from kvtriton.kernels import naive
 from kvtriton.layout import packed_layout
 from kvtriton.ranges import BlockSpan, TokenRange
-from kvtriton.spec import KVCacheSpec, LayerGroup
+from kvtriton.spec import KVCacheSpec
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
-BACKENDS = ["triton", "reference"]
-# On a GPU box every new shape combination compiles a kernel (~0.5 s): fewer examples there.
-N_EXAMPLES = 30 if torch.cuda.is_available() else 250
+# CPU: the CI profile (tests/conftest.py); a GPU box compiles each new shape (~0.5 s).
 PROPERTY = settings(
-    max_examples=N_EXAMPLES,
+    max_examples=30 if torch.cuda.is_available() else settings.default.max_examples,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
 
-def _skip_unless_runnable(device: str, backend: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if backend == "triton" and device == "cpu" and not K.interpreter_enabled():
-        pytest.skip(
-            "Triton on CPU needs TRITON_INTERPRET=1 (tests/conftest.py sets it "
-            "only when no GPU is present)"
-        )
-
-
-# ---------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------
-def random_bits(shape, dtype, gen: torch.Generator) -> torch.Tensor:
-    """Random bit patterns of ``dtype`` (NaNs and infs included: comparisons are bitwise)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * size), dtype=torch.uint8, generator=gen)
-    return raw.view(dtype)
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    """NaN for float16/32/bf16, the byte 0xA5 for fp8 and ints (catches unwritten positions)."""
-    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return t.fill_(float("nan"))
-    C.bits(t).fill_(0xA5 if C.BITS_DTYPE[t.dtype] == torch.uint8 else 0x5A5A)
-    return t
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return C.bits(t).cpu()
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
-
-
-def make_pool(shape, dtype, order, device, gen, pad_heads=0, fill="random") -> torch.Tensor:
-    """A 6-D pool view with physical dim order ``order`` (a permutation of the first 5 dims;
-    head_dim stays innermost) and optionally ``pad_heads`` extra heads sliced away."""
-    phys = list(shape)
-    phys[4] += pad_heads
-    phys_shape = [phys[i] for i in order] + [phys[5]]
-    base = random_bits(phys_shape, dtype, gen).to(device)
-    if fill == "poison":
-        poison(base)
-    inverse = [order.index(i) for i in range(5)] + [5]
-    view = base.permute(*inverse)
-    if pad_heads:
-        view = view[:, :, :, :, pad_heads // 2 : pad_heads // 2 + shape[4]]
-    assert tuple(view.shape) == tuple(shape)
-    return view
-
-
 def naive_read(pool, span, tokens, layers, heads) -> torch.Tensor:
-    """Oracle: [L, kv, T, H, D] bits, one position at a time."""
-    tpb = pool.shape[3]
-    h0, h1 = heads
-    bits = C.bits(pool)
-    lay = torch.tensor(layers, device=pool.device)
-    cols = []
-    for p in tokens:
-        blk = span.block_ids[p // tpb - span.first_block]
-        cols.append(bits[lay, blk, :, p % tpb, h0:h1])  # [L, kv, H, D]
-    if not cols:
-        return torch.empty(
-            (len(layers), pool.shape[2], 0, h1 - h0, pool.shape[5]),
-            dtype=bits.dtype,
-            device=pool.device,
-        )
-    return torch.stack(cols, 2)
+    return naive.bits(naive.gather(pool, span, tokens, layers, heads))
 
 
 def naive_write(pool, span, tokens, layers, heads, values) -> None:
-    tpb = pool.shape[3]
-    h0, h1 = heads
-    bits = C.bits(pool)
-    lay = torch.tensor(layers, device=pool.device)
-    for j, p in enumerate(tokens):
-        blk = span.block_ids[p // tpb - span.first_block]
-        bits[lay, blk, :, p % tpb, h0:h1] = C.bits(values)[:, :, j]
+    naive.scatter(values, pool, span, tokens, layers, heads)
 
 
 @st.composite
@@ -179,7 +118,7 @@ def token_range(draw, max_len: int = 24):
 @PROPERTY
 @given(data=st.data(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31))
 def test_gather_matches_oracle(device, backend, data, dtype, seed):
-    _skip_unless_runnable(device, backend)
+    skip_unless_runnable(device, backend)
     tokens = data.draw(token_range())
     s = data.draw(side(tokens, unique=False))
     gen = torch.Generator().manual_seed(seed)
@@ -213,7 +152,7 @@ def test_gather_matches_oracle(device, backend, data, dtype, seed):
 @PROPERTY
 @given(data=st.data(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31))
 def test_scatter_matches_oracle(device, backend, data, dtype, seed):
-    _skip_unless_runnable(device, backend)
+    skip_unless_runnable(device, backend)
     tokens = data.draw(token_range())
     s = data.draw(side(tokens))
     gen = torch.Generator().manual_seed(seed)
@@ -244,7 +183,7 @@ def test_scatter_matches_oracle(device, backend, data, dtype, seed):
 @given(data=st.data(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31))
 def test_copy_matches_oracle(device, backend, data, dtype, seed):
     """Pool -> pool with independent block sizes, spans, strides, layer and head selections."""
-    _skip_unless_runnable(device, backend)
+    skip_unless_runnable(device, backend)
     tokens = data.draw(token_range())
     src = data.draw(side(tokens, unique=False))
     ln, hn = len(src["layers"]), src["heads"][1] - src["heads"][0]
@@ -274,12 +213,10 @@ def test_copy_matches_oracle(device, backend, data, dtype, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(
-    max_examples=min(60, N_EXAMPLES), deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@PROPERTY
 @given(data=st.data(), dtype=st.sampled_from([*DTYPES, torch.int8]), seed=st.integers(0, 2**31))
 def test_state_roundtrip_matches_oracle(device, backend, data, dtype, seed):
-    _skip_unless_runnable(device, backend)
+    skip_unless_runnable(device, backend)
     layers_total = data.draw(st.integers(1, 3))
     slots = data.draw(st.integers(1, 4))
     rest = data.draw(st.lists(st.integers(1, 5), min_size=0, max_size=2))
@@ -306,17 +243,18 @@ def test_state_roundtrip_matches_oracle(device, backend, data, dtype, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_many_chunks_and_head_chunks(device, monkeypatch):
-    """Token ranges spanning several programs and rows split into head chunks (with a
-    ragged last chunk) take the same path as the small cases."""
-    _skip_unless_runnable(device, "triton")
-    from kvtriton.kernels import triton_kernels as T
+def test_many_tiles_per_row(device, monkeypatch):
+    """Token ranges spanning many programs (tiny tiles: each program finds its tile inside a
+    row) take the same path as the small cases."""
+    skip_unless_runnable(device, "triton")
+    from kvtriton.kernels import descriptors as D
 
-    monkeypatch.setitem(T.TUNE, "max_row", 8)  # head_dim 4 -> 2 heads per program
+    tiny = D.Tuning(tile_bytes=64, min_tile_bytes=64, interpret_tile_units=16)
+    monkeypatch.setattr(D, "DEFAULT_TUNING", tiny)
     gen = torch.Generator().manual_seed(0)
     pool = make_pool((2, 40, 2, 8, 3, 4), torch.bfloat16, [0, 1, 2, 4, 3], device, gen)
     span = BlockSpan(1, list(range(39, 0, -1)))
-    tokens = TokenRange(11, 301)
+    tokens = TokenRange(11, 95)
     out = K.gather(pool, span, tokens, backend="triton")
     assert torch.equal(as_bytes(out), naive_read(pool, span, tokens, (0, 1), (0, 3)).cpu())
     dst = make_pool(
@@ -332,39 +270,6 @@ def test_many_chunks_and_head_chunks(device, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # request-level entries
 # ---------------------------------------------------------------------------------------
-def _hybrid_spec(tpb: int = 4, dtype: str = "bfloat16") -> KVCacheSpec:
-    groups = (
-        LayerGroup("full", "full", (1, 4), num_kv_heads=2, head_dim=8),
-        LayerGroup("win", "sliding", (0, 2, 5), num_kv_heads=2, head_dim=8, window=6),
-        LayerGroup("mla", "full", (6,), num_kv_heads=1, head_dim=12, kv_factor=1),
-        LayerGroup("state", "state", (3, 7), state_shape=(2, 3, 5), state_dtype="float32"),
-    )
-    return KVCacheSpec(groups, tokens_per_block=tpb, dtype=dtype, name="test-hybrid")
-
-
-def _pools(spec: KVCacheSpec, num_blocks: int, device, gen, fill="random", hnd=False):
-    pools = {}
-    for g in spec.groups:
-        if g.kind == "state":
-            dt = getattr(torch, g.state_dtype or spec.dtype)
-            t = random_bits((g.num_layers, 6, *g.local_state_shape), dt, gen).to(device)
-        else:
-            shape = (
-                g.num_layers,
-                num_blocks,
-                g.kv_factor,
-                spec.tokens_per_block,
-                g.local_heads,
-                g.head_dim,
-            )
-            order = [0, 1, 2, 4, 3] if hnd else [0, 1, 2, 3, 4]
-            t = make_pool(shape, spec.torch_dtype, order, device, gen)
-        if fill == "poison":
-            poison(t)
-        pools[g.name] = t
-    return pools
-
-
 def _request(
     spec: KVCacheSpec, prompt: int, cached: int, num_blocks: int, gen, *, layers=None, heads=None
 ):
@@ -388,10 +293,10 @@ def _request(
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hnd", [False, True])
 def test_pack_unpack_request_matches_reference(device, hnd):
-    _skip_unless_runnable(device, "triton")
-    spec = _hybrid_spec()
+    skip_unless_runnable(device, "triton")
+    spec = hybrid_spec()
     gen = torch.Generator().manual_seed(1)
-    pools = _pools(spec, 16, device, gen, hnd=hnd)
+    pools = make_pools(spec, 16, device, gen, order=HND if hnd else NHD)
     layout, spans = _request(
         spec,
         prompt=13,
@@ -423,7 +328,14 @@ def test_pack_unpack_request_matches_reference(device, hnd):
         assert torch.equal(as_bytes(view), ref.cpu()), seg.group
     results = {}
     for backend in BACKENDS:
-        dst = _pools(spec, 16, device, torch.Generator().manual_seed(2), fill="poison", hnd=hnd)
+        dst = make_pools(
+            spec,
+            16,
+            device,
+            torch.Generator().manual_seed(2),
+            fill="poison",
+            order=HND if hnd else NHD,
+        )
         K.unpack_request(spec, layout, bufs["triton"], dst, spans, {"state": 1}, backend=backend)
         results[backend] = dst
     for name in results["triton"]:
@@ -434,12 +346,12 @@ def test_pack_unpack_request_matches_reference(device, hnd):
 def test_pack_requests_batched_equals_one_by_one(device, monkeypatch):
     """Three requests in one buffer: one launch per group, bytes equal to single packs,
     and unpack_requests restores exactly the packed positions."""
-    _skip_unless_runnable(device, "triton")
+    skip_unless_runnable(device, "triton")
     from kvtriton.kernels import triton_kernels as T
 
-    spec = _hybrid_spec(tpb=3)
+    spec = hybrid_spec(tpb=3)
     gen = torch.Generator().manual_seed(3)
-    pools = _pools(spec, 40, device, gen)
+    pools = make_pools(spec, 40, device, gen)
     reqs = []
     offset = 0
     all_blocks = torch.randperm(40, generator=gen).tolist()
@@ -451,17 +363,13 @@ def test_pack_requests_batched_equals_one_by_one(device, monkeypatch):
         reqs.append(K.PackedRequest(layout, spans, {"state": r}, offset))
         offset += layout.nbytes
     launches = []
-    real_execute = T._execute
-    monkeypatch.setattr(
-        T,
-        "_execute",
-        lambda ls, m, d: (launches.append(sum(x is not None for x in ls)), real_execute(ls, m, d))[
-            1
-        ],
-    )
+    real_launch = T.launch
+    monkeypatch.setattr(T, "launch", lambda *a: (launches.append(a[0]), real_launch(*a))[1])
     buf = torch.full((offset,), 0xA5, dtype=torch.uint8, device=device)
     K.pack_requests(spec, reqs, pools, buf, backend="triton")
-    assert launches == [4]  # full, win, mla, state: one launch each for all three requests
+    # one launch for the attention groups of all three requests, one for the state rows
+    # (15 fp32 = 60 bytes: a piece width the 16- and 24-byte heads do not share)
+    assert [launch.rows for launch in launches] == [6, 3]
     for req in reqs:
         single = torch.full((req.layout.nbytes,), 0xA5, dtype=torch.uint8, device=device)
         K.pack_request(
@@ -470,7 +378,7 @@ def test_pack_requests_batched_equals_one_by_one(device, monkeypatch):
         assert torch.equal(buf[req.offset : req.offset + req.layout.nbytes].cpu(), single.cpu())
     outs = {}
     for backend in BACKENDS:
-        dst = _pools(spec, 40, device, torch.Generator().manual_seed(4), fill="poison")
+        dst = make_pools(spec, 40, device, torch.Generator().manual_seed(4), fill="poison")
         K.unpack_requests(spec, reqs, buf, dst, backend=backend)
         outs[backend] = dst
     for name in outs["triton"]:
@@ -557,7 +465,7 @@ def _bad_calls(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_arguments_raise_and_write_nothing(device, backend):
-    _skip_unless_runnable(device, backend)
+    skip_unless_runnable(device, backend)
     for i, (target, call, name) in enumerate(_bad_calls(device)):
         before = as_bytes(target).clone()
         with pytest.raises(ValueError, match=name):
@@ -569,10 +477,10 @@ def test_invalid_arguments_raise_and_write_nothing(device, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_request_validation_writes_nothing(device, backend):
     """A bad argument for the LAST group leaves every earlier group's pool untouched."""
-    _skip_unless_runnable(device, backend)
-    spec = _hybrid_spec()
+    skip_unless_runnable(device, backend)
+    spec = hybrid_spec()
     gen = torch.Generator().manual_seed(6)
-    pools = _pools(spec, 16, device, gen)
+    pools = make_pools(spec, 16, device, gen)
     layout, spans = _request(spec, prompt=13, cached=2, num_blocks=16, gen=gen)
     buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
     K.pack_request(spec, layout, pools, spans, {"state": 1}, buf, backend=backend)
@@ -661,7 +569,7 @@ def test_pool_over_2_pow_31_elements(backend):
 
 
 def test_packed_shapes_follow_layout():
-    spec = _hybrid_spec()
+    spec = hybrid_spec()
     layout = packed_layout(spec, {"full": TokenRange(2, 9)}, ["state"])
     seg = layout.segment("full")
     assert seg.shape == (2, 2, 7, 2, 8)

@@ -12,6 +12,17 @@ integers (bit-exact; fp8 moves as bytes). ``layers`` are local indices into the 
 Every call validates all of its arguments before it writes anything; a bad argument raises
 ``ValueError`` naming it and a failed call changes nothing.
 
+Two layers of API, one code path (:mod:`~kvtriton.kernels.descriptors` -> one kernel):
+
+* the convenience calls below (``gather`` ... ``unpack_requests``): bare tensors and spans,
+  every argument checked on every call;
+* prepared plans for the hot path: :class:`PoolSet` (a rank's pools, checked once),
+  :func:`prepare_pack` / :func:`prepare_unpack` / :func:`prepare_copy` (a request's chunks
+  checked against its :class:`~kvtriton.target.TransferTarget` once, all descriptors staged
+  in one copy) and :meth:`PreparedMoves.run` (chunk ``k``: one launch, nothing checked).
+
+:mod:`kvtriton.kernels.naive` is the per-position oracle the tests and benchmark compare with.
+
 Backends (the ``backend=`` argument of every entry):
 
 * ``"triton"``: the Triton kernels in :mod:`kvtriton.kernels.triton_kernels`. On CUDA tensors
@@ -21,8 +32,8 @@ Backends (the ``backend=`` argument of every entry):
   ``TRITON_INTERPRET=1 python my_script.py`` or ``os.environ["TRITON_INTERPRET"] = "1"`` at
   the top of a notebook. The interpreter runs the real kernel source with numpy: exact, but
   slow (use it for tests and small demos).
-* ``"reference"``: :mod:`kvtriton.kernels.reference`, pure torch (one advanced-indexing call
-  per group). Works on any device; the fast choice on a CPU.
+* ``"reference"``: :mod:`kvtriton.kernels.torch_backend`, torch indexing executing the same
+  descriptors. Works on any device; the fast choice on a CPU.
 * ``"auto"`` (default): Triton on CUDA tensors; on CPU tensors Triton when the interpreter is
   on (``TRITON_INTERPRET=1``), else the reference.
 
@@ -33,28 +44,33 @@ or set ``TRITON_INTERPRET=1`` (before the first kernel call) to exercise the Tri
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from types import ModuleType
 
 import torch
 
-from kvtriton.kernels import _common as C
-from kvtriton.kernels import reference
-from kvtriton.kernels._common import PackedRequest
+from kvtriton.kernels import checks as C
+from kvtriton.kernels.descriptors import Move, Tuning
+from kvtriton.kernels.plan import PoolSet, prepare_copy, prepare_pack, prepare_unpack
+from kvtriton.kernels.prepared import PreparedMoves, interpreter_enabled, resolve_backend
+from kvtriton.kernels.requests import PackedRequest, plan_requests
 from kvtriton.layout import PackedLayout
 from kvtriton.ranges import BlockSpan, TokenRange
 from kvtriton.spec import KVCacheSpec
 
 __all__ = [
     "PackedRequest",
+    "PoolSet",
+    "PreparedMoves",
+    "Tuning",
     "copy",
     "gather",
     "gather_state",
     "interpreter_enabled",
     "pack_request",
     "pack_requests",
-    "reference",
+    "prepare_copy",
+    "prepare_pack",
+    "prepare_unpack",
     "resolve_backend",
     "scatter",
     "scatter_state",
@@ -62,64 +78,28 @@ __all__ = [
     "unpack_requests",
 ]
 
-_TRITON: ModuleType | None = None
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a 1-D uint8 tensor (a view)."""
+    return t.reshape(-1).view(torch.uint8)
 
 
-def _triton_module() -> ModuleType:
-    global _TRITON
-    if _TRITON is None:
-        from kvtriton.kernels import triton_kernels
-
-        _TRITON = triton_kernels
-    return _TRITON
+def _align(buffer: torch.Tensor) -> int:
+    addr = buffer.data_ptr()
+    return 16 if addr % 16 == 0 else addr & -addr
 
 
-def interpreter_enabled() -> bool:
-    """Whether Triton kernels run under the interpreter (fixed when they are first imported)."""
-    if _TRITON is not None:
-        return bool(_TRITON.INTERPRET)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_available() -> bool:
-    import importlib.util
-
-    try:
-        return (
-            importlib.util.find_spec("triton") is not None
-            and importlib.util.find_spec("kvtriton.kernels.triton_kernels") is not None
-        )
-    except (ImportError, ValueError):
-        return False
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``"triton"`` or ``"reference"``: what ``backend`` means for tensors on ``device``."""
-    backend = C.check_backend(backend)
-    device = torch.device(device)
-    if backend == "auto":
-        if not _triton_available():
-            return "reference"
-        if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
-            return "triton"
-        return "reference"
-    if backend == "triton":
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package, which is not installed")
-        if device.type == "cpu" and not interpreter_enabled():
-            raise ValueError(
-                "backend='triton' on CPU tensors needs the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before the first kernel call, or use backend='reference'"
-            )
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' does not support {device.type} tensors")
-    return backend
-
-
-def _impl(backend: str, device: torch.device) -> ModuleType:
-    if resolve_backend(backend, device) == "triton":
-        return _triton_module()
-    return reference
+def _execute(
+    moves: Sequence[Move], buffer: torch.Tensor | None, device: torch.device, backend: str
+) -> None:
+    moves = [m for m in moves if m.tokens and m.layers and m.heads and m.head_bytes]
+    if not moves:
+        return
+    align = _align(buffer) if buffer is not None else 16
+    prepared = PreparedMoves(
+        [moves], [0], device, backend, needs_buffer=buffer is not None, buffer_align=align
+    )
+    prepared.run(0, buffer)
 
 
 def gather(
@@ -147,10 +127,9 @@ def gather(
         ``out``.
     """
     C.check_backend(backend)
-    move = C.plan_gather(pool, span, tokens, layers, heads, out)
-    assert isinstance(move.dst, torch.Tensor)
-    _impl(backend, move.dst.device).run_kv(move)
-    return move.dst
+    move, out = C.plan_gather(pool, span, tokens, layers, heads, out)
+    _execute([move], _as_bytes(out), out.device, backend)
+    return out
 
 
 def scatter(
@@ -166,8 +145,8 @@ def scatter(
     """Scatter packed ``[layers_sel, kv, len(tokens), heads_sel, head_dim]`` into pool positions
     ``tokens``; positions outside ``tokens`` (also inside the touched blocks) stay untouched."""
     C.check_backend(backend)
-    move = C.plan_scatter(packed, pool, span, tokens, layers, heads)
-    _impl(backend, pool.device).run_kv(move)
+    move, packed = C.plan_scatter(packed, pool, span, tokens, layers, heads)
+    _execute([move], _as_bytes(packed), pool.device, backend)
 
 
 def copy(
@@ -194,7 +173,7 @@ def copy(
     move = C.plan_copy(
         src_pool, src_span, dst_pool, dst_span, tokens, src_layers, dst_layers, src_heads, dst_heads
     )
-    _impl(backend, src_pool.device).run_kv(move)
+    _execute([move], None, src_pool.device, backend)
 
 
 def gather_state(
@@ -212,9 +191,9 @@ def gather_state(
     contiguous. Returns ``out`` = ``[layers_sel, heads_sel, *rest]``.
     """
     C.check_backend(backend)
-    move = C.plan_state(state_pool, slot, layers, heads, out, True)
-    _impl(backend, move.pool.device).run_state(move)
-    return move.dense
+    move, out = C.plan_state(state_pool, slot, layers, heads, out, True)
+    _execute([move], _as_bytes(out), out.device, backend)
+    return out
 
 
 def scatter_state(
@@ -228,15 +207,8 @@ def scatter_state(
 ) -> None:
     """Write packed ``[layers_sel, heads_sel, *rest]`` into state slot ``slot``."""
     C.check_backend(backend)
-    move = C.plan_state(state_pool, slot, layers, heads, packed, False)
-    _impl(backend, move.pool.device).run_state(move)
-
-
-def _run_batches(batches: list, backend: str, buffer: torch.Tensor) -> None:
-    if not batches:
-        return
-    impl = _impl(backend, buffer.device)
-    impl.run_batches(batches)
+    move, packed = C.plan_state(state_pool, slot, layers, heads, packed, False)
+    _execute([move], _as_bytes(packed), packed.device, backend)
 
 
 def pack_request(
@@ -251,12 +223,13 @@ def pack_request(
     """Gather every segment of ``layout`` into ``buffer`` (1-D uint8 of ``layout.nbytes``).
 
     ``spec`` is the local shard spec; segment layer ids / heads are global and are mapped to
-    local indices through it. At most one kernel launch per group.
+    local indices through it. One kernel launch (one more for state groups whose rows do not
+    share the attention groups' copy unit).
     """
     C.check_backend(backend)
     req = PackedRequest(layout, spans, state_slots, 0)
-    batches = C.plan_requests(spec, [req], pools, buffer, to_dense=True, exact_size=True)
-    _run_batches(batches, backend, buffer)
+    moves = plan_requests(spec, [req], pools, buffer, to_dense=True, exact_size=True)
+    _execute(moves, buffer, buffer.device, backend)
 
 
 def unpack_request(
@@ -268,11 +241,11 @@ def unpack_request(
     state_slots: Mapping[str, int],
     backend: str = "auto",
 ) -> None:
-    """Scatter every segment of ``layout`` from ``buffer`` into ``pools`` (one launch/group)."""
+    """Scatter every segment of ``layout`` from ``buffer`` into ``pools`` (one launch)."""
     C.check_backend(backend)
     req = PackedRequest(layout, spans, state_slots, 0)
-    batches = C.plan_requests(spec, [req], pools, buffer, to_dense=False, exact_size=True)
-    _run_batches(batches, backend, buffer)
+    moves = plan_requests(spec, [req], pools, buffer, to_dense=False, exact_size=True)
+    _execute(moves, buffer, buffer.device, backend)
 
 
 def pack_requests(
@@ -285,11 +258,11 @@ def pack_requests(
     """Pack several requests into one buffer: request ``r`` occupies
     ``buffer[r.offset : r.offset + r.layout.nbytes]`` (offsets multiples of 128, disjoint).
 
-    One launch per (group, layer selection, head selection) for the whole batch.
+    One launch for the whole batch (one more for state groups, see :func:`pack_request`).
     """
     C.check_backend(backend)
-    batches = C.plan_requests(spec, requests, pools, buffer, to_dense=True, exact_size=False)
-    _run_batches(batches, backend, buffer)
+    moves = plan_requests(spec, requests, pools, buffer, to_dense=True, exact_size=False)
+    _execute(moves, buffer, buffer.device, backend)
 
 
 def unpack_requests(
@@ -301,5 +274,5 @@ def unpack_requests(
 ) -> None:
     """Batched :func:`unpack_request` (see :func:`pack_requests`)."""
     C.check_backend(backend)
-    batches = C.plan_requests(spec, requests, pools, buffer, to_dense=False, exact_size=False)
-    _run_batches(batches, backend, buffer)
+    moves = plan_requests(spec, requests, pools, buffer, to_dense=False, exact_size=False)
+    _execute(moves, buffer, buffer.device, backend)

@@ -1,23 +1,22 @@
-"""Kernel benchmark: kvtriton gather/scatter/copy against torch indexing and a contiguous copy.
+"""Kernel benchmark: prepared plans against a contiguous copy of the same bytes, and the host
+time per request.
 
 Entry points: :func:`run_benchmark` (returns a dict, optionally writes JSON) and :func:`main`
-(the CLI, ``python scripts/bench_kernels.py`` or ``kvtriton bench kernels``).
+(``python scripts/bench_kernels.py`` or ``kvtriton bench kernels``).
 
-Shapes: 32 layers x kv 2 x 8 kv heads x 128 head_dim bf16 (128 KiB per token over all
-layers), pools of 8 GiB per block size. For each case, in one run:
-
-* ``kvtriton``: the Triton kernel, launched from a prepared plan (metadata already on the
-  device) and timed as CUDA-graph replays, so launch latency is excluded;
-* ``torch_1call``: the torch reference's single advanced-indexing call over all layers
-  (index tensors precomputed);
-* ``torch_loop``: one indexing call per layer;
-* ``copy``: ``dst.copy_(src)`` of contiguous tensors holding the same bytes (the limit).
-
-Bandwidth counts bytes read + written (2 x payload). Small cases rotate over several
-disjoint buffer sets so the 50 MB L2 cannot hold the working set. Host overhead (validation,
-metadata staging and all launches of one call, CPU time until the call returns) is measured
-separately on the public API, including ``plan_transfer`` + ``packed_layout`` +
-``pack_request`` for whole requests.
+1. **Correctness first**: every case's first buffer set is checked bit-exactly against the
+   naive oracle (:mod:`kvtriton.kernels.naive`) before anything is timed.
+2. **Bandwidth** on the current GPU: gather / scatter / copy of a Llama-3-8B-shaped pool
+   (32 layers x kv 2 x 8 kv heads x 128 head_dim, bf16 = 128 KiB per token; 8 GiB pools,
+   blocks drawn at random) at 8 MiB, 64 MiB, 256 MiB and 1 GiB, NHD / HND, block sizes 16 /
+   32 / 64, starts inside blocks. ``run(0, buffer)`` of a prepared plan is timed as CUDA-graph
+   replays (launch latency excluded), next to the same run's baselines: ``copy_`` of a
+   contiguous tensor holding the same bytes and a plain Triton contiguous copy. GB/s counts
+   bytes read + written; cases under 512 MiB rotate over disjoint buffer sets so the L2
+   cannot hold them.
+3. **Host overhead** per request for the four shapes of BENCHMARKS.md (whole request as one
+   chunk): ``prepare_pack``, ``run`` (all launches), and the two together; the same for
+   unpack. Median CPU time until the call returns, the device idle before each call.
 """
 
 from __future__ import annotations
@@ -25,49 +24,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 
-from kvtriton import kernels as K
-from kvtriton.kernels import _common as C
-from kvtriton.kernels import reference as R
-from kvtriton.ranges import BlockSpan, TokenRange
+from kvtriton.kernels.bench_host import HOST_SHAPES, host_overheads
+from kvtriton.kernels.compare import compare_backends
+
+__all__ = ["compare_backends", "main", "run_benchmark"]
 
 LAYERS, KVF, HEADS, DIM = 32, 2, 8, 128
-DTYPE = torch.bfloat16
 BYTES_PER_TOKEN = LAYERS * KVF * HEADS * DIM * 2
 POOL_BYTES = 8 << 30
 MIB = 1 << 20
-
-_COPY_BLOCK = 4096  # int32 elements (16 KiB) per program of the contiguous-copy baseline
-
-
-@triton.jit
-def _contig_copy_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
-    """The simplest bandwidth-bound copy: one program moves BLOCK contiguous elements."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs))
-
-
-def _triton_copy(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
-    d, s = dst.view(torch.int32), src.view(torch.int32)
-    assert d.numel() % _COPY_BLOCK == 0
-    grid = (d.numel() // _COPY_BLOCK,)
-    return lambda: _contig_copy_kernel[grid](s, d, BLOCK=_COPY_BLOCK, num_warps=4)
+TARGETS = {"large": 0.95, "small": 0.85, "host_us": 50.0}
 
 
 # ---------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------
 def _time_graph(fns: Sequence[Callable[[], Any]], device: torch.device, reps: int) -> float:
-    """Median seconds per call of ``fns`` (cycled), as CUDA-graph replays (or host timing)."""
+    """Median seconds per call of ``fns`` (cycled), as CUDA-graph replays (host timing on
+    CPU)."""
     if device.type != "cuda":
         for f in fns:
             f()
@@ -80,7 +64,8 @@ def _time_graph(fns: Sequence[Callable[[], Any]], device: torch.device, reps: in
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for f in fns:  # warm up / compile outside the capture
+        for f in fns:  # warm up (compile, first direct launch, stream join) outside capture
+            f()
             f()
     torch.cuda.synchronize()
     per_graph = max(len(fns), 8 // len(fns) * len(fns))
@@ -101,390 +86,384 @@ def _time_graph(fns: Sequence[Callable[[], Any]], device: torch.device, reps: in
     return statistics.median(samples)
 
 
-def _host_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Median CPU seconds until ``fn`` returns, the device idle before each call."""
-    fn()
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return statistics.median(samples)
+def _contig_copy(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None] | None:
+    """A plain Triton contiguous copy (16 KiB per program), the second copy baseline."""
+    import triton
+    import triton.language as tl
+
+    global _COPY_KERNEL
+    if _COPY_KERNEL is None:
+
+        @triton.jit
+        def _copy(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(dst_ptr + offs, tl.load(src_ptr + offs))
+
+        _COPY_KERNEL = _copy
+    d, s = dst.view(torch.int32), src.view(torch.int32)
+    if d.numel() % 4096:
+        return None
+    grid = (d.numel() // 4096,)
+    kernel = _COPY_KERNEL
+    return lambda: kernel[grid](s, d, BLOCK=4096, num_warps=4)
 
 
-def _back_to_back(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Mean CPU seconds per call of ``reps`` calls issued back to back (device kept busy)."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    elapsed = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return elapsed / reps
+_COPY_KERNEL: Any = None
 
 
 # ---------------------------------------------------------------------------------------
-# cases
+# bandwidth cases
 # ---------------------------------------------------------------------------------------
-class _Pools:
-    """One 8 GiB pool per (block size, layout), created on first use."""
+class _Bench:
+    """Pools (one per block size and layout, created on first use) and the prepared API."""
 
-    def __init__(self, device: torch.device, scale: float):
+    def __init__(self, device: torch.device, scale: float, reps: int, tuning: Any = None):
+        from kvtriton.spec import KVCacheSpec, LayerGroup
+
         self.device = device
         self.scale = scale
-        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.reps = reps
+        self.tuning = tuning
+        self.gen = torch.Generator().manual_seed(0)
+        self.pools: dict[tuple[int, str], torch.Tensor] = {}
+        group = LayerGroup("kv", "full", tuple(range(LAYERS)), num_kv_heads=HEADS, head_dim=DIM)
+        self.spec = KVCacheSpec((group,), tokens_per_block=16, dtype="bfloat16", name="bench")
 
-    def get(self, tpb: int, layout: str) -> torch.Tensor:
+    def pool(self, tpb: int, layout: str) -> torch.Tensor:
         key = (tpb, layout)
-        if key not in self.cache:
-            blocks = max(4, int(POOL_BYTES * self.scale) // (BYTES_PER_TOKEN * tpb))
+        if key not in self.pools:
+            blocks = max(8, int(POOL_BYTES * self.scale) // (BYTES_PER_TOKEN * tpb))
             if layout == "NHD":
-                t = torch.empty(
-                    (LAYERS, blocks, KVF, tpb, HEADS, DIM), dtype=DTYPE, device=self.device
-                )
-                view = t
+                shape = (LAYERS, blocks, KVF, tpb, HEADS, DIM)
             else:
-                t = torch.empty(
-                    (LAYERS, blocks, KVF, HEADS, tpb, DIM), dtype=DTYPE, device=self.device
+                shape = (LAYERS, blocks, KVF, HEADS, tpb, DIM)
+            t = torch.empty(shape, dtype=torch.bfloat16, device=self.device)
+            t.view(torch.int16).random_(-(2**15), 2**15 - 1)  # random bits, never zeros
+            self.pools[key] = t if layout == "NHD" else t.permute(0, 1, 2, 4, 3, 5)
+        return self.pools[key]
+
+    def targets(self, pool: torch.Tensor, tokens: Any, sets: int, dst: bool, avoid=()) -> list:
+        from kvtriton.ranges import BlockSpan
+        from kvtriton.target import TransferTarget
+
+        tpb, n_blocks = int(pool.shape[3]), int(pool.shape[1])
+        blocks = tokens.blocks(tpb)
+        perm = [b for b in torch.randperm(n_blocks, generator=self.gen).tolist() if b not in avoid]
+        sets = max(1, min(sets, len(perm) // len(blocks)))
+        out = []
+        for i in range(sets):
+            span = BlockSpan(blocks.start, perm[i * len(blocks) : (i + 1) * len(blocks)])
+            out.append(
+                TransferTarget.from_spans(
+                    f"bench{i}",
+                    tokens.end,
+                    {"kv": tokens},
+                    {"kv": span},
+                    {},
+                    tokens_per_block=tpb,
+                    num_blocks={"kv": n_blocks},
+                    num_slots={},
+                    destination=dst,
                 )
-                view = t.permute(0, 1, 2, 4, 3, 5)
-            C.bits(t).random_(-(2**15), 2**15 - 1)  # random bits, never zeros
-            self.cache[key] = view
-        return self.cache[key]
+            )
+        return out
 
 
-def _spans(
+def _span(target: Any) -> Any:
+    from kvtriton.ranges import BlockSpan
+
+    g = target.kv["kv"]
+    return BlockSpan(g.first_block, g.block_ids.tolist())
+
+
+def _check(
+    b: _Bench,
+    op: str,
+    plan: Any,
+    buf: Any,
     pool: torch.Tensor,
-    tokens: TokenRange,
-    sets: int,
-    gen: torch.Generator,
-    avoid: set[int] | None = None,
-) -> list[BlockSpan]:
-    tpb, n_blocks = int(pool.shape[3]), int(pool.shape[1])
-    blocks = tokens.blocks(tpb)
-    need = len(blocks)
-    perm = [
-        b for b in torch.randperm(n_blocks, generator=gen).tolist() if not avoid or b not in avoid
-    ]
-    if need * sets > len(perm):
-        sets = max(1, len(perm) // need)
-    return [BlockSpan(blocks.start, perm[i * need : (i + 1) * need]) for i in range(sets)]
+    tokens: Any,
+    targets: tuple,
+    dst_pool: torch.Tensor | None,
+) -> bool:
+    """Run ``plan`` once and compare bit for bit with the naive oracle (whole destination
+    pool for scatter and copy: positions outside the range must stay untouched)."""
+    from kvtriton.kernels import naive
 
-
-def _torch_fns(move: C.KVMove) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(single-call, per-layer loop) torch implementations with precomputed indices."""
-
-    def index(side: C.PagedSide, n: int):
-        return R._token_index(side, n)
-
-    if isinstance(move.src, C.PagedSide):
-        s_idx = index(move.src, move.n_tokens)
-        s_view = R._paged_view(move.src)
-    if isinstance(move.dst, C.PagedSide):
-        d_idx = index(move.dst, move.n_tokens)
-        d_view = R._paged_view(move.dst)
-
-    def one_call() -> None:
-        if isinstance(move.src, C.PagedSide):
-            vals = s_view[s_idx[0], s_idx[1], :, s_idx[2]]  # [L, T, kv, H, D]
-        else:
-            vals = C.bits(move.src).transpose(1, 2)
-        if isinstance(move.dst, C.PagedSide):
-            d_view[d_idx[0], d_idx[1], :, d_idx[2]] = vals
-        else:
-            C.bits(move.dst).copy_(vals.transpose(1, 2))
-
-    def per_layer() -> None:
-        for i in range(len(s_idx[0]) if isinstance(move.src, C.PagedSide) else len(d_idx[0])):
-            if isinstance(move.src, C.PagedSide):
-                vals = s_view[int(move.src.layers[i])][s_idx[1][0], :, s_idx[2][0]]  # [T,kv,H,D]
-            else:
-                vals = C.bits(move.src)[i].transpose(0, 1)
-            if isinstance(move.dst, C.PagedSide):
-                d_view[int(move.dst.layers[i])][d_idx[1][0], :, d_idx[2][0]] = vals
-            else:
-                C.bits(move.dst)[i].copy_(vals.transpose(0, 1))
-
-    return one_call, per_layer
+    if op == "gather":
+        buf.fill_(0xA5)
+        plan.run(0, buf)
+        want = naive.bits(naive.gather(pool, _span(targets[0]), tokens)).reshape(-1)
+        got = naive.bits(buf[: want.numel() * 2].view(torch.bfloat16))
+        return torch.equal(got, want)
+    if op == "scatter":
+        expected = pool.clone()
+        naive.scatter(
+            buf[: len(tokens) * BYTES_PER_TOKEN]
+            .view(torch.bfloat16)
+            .view(LAYERS, KVF, len(tokens), HEADS, DIM),
+            expected,
+            _span(targets[0]),
+            tokens,
+        )
+        plan.run(0, buf)
+        ok = torch.equal(naive.bits(pool), naive.bits(expected))
+        del expected
+        return ok
+    assert dst_pool is not None
+    expected = dst_pool.clone()
+    naive.copy(pool, _span(targets[0]), expected, _span(targets[1]), tokens)
+    plan.run(0, None)
+    ok = torch.equal(naive.bits(dst_pool), naive.bits(expected))
+    del expected
+    return ok
 
 
 def _case(
+    b: _Bench,
     op: str,
-    pools: _Pools,
-    tokens_n: int,
+    n: int,
     *,
     tpb: int,
-    dst_tpb: int | None = None,
     start: int = 0,
     layout: str = "NHD",
+    dst_tpb: int | None = None,
     dst_layout: str | None = None,
-    gen: torch.Generator,
-    reps: int,
-    rotate_bytes: int,
-    skip_loop: bool,
+    rotate: int = 0,
+    profile: bool = False,
 ) -> dict:
-    device = pools.device
-    tokens = TokenRange(start, start + tokens_n)
-    payload = tokens_n * BYTES_PER_TOKEN
-    sets = max(1, min(8, rotate_bytes // max(1, payload)))
-    pool = pools.get(tpb, layout)
-    moves: list[C.KVMove] = []
-    if op == "gather":
-        for span in _spans(pool, tokens, sets, gen):
-            moves.append(C.plan_gather(pool, span, tokens, None, None, None))
-    elif op == "scatter":
-        for span in _spans(pool, tokens, sets, gen):
-            packed = torch.empty((LAYERS, KVF, tokens_n, HEADS, DIM), dtype=DTYPE, device=device)
-            C.bits(packed).random_(-(2**15), 2**15 - 1)
-            moves.append(C.plan_scatter(packed, pool, span, tokens, None, None))
-    else:
-        dst_pool = pools.get(dst_tpb or tpb, dst_layout or layout)
-        src_spans = _spans(pool, tokens, sets, gen)
-        used = {b for s in src_spans for b in s.block_ids} if dst_pool is pool else None
-        dst_spans = _spans(dst_pool, tokens, len(src_spans), gen, avoid=used)
-        for s_span, d_span in zip(src_spans, dst_spans, strict=False):
-            moves.append(
-                C.plan_copy(pool, s_span, dst_pool, d_span, tokens, None, None, None, None)
-            )
-    T = K._triton_module()
-    # correctness first: kvtriton == reference, bitwise, on the first set
-    m0 = moves[0]
-    if isinstance(m0.dst, C.PagedSide):
-        probe_reads = C.PagedSide(
-            m0.dst.pool, m0.dst.ids, m0.dst.offset, m0.dst.layers, m0.dst.heads
-        )
-        T.run_kv(m0)
-        got = R._read(probe_reads, m0.n_tokens).clone()
-        if isinstance(m0.src, C.PagedSide):
-            want = R._read(m0.src, m0.n_tokens)
-        else:
-            want = C.bits(m0.src)
-        ok = torch.equal(got, want)
-    else:
-        C.bits(m0.dst).fill_(0x7FC1)
-        T.run_kv(m0)
-        ok = torch.equal(C.bits(m0.dst), R._read(m0.src, m0.n_tokens))
-    if not ok:
-        raise AssertionError(f"kvtriton {op} result differs from the torch reference")
+    from kvtriton import kernels as K
+    from kvtriton.layout import packed_layout
+    from kvtriton.ranges import TokenRange
 
-    fast = [T.prepare_kv(m) for m in moves]
-    t_fast = _time_graph(fast, device, reps)
-    torch_fns = [_torch_fns(m) for m in moves]
-    t_one = _time_graph([f[0] for f in torch_fns], device, max(3, reps // 4))
-    t_loop = (
-        math.nan if skip_loop else _time_graph([f[1] for f in torch_fns], device, max(3, reps // 4))
-    )
-    # contiguous copy of the same bytes, same rotation
+    device = b.device
+    tokens = TokenRange(start, start + n)
+    payload = n * BYTES_PER_TOKEN
+    sets = max(1, min(8, rotate // max(1, payload)))
+    pool = b.pool(tpb, layout)
+    chunk = packed_layout(b.spec, {"kv": tokens})
+    pools = K.PoolSet(b.spec, {"kv": pool})
+    dst_pool = None
+    if op == "copy":
+        dst_pool = b.pool(dst_tpb or tpb, dst_layout or layout)
+        dst_pools = K.PoolSet(b.spec, {"kv": dst_pool})
+        srcs = b.targets(pool, tokens, sets, dst=False)
+        used = {int(x) for t in srcs for x in t.kv["kv"].block_ids} if dst_pool is pool else set()
+        dsts = b.targets(dst_pool, tokens, len(srcs), dst=True, avoid=used)
+        pairs = list(zip(srcs, dsts, strict=False))
+        plans = [K.prepare_copy(pools, s, dst_pools, d, [chunk], tuning=b.tuning) for s, d in pairs]
+        bufs: list[Any] = [None] * len(plans)
+        first = pairs[0]
+    else:
+        tgts = b.targets(pool, tokens, sets, dst=op == "scatter")
+        prepare = K.prepare_pack if op == "gather" else K.prepare_unpack
+        plans = [prepare(pools, t, [chunk], tuning=b.tuning) for t in tgts]
+        bufs = [torch.empty(chunk.nbytes, dtype=torch.uint8, device=device) for _ in plans]
+        for x in bufs:
+            x.view(torch.int16).random_(-(2**15), 2**15 - 1)
+        first = (tgts[0],)
+    if profile:  # one untimed launch for a profiler, no check
+        plans[0].run(0, bufs[0])
+        return {}
+    ok = _check(b, op, plans[0], bufs[0], pool, tokens, first, dst_pool)
+    if not ok:
+        raise AssertionError(f"{op} {tokens} differs from the naive oracle")
+    fns = [(lambda p=p, x=x: p.run(0, x)) for p, x in zip(plans, bufs, strict=True)]
+    t_k = _time_graph(fns, device, b.reps)
     flat_src = [
-        torch.empty(payload // 2, dtype=torch.int16, device=device).random_() for _ in moves
+        torch.empty(payload // 2, dtype=torch.int16, device=device).random_() for _ in plans
     ]
     flat_dst = [torch.empty_like(s) for s in flat_src]
     copies = [(lambda d=d, s=s: d.copy_(s)) for s, d in zip(flat_src, flat_dst, strict=True)]
-    t_memcpy = _time_graph(copies, device, reps)
-    t_tcopy = math.nan
-    if device.type == "cuda" and payload % (_COPY_BLOCK * 4) == 0:
-        t_tcopy = _time_graph(
-            [_triton_copy(d, s) for s, d in zip(flat_src, flat_dst, strict=True)], device, reps
-        )
-    # the limit: the faster of torch's copy_ and a plain Triton copy of the same bytes
-    t_copy = min(t_memcpy, t_tcopy) if not math.isnan(t_tcopy) else t_memcpy
+    t_torch = _time_graph(copies, device, b.reps)
+    t_tri = math.nan
+    if device.type == "cuda":
+        tri = [_contig_copy(d, s) for s, d in zip(flat_src, flat_dst, strict=True)]
+        if all(f is not None for f in tri):
+            t_tri = _time_graph(tri, device, b.reps)  # type: ignore[arg-type]
+    t_copy = t_torch if math.isnan(t_tri) else min(t_torch, t_tri)
     del flat_src, flat_dst
 
     def gbs(t: float) -> float:
         return 2 * payload / t / 1e9
 
-    d_tpb = dst_tpb or tpb if op == "copy" else None
+    if op == "gather":
+        dst = "packed"
+    elif op == "copy":
+        dst = f"{dst_layout or layout} tpb={dst_tpb or tpb}"
+    else:
+        dst = f"{layout} tpb={tpb}"
+    times = {"kvtriton": t_k, "copy": t_copy, "copy_torch": t_torch, "copy_triton": t_tri}
     return {
         "op": op,
-        "src": f"{layout} tpb={tpb}" if op != "scatter" else "packed",
-        "dst": (
-            f"{dst_layout or layout} tpb={d_tpb}"
-            if op == "copy"
-            else "packed"
-            if op == "gather"
-            else f"{layout} tpb={tpb}"
-        ),
+        "src": "packed" if op == "scatter" else f"{layout} tpb={tpb}",
+        "dst": dst,
         "start": start,
-        "tokens": tokens_n,
+        "tokens": n,
         "blocks": len(tokens.blocks(tpb)),
         "mib": payload / MIB,
-        "sets": len(moves),
-        "us": {
-            "kvtriton": t_fast * 1e6,
-            "torch_1call": t_one * 1e6,
-            "torch_loop": t_loop * 1e6,
-            "copy": t_copy * 1e6,
-            "copy_torch": t_memcpy * 1e6,
-            "copy_triton": t_tcopy * 1e6,
-        },
-        "gbs": {
-            "kvtriton": gbs(t_fast),
-            "torch_1call": gbs(t_one),
-            "torch_loop": gbs(t_loop),
-            "copy": gbs(t_copy),
-            "copy_torch": gbs(t_memcpy),
-            "copy_triton": gbs(t_tcopy),
-        },
-        "vs_copy": t_copy / t_fast,
-        "vs_torch_1call": t_one / t_fast,
+        "sets": len(plans),
+        "launches": len(plans[0]._chunks[0]),
+        "us": {k: v * 1e6 for k, v in times.items()},
+        "gbs": {k: gbs(v) for k, v in times.items()},
+        "vs_copy": t_copy / t_k,
         "correct": ok,
     }
 
 
-def _host_overheads(device: torch.device, reps: int) -> list[dict]:
-    from kvtriton.layout import packed_layout
-    from kvtriton.plan import plan_transfer
-    from kvtriton.spec import preset
+# ---------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------
+def _cases(quick: bool) -> list[tuple[str, int, dict]]:
+    if quick:  # a smoke test: one case of each kind, a few tokens
+        return [
+            ("gather", 4, {"tpb": 16, "start": 5}),
+            ("scatter", 4, {"tpb": 16, "layout": "HND", "start": 3}),
+            ("copy", 4, {"tpb": 16, "dst_tpb": 32, "start": 7, "dst_layout": "HND"}),
+        ]
+    sizes = [64, 512, 2048, 8192]
+    out = []
+    for n in sizes:
+        for op in ("gather", "scatter"):
+            out.append((op, n, {"tpb": 16}))
+            out.append((op, n, {"tpb": 16, "start": 5}))
+    for n in (sizes[1], sizes[-1]):
+        out += [
+            ("gather", n, {"tpb": 32}),
+            ("gather", n, {"tpb": 64, "start": 17}),
+            ("gather", n, {"tpb": 16, "layout": "HND"}),
+            ("scatter", n, {"tpb": 16, "layout": "HND", "start": 5}),
+            ("copy", n, {"tpb": 16}),
+            ("copy", n, {"tpb": 16, "dst_tpb": 32, "start": 5}),
+            ("copy", n, {"tpb": 16, "dst_layout": "HND"}),
+            ("copy", n, {"tpb": 16, "dst_tpb": 64, "start": 7, "dst_layout": "HND"}),
+        ]
+    return out
 
+
+#: The sweep's cases: small moves (where per-program latency shows), 64 and 256 MiB.
+_SWEEP_CASES = (
+    ("gather", 64, {"tpb": 16, "start": 5}),
+    ("scatter", 64, {"tpb": 16, "start": 5}),
+    ("gather", 512, {"tpb": 16}),
+    ("scatter", 2048, {"tpb": 16, "start": 5}),
+    ("copy", 512, {"tpb": 16, "dst_tpb": 32, "start": 5}),
+)
+
+
+def _sweep(device: torch.device, reps: int, print_table: bool) -> list[dict]:
+    """% of copy for tile sizes x warps, with and without the streaming eviction hint."""
+    from kvtriton.kernels.descriptors import Tuning
+
+    configs = [
+        Tuning(),  # the defaults
+        Tuning(stream_hint=False),
+        Tuning(tile_bytes=8192, num_warps=4),
+        Tuning(tile_bytes=8192, num_warps=4, stream_hint=False),
+        Tuning(tile_bytes=32768, num_warps=4),
+        Tuning(programs_per_sm=8),
+    ]
     rows = []
-    gen = torch.Generator().manual_seed(1)
-    for name, prompt, cached in [
-        ("llama-3-8b", 8192, 1000),
-        ("gpt-oss-20b", 8192, 1000),
-        ("gemma-3-4b", 4096, 100),
-        ("llama-3-8b", 512, 100),
-    ]:
-        spec = preset(name)
-        tpb = spec.tokens_per_block
-        nblocks = -(-prompt // tpb) + 1
-        pools: dict[str, torch.Tensor] = {}
-        spans: dict[str, BlockSpan] = {}
-        for g in spec.groups:
-            shape = (g.num_layers, nblocks, g.kv_factor, tpb, g.local_heads, g.head_dim)
-            pools[g.name] = torch.zeros(shape, dtype=spec.torch_dtype, device=device)
-            spans[g.name] = BlockSpan(0, torch.randperm(nblocks, generator=gen).tolist())
-
-        def plan_and_pack(spec=spec, pools=pools, spans=spans, prompt=prompt, cached=cached):
-            plan = plan_transfer(spec, prompt, {g.name: cached for g in spec.groups})
-            layout = packed_layout(
-                spec, {g.name: g.tokens for g in plan if g.kind != "state"}, plan.state_groups
+    for tuning in configs:
+        b = _Bench(device, 1.0, reps, tuning)
+        for op, n, kw in _SWEEP_CASES:
+            r = _case(b, op, n, rotate=512 * MIB, **kw)
+            rows.append(
+                {
+                    "tile_bytes": tuning.tile_bytes,
+                    "num_warps": tuning.num_warps,
+                    "programs_per_sm": tuning.programs_per_sm,
+                    "stream_hint": tuning.stream_hint,
+                    "op": op,
+                    "mib": r["mib"],
+                    "start": r["start"],
+                    "dst": r["dst"],
+                    "gbs": r["gbs"]["kvtriton"],
+                    "vs_copy": r["vs_copy"],
+                }
             )
-            buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-            K.pack_request(spec, layout, pools, spans, {}, buf)
-            return layout
-
-        layout = plan_and_pack()
-        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-
-        def pack_only(spec=spec, layout=layout, pools=pools, spans=spans, buf=buf):
-            K.pack_request(spec, layout, pools, spans, {}, buf)
-
-        def unpack_only(spec=spec, layout=layout, pools=pools, spans=spans, buf=buf):
-            K.unpack_request(spec, layout, buf, pools, spans, {})
-
-        rows.append(
-            {
-                "spec": name,
-                "prompt": prompt,
-                "cached": cached,
-                "groups": len(spec.groups),
-                "blocks": sum(len(s) for s in spans.values()),
-                "mib": layout.nbytes / MIB,
-                "pack_request_us": _host_time(pack_only, device, reps) * 1e6,
-                "unpack_request_us": _host_time(unpack_only, device, reps) * 1e6,
-                "plan_layout_pack_us": _host_time(plan_and_pack, device, reps) * 1e6,
-                "plan_layout_pack_b2b_us": _back_to_back(plan_and_pack, device, reps) * 1e6,
-            }
-        )
-        del pools
+            if print_table:
+                print(
+                    f"tune tile={tuning.tile_bytes:6d} warps={tuning.num_warps} "
+                    f"pps={tuning.programs_per_sm} hint={int(tuning.stream_hint)} {op:8s} "
+                    f"{r['mib']:6.0f}MiB start={r['start']:2d} {r['gbs']['kvtriton']:6.0f}GB/s "
+                    f"{r['vs_copy']:6.1%}",
+                    flush=True,
+                )
+        b.pools.clear()
+        torch.cuda.empty_cache()
     return rows
 
 
-def profile_host(device: str | torch.device = "cuda", reps: int = 200) -> dict:
-    """Break the host overhead of one ``pack_request`` down (validation, metadata staging,
-    bare launches) and print a cProfile of it."""
-    import cProfile
-    import pstats
+def profile_cases(device: str = "cuda") -> None:
+    """Run a 64 MiB gather, scatter and copy once each, untimed and unchecked: a target for
+    ``ncu -k regex:piece_copy -c 3 python scripts/bench_kernels.py --profile``."""
+    b = _Bench(torch.device(device), 1.0, 1)
+    for op, kw in (("gather", {}), ("scatter", {}), ("copy", {"dst_tpb": 32})):
+        _case(b, op, 512, tpb=16, start=5, rotate=512 * MIB, profile=True, **kw)
+    torch.cuda.synchronize()
 
-    from kvtriton.layout import packed_layout
-    from kvtriton.plan import plan_transfer
-    from kvtriton.spec import preset
 
-    device = torch.device(device)
-    T = K._triton_module()
-    spec = preset("gpt-oss-20b")
-    prompt, nblocks = 8192, 513
-    gen = torch.Generator().manual_seed(2)
-    pools = {
-        g.name: torch.zeros(
-            (g.num_layers, nblocks, g.kv_factor, 16, g.local_heads, g.head_dim),
-            dtype=spec.torch_dtype,
-            device=device,
-        )
-        for g in spec.groups
+_HEADER = (
+    f"{'op':8s} {'src':12s} {'dst':12s} {'start':>5s} {'tokens':>6s} {'MiB':>7s} "
+    f"{'kvtriton':>8s} {'copy_':>7s} {'triton':>7s} GB/s {'%copy':>7s}"
+)
+
+
+def _num(x: float, width: int) -> str:
+    """A rate or time in ``width`` characters: whole numbers when large, 3 digits when small."""
+    if math.isnan(x):
+        return "-".rjust(width)
+    return f"{x:{width}.0f}" if abs(x) >= 1000 else f"{x:{width}.3g}"
+
+
+def _fmt(r: dict) -> str:
+    g = r["gbs"]
+    return (
+        f"{r['op']:8s} {r['src']:12s} {r['dst']:12s} {r['start']:5d} {r['tokens']:6d} "
+        f"{r['mib']:7.1f} {_num(g['kvtriton'], 8)} {_num(g['copy_torch'], 7)} "
+        f"{_num(g['copy_triton'], 7)}      {_num(100 * r['vs_copy'], 5)}%"
+    )
+
+
+_HOST_COLUMNS = (
+    ("target", "target_us"),
+    ("prep", "prepare_pack_us"),
+    ("checks", "checks_us"),
+    ("build", "build_us"),
+    ("stage", "stage_us"),
+    ("run", "run_pack_us"),
+    ("pack", "pack_us"),
+    ("unpack", "unpack_us"),
+    ("b2b", "pack_b2b_us"),
+    ("pack_req", "pack_request_us"),
+)
+
+
+def _fmt_host(h: dict) -> str:
+    label = f"{h['spec']} P={h['prompt']} cached={h['cached']}"
+    cols = " ".join(_num(h.get(key, math.nan), 8) for _, key in _HOST_COLUMNS)
+    return (
+        f"{label:28s} {h['groups']:4d} {h['blocks']:6d} {h['mib']:7.1f} {h['launches']:4d} {cols}"
+    )
+
+
+def _verdict(cases: list[dict], host: list[dict]) -> dict:
+    def pct(rows: list[dict]) -> float | None:
+        return min((r["vs_copy"] for r in rows), default=None)
+
+    kv = [r for r in cases if r["op"] in ("gather", "scatter")]
+    large = pct([r for r in kv if r["mib"] >= 64])
+    small = pct([r for r in kv if r["mib"] < 64])
+    worst = max((max(h["pack_us"], h["unpack_us"]) for h in host), default=None)
+    return {
+        "min_vs_copy_ge_64mib": large,
+        "min_vs_copy_8mib": small,
+        "max_host_us": worst,
+        "met_large": large is not None and large >= TARGETS["large"],
+        "met_small": small is not None and small >= TARGETS["small"],
+        "met_host": worst is not None and worst <= TARGETS["host_us"],
     }
-    spans = {
-        g.name: BlockSpan(0, torch.randperm(nblocks, generator=gen).tolist()) for g in spec.groups
-    }
-    plan = plan_transfer(spec, prompt, {g.name: 1000 for g in spec.groups})
-    layout = packed_layout(spec, {g.name: g.tokens for g in plan}, ())
-    buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-    req = C.PackedRequest(layout, spans, {}, 0)
-
-    def validate():
-        return C.plan_requests(spec, [req], pools, buf, to_dense=True, exact_size=True)
-
-    batches = validate()
-
-    def build(staging: str):
-        def f():
-            T.STAGING = staging
-            meta = T._Meta()
-            for b in batches:
-                it = b.items[0]
-                side = C.PagedSide(b.pool, it.ids, it.offset, b.layers, b.heads)
-                T._kv_launch(side, buf, it.n_tokens, meta)
-            return meta.tensor(device)
-
-        return f
-
-    launches = []
-    for b in batches:
-        it = b.items[0]
-        shape = (len(b.layers), 2, it.n_tokens, b.heads[1] - b.heads[0], b.pool.shape[5])
-        dense = b.flat[it.dense_offset : it.dense_offset + math.prod(shape)].view(shape)
-        launches.append(
-            T.prepare_kv(
-                C.KVMove(
-                    it.n_tokens, C.PagedSide(b.pool, it.ids, it.offset, b.layers, b.heads), dense
-                )
-            )
-        )
-
-    def launch_only():
-        for f in launches:
-            f()
-
-    def pack():
-        K.pack_request(spec, layout, pools, spans, {}, buf)
-
-    out = {
-        "validate_us": _host_time(validate, device, reps) * 1e6,
-        "meta_pageable_us": _host_time(build("pageable"), device, reps) * 1e6,
-        "meta_pinned_us": _host_time(build("pinned"), device, reps) * 1e6,
-        "launches_only_us": _host_time(launch_only, device, reps) * 1e6,
-    }
-    for staging in ("pageable", "pinned"):
-        T.STAGING = staging
-        out[f"pack_request_{staging}_us"] = _host_time(pack, device, reps) * 1e6
-        out[f"pack_request_{staging}_b2b_us"] = _back_to_back(pack, device, reps) * 1e6
-    T.STAGING = "pinned"
-    print({k: round(v, 1) for k, v in out.items()})
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(reps):
-        pack()
-    prof.disable()
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
-    return out
 
 
 def run_benchmark(
@@ -494,121 +473,93 @@ def run_benchmark(
     json_path: str | None = None,
     reps: int = 30,
     tune: bool = False,
-    print_table: bool = True,
     cases: bool = True,
+    host: bool = True,
+    print_table: bool = True,
 ) -> dict:
-    """Run the kernel benchmark; returns (and optionally writes as JSON) all numbers.
+    """Run the benchmark; returns (and optionally writes as JSON) every number.
 
-    ``quick`` uses few and small cases (a smoke test, also on CPU under the interpreter).
-    ``tune`` adds a sweep over the kernel's tile size, warps and grid size on the small cases;
-    ``cases=False`` skips the main table and the host-overhead rows.
+    ``quick`` runs few, small cases (a smoke test; on CPU under the Triton interpreter);
+    ``tune`` adds a sweep of tile size, warps and programs per SM (GPU only).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the kernel benchmark needs a CUDA device (or device='cpu', quick)")
-    T = K._triton_module()
-    gen = torch.Generator().manual_seed(0)
-    scale = 1.0 if not quick else 1 / 256
-    pools = _Pools(device, scale)
-    sizes = [64, 512, 2048, 8192] if not quick else [16, 64]
-    rotate = 512 * MIB if not quick else 0
-    common = dict(gen=gen, reps=reps if not quick else 3, rotate_bytes=rotate)
-    results: list[dict] = []
+    import triton
 
-    def add(op: str, n: int, **kw: Any) -> None:
-        row = _case(op, pools, n, skip_loop=quick and device.type == "cpu", **common, **kw)
-        results.append(row)
-        if print_table:
-            print(_fmt_row(row), flush=True)
+    from kvtriton.kernels.prepared import triton_module
 
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if print_table:
-        print(_HEADER, flush=True)
-    for n in sizes if cases else []:
-        add("gather", n, tpb=16)
-        add("gather", n, tpb=16, start=5)
-        add("scatter", n, tpb=16)
-        add("scatter", n, tpb=16, start=5)
-    big = sizes[-1]
-    mid = sizes[1]
-    for n in (mid, big) if cases else ():
-        add("gather", n, tpb=32)
-        add("gather", n, tpb=64, start=17)
-        add("gather", n, tpb=16, layout="HND")
-        add("scatter", n, tpb=16, layout="HND", start=5)
-        add("copy", n, tpb=16)
-        add("copy", n, tpb=16, dst_tpb=32, start=5)
-        add("copy", n, tpb=16, dst_layout="HND")
-        add("copy", n, tpb=16, dst_tpb=64, start=7, dst_layout="HND")
-
-    sweep = []
-    if tune and device.type == "cuda":
-        base = dict(T.TUNE)
-        for tile in (8192, 16384, 32768):
-            for warps in (4, 8):
-                for pps in (2, 4, 8):
-                    T.TUNE.update(tile_bytes=tile, num_warps=warps, programs_per_sm=pps)
-                    for op, n, kw in [
-                        ("gather", sizes[0], {}),
-                        ("gather", sizes[0], {"start": 5}),
-                        ("scatter", sizes[0], {"start": 5}),
-                        ("copy", mid, {"dst_tpb": 32, "start": 5}),
-                    ]:
-                        row = _case(op, pools, n, tpb=16, skip_loop=True, **common, **kw)
-                        sweep.append(
-                            {
-                                "tile_bytes": tile,
-                                "num_warps": warps,
-                                "programs_per_sm": pps,
-                                "op": op,
-                                "start": row["start"],
-                                "mib": row["mib"],
-                                "src": row["src"],
-                                "dst": row["dst"],
-                                "gbs": row["gbs"]["kvtriton"],
-                                "vs_copy": row["vs_copy"],
-                            }
-                        )
-                        if print_table:
-                            print(
-                                f"tune tile={tile:6d} warps={warps} pps={pps} {op:8s} "
-                                f"start={row['start']} {row['dst']:14s} {row['mib']:6.1f} MiB "
-                                f"{row['gbs']['kvtriton']:6.0f} GB/s {row['vs_copy']:6.1%} "
-                                "of copy",
-                                flush=True,
-                            )
-        T.TUNE.clear()
-        T.TUNE.update(base)
-
-    pools.cache.clear()
+        print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    scale = 1.0 if not quick else 1 / 1024
+    b = _Bench(device, scale, reps if not quick else 3)
+    results: list[dict] = []
+    errors: list[str] = []
+    if cases:
+        if print_table:
+            print(_HEADER, flush=True)
+        for op, n, kw in _cases(quick):
+            try:
+                row = _case(b, op, n, rotate=0 if quick else 512 * MIB, **kw)
+            except Exception as err:  # report it and measure the other cases
+                errors.append(f"{op} {n} {kw}: {err!r}")
+                print(f"ERROR {op} {n} {kw}: {err!r}", flush=True)
+                traceback.print_exc()
+                continue
+            results.append(row)
+            if print_table:
+                print(_fmt(row), flush=True)
+    b.pools.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    host = _host_overheads(device, 100) if cases and not quick else []
-    if print_table and host:
-        print("\nhost overhead per request (median CPU time until the call returns):")
-        for h in host:
-            print(
-                f"  {h['spec']:12s} P={h['prompt']:5d} cached={h['cached']:5d} "
-                f"groups={h['groups']} blocks={h['blocks']:5d} {h['mib']:8.1f} MiB  "
-                f"pack {h['pack_request_us']:6.1f} us  unpack {h['unpack_request_us']:6.1f} us"
-                f"  plan+layout+pack {h['plan_layout_pack_us']:6.1f} us"
-                f" (back to back {h['plan_layout_pack_b2b_us']:6.1f} us)"
-            )
+    sweep, overhead = [], []
+    try:
+        if tune and device.type == "cuda":
+            sweep = _sweep(device, reps, print_table)
+        shapes = HOST_SHAPES if not quick else (("tiny-hybrid", 64, 16),)
+        overhead = host_overheads(device, 200 if not quick else 5, shapes) if host else []
+    except Exception as err:  # report it; keep what was measured
+        errors.append(repr(err))
+        print(f"ERROR: {err!r}", flush=True)
+        traceback.print_exc()
+    if print_table and overhead:
+        print("\nhost time per request, whole request as one chunk (median us, device idle):")
+        heads = " ".join(f"{name:>8s}" for name, _ in _HOST_COLUMNS)
+        print(f"{'request':28s} {'segs':>4s} {'blocks':>6s} {'MiB':>7s} {'runs':>4s} {heads}")
+        for h in overhead:
+            print(_fmt_host(h), flush=True)
+        if device.type == "cuda":
+            print("staging and launch paths (us):")
+            for h in overhead:
+                extra = {
+                    k: round(v, 1)
+                    for k, v in h.items()
+                    if k.endswith("_us") and k not in dict((v, 0) for _, v in _HOST_COLUMNS)
+                }
+                print(f"  {h['spec']} P={h['prompt']}: {extra}")
+    verdict = _verdict(results, overhead)
+    if print_table and device.type == "cuda":
+        print(f"\ntargets: {json.dumps(verdict)}")
     out = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": name,
         "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
+        "triton": triton.__version__,
+        "direct_launch": bool(getattr(triton_module(), "DIRECT", False)),
+        "launch_counts": triton_module().launch_counts(),
         "shape": {
             "layers": LAYERS,
             "kv": KVF,
             "heads": HEADS,
             "head_dim": DIM,
-            "dtype": str(DTYPE),
+            "dtype": "bfloat16",
             "bytes_per_token": BYTES_PER_TOKEN,
         },
-        "tune": dict(T.TUNE),
         "cases": results,
         "tune_sweep": sweep,
-        "host_overhead": host,
+        "host_overhead": overhead,
+        "targets": verdict,
+        "errors": errors,
     }
     if json_path:
         with open(json_path, "w") as f:
@@ -616,46 +567,46 @@ def run_benchmark(
     return out
 
 
-_HEADER = (
-    f"{'op':8s} {'src':14s} {'dst':14s} {'start':>5s} {'tokens':>6s} {'MiB':>8s}  "
-    f"{'kvtriton':>8s} {'torch1':>7s} {'loop':>7s} {'copy':>7s} GB/s   "
-    f"{'%copy':>6s} {'x torch1':>8s}"
-)
-
-
-def _fmt_row(r: dict) -> str:
-    g = r["gbs"]
-    return (
-        f"{r['op']:8s} {r['src']:14s} {r['dst']:14s} {r['start']:5d} {r['tokens']:6d} "
-        f"{r['mib']:8.1f}  {g['kvtriton']:8.0f} {g['torch_1call']:7.0f} "
-        f"{g['torch_loop']:7.0f} {g['copy']:7.0f}        {r['vs_copy']:6.1%} "
-        f"{r['vs_torch_1call']:8.2f}"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="kvtriton bench kernels", description=__doc__.split("\n")[0]
+        prog="kvtriton bench kernels", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (--quick only)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick)")
     parser.add_argument("--quick", action="store_true", help="few small cases (smoke test)")
-    parser.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    parser.add_argument("--json", default=None, help="write every number to this JSON file")
     parser.add_argument("--reps", type=int, default=30, help="timed graph replays per case")
     parser.add_argument("--tune", action="store_true", help="also sweep tile size and warps")
-    parser.add_argument("--tune-only", action="store_true", help="only the sweep")
+    parser.add_argument("--no-cases", action="store_true", help="skip the bandwidth table")
+    parser.add_argument("--no-host", action="store_true", help="skip the host-overhead table")
+    parser.add_argument(
+        "--profile", action="store_true", help="only run a few untimed 64 MiB moves (for ncu)"
+    )
     args = parser.parse_args(argv)
-    if args.device == "cpu" and not args.quick:
-        parser.error("--device cpu needs --quick (the full shapes are 8 GiB pools)")
+    if args.profile:
+        profile_cases(args.device)
+        return 0
+    if args.device == "cpu":
+        if not args.quick:
+            parser.error("--device cpu needs --quick (the full shapes are 8 GiB pools)")
+        # the kernels run under the interpreter on CPU tensors: before they are imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print(
+            "kvtriton bench kernels: the bandwidth table needs a CUDA GPU "
+            "(use --device cpu --quick for a CPU smoke run)",
+            file=sys.stderr,
+        )
+        return 2
     out = run_benchmark(
         device=args.device,
         quick=args.quick,
         json_path=args.json,
         reps=args.reps,
-        tune=args.tune or args.tune_only,
-        cases=not args.tune_only,
+        tune=args.tune,
+        cases=not args.no_cases,
+        host=not args.no_host,
     )
-    print(f"\ndevice: {out['device']}  torch {out['torch']}  triton {out['triton']}")
-    return 0
+    return 1 if out["errors"] else 0
 
 
 if __name__ == "__main__":

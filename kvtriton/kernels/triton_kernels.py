@@ -1,581 +1,337 @@
-"""Triton kernels for paged KV moves by token position, and their typed host wrappers.
+"""The descriptor-driven piece-copy kernel and its launcher.
 
-Two kernels, each with one host wrapper that picks the tile and the grid:
+One kernel serves every direction (paged -> packed, packed -> paged, paged -> paged), every
+group, layer, head and state of a chunk: each program finds its descriptor row (one vector
+load of the first-tile table), turns ``tile_rows`` consecutive piece indices into
+(layer, kv, token, head, piece) with magic-number division, looks up the block of each token,
+and copies a ``[tile_rows, piece]`` tile of copy units (bits: bit-exact for every dtype). A
+packed side is contiguous in piece order, so its addresses need no lookup at all. Pools are
+addressed by int64 byte addresses cast to pointers (several pool tensors in one launch), with
+``tl.multiple_of`` hints so 16-byte vector accesses survive (checked in the PTX of Triton 3.6
+and 3.9: ``ld.global.v4.b32`` / ``st.global.v4.b32``). All address math is int64, cast before
+any multiplication by a stride.
 
-* :func:`_move_tokens_kernel` -- one program moves ``TOK`` consecutive token positions of one
-  (layer, kv) pair and one head chunk: whole rows of ``heads x head_dim`` elements. Each
-  paged side looks up its block per token (an int64 load from a small block table), so any
-  start offset, block size and stride layout on either side is the same code path.
-* :func:`_move_state_kernel` -- one program moves a chunk of one (layer, head) row of a
-  request's state slot.
-
-Values move as same-width integers (fp8 as bytes), so every move is bit-exact. All address
-math that can exceed 2**31 elements is done in int64 (indices are cast before they are
-multiplied by a stride).
+:func:`launch` calls the compiled kernel directly (its cached launcher, no argument binding)
+after the first launch of each specialization, on Triton versions whose launcher signature is
+known (3.4 - 3.x); otherwise, and under the interpreter, it takes Triton's normal path.
 
 ``INTERPRET`` records whether ``TRITON_INTERPRET=1`` was set when this module was imported:
-then the same kernels run on CPU tensors under the Triton interpreter.
+then the same kernel runs on CPU tensors under the Triton interpreter.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import numpy as np
-import torch
 import triton
 import triton.language as tl
 
-from kvtriton.kernels import _common as C
+from kvtriton.kernels import descriptors as D
+
+__all__ = ["INTERPRET", "current_stream", "launch", "launch_counts"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Tuning constants (the benchmark may override them to compare variants).
-TUNE = {
-    # Bytes one program moves per tile. Measured on H100 (BENCHMARKS.md, sweep 8/16/32 KiB):
-    # 8 KiB was best for small moves and block-size-mismatched copies (short per-program
-    # critical path: table lookup -> load -> store), and equal at >= 256 MiB.
-    "tile_bytes": 8192,
-    # 8 warps x 32 threads x 2 16-byte vectors = 8 KiB: many independent 16-byte accesses
-    # per program; beat 4 warps in the same sweep.
-    "num_warps": 8,
-    # Shrink the token tile until the grid has this many programs per SM (small moves need
-    # parallelism more than large tiles); 4 keeps every SM busy through the launch tail.
-    "programs_per_sm": 4,
-    # Widest row chunk (elements) one program holds per token: bounds registers per thread
-    # (4096 x 2 B = 8 KiB per token row) for models with many heads per rank.
-    "max_row": 4096,
-    # Largest state chunk per program (elements): 4096 x 4 B = 16 KiB, the same register
-    # budget as a token tile; longer state rows are split over the grid.
-    "state_block": 4096,
-}
-# Under the interpreter every program is a Python-level loop iteration: use few, large ones.
-_INTERPRET_MAX_TOK = 128
+# descriptor columns (kvtriton.kernels.descriptors)
+_NP = tl.constexpr(D.NP)
+_NPC = tl.constexpr(D.NPC)
+_HPP = tl.constexpr(D.HPP)
+_PPH = tl.constexpr(D.PPH)
+_KVS = tl.constexpr(D.KVS)
+_SRC = tl.constexpr(D.SRC)
+_DST = tl.constexpr(D.DST)
+_ADDR = tl.constexpr(D.ADDR)
+_LAY = tl.constexpr(D.LAY)
+_TBL = tl.constexpr(D.TBL)
+_REL = tl.constexpr(D.REL)
+_BLK = tl.constexpr(D.BLK)
+_SB = tl.constexpr(D.SB)
+_SKV = tl.constexpr(D.SKV)
+_ST = tl.constexpr(D.ST)
+_SH = tl.constexpr(D.SH)
+_NCOL = tl.constexpr(D.NCOL)
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+@triton.jit
+def _divmod(n, f):
+    """``(n // d, n % d)`` of int32 ``0 <= n < 2**31``; ``f`` points at ``(d, magic, shift)``."""
+    d = tl.load(f).to(tl.int32)
+    q = tl.umulhi(n.to(tl.uint32), tl.load(f + 1).to(tl.uint32)) >> tl.load(f + 2).to(tl.uint32)
+    q = tl.where(d == 1, n, q.to(tl.int32))
+    return q, n - q * d
 
 
-def _pow2_floor(n: int) -> int:
-    return 1 << max(0, int(n).bit_length() - 1)
+@triton.jit
+def _paged_rows(meta, ids, side, l, kv, t, h, p, m, PIECE: tl.constexpr, VEC: tl.constexpr):
+    """Unit offsets (int64) of each piece's first unit on a paged side (columns at ``side``).
+
+    Layer offsets and strides are stored in VEC-unit steps and multiplied by VEC last: the
+    compiler then knows every offset is a multiple of VEC (a ``tl.multiple_of`` hint on the
+    sum is dropped by Triton 3.6, which then emits 4-byte instead of 16-byte accesses)."""
+    pos = tl.load(side + _REL).to(tl.int32) + t
+    bi, slot = _divmod(pos, side + _BLK)
+    blk = tl.load(ids + tl.load(side + _TBL) + bi, mask=m, other=0)
+    lay = tl.load(meta + tl.load(side + _LAY) + l, mask=m, other=0)
+    steps = (
+        lay
+        + blk.to(tl.int64) * tl.load(side + _SB)
+        + kv.to(tl.int64) * tl.load(side + _SKV)
+        + slot.to(tl.int64) * tl.load(side + _ST)
+        + h.to(tl.int64) * tl.load(side + _SH)
+        + (p * (PIECE // VEC)).to(tl.int64)
+    )
+    return steps * VEC
 
 
-_SM_COUNT: dict[int, int] = {}
+@triton.jit
+def _unit_ptr(addr, UNIT: tl.constexpr, VEC: tl.constexpr):
+    """``addr`` (bytes, int64) as a pointer to copy units, ``VEC * UNIT``-byte aligned."""
+    if UNIT == 4:
+        p = addr.to(tl.pointer_type(tl.int32))
+    elif UNIT == 2:
+        p = addr.to(tl.pointer_type(tl.int16))
+    else:
+        p = addr.to(tl.pointer_type(tl.uint8))
+    return tl.multiple_of(p, VEC * UNIT)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-# ---------------------------------------------------------------------------------------
-# kernels
-# ---------------------------------------------------------------------------------------
-# Per-call scalars that never help vectorization (token counts, table offsets, block sizes):
-# not specialized, so a new value never triggers a recompile. Strides and head offsets stay
-# specialized: their divisibility by 16 is what proves 16-byte accesses.
-@triton.jit(
-    do_not_specialize=[
-        "n_tokens",
-        "src_rel",
-        "src_tbl",
-        "src_lay",
-        "dst_rel",
-        "dst_tbl",
-        "dst_lay",
-        "src_bs",
-        "dst_bs",
-        "batch_tbl",
-    ]
-)
-def _move_tokens_kernel(
-    src_ptr,
-    dst_ptr,
-    meta_ptr,
-    n_tokens,
-    src_rel,
-    src_tbl,
-    src_lay,
-    src_head_off,
-    dst_rel,
-    dst_tbl,
-    dst_lay,
-    dst_head_off,
-    s_l,
-    s_b,
-    s_kv,
-    s_t,
-    s_h,
-    src_bs,
-    d_l,
-    d_b,
-    d_kv,
-    d_t,
-    d_h,
-    dst_bs,
-    batch_tbl,
-    KV: tl.constexpr,
-    HS: tl.constexpr,
-    D: tl.constexpr,
-    HB: tl.constexpr,
-    DP: tl.constexpr,
-    TOK: tl.constexpr,
+# Every runtime argument is an int64 address or table index, never specialized: one compiled
+# kernel per (unit, piece, tile, vector width, search shape, direction).
+@triton.jit(do_not_specialize=["meta_addr", "ids_addr", "buf", "desc", "starts"])
+def _piece_copy_kernel(
+    meta_addr: tl.int64,
+    ids_addr: tl.int64,
+    buf: tl.int64,
+    desc: tl.int64,
+    starts: tl.int64,
+    UNIT: tl.constexpr,
+    PIECE: tl.constexpr,
+    ROWS: tl.constexpr,
+    VEC: tl.constexpr,
+    SB: tl.constexpr,
+    LEVELS: tl.constexpr,
     SRC_PAGED: tl.constexpr,
     DST_PAGED: tl.constexpr,
-    BATCHED: tl.constexpr,
-    COL64: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
-    """Move ``TOK`` positions x ``HB`` heads of one (layer, kv) pair.
-
-    A paged side addresses ``ptr + layer*l + block*b + kv*kv_stride + slot*t + head*h + d``,
-    with ``layer`` from the side's layer list and ``block`` from its block table (both in
-    ``meta``), position ``p = rel + token`` mapping to table entry ``p // bs`` and in-block
-    slot ``p % bs``. A dense side is a contiguous ``[L, KV, n, HS, D]`` tensor at element
-    offset ``base``. Batched launches read ``(n, rel, tbl, base, chunk)`` per program from
-    ``meta[batch_tbl:]`` (one paged and one dense side).
-    """
-    pid_t = tl.program_id(0)
-    pid_lk = tl.program_id(1)
-    pid_h = tl.program_id(2)
-    li = pid_lk // KV
-    kv = pid_lk % KV
-    if BATCHED:
-        entry = meta_ptr + batch_tbl + pid_t * 5
-        n = tl.load(entry)
-        rel = tl.load(entry + 1)
-        tbl = tl.load(entry + 2)
-        # dense segments start at multiples of 128 bytes (layout.SEGMENT_ALIGN)
-        base = tl.multiple_of(tl.load(entry + 3), 16)
-        chunk = tl.load(entry + 4)
-        if SRC_PAGED:
-            s_rel = rel
-            s_tbl = tbl
-            d_rel = 0
-            d_tbl = 0
-            s_base = 0
-            d_base = base
+    """Copy ``ROWS`` pieces of ``PIECE`` units of one descriptor row (see descriptors.py)."""
+    meta = meta_addr.to(tl.pointer_type(tl.int64))
+    ids = ids_addr.to(tl.pointer_type(tl.int32))
+    pid = tl.program_id(0).to(tl.int64)
+    # this program's row: the last whose first tile is <= pid (tables padded with BIG); a
+    # launch of one row skips the search (one dependent load less before the data)
+    if LEVELS == 0:
+        d = meta + desc
+        tile = pid
+    else:
+        lanes = tl.arange(0, SB)
+        if LEVELS == 1:
+            first = tl.load(meta + starts + lanes)
+            row = tl.sum((first <= pid).to(tl.int32), axis=0) - 1
         else:
-            s_rel = 0
-            s_tbl = 0
-            d_rel = rel
-            d_tbl = tbl
-            s_base = base
-            d_base = 0
-    else:
-        n = n_tokens
-        chunk = pid_t
-        s_rel = src_rel
-        s_tbl = src_tbl
-        d_rel = dst_rel
-        d_tbl = dst_tbl
-        s_base = 0
-        d_base = 0
+            coarse = tl.load(meta + starts + lanes)
+            c = tl.sum((coarse <= pid).to(tl.int32), axis=0) - 1
+            first = tl.load(meta + starts + SB + c * SB + lanes)
+            row = c * SB + tl.sum((first <= pid).to(tl.int32), axis=0) - 1
+        tile = pid - tl.max(tl.where(first <= pid, first, 0), axis=0)
+        d = meta + desc + row.to(tl.int64) * _NCOL
 
-    t = chunk * TOK + tl.arange(0, TOK)
-    tmask = t < n
-    col = tl.arange(0, HB * DP)
-    h = pid_h * HB + col // DP
-    dd = col % DP
-    if (DP != D) or (HS % HB != 0):
-        mask = tmask[:, None] & ((dd < D) & (h < HS))[None, :]
-    else:
-        mask = tmask[:, None]
-    # dense row index of (layer li, kv, token t): int64 before multiplying by the row size
-    dense_row = (li * KV + kv).to(tl.int64) * n + t.to(tl.int64)
+    i = tile.to(tl.int32) * ROWS + tl.arange(0, ROWS)
+    m = i < tl.load(d + _NP).to(tl.int32)
+    lk, j = _divmod(i, d + _NPC)
+    t, r = _divmod(j, d + _HPP)
+    h, p = _divmod(r, d + _PPH)
+    kvs = tl.load(d + _KVS).to(tl.int32)
+    l = lk >> kvs
+    kv = lk - (l << kvs)
 
     if SRC_PAGED:
-        layer = tl.load(meta_ptr + src_lay + li)
-        p = (s_rel + t).to(tl.int64)
-        lb = p // src_bs
-        blk = tl.load(meta_ptr + s_tbl + lb, mask=tmask, other=0)
-        src_row = layer * s_l + blk * s_b + kv * s_kv + (p - lb * src_bs) * s_t + src_head_off
-        if COL64:
-            src_col = h.to(tl.int64) * s_h + dd
-        else:
-            src_col = h * s_h + dd
+        src_addr = tl.load(d + _SRC + _ADDR)
+        src_rows = _paged_rows(meta, ids, d + _SRC, l, kv, t, h, p, m, PIECE, VEC)
     else:
-        src_row = s_base + dense_row * (HS * D)
-        src_col = h * D + dd
+        src_addr = buf + tl.load(d + _SRC + _ADDR)
+        src_rows = i.to(tl.int64) * PIECE
     if DST_PAGED:
-        layer_d = tl.load(meta_ptr + dst_lay + li)
-        q = (d_rel + t).to(tl.int64)
-        qb = q // dst_bs
-        blk_d = tl.load(meta_ptr + d_tbl + qb, mask=tmask, other=0)
-        dst_row = layer_d * d_l + blk_d * d_b + kv * d_kv + (q - qb * dst_bs) * d_t + dst_head_off
-        if COL64:
-            dst_col = h.to(tl.int64) * d_h + dd
-        else:
-            dst_col = h * d_h + dd
+        dst_addr = tl.load(d + _DST + _ADDR)
+        dst_rows = _paged_rows(meta, ids, d + _DST, l, kv, t, h, p, m, PIECE, VEC)
     else:
-        dst_row = d_base + dense_row * (HS * D)
-        dst_col = h * D + dd
-
-    vals = tl.load(src_ptr + src_row[:, None] + src_col[None, :], mask=mask)
-    tl.store(dst_ptr + dst_row[:, None] + dst_col[None, :], vals, mask=mask)
-
-
-@triton.jit(do_not_specialize=["slot_off", "lay_off", "items_off"])
-def _move_state_kernel(
-    pool_ptr,
-    dense_ptr,
-    meta_ptr,
-    slot_off,
-    lay_off,
-    items_off,
-    head_off,
-    row,
-    s_l,
-    s_s,
-    s_h,
-    HS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    EVEN: tl.constexpr,
-    TO_DENSE: tl.constexpr,
-    BATCHED: tl.constexpr,
-):
-    """Move ``BLOCK`` elements of the ``(layer, head)`` row of a state slot.
-
-    Pool element: ``layer*s_l + slot*s_s + head*s_h + i`` (``i`` over the contiguous row of
-    ``row`` elements); dense element: ``base + (li*HS + head)*row + i``.
-    """
-    pid_c = tl.program_id(0)
-    pid_lh = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    li = pid_lh // HS
-    hh = pid_lh % HS
-    if BATCHED:
-        slot_base = tl.load(meta_ptr + items_off + pid_r * 2) * s_s
-        base = tl.multiple_of(tl.load(meta_ptr + items_off + pid_r * 2 + 1), 16)
+        dst_addr = buf + tl.load(d + _DST + _ADDR)
+        dst_rows = i.to(tl.int64) * PIECE
+    cols = tl.arange(0, PIECE)
+    src = _unit_ptr(src_addr, UNIT, VEC)
+    dst = _unit_ptr(dst_addr, UNIT, VEC)
+    if STREAM:  # each byte is touched once: keep L2 for the descriptors and block tables
+        vals = tl.load(
+            src + src_rows[:, None] + cols[None, :], mask=m[:, None], eviction_policy="evict_first"
+        )
+        tl.store(
+            dst + dst_rows[:, None] + cols[None, :],
+            vals,
+            mask=m[:, None],
+            eviction_policy="evict_first",
+        )
     else:
-        slot_base = slot_off
-        base = 0
-    layer = tl.load(meta_ptr + lay_off + li)
-    i = pid_c * BLOCK + tl.arange(0, BLOCK)
-    pool_off = layer * s_l + slot_base + head_off + hh.to(tl.int64) * s_h + i
-    dense_off = base + pid_lh.to(tl.int64) * row + i
-    if EVEN:
-        if TO_DENSE:
-            tl.store(dense_ptr + dense_off, tl.load(pool_ptr + pool_off))
-        else:
-            tl.store(pool_ptr + pool_off, tl.load(dense_ptr + dense_off))
-    else:
-        m = i < row
-        if TO_DENSE:
-            tl.store(dense_ptr + dense_off, tl.load(pool_ptr + pool_off, mask=m), mask=m)
-        else:
-            tl.store(pool_ptr + pool_off, tl.load(dense_ptr + dense_off, mask=m), mask=m)
+        vals = tl.load(src + src_rows[:, None] + cols[None, :], mask=m[:, None])
+        tl.store(dst + dst_rows[:, None] + cols[None, :], vals, mask=m[:, None])
 
 
 # ---------------------------------------------------------------------------------------
-# host side
+# launcher
 # ---------------------------------------------------------------------------------------
-class _Meta:
-    """Small int64 tables (layer lists, block tables, batch rows) of one or more launches,
-    copied to the device in ONE transfer."""
-
-    def __init__(self) -> None:
-        self.parts: list[np.ndarray] = []
-        self.size = 0
-
-    def add(self, values: Sequence[int] | np.ndarray) -> int:
-        if isinstance(values, np.ndarray):
-            arr = values.astype(np.int64, copy=False).ravel()
-        else:
-            arr = np.fromiter(values, dtype=np.int64, count=len(values))
-        offset = self.size
-        self.parts.append(arr)
-        self.size += arr.size
-        return offset
-
-    def tensor(self, device: torch.device) -> torch.Tensor:
-        arr = np.concatenate(self.parts) if len(self.parts) != 1 else self.parts[0]
-        if arr.size == 0:
-            arr = np.zeros(1, dtype=np.int64)
-        if device.type == "cpu":
-            return torch.from_numpy(arr)
-        if STAGING == "pinned":
-            # torch's caching host allocator: cached pinned blocks, an event recorded on the
-            # copy's stream guards reuse, so the H2D copy is truly asynchronous (a pageable
-            # source may make the driver wait for the stream) and safe on any stream.
-            return torch.from_numpy(arr).pin_memory().to(device, non_blocking=True)
-        return torch.from_numpy(arr).to(device, non_blocking=True)
-
-
-#: How metadata reaches the device: "pinned" (default) or "pageable" (benchmark variant:
-#: ~15 us cheaper on an idle device, but may wait for a busy stream).
-STAGING = "pinned"
-
-
-@dataclass
-class _Launch:
-    kernel: object
-    grid: tuple[int, int, int]
-    args: list
-    meta_slot: int  # index of the meta argument in ``args``
-    constexprs: dict
-    num_warps: int
-
-
-def _row_tiling(heads: int, head_dim: int, itemsize: int) -> tuple[int, int, int]:
-    """(HB heads per program, DP padded head_dim, head chunks)."""
-    dp = _pow2_ceil(head_dim)
-    hb = min(_pow2_ceil(heads), max(1, _pow2_floor(TUNE["max_row"] // dp)))
-    return hb, dp, -(-heads // hb)
-
-
-def _tok_tile(
-    hb: int, dp: int, itemsize: int, total_tokens: int, lk: int, hchunks: int, device: torch.device
-) -> int:
-    if INTERPRET or device.type == "cpu":
-        return min(_INTERPRET_MAX_TOK, _pow2_ceil(max(1, total_tokens)))
-    tok = max(1, min(64, _pow2_floor(max(1, TUNE["tile_bytes"] // (hb * dp * itemsize)))))
-    want = TUNE["programs_per_sm"] * _sm_count(device)
-    while tok > 1 and -(-total_tokens // tok) * lk * hchunks < want:
-        tok //= 2
-    return tok
-
-
-def _paged_args(side: C.PagedSide, meta: _Meta) -> dict:
-    pool = side.pool
-    st = pool.stride()
-    lay = meta.add(side.layers)
-    tbl = meta.add(side.ids)
-    return dict(
-        rel=side.offset,
-        tbl=tbl,
-        lay=lay,
-        head_off=side.heads[0] * st[4],
-        strides=(st[0], st[1], st[2], st[3], st[4]),
-        bs=int(pool.shape[3]),
-    )
-
-
-_DENSE = dict(rel=0, tbl=0, lay=0, head_off=0, strides=(0, 0, 0, 0, 0), bs=1)
-
-
-def _col64(side: C.PagedSide | None, heads: int) -> bool:
-    if side is None:
+def _direct_supported() -> bool:
+    if INTERPRET:
         return False
-    h_stride = side.pool.stride(4)
-    return (side.heads[0] + heads) * h_stride + side.pool.shape[5] >= 2**31
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+        from triton import knobs  # noqa: F401  (3.4+: hooks live there)
+    except (ValueError, ImportError):
+        return False
+    return (3, 4) <= (major, minor) < (4, 0)
 
 
-def _kv_launch(
-    src: C.PagedSide | torch.Tensor,
-    dst: C.PagedSide | torch.Tensor,
-    n_tokens: int,
-    meta: _Meta,
-    batch: C.KVBatch | None = None,
-) -> _Launch | None:
-    paged = src if isinstance(src, C.PagedSide) else dst
-    assert isinstance(paged, C.PagedSide)
-    pool = paged.pool
-    kvf, head_dim = int(pool.shape[2]), int(pool.shape[5])
-    heads = paged.heads[1] - paged.heads[0]
-    nl = len(paged.layers)
-    itemsize = pool.element_size()
-    hb, dp, hchunks = _row_tiling(heads, head_dim, itemsize)
-    total = n_tokens if batch is None else sum(it.n_tokens for it in batch.items)
-    if total == 0:
-        return None
-    tok = _tok_tile(hb, dp, itemsize, total, nl * kvf, hchunks, pool.device)
-    sp = _paged_args(src, meta) if isinstance(src, C.PagedSide) else _DENSE
-    dp_ = _paged_args(dst, meta) if isinstance(dst, C.PagedSide) else _DENSE
-    batch_tbl = 0
-    if batch is None:
-        n_chunks = -(-n_tokens // tok)
-        src_t = C.bits(src.pool if isinstance(src, C.PagedSide) else src)
-        dst_t = C.bits(dst.pool if isinstance(dst, C.PagedSide) else dst)
-    else:
-        # one row per program: (n, rel, tbl, dense base, chunk); tables go in meta first
-        tbls = [meta.add(it.ids) for it in batch.items]
-        n = np.array([it.n_tokens for it in batch.items], dtype=np.int64)
-        chunks = -(-n // tok)
-        rows = np.stack(
-            [
-                n,
-                np.array([it.offset for it in batch.items], dtype=np.int64),
-                np.array(tbls, dtype=np.int64),
-                np.array([it.dense_offset for it in batch.items], dtype=np.int64),
-            ],
-            1,
-        )
-        rows = np.repeat(rows, chunks, axis=0)
-        starts = np.repeat(np.cumsum(chunks) - chunks, chunks)
-        chunk_idx = np.arange(int(chunks.sum()), dtype=np.int64) - starts
-        batch_tbl = meta.add(np.concatenate([rows, chunk_idx[:, None]], 1))
-        n_chunks = int(chunks.sum())
-        src_t = C.bits(pool) if batch.to_dense else C.bits(batch.flat)
-        dst_t = C.bits(batch.flat) if batch.to_dense else C.bits(pool)
-    args = [
-        src_t,
-        dst_t,
-        None,
-        n_tokens,
-        sp["rel"],
-        sp["tbl"],
-        sp["lay"],
-        sp["head_off"],
-        dp_["rel"],
-        dp_["tbl"],
-        dp_["lay"],
-        dp_["head_off"],
-        *sp["strides"],
-        sp["bs"],
-        *dp_["strides"],
-        dp_["bs"],
-        batch_tbl,
-    ]
-    col64 = _col64(src if isinstance(src, C.PagedSide) else None, heads) or _col64(
-        dst if isinstance(dst, C.PagedSide) else None, heads
-    )
-    const = dict(
-        KV=kvf,
-        HS=heads,
-        D=head_dim,
-        HB=hb,
-        DP=dp,
-        TOK=tok,
-        SRC_PAGED=isinstance(src, C.PagedSide),
-        DST_PAGED=isinstance(dst, C.PagedSide),
-        BATCHED=batch is not None,
-        COL64=col64,
-    )
-    return _Launch(
-        _move_tokens_kernel, (n_chunks, nl * kvf, hchunks), args, 2, const, TUNE["num_warps"]
+#: Whether :func:`launch` may call compiled kernels directly (the launcher signature
+#: ``run(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+#: exit_hook, *all_params)`` of Triton 3.4 - 3.9's ``JITFunction.run``).
+DIRECT = _direct_supported() and os.environ.get("KVTRITON_DIRECT_LAUNCH", "1") != "0"
+
+_compiled: dict[tuple, tuple] = {}
+_counts = {"direct": 0, "triton": 0}
+_runtime = None  # triton.knobs.runtime, looked up once
+
+
+def _hooks_active() -> bool:
+    global _runtime
+    if _runtime is None:
+        from triton import knobs
+
+        _runtime = knobs.runtime
+    hook = _runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_get_stream = None
+
+
+def current_stream(device: int) -> int:
+    """Raw handle of the current CUDA stream of ``device`` (Triton's own getter, cached)."""
+    global _get_stream
+    if _get_stream is None:
+        from triton.runtime import driver
+
+        _get_stream = driver.active.get_current_stream
+    return _get_stream(device)
+
+
+def launch_counts() -> dict[str, int]:
+    """Launches so far through the direct path and through Triton's normal path."""
+    return dict(_counts)
+
+
+def key(plan: D.Launch) -> tuple:
+    """The constexpr parameters of ``plan``'s kernel, in signature order."""
+    return (
+        plan.unit,
+        plan.piece,
+        plan.tile_rows,
+        plan.vec,
+        plan.seg_block,
+        plan.levels,
+        plan.src_paged,
+        plan.dst_paged,
+        plan.stream,
     )
 
 
-def _state_launch(
-    pool: torch.Tensor,
-    dense: torch.Tensor,
-    layers: tuple[int, ...],
-    heads: tuple[int, int],
-    to_dense: bool,
-    meta: _Meta,
-    slot: int = 0,
-    items: Sequence[tuple[int, int]] | None = None,
-) -> _Launch:
-    row = 1
-    for s in pool.shape[3:]:
-        row *= int(s)
-    hs = heads[1] - heads[0]
-    block = min(_pow2_ceil(row), TUNE["state_block"])
-    lay = meta.add(layers)
-    items_off = meta.add([v for it in items for v in it]) if items is not None else 0
-    s_l, s_s, s_h = pool.stride(0), pool.stride(1), pool.stride(2)
-    args = [
-        C.bits(pool),
-        C.bits(dense),
-        None,
-        slot * s_s,
-        lay,
-        items_off,
-        heads[0] * s_h,
-        row,
-        s_l,
-        s_s,
-        s_h,
-    ]
-    const = dict(
-        HS=hs, BLOCK=block, EVEN=row % block == 0, TO_DENSE=to_dense, BATCHED=items is not None
+def launch(
+    plan: D.Launch,
+    meta: int,
+    ids: int,
+    buf: int,
+    stream: int,
+    device: int,
+    consts: tuple | None = None,
+) -> None:
+    """Launch ``plan`` on ``stream`` (raw handle; ignored on CPU) of CUDA device ``device``
+    (the current device); ``meta`` / ``ids`` / ``buf`` are byte addresses; ``consts`` is
+    :func:`key` of ``plan`` when the caller kept it."""
+    if consts is None:
+        consts = key(plan)
+    hit = _compiled.get((consts, plan.num_warps, device))
+    if hit is not None and not _hooks_active():
+        try:
+            hit(plan.grid, stream, meta, ids, buf, plan.desc, plan.starts, consts)
+            _counts["direct"] += 1
+            return
+        except (TypeError, ValueError, AttributeError) as err:  # an unexpected launcher
+            _disable_direct(err)
+    kernel = _piece_copy_kernel[(plan.grid,)](
+        meta,
+        ids,
+        buf,
+        plan.desc,
+        plan.starts,
+        UNIT=plan.unit,
+        PIECE=plan.piece,
+        ROWS=plan.tile_rows,
+        VEC=plan.vec,
+        SB=plan.seg_block,
+        LEVELS=plan.levels,
+        SRC_PAGED=plan.src_paged,
+        DST_PAGED=plan.dst_paged,
+        STREAM=plan.stream,
+        num_warps=plan.num_warps,
     )
-    grid = (-(-row // block), len(layers) * hs, 1 if items is None else len(items))
-    return _Launch(_move_state_kernel, grid, args, 2, const, TUNE["num_warps"])
+    _counts["triton"] += 1
+    if DIRECT and kernel is not None and hasattr(kernel, "packed_metadata"):
+        _compiled[(consts, plan.num_warps, device)] = _direct_call(kernel)
 
 
-def _execute(launches: Sequence[_Launch | None], meta: _Meta, device: torch.device) -> None:
-    todo = [launch for launch in launches if launch is not None]
-    if not todo:
-        return
-    table = meta.tensor(device)
-    for launch in todo:
-        launch.args[launch.meta_slot] = table
-        launch.kernel[launch.grid](
-            *launch.args,
-            **launch.constexprs,  # type: ignore[index]
-            num_warps=launch.num_warps,
-        )
-
-
-# ---------------------------------------------------------------------------------------
-# plan executors (called by kvtriton.kernels after validation)
-# ---------------------------------------------------------------------------------------
-def run_kv(move: C.KVMove) -> None:
-    meta = _Meta()
-    launch = _kv_launch(move.src, move.dst, move.n_tokens, meta)
-    device = (move.src.pool if isinstance(move.src, C.PagedSide) else move.src).device
-    _execute([launch], meta, device)
-
-
-def run_state(move: C.StateMove) -> None:
-    meta = _Meta()
-    launch = _state_launch(
-        move.pool, move.dense, move.layers, move.heads, move.to_dense, meta, slot=move.slot
+def _direct_call(kernel) -> Callable:  # type: ignore[no-untyped-def]
+    """A function launching the compiled ``kernel`` with no argument binding: its launcher's
+    C entry when the launcher is the one of Triton 3.6 with no scratch memory (checked on an
+    H200), else the launcher object (the signature of 3.4 - 3.9's ``JITFunction.run``)."""
+    runner, function, metadata = kernel.run, kernel.function, kernel.packed_metadata
+    c_launch = getattr(runner, "launch", None)
+    plain = (
+        triton.__version__.startswith("3.6.")
+        and c_launch is not None
+        and not getattr(runner, "global_scratch_size", 1)
+        and not getattr(runner, "profile_scratch_size", 1)
+        and hasattr(runner, "launch_cooperative_grid")
+        and hasattr(runner, "launch_pdl")
     )
-    _execute([launch], meta, move.pool.device)
+    if plain:
+        coop, pdl = runner.launch_cooperative_grid, runner.launch_pdl
+
+        def go(grid, stream, meta, ids, buf, desc, starts, consts):  # type: ignore[no-untyped-def]
+            c_launch(
+                grid, 1, 1, stream, function, coop, pdl, None, None,  # no scratch memory
+                metadata, None, None, None,  # launch metadata and hooks: none is active
+                meta, ids, buf, desc, starts, *consts,  # constexprs: the launcher skips them
+            )  # fmt: skip
+
+        return go
+
+    def go_runner(grid, stream, meta, ids, buf, desc, starts, consts):  # type: ignore[no-untyped-def]
+        runner(
+            grid, 1, 1, stream, function,
+            metadata, None, None, None,  # launch metadata and hooks: none is active
+            meta, ids, buf, desc, starts, *consts,  # constexprs: the launcher skips them
+        )  # fmt: skip
+
+    return go_runner
 
 
-def run_batches(batches: Sequence[C.KVBatch | C.StateBatch]) -> None:
-    """One launch per batch (one per group for a single request), one metadata copy in all."""
-    meta = _Meta()
-    launches: list[_Launch | None] = []
-    device = None
-    for b in batches:
-        device = b.pool.device
-        if isinstance(b, C.StateBatch):
-            launches.append(
-                _state_launch(b.pool, b.flat, b.layers, b.heads, b.to_dense, meta, items=b.items)
-            )
-        elif len(b.items) == 1:
-            # one request: the plain launch (scalar arguments, no per-chunk table)
-            item = b.items[0]
-            side = C.PagedSide(b.pool, item.ids, item.offset, b.layers, b.heads)
-            shape = (
-                len(b.layers),
-                b.pool.shape[2],
-                item.n_tokens,
-                b.heads[1] - b.heads[0],
-                b.pool.shape[5],
-            )
-            numel = math.prod(shape)
-            dense = b.flat[item.dense_offset : item.dense_offset + numel].view(shape)
-            src, dst = (side, dense) if b.to_dense else (dense, side)
-            launches.append(_kv_launch(src, dst, item.n_tokens, meta))
-        else:
-            # per-request block tables go into the batch rows; the side carries no table
-            side = C.PagedSide(b.pool, np.empty(0, dtype=np.int64), 0, b.layers, b.heads)
-            src, dst = (side, b.flat) if b.to_dense else (b.flat, side)
-            launches.append(_kv_launch(src, dst, 0, meta, batch=b))
-    if device is not None:
-        _execute(launches, meta, device)
+def _disable_direct(err: Exception) -> None:
+    global DIRECT
+    import warnings
 
-
-def prepare_kv(move: C.KVMove) -> Callable[[], None]:
-    """Build the launch of an already-validated move once (metadata on the device) and
-    return a function that only launches the kernel: for benchmarks and CUDA-graph capture
-    of repeated identical moves."""
-    meta = _Meta()
-    launch = _kv_launch(move.src, move.dst, move.n_tokens, meta)
-    device = (move.src.pool if isinstance(move.src, C.PagedSide) else move.src).device
-    if launch is None:
-        return lambda: None
-    launch.args[launch.meta_slot] = meta.tensor(device)
-    kernel = launch.kernel
-
-    def run() -> None:
-        kernel[launch.grid](
-            *launch.args,
-            **launch.constexprs,  # type: ignore[index]
-            num_warps=launch.num_warps,
-        )
-
-    return run
+    warnings.warn(
+        f"kvtriton: calling the compiled kernel directly failed ({err!r}); using Triton's "
+        "normal launch path from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    DIRECT = False
+    _compiled.clear()

@@ -8,7 +8,6 @@ Every ``plot_*`` function returns a ``matplotlib.figure.Figure`` and saves it to
 when one is given.
 """
 
-from kvtriton.viz._compare_backends import compare_backends
 from kvtriton.viz.bench import plot_kernel_bandwidth, plot_transfer_report
 from kvtriton.viz.blocks import (
     CACHED,
@@ -36,7 +35,6 @@ __all__ = [
     "GroupMap",
     "alignment_plans",
     "block_maps",
-    "compare_backends",
     "plot_block_maps",
     "plot_kernel_bandwidth",
     "plot_plan_bytes",

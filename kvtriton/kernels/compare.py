@@ -1,11 +1,13 @@
-"""``compare_backends``: a kernel cross-check that notebooks/02_kernels still imports from
-:mod:`kvtriton.viz`. Transitional: it is not a plot; it is deleted once notebook 02 takes its
-replacement from :mod:`kvtriton.kernels.bench` (the kernels' owner moves it there)."""
+"""Both kernel backends side by side on small moves (notebooks/02_kernels), re-exported by
+:mod:`kvtriton.kernels.bench`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 __all__ = ["compare_backends"]
 
@@ -24,19 +26,13 @@ def compare_backends(
     and unpacked on an 8-token HND receiver.
 
     Returns one dict per case: ``case``, ``bytes`` (payload moved), ``equal`` (every output
-    identical on both backends), ``oracle`` (the first backend's output checked position by
-    position with plain indexing: the gather against the pool's blocks, the request's received
-    KV and state against the sender's; ``None`` where there is no such check) and ``ms`` per
-    backend (wall time of the one call; the Triton
-    interpreter on CPU is slow by design). ``backend="triton"`` on CPU needs
-    ``TRITON_INTERPRET=1`` before ``kvtriton.kernels`` first runs a Triton kernel.
+    identical on both backends), ``oracle`` (the first backend's outputs equal the naive
+    per-position oracle's, :mod:`kvtriton.kernels.naive`) and ``ms`` per backend (wall time of
+    the call; the Triton interpreter on CPU is slow by design). ``backend="triton"`` on CPU
+    needs ``TRITON_INTERPRET=1`` before ``kvtriton.kernels`` first runs a Triton kernel.
     """
-    import time
-
-    import torch
-
     from kvtriton import kernels as K
-    from kvtriton.cache import allocate_pools
+    from kvtriton.kernels import naive
     from kvtriton.layout import packed_layout
     from kvtriton.plan import plan_transfer
     from kvtriton.ranges import BlockSpan, TokenRange
@@ -52,29 +48,25 @@ def compare_backends(
         layout: str, tpb: int, blocks: int = 12, layers: int = 3, heads: int = 4, dim: int = 16
     ) -> torch.Tensor:
         if layout == "NHD":
-            return random_(
-                torch.empty(
-                    (layers, blocks, 2, tpb, heads, dim), dtype=torch.bfloat16, device=device
-                )
-            )
-        phys = random_(
-            torch.empty((layers, blocks, 2, heads, tpb, dim), dtype=torch.bfloat16, device=device)
+            shape = (layers, blocks, 2, tpb, heads, dim)
+            return random_(torch.empty(shape, dtype=torch.bfloat16, device=device))
+        phys = torch.empty(
+            (layers, blocks, 2, heads, tpb, dim), dtype=torch.bfloat16, device=device
         )
-        return phys.permute(0, 1, 2, 4, 3, 5)
+        return random_(phys).permute(0, 1, 2, 4, 3, 5)
 
     def span(tokens: TokenRange, tpb: int, blocks: int = 12) -> BlockSpan:
         r = tokens.blocks(tpb)
-        ids = torch.randperm(blocks, generator=gen)[: len(r)].tolist()
-        return BlockSpan(r.start, ids)
-
-    def bits(t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous().view(torch.uint8)
+        return BlockSpan(r.start, torch.randperm(blocks, generator=gen)[: len(r)].tolist())
 
     def same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-        return all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b, strict=True))
+        return all(
+            x.shape == y.shape and torch.equal(naive.bits(x), naive.bits(y))
+            for x, y in zip(a, b, strict=True)
+        )
 
-    Check = Callable[[list[torch.Tensor]], bool] | None
-    cases: list[tuple[str, int, Callable[[str], list[torch.Tensor]], Check]] = []
+    Oracle = Callable[[], list[torch.Tensor]] | None
+    cases: list[tuple[str, int, Callable[[str], list[torch.Tensor]], Oracle]] = []
 
     src = pool("NHD", 4)
     t1 = TokenRange(5, 27)
@@ -82,14 +74,9 @@ def compare_backends(
     cases.append(
         (
             f"gather [{t1.start}, {t1.end}) from 4-token NHD blocks (starts/ends inside blocks)",
-            int(src[:, 0, :, 0].numel()) * len(t1) * 2,
+            3 * 2 * len(t1) * 4 * 16 * 2,
             lambda b: [K.gather(src, s1, t1, backend=b)],
-            lambda outs: all(
-                torch.equal(
-                    bits(outs[0][:, :, q - t1.start]), bits(src[:, s1.block_id(q // 4), :, q % 4])
-                )
-                for q in t1
-            ),
+            lambda: [naive.gather(src, s1, t1)],
         )
     )
 
@@ -101,7 +88,7 @@ def compare_backends(
             f"gather [{t2.start}, {t2.end}), HND pool, layers [2, 0], heads [1, 3)",
             2 * 2 * len(t2) * 2 * 16 * 2,
             lambda b: [K.gather(hnd, s2, t2, layers=[2, 0], heads=(1, 3), backend=b)],
-            None,
+            lambda: [naive.gather(hnd, s2, t2, [2, 0], (1, 3))],
         )
     )
 
@@ -115,12 +102,17 @@ def compare_backends(
         K.scatter(packed3, out, s3, t3, backend=b)
         return [out]
 
+    def scatter_oracle() -> list[torch.Tensor]:
+        out = dst3.clone()
+        naive.scatter(packed3, out, s3, t3)
+        return [out]
+
     cases.append(
         (
             f"scatter into [{t3.start}, {t3.end}) of 4-token NHD blocks (whole pool compared)",
             packed3.numel() * 2,
             scatter,
-            None,
+            scatter_oracle,
         )
     )
 
@@ -133,12 +125,17 @@ def compare_backends(
         K.copy(src, s4_src, out, s4_dst, t4, backend=b)
         return [out]
 
+    def copy_oracle() -> list[torch.Tensor]:
+        out = dst4.clone()
+        naive.copy(src, s4_src, out, s4_dst, t4)
+        return [out]
+
     cases.append(
         (
             f"copy [{t4.start}, {t4.end}): 4-token NHD -> 8-token HND (block size + layout)",
             3 * 2 * len(t4) * 4 * 16 * 2,
             copy,
-            None,
+            copy_oracle,
         )
     )
 
@@ -150,66 +147,78 @@ def compare_backends(
         K.scatter_state(dense, out, 5, backend=b)
         return [dense, out]
 
-    cases.append(
-        (
-            "state slot 2 -> packed -> slot 5",
-            2 * 4 * 8 * 8 * 4,
-            state,
-            lambda outs: torch.equal(outs[1][:, 5], state_pool[:, 2]),
-        )
-    )
+    def state_oracle() -> list[torch.Tensor]:
+        out = state_pool.clone()
+        dense = naive.gather_state(out, 2)
+        naive.scatter_state(dense, out, 5)
+        return [dense, out]
+
+    cases.append(("state slot 2 -> packed -> slot 5", 2 * 4 * 8 * 8 * 4, state, state_oracle))
 
     spec = preset("tiny-hybrid")
     recv_spec = spec.with_block_size(8)
     p = 30
     plan = plan_transfer(spec, p, {"full": 13, "sliding8": 0, "state": 0})
-    layout = packed_layout(
-        spec, {g.name: g.tokens for g in plan.groups if g.group.is_attention}, plan.state_groups
-    )
-    send = allocate_pools(spec, 16, num_state_slots=4, device=device, layout="NHD")
-    for t in (*send.kv.values(), *send.state.values()):
-        random_(t)
-    recv = allocate_pools(recv_spec, 8, num_state_slots=4, device=device, layout="HND")
-    send_spans = {g.name: span(g.tokens, 4, 16) for g in plan.groups if g.group.is_attention}
-    recv_spans = {g.name: span(g.tokens, 8, 8) for g in plan.groups if g.group.is_attention}
+    tokens = {g.name: g.tokens for g in plan.groups if g.kind != "state"}
+    layout = packed_layout(spec, tokens, plan.state_groups)
+
+    def pools(s: Any, blocks: int, hnd: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        for g in s.groups:
+            if g.kind == "state":
+                dtype = getattr(torch, g.state_dtype or s.dtype)
+                out[g.name] = torch.empty(
+                    (g.num_layers, 4, *g.local_state_shape), dtype=dtype, device=device
+                )
+            else:
+                shape = [
+                    g.num_layers,
+                    blocks,
+                    g.kv_factor,
+                    s.tokens_per_block,
+                    g.local_heads,
+                    g.head_dim,
+                ]
+                if hnd:
+                    shape[3], shape[4] = shape[4], shape[3]
+                t = torch.empty(shape, dtype=s.torch_dtype, device=device)
+                out[g.name] = t.transpose(3, 4) if hnd else t
+            random_(out[g.name])
+        return out
+
+    send, recv = pools(spec, 16, False), pools(recv_spec, 8, True)
+    send_spans = {name: span(rng, 4, 16) for name, rng in tokens.items()}
+    recv_spans = {name: span(rng, 8, 8) for name, rng in tokens.items()}
 
     def request(b: str) -> list[torch.Tensor]:
         buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
-        K.pack_request(
-            spec, layout, {**send.kv, **send.state}, send_spans, {"state": 1}, buf, backend=b
-        )
-        pools = {name: t.clone() for name, t in (*recv.kv.items(), *recv.state.items())}
-        K.unpack_request(recv_spec, layout, buf, pools, recv_spans, {"state": 3}, backend=b)
-        return [buf, *pools.values()]
+        K.pack_request(spec, layout, send, send_spans, {"state": 1}, buf, backend=b)
+        out = {name: t.clone() for name, t in recv.items()}
+        K.unpack_request(recv_spec, layout, buf, out, recv_spans, {"state": 3}, backend=b)
+        return [buf, *out.values()]
 
-    def received(outs: list[torch.Tensor]) -> bool:
-        pools = dict(zip((*recv.kv, *recv.state), outs[1:], strict=True))
-        ok = torch.equal(pools["state"][:, 3], send.state["state"][:, 1])
-        for g in plan.groups:
-            if g.group.is_state:
-                continue
-            for q in g.tokens:
-                got = pools[g.name][:, recv_spans[g.name].block_id(q // 8), :, q % 8]
-                want = send.kv[g.name][:, send_spans[g.name].block_id(q // 4), :, q % 4]
-                ok = ok and torch.equal(bits(got), bits(want))
-        return ok
+    def request_oracle() -> list[torch.Tensor]:
+        buf = naive.pack(spec, layout, send, send_spans, {"state": 1})
+        out = {name: t.clone() for name, t in recv.items()}
+        naive.unpack(recv_spec, layout, buf, out, recv_spans, {"state": 3})
+        return [buf, *out.values()]
 
     cases.append(
         (
             f"tiny-hybrid request, P = {p}, full cached 13: pack (NHD, 4) -> unpack (HND, 8)",
             layout.nbytes,
             request,
-            received,
+            request_oracle,
         )
     )
 
     rows = []
-    for name, nbytes, run, check in cases:
+    for name, nbytes, run, oracle in cases:
         outs, ms = [], {}
         for b in backends:
             start = time.perf_counter()
             got = run(b)
-            if device != "cpu":
+            if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             ms[b] = 1e3 * (time.perf_counter() - start)
             outs.append(got)
@@ -218,7 +227,7 @@ def compare_backends(
                 "case": name,
                 "bytes": nbytes,
                 "equal": same(outs[0], outs[1]),
-                "oracle": None if check is None else bool(check(outs[0])),
+                "oracle": None if oracle is None else same(outs[0], oracle()),
                 "ms": ms,
             }
         )
