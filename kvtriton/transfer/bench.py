@@ -233,8 +233,8 @@ def _run(rank: int, args: argparse.Namespace) -> dict[str, Any]:
         if rank == 1:
             e1, ek = statistics.median(t1), statistics.median(tk)
 
-            def gbps(t: float | None, n: int = 1) -> float | None:
-                return n * nbytes / t / 1e9 if t else None
+            def gbps(t: float | None, n: int = 1, size: int = nbytes) -> float | None:
+                return n * size / t / 1e9 if t else None
 
             row = {
                 "size_mib": nbytes // MiB,

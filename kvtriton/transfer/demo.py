@@ -88,15 +88,15 @@ def launch_local(cfg: DisaggConfig) -> dict[str, Any]:
 
 
 def _case_worker(
-    rank: int, cases: list[tuple[str, DisaggConfig]], world: int, port: int, conn: Any
+    rank: int, cases: list[tuple[str, DisaggConfig]], world: int, port: int, ngpu: int, conn: Any
 ) -> None:
-    init_spawned(rank, world, port, 0)
+    device = init_spawned(rank, world, port, ngpu)
     code = 0
     for name, cfg in cases:
         ctrl, data = make_groups(cfg.world_size, "gloo", max(60.0, 4 * cfg.timeout_s))
         if rank < cfg.world_size:
             try:
-                report = run_rank(cfg, rank, ctrl=ctrl, data=data)
+                report = run_rank(cfg, rank, ctrl=ctrl, data=data, device=device)
             except Exception:
                 send_result(conn, [name, {"error": f"rank {rank}: {traceback.format_exc()}"}])
                 code = 1
@@ -110,12 +110,17 @@ def _case_worker(
 
 
 def launch_cases(
-    cases: Sequence[tuple[str, DisaggConfig]], world_size: int, timeout_s: float = 200.0
+    cases: Sequence[tuple[str, DisaggConfig]],
+    world_size: int,
+    timeout_s: float = 200.0,
+    *,
+    ngpu: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Run several gloo experiments one after another in one spawned world of
-    ``world_size`` CPU ranks (each case uses ranks ``[0, cfg.world_size)``), sharing the
-    process start-up cost. Returns ``{case name: report or {"error": text}}``. A case with
-    a ``die_after_frames`` fault must come last.
+    """Run several experiments one after another in one spawned world of ``world_size``
+    ranks (each case uses ranks ``[0, cfg.world_size)``), sharing the process start-up cost:
+    CPU ranks over gloo, or (``ngpu`` > 0) ranks sharing ``ngpu`` GPUs round-robin over the
+    direct channel. Returns ``{case name: report or {"error": text}}``. A case with a
+    ``die_after_frames`` fault must come last.
     """
     import multiprocessing.connection as mpc
 
@@ -128,7 +133,7 @@ def launch_cases(
     port = free_port()
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     procs = [
-        ctx.Process(target=_case_worker, args=(r, list(cases), world_size, port, pipes[r][1]))
+        ctx.Process(target=_case_worker, args=(r, list(cases), world_size, port, ngpu, pipes[r][1]))
         for r in range(world_size)
     ]
     for p in procs:
