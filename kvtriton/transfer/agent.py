@@ -18,7 +18,7 @@ torch.distributed job (sockets for control, gloo / NCCL / CUDA IPC for data).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,6 +96,7 @@ class TransferAgent:
         prompt_digest: str,
         lease_s: float | None = None,
         on_release: OnRelease | None = None,
+        streamed: bool = False,
     ) -> None:
         """Make one request's KV on this rank available to the receivers that read it.
 
@@ -105,7 +106,9 @@ class TransferAgent:
         receivers that have not asked yet (default ``TransferOptions.lease_s``).
         ``on_release(request_id, {receiver: final state})`` runs once when the source is
         released (every receiver ended, or the lease expired; no chunk in flight): free the
-        blocks there.
+        blocks there. ``streamed``: the KV is still being written; chunks of a layer move
+        once :meth:`mark_ready` says the layer is written (receivers ask with
+        ``TransferOptions.layer_chunks`` so that a chunk holds one layer).
         """
         if self.sender is None:
             raise ValueError(
@@ -119,7 +122,16 @@ class TransferAgent:
             lease_s=lease_s or self.options.lease,
             on_release=on_release,
             ready=self.channel.ready_marker(),
+            streamed=streamed,
         )
+
+    def mark_ready(self, request_id: str, layers: Iterable[int] | None = None) -> bool:
+        """Global ``layers`` of a streamed source are written (``None``: all this rank holds).
+        On CUDA an event is recorded on the current stream: the reads of those layers wait
+        for it on the device, never the host. ``False`` when the source is gone already."""
+        if self.sender is None:
+            raise ValueError(f"rank {self.rank} is a generation rank (it has no sources)")
+        return self.sender.mark_ready(request_id, layers, self.channel.ready_marker())
 
     # -- receiver API ---------------------------------------------------------------------
     def request(

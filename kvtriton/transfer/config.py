@@ -55,6 +55,8 @@ class TransferOptions:
             (packed CPU channels; bounds staging memory).
         staging_slots: ring size of the CUDA staging buffers per peer and direction.
         backend: kernel backend (``"auto"``, ``"triton"``, ``"reference"``).
+        layer_chunks: receivers ask for layer-major chunks (one layer of one group each), so
+            a streamed source can send each layer as soon as it is written.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -64,6 +66,7 @@ class TransferOptions:
     max_frames_in_flight: int = 4
     staging_slots: int = 4
     backend: str = "auto"
+    layer_chunks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "lease_s"):

@@ -212,6 +212,8 @@ class Request:
         deadline_ms: milliseconds the receiver will still wait (the sender never works on a
             request past it).
         mode: ``"per_group"`` or ``"single_boundary"`` (informational).
+        by_layer: layer-major chunks (``plan_chunks(by_layer=True)``): each chunk can move
+            as soon as its layer is written (layer-wise streaming).
     """
 
     KIND: ClassVar[int] = 2
@@ -227,6 +229,7 @@ class Request:
     checksum: bool = False
     deadline_ms: int = 60_000
     mode: str = "per_group"
+    by_layer: bool = False
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -247,6 +250,7 @@ class Request:
             "k": self.checksum,
             "e": self.deadline_ms,
             "m": self.mode,
+            "y": self.by_layer,
         }
 
     @classmethod
@@ -283,6 +287,7 @@ class Request:
             checksum=_bool(d, "k"),
             deadline_ms=_int(d, "e", 0, 1 << 40),
             mode=mode,
+            by_layer=_bool(d, "y"),
         )
 
 
@@ -344,20 +349,25 @@ class Ready:
 class Blocks:
     """The sender's blocks for the requested ranges (direct channel): per attention group the
     physical ids of the blocks the range touches, in logical order, and per state group the
-    slot. The receiver checks every id against the mapped pool before use."""
+    slot (in the request's first Blocks only), and which chunks may be read now with the
+    event that fires once their KV is written (a streamed source sends one Blocks per run of
+    ready layers). The receiver checks every id against the mapped pool before use."""
 
     KIND: ClassVar[int] = 5
     request_id: str
     block_ids: Mapping[str, np.ndarray]
     slots: Mapping[str, int] = field(default_factory=dict)
-    event: bytes = b""  # an interprocess CUDA event: the source's KV is written when it fires
+    event: bytes = b""  # an interprocess CUDA event: these chunks' KV is written when it fires
+    first: int = 0  # chunks [first, first + count) may be read now (block ids: first only)
+    count: int = 0
 
     def to_json(self) -> dict[str, Any]:
         ids = {
             g: base64.b64encode(np.ascontiguousarray(v, dtype="<i4").tobytes()).decode()
             for g, v in self.block_ids.items()
         }
-        out = {"r": self.request_id, "b": ids, "s": dict(self.slots)}
+        out = {"r": self.request_id, "b": ids, "s": dict(self.slots), "f": self.first,
+               "n": self.count}  # fmt: skip
         if self.event:
             out["e"] = base64.b64encode(self.event).decode()
         return out
@@ -376,7 +386,10 @@ class Blocks:
                 raise ProtocolError(f"blocks[{g!r}]: {len(raw)} bytes is not a multiple of 4")
             ids[g] = np.frombuffer(raw, dtype="<i4").astype(np.int32)
         slots = {g: _int({"v": v}, "v", 0, 1 << 31) for g, v in _dict(d, "s").items()}
-        return cls(_str(d, "r"), ids, slots, _b64(d.get("e", ""), "event", 128))
+        return cls(
+            _str(d, "r"), ids, slots, _b64(d.get("e", ""), "event", 128),
+            _int(d, "f", 0, 1 << 32), _int(d, "n", 0, 1 << 32),
+        )  # fmt: skip
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -384,6 +397,7 @@ class Blocks:
             and self.request_id == other.request_id
             and dict(self.slots) == dict(other.slots)
             and self.event == other.event
+            and (self.first, self.count) == (other.first, other.count)
             and self.block_ids.keys() == other.block_ids.keys()
             and all(np.array_equal(v, other.block_ids[g]) for g, v in self.block_ids.items())
         )

@@ -154,6 +154,7 @@ class Receiver:
                 checksum=agent.options.checksum and agent.channel.checksums,
                 deadline_ms=deadline_ms,
                 mode=mode,
+                by_layer=agent.options.layer_chunks,
             )
             chunks = plan_chunks(
                 agent.model,
@@ -162,6 +163,7 @@ class Receiver:
                 layers=req.layers,
                 heads=req.heads,
                 chunk_bytes=req.chunk_bytes,
+                by_layer=req.by_layer,
             )
             job = RecvJob(src.sender, req, handle, chunks)
             agent.channel.prepare_recv(job)

@@ -70,6 +70,10 @@ class Source:
     receivers: frozenset[int]
     ready: Any = None
     sessions: dict[int, Session] = field(default_factory=dict)
+    #: streamed sources: global layers written so far (``None``: every layer), and for each
+    #: the (sequence number, marker) of the ``mark_ready`` call that wrote it
+    ready_layers: set[int] | None = None
+    layer_markers: dict[int, tuple[int, Any]] = field(default_factory=dict)
     jobs: dict[int, SendJob] = field(default_factory=dict)
     expired: bool = False
 
@@ -111,6 +115,7 @@ class Sender:
         self._rates: dict[int, _Rate] = {}
         self.ended: dict[str, int] = {s.value: 0 for s in SessionState if s.is_terminal}
         self.refusals: deque[str] = deque(maxlen=16)  # the latest reasons, for reports
+        self._marks = 0
         topo = agent.topology
         self.receivers = frozenset(topo.receivers(agent.rank)) if agent.is_ctx else frozenset()
         # what each receiver must ask this rank for, derived once
@@ -128,6 +133,7 @@ class Sender:
         lease_s: float,
         on_release: OnRelease | None,
         ready: Any = None,
+        streamed: bool = False,
     ) -> None:
         if request_id in self.sources:
             raise ValueError(
@@ -149,7 +155,34 @@ class Sender:
             on_release,
             self.receivers,
             ready,
+            ready_layers=set() if streamed else None,
         )
+
+    def mark_ready(self, request_id: str, layers: Any, marker: Any) -> bool:
+        """Global ``layers`` (all this rank holds when ``None``) of a streamed source are
+        written (``marker``: what the channel waits for before reading them). ``False`` when
+        the source is gone already (every receiver ended, or its lease expired)."""
+        src = self.sources.get(request_id)
+        if src is None:
+            return False
+        held = {i for g in self.agent.spec.groups if g.name in src.target.groups
+                for i in g.layer_ids}  # fmt: skip
+        ids = held if layers is None else set(layers)
+        unknown = sorted(ids - held)
+        if unknown:
+            raise ValueError(
+                f"request {request_id!r}: rank {self.agent.rank} holds no layers "
+                f"{unknown} of this source (it holds {sorted(held)})"
+            )
+        if src.ready_layers is None:
+            return True  # already complete (or never streamed)
+        self._marks += 1
+        for i in ids:
+            src.layer_markers[i] = (self._marks, marker)
+        src.ready_layers |= ids
+        if src.ready_layers >= held:
+            src.ready_layers = None
+        return True
 
     # -- requests -------------------------------------------------------------------------
     def on_request(self, peer: int, req: P.Request) -> None:
@@ -166,6 +199,7 @@ class Sender:
                     layers=req.layers,
                     heads=req.heads,
                     chunk_bytes=req.chunk_bytes,
+                    by_layer=req.by_layer,
                 )
             except ValueError as exc:
                 reason = f"bad request: {exc}"
@@ -337,32 +371,60 @@ class Sender:
 
     # -- scheduling -----------------------------------------------------------------------
     def pump(self) -> None:
+        """Schedule what may go now, per receiver in request order: a job waiting for its
+        source's layers to be written lets the jobs behind it go first."""
         agent = self.agent
         now = agent.clock()
         for peer, q in self.queues.items():
             if agent.control.is_lost(peer):
                 continue
             rate = self._rates.setdefault(peer, _Rate())
-            while q:
-                job = q[0]
+            for job in list(q):
                 if job.session.is_terminal:
-                    q.popleft()
+                    q.remove(job)
                     continue
                 room = agent.channel.capacity(peer)
                 if room <= 0:
                     break
+                src = self.sources[job.request_id]
+                count = self._ready_chunks(src, job, room)
+                if count == 0:
+                    continue  # its next chunk's layers are not written yet
                 if job.scheduled == 0:
                     why = self._cannot_finish(job, now)
                     if why is not None:
-                        q.popleft()
+                        q.remove(job)
                         self._abort(job, why)
                         continue
                     job.session.advance_to(SessionState.TRANSFERRING)
-                count = min(room, len(job.chunks) - job.scheduled)
+                job.ready = self._marker(src, job, count)
                 rate.started(count, now)
                 agent.channel.schedule(job, count)
                 if job.scheduled == len(job.chunks):
-                    q.popleft()
+                    q.remove(job)
+
+    @staticmethod
+    def _ready_chunks(src: Source, job: SendJob, room: int) -> int:
+        """How many chunks from ``job.scheduled`` on are written (at most ``room``)."""
+        end = min(len(job.chunks), job.scheduled + room)
+        if src.ready_layers is None:
+            return end - job.scheduled
+        k = job.scheduled
+        while k < end and job.chunks[k].layer_ids <= src.ready_layers:
+            k += 1
+        return k - job.scheduled
+
+    @staticmethod
+    def _marker(src: Source, job: SendJob, count: int) -> Any:
+        """What the channel waits for before reading chunks ``[scheduled, +count)``: the
+        latest write marker among their layers (or the registration's)."""
+        if not src.layer_markers:
+            return src.ready
+        layers = set().union(
+            *(c.layer_ids for c in job.chunks[job.scheduled : job.scheduled + count])
+        )
+        marks = [src.layer_markers[i] for i in layers if i in src.layer_markers]
+        return max(marks, key=lambda m: m[0])[1] if marks else src.ready
 
     def _cannot_finish(self, job: SendJob, now: float) -> str | None:
         deadline = job.session.deadline

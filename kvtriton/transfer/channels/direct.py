@@ -281,22 +281,42 @@ class DirectChannel(DataChannel):
 
     def schedule(self, job: SendJob, count: int) -> None:
         req = job.request
-        blocks = {g: job.target.kv[g].ids_for(rng) for g, rng in req.tokens.items()}
-        slots = {g: job.target.state_slots[g] for g in req.states}
+        first = job.scheduled
+        blocks: dict[str, Any] = {}
+        slots: dict[str, int] = {}
+        if first == 0:  # the block ids go once; later Blocks only open more chunks
+            blocks = {g: job.target.kv[g].ids_for(rng) for g, rng in req.tokens.items()}
+            slots = {g: job.target.state_slots[g] for g in req.states}
+            job.remote_lease = True  # the receiver reads the blocks until its final word
+            job.in_flight += 1
         event = bytes(job.ready.ipc_handle()) if job.ready is not None else b""
-        self._host.control.send(job.peer, P.Blocks(job.request_id, blocks, slots, event))
-        n = len(job.chunks)
-        job.scheduled = job.handed = n
-        job.remote_lease = True  # the receiver reads the blocks until its final word
-        job.in_flight += 1
+        self._host.control.send(
+            job.peer, P.Blocks(job.request_id, blocks, slots, event, first, count)
+        )
+        job.scheduled = job.handed = first + count
         self._events.put(Handed(job))
 
     # -- receiver -------------------------------------------------------------------------
     def on_announce(self, job: RecvJob, message: P.Schedule | P.Blocks) -> str | None:
         if not isinstance(message, P.Blocks):
             return f"a {type(message).__name__} on the direct channel"
-        if job.posted:
-            return "a second Blocks for one request"
+        n = len(job.chunks)
+        if message.first != job.posted or not 0 < message.count <= n - message.first:
+            return (
+                f"chunks [{message.first}, {message.first + message.count}) opened, "
+                f"expected from {job.posted} of {n}"
+            )
+        if job.posted == 0:
+            error = self._prepare(job, message)
+            if error is not None:
+                return error
+        elif message.block_ids or message.slots:
+            return "block ids after the request's first Blocks"
+        self._copy(job, message.first, message.count, message.event)
+        return None
+
+    def _prepare(self, job: RecvJob, message: P.Blocks) -> str | None:
+        """Check the sender's block ids against its mapped pool and prepare the copy."""
         remote = self._remote.get(job.peer)
         if remote is None:
             return "Blocks from a rank whose pools are not mapped"
@@ -311,53 +331,52 @@ class DirectChannel(DataChannel):
         spans = {}
         for g, rng in req.tokens.items():
             ids = message.block_ids[g]
-            first = rng.start // bsz
             if len(ids) != len(rng.blocks(bsz)):
                 return (
                     f"group {g!r}: {len(ids)} block ids for positions {rng}, which touch "
                     f"{len(rng.blocks(bsz))} blocks of {bsz} tokens"
                 )
-            spans[g] = BlockSpan(first, ids.tolist())
+            spans[g] = BlockSpan(rng.start // bsz, ids.tolist())
         try:
             src = TransferTarget.from_spans(
                 req.request_id, req.num_tokens, req.tokens, spans, dict(message.slots),
                 tokens_per_block=bsz, num_blocks={g: remote.num_blocks(g) for g in req.tokens},
                 num_slots={g: remote.num_slots(g) for g in req.states}, destination=False,
             )  # fmt: skip
-            layouts = [c.layout for c in job.chunks]
             host = self._host
+            layouts = [c.layout for c in job.chunks]
             job.moves = prepare_copy(
                 remote, src, host.pools, job.handle.target, layouts, host.options.backend
             )
         except ValueError as exc:
             return str(exc)
-        self._copy(job, message.event)
         return None
 
-    def _copy(self, job: RecvJob, event: bytes) -> None:
-        n = len(job.chunks)
-        job.posted = n
+    def _copy(self, job: RecvJob, first: int, count: int, event: bytes) -> None:
+        """Copy chunks ``[first, first + count)`` into this rank's pools (only while the
+        request is live; the bytes of a request that ended are not read)."""
+        job.posted = first + count
         live = job.live
         host = self._host
         if not self.cuda:
-            for k in range(n):
+            for k in range(first, first + count):
                 if live:
                     job.moves.run(k)
-                host.counters["bytes_received"] += job.chunks[k].nbytes
+                    host.counters["bytes_received"] += job.chunks[k].nbytes
                 self._events.put(Landed(job, k, live))
             return
         with torch.cuda.stream(self.copy_stream):
             if event:
                 ready = torch.cuda.Event.from_ipc_handle(self.device, event)
                 self.copy_stream.wait_event(ready)  # the sender's KV is written
-            for k in range(n):
+            for k in range(first, first + count):
                 if live:
                     job.moves.run(k)
                     job.pending += 1
+                    host.counters["bytes_received"] += job.chunks[k].nbytes
                 done = torch.cuda.Event()
                 done.record(self.copy_stream)
                 self._pending += 1
-                host.counters["bytes_received"] += job.chunks[k].nbytes
                 self._done.add(done, _landed(self, job, k, live))
 
     def events(self) -> list[Any]:
