@@ -234,7 +234,7 @@ def test_presets_lists_every_preset_with_its_groups(capsys: pytest.CaptureFixtur
     ]
     assert any(line.split()[:3] == ["sliding128", "sliding", "128"] for line in table_lines(out))
     assert any(
-        line.split()[:2] == ["state", "state"] and "72.0 MiB" in line for line in table_lines(out)
+        line.split()[:2] == ["state", "state"] and "37.7 MiB" in line for line in table_lines(out)
     )
     _, js, _ = run(capsys, "presets", "--json")
     assert [s["name"] for s in json.loads(js)] == list(PRESETS)
