@@ -240,6 +240,21 @@ def test_presets_lists_every_preset_with_its_groups(capsys: pytest.CaptureFixtur
     assert [s["name"] for s in json.loads(js)] == list(PRESETS)
 
 
+def test_presets_label_state_dtypes_and_the_config_class_of_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "presets")
+    assert status == 0
+    state = next(line for line in table_lines(out) if "17152" in line)
+    assert "32x17152 bfloat16" in state and "37.7 MiB" in state
+    assert "2x4x8 float32" in out
+    note = out.split("\n\n", 1)[1]
+    assert "gpt-oss-20b     GptOssConfig --hf-set num_hidden_layers=24" in note
+    assert "gpt-oss-120b    GptOssConfig (its defaults)" in note
+    assert "qwen3-next-80b  Qwen3NextConfig (its defaults)" in note
+    assert "tiny-hybrid     (synthetic: no config class)" in note
+
+
 def test_demo_prints_the_plan_and_explains_it(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "demo")
     assert status == 0 and err == ""
