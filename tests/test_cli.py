@@ -332,7 +332,7 @@ def test_help_and_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
         ),
         (
             ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--block-size", "0"],
-            r"argument --block-size: the value must be >= 1, got 0",
+            r"argument --block-size: the block size must be >= 1, got 0",
         ),
         (
             ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--draft", "-2"],
