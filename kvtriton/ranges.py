@@ -6,7 +6,9 @@ Conventions used throughout kvtriton:
 
 * positions are 0-based; a prompt of ``P`` tokens holds positions ``[0, P)``;
 * every range is half-open ``[start, end)`` and may be empty;
-* with ``tokens_per_block = B``, logical block ``b`` holds positions ``[b*B, (b+1)*B)``.
+* with ``tokens_per_block = B``, logical block ``b`` holds positions ``[b*B, (b+1)*B)``;
+* bounds, checked up front: positions, token counts and logical block indices are at most
+  :data:`MAX_TOKENS` (2**40); physical block ids are below :data:`MAX_BLOCK_ID` + 1 (2**31).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from enum import Enum
 from typing import ClassVar, Protocol
 
 __all__ = [
+    "MAX_BLOCK_ID",
+    "MAX_TOKENS",
     "BlockSpan",
     "FullAttentionRule",
     "GroupKind",
@@ -27,6 +31,7 @@ __all__ = [
     "WindowedGroup",
     "ceil_div",
     "check_count",
+    "check_tokens",
     "kind_rule",
     "needed_range",
     "state_needs_transfer",
@@ -34,13 +39,23 @@ __all__ = [
 ]
 
 
+#: The largest token position or token count kvtriton accepts: 2**40 (about 1.1e12 tokens),
+#: far past any context length, and small enough that bytes (tokens x bytes per token) and
+#: element offsets stay inside int64. Logical block indices are bounded by it too.
+MAX_TOKENS = 2**40
+
+#: The largest physical block id: pools are indexed with int32-safe block ids (< 2**31).
+MAX_BLOCK_ID = 2**31 - 1
+
+
 def ceil_div(a: int, b: int) -> int:
     """``ceil(a / b)`` for non-negative ``a`` and positive ``b``."""
     return -(-a // b)
 
 
-def check_count(what: str, value: object, minimum: int = 0) -> int:
-    """``value`` if it is an int ``>= minimum``; else ``TypeError``/``ValueError`` naming ``what``.
+def check_count(what: str, value: object, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value`` if it is an int in ``[minimum, maximum]``; else ``TypeError``/``ValueError``
+    naming ``what`` (and the bound).
 
     bool is an int subclass, but a True/False count or position is always a caller bug.
     """
@@ -48,7 +63,14 @@ def check_count(what: str, value: object, minimum: int = 0) -> int:
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{what} must be <= {maximum:,} (kvtriton's bound), got {value:,}")
     return value
+
+
+def check_tokens(what: str, value: object, minimum: int = 0) -> int:
+    """:func:`check_count` for a token position or count: ``minimum <= value <= MAX_TOKENS``."""
+    return check_count(what, value, minimum, MAX_TOKENS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +81,8 @@ class TokenRange:
     end: int
 
     def __post_init__(self) -> None:
-        check_count("TokenRange.start", self.start)
-        check_count("TokenRange.end", self.end)
+        check_tokens("TokenRange.start", self.start)
+        check_tokens("TokenRange.end", self.end)
         if self.start > self.end:
             raise ValueError(f"TokenRange needs start <= end, got [{self.start}, {self.end})")
 
@@ -121,7 +143,7 @@ class BlockSpan:
     block_ids: tuple[int, ...]
 
     def __init__(self, first_block: int, block_ids: Sequence[int]) -> None:
-        check_count("BlockSpan.first_block", first_block)
+        check_tokens("BlockSpan.first_block", first_block)
         ids = tuple(block_ids)
         for i, block_id in enumerate(ids):
             if isinstance(block_id, bool):
@@ -136,6 +158,11 @@ class BlockSpan:
                     ) from None
             if block_id < 0:
                 raise ValueError(f"BlockSpan.block_ids[{i}] is negative ({block_id})")
+            if block_id > MAX_BLOCK_ID:
+                raise ValueError(
+                    f"BlockSpan.block_ids[{i}] must be <= {MAX_BLOCK_ID:,} (kvtriton's bound on "
+                    f"physical block ids), got {block_id:,}"
+                )
         object.__setattr__(self, "first_block", first_block)
         object.__setattr__(self, "block_ids", tuple(int(b) for b in ids))
 
@@ -266,7 +293,7 @@ class KindRule:
     def transfer(self, group: WindowedGroup, num_tokens: int, cached_tokens: int) -> TokenRange:
         """Positions to move: ``[max(cached, needed.start), P)`` (empty for a full hit)."""
         needed = self.needed(group, num_tokens)
-        cached = check_count(f"cached tokens of group {group.name!r}", cached_tokens)
+        cached = check_tokens(f"cached tokens of group {group.name!r}", cached_tokens)
         start = min(max(cached, needed.start), needed.end)
         return TokenRange(start, needed.end)
 
@@ -289,14 +316,14 @@ class FullAttentionRule(KindRule):
     kind = GroupKind.FULL
 
     def needed(self, group: WindowedGroup, num_tokens: int) -> TokenRange:
-        return TokenRange(0, check_count("num_tokens", num_tokens, minimum=1))
+        return TokenRange(0, check_tokens("num_tokens", num_tokens, minimum=1))
 
 
 class SlidingWindowRule(KindRule):
     kind = GroupKind.SLIDING
 
     def needed(self, group: WindowedGroup, num_tokens: int) -> TokenRange:
-        p = check_count("num_tokens", num_tokens, minimum=1)
+        p = check_tokens("num_tokens", num_tokens, minimum=1)
         window = group.window
         if window is None or window < 1:
             raise ValueError(f"group {group.name!r}: sliding window must be >= 1, got {window}")
@@ -314,7 +341,7 @@ class StateRule(KindRule):
 
     def needed(self, group: WindowedGroup, num_tokens: int) -> TokenRange:
         # No per-token KV: the fixed-size state moves whole, so no position is needed.
-        p = check_count("num_tokens", num_tokens, minimum=1)
+        p = check_tokens("num_tokens", num_tokens, minimum=1)
         return TokenRange(p, p)
 
     def moves_state(self, num_tokens: int, cached_tokens: int) -> bool:
@@ -362,6 +389,6 @@ def transfer_range(group: WindowedGroup, num_tokens: int, cached_tokens: int) ->
 
 def state_needs_transfer(num_tokens: int, cached_tokens: int) -> bool:
     """A state group's state moves unless the receiver holds the state at exactly ``P``."""
-    check_count("num_tokens", num_tokens, minimum=1)
-    check_count("cached tokens", cached_tokens)
+    check_tokens("num_tokens", num_tokens, minimum=1)
+    check_tokens("cached tokens", cached_tokens)
     return cached_tokens != num_tokens

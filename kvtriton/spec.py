@@ -13,16 +13,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kvtriton.ranges import GroupKind, KindRule, kind_rule
+from kvtriton.ranges import MAX_TOKENS, GroupKind, KindRule, kind_rule
 
 __all__ = [
     "DTYPE_BYTES",
+    "MAX_HEADS",
+    "MAX_HEAD_DIM",
+    "MAX_LAYERS",
+    "MAX_STATE_ELEMENTS",
+    "MAX_TOKENS_PER_BLOCK",
     "PRESETS",
+    "PRESET_CONFIGS",
     "GroupKind",
     "KVCacheSpec",
     "LayerGroup",
     "preset",
+    "resolve_spec",
 ]
+
+# Bounds checked when a spec is built (far past any real model; they keep every size that
+# follows from a spec -- bytes per block, pool elements, wire offsets -- inside int64).
+#: layer ids are in ``[0, MAX_LAYERS)``
+MAX_LAYERS = 4096
+#: ``num_kv_heads`` (and ``state_shape[0]``, the heads TP splits) at most this
+MAX_HEADS = 2**16
+#: ``head_dim`` at most this
+MAX_HEAD_DIM = 2**16
+#: elements of one layer's state (``prod(state_shape)``) at most this
+MAX_STATE_ELEMENTS = 2**32
+#: ``tokens_per_block`` at most this
+MAX_TOKENS_PER_BLOCK = 2**16
 
 #: Bytes per element of every dtype a pool may hold. fp8 KV moves as raw bytes.
 DTYPE_BYTES: dict[str, int] = {
@@ -59,9 +79,11 @@ def canonical_dtype(name: object) -> str:
     return text
 
 
-def _positive(what: str, value: object) -> int:
+def _positive(what: str, value: object, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{what} must be a positive int, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{what} must be <= {maximum:,} (kvtriton's bound), got {value:,}")
     return value
 
 
@@ -106,21 +128,42 @@ class LayerGroup:
         where = f"layer group {self.name!r}"
         kind = GroupKind.parse(self.kind, where=where)
         object.__setattr__(self, "kind", kind)
-        ids = tuple(self.layer_ids)
+        try:
+            if isinstance(self.layer_ids, (str, bytes)):
+                raise TypeError
+            ids = tuple(self.layer_ids)
+        except TypeError:
+            raise TypeError(
+                f"{where}: layer_ids must be a sequence of ints, got "
+                f"{type(self.layer_ids).__name__} {self.layer_ids!r}"
+            ) from None
+        if not ids:
+            raise ValueError(
+                f"{where}: layer_ids is empty (a layer group holds at least one layer)"
+            )
         for layer in ids:
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
                 raise ValueError(f"{where}: layer ids must be non-negative ints, got {layer!r}")
+            if layer >= MAX_LAYERS:
+                raise ValueError(
+                    f"{where}: layer id {layer:,} is past kvtriton's bound (ids < {MAX_LAYERS})"
+                )
         if len(set(ids)) != len(ids):
             raise ValueError(f"{where}: duplicate layer ids in {ids}")
         object.__setattr__(self, "layer_ids", tuple(sorted(ids)))
-        _positive(f"{where}: num_kv_heads", self.num_kv_heads)
-        _positive(f"{where}: head_dim", self.head_dim)
+        _positive(f"{where}: num_kv_heads", self.num_kv_heads, MAX_HEADS)
+        _positive(f"{where}: head_dim", self.head_dim, MAX_HEAD_DIM)
         if self.kv_factor not in (1, 2):
             raise ValueError(f"{where}: kv_factor must be 1 or 2, got {self.kv_factor!r}")
         if kind.has_window:
             if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
                 raise ValueError(
                     f"{where}: sliding window must be an int >= 1, got {self.window!r}"
+                )
+            if self.window > MAX_TOKENS:
+                raise ValueError(
+                    f"{where}: sliding window must be <= {MAX_TOKENS:,} (kvtriton's bound), got "
+                    f"{self.window:,}"
                 )
         elif self.window is not None:
             raise ValueError(f"{where}: only sliding groups take a window (kind {kind.value!r})")
@@ -130,6 +173,12 @@ class LayerGroup:
             shape = tuple(self.state_shape)
             for dim in shape:
                 _positive(f"{where}: state_shape entries", dim)
+            _positive(f"{where}: state_shape[0] (state heads)", shape[0], MAX_HEADS)
+            if math.prod(shape) > MAX_STATE_ELEMENTS:
+                raise ValueError(
+                    f"{where}: a state of {math.prod(shape):,} elements per layer "
+                    f"{shape} is past kvtriton's bound ({MAX_STATE_ELEMENTS:,})"
+                )
             object.__setattr__(self, "state_shape", shape)
             if self.state_dtype is not None:
                 object.__setattr__(self, "state_dtype", canonical_dtype(self.state_dtype))
@@ -293,7 +342,7 @@ class KVCacheSpec:
                         f"duplicate layer id {layer}: in group {seen[layer]!r} and {group.name!r}"
                     )
                 seen[layer] = group.name
-        _positive("tokens_per_block", self.tokens_per_block)
+        _positive("tokens_per_block", self.tokens_per_block, MAX_TOKENS_PER_BLOCK)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         _check_rank("tp", self.tp_rank, self.tp_size)
         _check_rank("pp", self.pp_rank, self.pp_size)
@@ -552,13 +601,17 @@ def _llama3_8b() -> KVCacheSpec:
 
 
 def _qwen3_next_80b() -> KVCacheSpec:
-    # Qwen/Qwen3-Next-80B-A3B: 48 layers, 3 Gated DeltaNet : 1 full attention (2 kv heads
-    # x 256). Linear-attention state per layer: 32 value heads x 128 (k) x 128 (v) in fp32
-    # (the conv state is small and left out of this preset).
+    # Qwen/Qwen3-Next-80B-A3B (= Qwen3NextConfig's defaults): 48 layers, 3 gated DeltaNet : 1
+    # full attention (2 kv heads x 256). Linear-attention state per layer and value head, as
+    # kvtriton.hf packs it: the 128 x 128 recurrent state plus the K - 1 = 3 previous conv
+    # inputs of the q, k, v channels apportioned over the 32 value heads,
+    # (2 * 16 * 128 + 32 * 128) * 3 / 32 = 768 elements; the model's dtype (bfloat16).
+    hv, hk, dk, dv, taps = 32, 16, 128, 128, 3
+    conv = (2 * hk * dk + hv * dv) * taps // hv
     types = ["full" if i % 4 == 3 else "state" for i in range(48)]
     return KVCacheSpec(
         _groups_from_layer_types(
-            types, num_kv_heads=2, head_dim=256, state_shape=(32, 128, 128), state_dtype="float32"
+            types, num_kv_heads=2, head_dim=256, state_shape=(hv, dk * dv + conv)
         ),
         tokens_per_block=16,
         dtype="bfloat16",
@@ -580,6 +633,29 @@ def _tiny_hybrid() -> KVCacheSpec:
         LayerGroup("state", "state", (3,), state_shape=(2, 4, 8), state_dtype="float32"),
     )
     return KVCacheSpec(groups, tokens_per_block=4, dtype="float32", name="tiny-hybrid")
+
+
+#: preset -> the ``transformers`` config class (and the fields changed from its defaults)
+#: whose KV-cache spec (``kvtriton.hf.spec_from_hf_config``) is exactly the preset's; the
+#: same numbers either way (tests/test_hf.py checks every entry). tiny-hybrid has none.
+PRESET_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt-oss-20b": ("GptOssConfig", {"num_hidden_layers": 24}),
+    "gpt-oss-120b": ("GptOssConfig", {}),
+    "gemma-3-4b": ("Gemma3TextConfig", {"num_hidden_layers": 34, "sliding_window": 1024}),
+    "gemma-3-27b": (
+        "Gemma3TextConfig",
+        {
+            "num_hidden_layers": 62,
+            "sliding_window": 1024,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 16,
+            "head_dim": 128,
+        },
+    ),
+    "llama-3-8b": ("LlamaConfig", {"num_key_value_heads": 8}),
+    "qwen3-next-80b": ("Qwen3NextConfig", {}),
+    "deepseek-v3": ("DeepseekV3Config", {}),
+}
 
 
 PRESETS: dict[str, Any] = {
@@ -607,3 +683,16 @@ def preset(
     if dtype is not None:
         spec = replace(spec, dtype=dtype)
     return spec
+
+
+def resolve_spec(spec: object, *, what: str = "spec") -> KVCacheSpec:
+    """``spec`` itself if it is a :class:`KVCacheSpec`, the preset of that name if it is a
+    string; ``ValueError`` (unknown preset, listing them) or ``TypeError`` otherwise."""
+    if isinstance(spec, KVCacheSpec):
+        return spec
+    if isinstance(spec, str):
+        return preset(spec)
+    raise TypeError(
+        f"{what} must be a KVCacheSpec or a preset name ({', '.join(PRESETS)}), got "
+        f"{type(spec).__name__} {spec!r}"
+    )

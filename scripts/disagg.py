@@ -16,16 +16,22 @@ bit-exact. The logic lives in :mod:`kvtriton.transfer.experiment`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from kvtriton.cli.demo import validate_args
+from kvtriton.options import OneLineParser, UsageError
 from kvtriton.transfer.config import add_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="disagg", description=(__doc__ or "").split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    try:  # every option checked here, before a rank is spawned: one line, exit 2
+        validate_args(args)
+    except UsageError as exc:
+        print(f"disagg: error: {exc}", file=sys.stderr)
+        return 2
     from kvtriton.transfer.demo import run_cli
 
     try:

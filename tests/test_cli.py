@@ -234,10 +234,25 @@ def test_presets_lists_every_preset_with_its_groups(capsys: pytest.CaptureFixtur
     ]
     assert any(line.split()[:3] == ["sliding128", "sliding", "128"] for line in table_lines(out))
     assert any(
-        line.split()[:2] == ["state", "state"] and "72.0 MiB" in line for line in table_lines(out)
+        line.split()[:2] == ["state", "state"] and "37.7 MiB" in line for line in table_lines(out)
     )
     _, js, _ = run(capsys, "presets", "--json")
     assert [s["name"] for s in json.loads(js)] == list(PRESETS)
+
+
+def test_presets_label_state_dtypes_and_the_config_class_of_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "presets")
+    assert status == 0
+    state = next(line for line in table_lines(out) if "17152" in line)
+    assert "32x17152 bfloat16" in state and "37.7 MiB" in state
+    assert "2x4x8 float32" in out
+    note = out.split("\n\n", 1)[1]
+    assert "gpt-oss-20b     GptOssConfig --hf-set num_hidden_layers=24" in note
+    assert "gpt-oss-120b    GptOssConfig (its defaults)" in note
+    assert "qwen3-next-80b  Qwen3NextConfig (its defaults)" in note
+    assert "tiny-hybrid     (synthetic: no config class)" in note
 
 
 def test_demo_prints_the_plan_and_explains_it(capsys: pytest.CaptureFixture[str]) -> None:
@@ -317,7 +332,7 @@ def test_help_and_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
         ),
         (
             ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--block-size", "0"],
-            r"argument --block-size: the value must be >= 1, got 0",
+            r"argument --block-size: the block size must be >= 1, got 0",
         ),
         (
             ["plan", "--preset", "tiny-hybrid", "--prompt", "8", "--draft", "-2"],

@@ -8,7 +8,7 @@ import pytest
 
 from kvtriton.hf import hf_config_choices, hf_layer_kinds, spec_from_hf_config
 from kvtriton.ranges import needed_range
-from kvtriton.spec import GroupKind, preset
+from kvtriton.spec import PRESET_CONFIGS, PRESETS, GroupKind, preset
 
 
 def _tf():
@@ -70,10 +70,13 @@ def test_qwen3_next_linear_attention_state_with_conv():
     conv_per_head = (2 * hk * dk + hv * dv) * (k - 1) // hv
     assert state.state_shape == (hv, dk * dv + conv_per_head) == (32, 17152)
     assert spec.state_bytes("state") == 36 * 32 * 17152 * 2
-    # Without the conv state and in fp32, the hand-written preset.
+    # The preset is the same model, in the same numbers (conv state included, bfloat16).
+    assert spec.model_digest() == preset("qwen3-next-80b").model_digest()
+    assert spec.name == "qwen3_next (qwen3-next-80b)"  # which size the defaults are
+    # Without the conv state and in fp32: the recurrent state alone.
     bare = spec_from_hf_config(cfg, include_conv_state=False, state_dtype="float32")
     assert bare.group("state").state_shape == (32, 128, 128)
-    assert bare.model_digest() == preset("qwen3-next-80b").model_digest()
+    assert bare.state_bytes("state") == 36 * 32 * 128 * 128 * 4
     # state_shape[0] (value heads) splits over TP.
     shard = spec.shard(1, 4)
     assert shard.group("state").local_state_shape == (8, 17152)
@@ -152,7 +155,9 @@ def test_overrides_recompute_derived_fields_for_class_names():
     assert mistral.group_names == ("sliding512",)
     qwen_vl = spec_from_hf_config(tf.Qwen2VLConfig(), overrides={"num_key_value_heads": 4})
     assert qwen_vl.group("full").num_kv_heads == 4
-    with pytest.raises(ValueError, match="rejects the overrides"):
+    with pytest.raises(
+        ValueError, match=r"num_hidden_layers must be an int in \[1, 4,096\], got 'x'"
+    ):
         spec_from_hf_config("GptOssConfig", overrides={"num_hidden_layers": "x"})
     with pytest.raises(TypeError, match="overrides must map"):
         spec_from_hf_config("GptOssConfig", overrides={1: 2})
@@ -207,9 +212,13 @@ def test_dict_gemma3_sliding_window_pattern():
 
 
 def test_dict_gemma2_alternates_even_sliding():
-    spec = spec_from_hf_config({**_BASE, "model_type": "gemma2", "sliding_window": 4096})
+    gemma2 = {**_BASE, "model_type": "gemma2", "sliding_window": 4096}
+    spec = spec_from_hf_config({**gemma2, "head_dim": 64})
     assert _ids(spec, "sliding4096") == (0, 2, 4, 6, 8, 10)
-    assert spec.group("full").head_dim == 64  # hidden_size // num_attention_heads
+    assert spec.group("full").head_dim == 64
+    # Without head_dim, Gemma2Config's default (256), not hidden_size // num_attention_heads.
+    _tf()
+    assert spec_from_hf_config(gemma2).group("full").head_dim == 256
 
 
 @pytest.mark.parametrize(
@@ -367,3 +376,233 @@ def test_choices_are_transformers_config_classes():
     assert list(choices) == sorted(choices)
     for name in choices:
         assert isinstance(getattr(tf, name), type), name
+
+
+# -- real config.json files: class defaults, nested text configs, the Hub cache ----------------
+
+#: google/gemma-3-4b-it's config.json as published: a multimodal wrapper whose text_config sets
+#: only what differs from Gemma3TextConfig's defaults (heads, head_dim, the 5:1 pattern).
+GEMMA3_4B_IT = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "boi_token_index": 255999,
+    "eoi_token_index": 256000,
+    "eos_token_id": [1, 106],
+    "image_token_index": 262144,
+    "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0",
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 896,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
+
+def _write_config(directory, data):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(data))
+    return directory
+
+
+def test_multimodal_config_json_fills_the_text_config_class_defaults(tmp_path):
+    _tf()
+    directory = _write_config(tmp_path / "gemma-3-4b-it", GEMMA3_4B_IT)
+    spec = spec_from_hf_config(directory)
+    assert spec.name == "gemma-3-4b-it"
+    assert spec.model_digest() == preset("gemma-3-4b").model_digest()
+    # --hf-set edits the text config; the 5:1 pattern is recomputed for the new layer count.
+    short = spec_from_hf_config(directory, overrides={"num_hidden_layers": 12})
+    assert _ids(short, "full") == (5, 11)
+    assert spec_from_hf_config(dict(GEMMA3_4B_IT)).model_digest() == spec.model_digest()
+
+
+def test_flat_config_json_with_fields_left_to_the_class_defaults(tmp_path):
+    _tf()
+    # GptOssConfig's defaults fill heads, head_dim, the window and the alternation.
+    spec = spec_from_hf_config(
+        _write_config(tmp_path / "oss", {"model_type": "gpt_oss", "num_hidden_layers": 24})
+    )
+    assert spec.model_digest() == preset("gpt-oss-20b").model_digest()
+    # Qwen3's head_dim default (128) is not hidden_size // num_attention_heads (2048 // 32).
+    qwen3 = {
+        "model_type": "qwen3",
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 4,
+    }
+    assert spec_from_hf_config(qwen3).group("full").head_dim == 128
+
+
+def test_a_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "hub"
+    repo = cache / "models--google--gemma-3-4b-it"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    _write_config(repo / "snapshots" / "0123abcd", GEMMA3_4B_IT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tf()
+    spec = spec_from_hf_config("google/gemma-3-4b-it")
+    assert spec.name == "gemma-3-4b-it"
+    assert spec.model_digest() == preset("gemma-3-4b").model_digest()
+    with pytest.raises(ValueError, match=r"not in .*never downloads.*hf download google/nope"):
+        spec_from_hf_config("google/nope")
+
+
+def test_a_plain_config_json_is_read_without_importing_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "llama" / "config.json"
+    path.parent.mkdir()
+    path.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "num_hidden_layers": 32,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
+    probe = (
+        "import sys\n"
+        "from kvtriton.hf import spec_from_hf_config\n"
+        f"spec = spec_from_hf_config({str(path)!r})\n"
+        "print(spec.model_digest())\n"
+        "assert 'transformers' not in sys.modules, 'imported transformers'\n"
+        "assert 'torch' not in sys.modules, 'imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == preset("llama-3-8b").model_digest()
+
+
+def test_json_families_read_alone_give_what_their_config_class_gives():
+    """Each family the JSON fast path reads alone: its defaults as a config.json, and a
+    minimal config.json (the fields the fast path requires), agree with the config class."""
+    _tf()
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from kvtriton import hf
+
+    for model_type, (derived, layouts) in hf._JSON_FAMILIES.items():
+        cls = CONFIG_MAPPING[model_type]
+        full = cls().to_dict()
+        keep = {"model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"}
+        keep |= {"hidden_size"} if derived else {"head_dim"}
+        keep |= set(next(keys for keys in reversed(layouts) if all(k in full for k in keys)))
+        minimal = {k: full[k] for k in keep if k in full}
+        for data in (full, minimal):
+            assert hf._json_answers(data), (model_type, sorted(data))
+            alone = spec_from_hf_config(data)
+            via_class = spec_from_hf_config(cls.from_dict(data))
+            assert _shape(alone) == _shape(via_class), model_type
+        assert not hf._json_answers(
+            {k: v for k, v in minimal.items() if k != "num_key_value_heads"}
+        )
+
+
+# -- --hf-set keys and field values --------------------------------------------------------------
+
+
+def test_unknown_override_keys_are_errors_naming_the_key(tmp_path):
+    from kvtriton.hf import UnknownFieldError
+
+    flat = {**_BASE, "model_type": "mistral", "sliding_window": 64}
+    with pytest.raises(UnknownFieldError, match=r"no field 'sliding_windw'.*'sliding_window'"):
+        spec_from_hf_config(flat, overrides={"sliding_windw": 1024})
+    _tf()
+    with pytest.raises(
+        UnknownFieldError, match=r"GptOssConfig has no field 'num_key_value_head'; did you mean"
+    ):
+        spec_from_hf_config("GptOssConfig", overrides={"num_key_value_head": 1})
+    directory = _write_config(tmp_path / "g", GEMMA3_4B_IT)
+    with pytest.raises(UnknownFieldError) as info:
+        spec_from_hf_config(directory, overrides={"sliding_windw": 1024})
+    assert info.value.key == "sliding_windw" and "Gemma3TextConfig" in str(info.value)
+    # A real field that kvtriton does not read is not unknown.
+    spec_from_hf_config("GptOssConfig", overrides={"vocab_size": 1000})
+    spec_from_hf_config(flat, overrides={"vocab_size": 1000})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_key_value_heads": 0}, r"num_key_value_heads must be an int in \[1, 65,536\], got 0"),
+        ({"head_dim": 0}, r"head_dim must be an int in \[1, 65,536\], got 0"),
+        (
+            {"num_hidden_layers": 1e9},
+            r"num_hidden_layers must be an int in \[1, 4,096\], got 1000000000.0",
+        ),
+        ({"num_hidden_layers": 10**9}, r"num_hidden_layers must be an int in \[1, 4,096\]"),
+        (
+            {"sliding_window": 8, "sliding_window_pattern": "6"},
+            r"sliding_window_pattern must be an int in \[1, 4,096\], got '6'",
+        ),
+        ({"sliding_window": 0}, r"sliding_window must be an int in \[1, "),
+        ({"use_sliding_window": "yes"}, r"use_sliding_window must be true or false, got 'yes'"),
+        ({"layer_types": "full_attention"}, r"layer_types must be a list of layer type strings"),
+        (
+            {"per_layer_config": {"3": {"head_dim": 0}}},
+            r"per_layer_config\['3'\]: head_dim must be an int in \[1, 65,536\], got 0",
+        ),
+    ],
+)
+def test_invalid_fields_are_errors_naming_the_field_and_the_expected_value(fields, message):
+    with pytest.raises(ValueError, match=message):
+        spec_from_hf_config({**_BASE, **fields})
+    with pytest.raises(ValueError, match=message):
+        spec_from_hf_config({**_BASE, "model_type": "llama"}, overrides=fields)
+
+
+def test_a_huge_layer_count_is_refused_before_a_config_class_builds_it():
+    _tf()
+    with pytest.raises(ValueError, match=r"num_hidden_layers must be an int in \[1, 4,096\]"):
+        spec_from_hf_config("Gemma3TextConfig", overrides={"num_hidden_layers": 10**9})
+    with pytest.raises(ValueError, match=r"num_key_value_heads must be an int"):
+        spec_from_hf_config("GptOssConfig", overrides={"num_key_value_heads": 0})
+
+
+# -- presets and config classes agree ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_CONFIGS))
+def test_every_preset_with_a_config_class_gives_the_same_numbers(name):
+    _tf()
+    class_name, overrides = PRESET_CONFIGS[name]
+    expected = preset(name)
+    spec = spec_from_hf_config(
+        class_name, overrides=overrides, tokens_per_block=expected.tokens_per_block
+    )
+    assert _shape(spec) == _shape(expected)
+    for group in expected.groups:
+        assert spec.bytes_per_token(group.name) == expected.bytes_per_token(group)
+        assert spec.state_bytes(group.name) == expected.state_bytes(group)
+    # and the class's own defaults say which size they are
+    if not overrides:
+        assert spec.name.endswith(f"({name})"), spec.name
+
+
+def test_presets_without_a_config_class_are_the_synthetic_ones():
+    assert set(PRESETS) - set(PRESET_CONFIGS) == {"tiny-hybrid"}

@@ -29,6 +29,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import transformers
 from transformers import DynamicCache
 
 from kvtriton.adapter import preview_plan
@@ -51,6 +52,13 @@ ATOL = RTOL = 1e-5
 WINDOW = 6
 STEPS = 8
 USER_TURNS = (21, 13)  # turn-1 prompt, then new user tokens of turn 2
+#: Gemma 4 (per-layer head shapes) where the installed transformers has it
+GEMMA4 = pytest.param(
+    "gemma4",
+    marks=pytest.mark.skipif(
+        not hasattr(transformers, "Gemma4TextConfig"), reason="transformers without Gemma 4"
+    ),
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,6 +74,8 @@ def _one_thread():
 def models() -> dict[str, object]:
     built = {kind: kt.tiny_model(kind, window=WINDOW) for kind in kt.TINY_MODELS}
     built["gemma3-sdpa"] = kt.tiny_model("gemma3", window=WINDOW, attn_implementation="sdpa")
+    if hasattr(transformers, "Gemma4TextConfig"):
+        built["gemma4"] = kt.tiny_model("gemma4", window=WINDOW)
     return built
 
 
@@ -127,6 +137,7 @@ def test_window_convention_is_kvtriton_needed_range(models, kind):
         ("gpt-oss", "HND", 3, BACKEND),
         ("mistral", "HND", 5, BACKEND),
         ("qwen3-next", "NHD", 4, BACKEND),
+        pytest.param(*("gemma4", "HND", 4, BACKEND), marks=GEMMA4.marks),
     ],
 )
 def test_pools_round_trip_decodes_bit_exactly(models, kind, layout, block, backend):
@@ -311,7 +322,7 @@ def _chat(model, mode: str):
     return gen, turns, results
 
 
-@pytest.mark.parametrize("kind", [*kt.TINY_MODELS, "gemma3-sdpa"])
+@pytest.mark.parametrize("kind", [*kt.TINY_MODELS, "gemma3-sdpa", GEMMA4])
 def test_disaggregated_chat_matches_single_process(models, kind):
     model = models[kind]
     runs = {mode: _chat(model, mode) for mode in ("per_group", "single_boundary")}
@@ -354,6 +365,22 @@ def test_disaggregated_chat_matches_single_process(models, kind):
         assert per_group.reused_blocks["full"] == range(0, c // 5)
     else:  # all sliding: nothing before the window is needed; state: the boundary holds
         assert per_group.bytes == single.bytes
+
+
+@pytest.mark.parametrize("kind", [GEMMA4])
+def test_per_layer_shapes_are_checked_per_layer(models, kind):
+    """Gemma 4's full-attention layers override head_dim and kv heads per layer
+    (per_layer_config); check_spec reads them per layer as kvtriton.hf does: no false
+    mismatch, and a spec with the global shape for those layers is a mismatch naming one."""
+    model = models[kind]
+    spec = kt.spec_for_model(model, tokens_per_block=4)  # runs check_spec
+    full, sliding = spec.group("full"), spec.group(f"sliding{WINDOW}")
+    assert (full.num_kv_heads, full.head_dim, full.layer_ids) == (1, 16, (2, 5))
+    assert (sliding.num_kv_heads, sliding.head_dim) == (2, 8)
+    assert [kt.layer_kv_shape(model.config, i) for i in range(6)] == [(2, 8), (2, 8), (1, 16)] * 2
+    wrong = replace(spec, groups=(replace(full, num_kv_heads=2, head_dim=8), sliding))
+    with pytest.raises(ValueError, match=r"group 'full': 2 kv heads x 8 .* layer 2 of the model"):
+        kt.check_spec(wrong, model.config)
 
 
 def test_full_hit_moves_nothing_and_decodes_exactly(models):

@@ -516,7 +516,7 @@ def test_cli_simulate_hf_config(capsys):
     from kvtriton.cli import main
 
     assert main(["simulate", "--hf-config", "GptOssConfig", *_SMALL_ARGS]) == 0
-    assert "gpt_oss on trace 'chat'" in capsys.readouterr().out
+    assert "gpt_oss (gpt-oss-120b) on trace 'chat'" in capsys.readouterr().out
     assert (
         main(
             [

@@ -150,7 +150,7 @@ def test_tp_shard_replicates_when_ranks_outnumber_kv_heads() -> None:
     assert [(g.state_head_start, g.state_head_end) for g in states] == [
         (4 * r, 4 * r + 4) for r in range(8)
     ]
-    assert states[3].local_state_shape == (4, 128, 128)
+    assert states[3].local_state_shape == (4, 17152)
 
 
 def test_tp_shard_errors_when_neither_divides() -> None:
@@ -332,9 +332,12 @@ def test_held_heads_and_item_dtype() -> None:
     assert full.held_heads == (1, 2)  # 2 kv heads over 2 ranks
     assert state.held_heads == (16, 32)  # state_shape[0] = 32
     assert full.item_dtype(spec.dtype) == "bfloat16"
-    assert state.item_dtype(spec.dtype) == "float32"
-    assert spec.state_bytes(state) == state.state_elements() * 4
+    assert state.item_dtype(spec.dtype) == "bfloat16"  # no state dtype: the model's
+    assert spec.state_bytes(state) == state.state_elements() * 2
     assert full.is_attention and not full.is_state and state.is_state
+    fp32 = replace(state, state_dtype="fp32")
+    assert fp32.state_dtype == "float32" and fp32.item_dtype(spec.dtype) == "float32"
+    assert spec.state_bytes(fp32) == state.state_elements() * 4
 
 
 def test_each_kind_has_one_rule() -> None:

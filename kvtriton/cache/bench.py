@@ -19,7 +19,6 @@ and under 0.5 ms with xxh3_128.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -27,11 +26,16 @@ import time
 
 from kvtriton.cache import HASH_NAMES, KVCacheManager, chain_hashes, encode_tokens, root_hash
 from kvtriton.cache.hashing import HashName, available_hash_names
-from kvtriton.options import count_arg, int_arg, positive_int
+from kvtriton.options import OneLineParser, count_arg, int_arg
 from kvtriton.ranges import ceil_div
-from kvtriton.spec import preset
+from kvtriton.spec import MAX_TOKENS_PER_BLOCK, PRESETS, preset
 
-__all__ = ["bench", "main"]
+__all__ = ["MAX_BENCH_TOKENS", "MAX_REPS", "bench", "main"]
+
+#: prompt length of one timed request at most (the prompt and its hash chain live in memory)
+MAX_BENCH_TOKENS = 2**24
+#: repetitions per case at most
+MAX_REPS = 100_000
 
 
 def bench(
@@ -89,14 +93,20 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(
+        prog="kvtriton bench cache",
+        description=(__doc__ or "").split("\n\n")[0],
+        help_command="kvtriton bench cache -- --help",
+    )
     parser.add_argument(
         "--tokens",
-        type=int_arg("the prompt length", minimum=1),
+        type=int_arg("the prompt length", minimum=1, maximum=MAX_BENCH_TOKENS),
         nargs="+",
         default=[4096, 32768, 131072],
     )
-    parser.add_argument("--presets", nargs="+", default=["gpt-oss-20b", "llama-3-8b"])
+    parser.add_argument(
+        "--presets", nargs="+", choices=list(PRESETS), default=["gpt-oss-20b", "llama-3-8b"]
+    )
     parser.add_argument(
         "--hash",
         nargs="+",
@@ -104,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         default=list(available_hash_names()),
         help="block hashes to time (default: every one installed)",
     )
-    parser.add_argument("--tokens-per-block", type=positive_int, default=16)
-    parser.add_argument("--reps", type=positive_int, default=20)
+    parser.add_argument(
+        "--tokens-per-block",
+        type=int_arg("tokens per block", minimum=1, maximum=MAX_TOKENS_PER_BLOCK),
+        default=16,
+    )
+    parser.add_argument(
+        "--reps", type=int_arg("the repetitions", minimum=1, maximum=MAX_REPS), default=20
+    )
     parser.add_argument("--seed", type=count_arg("the seed"), default=0)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)

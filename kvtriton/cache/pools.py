@@ -10,6 +10,11 @@ Dim 0 holds the shard's layers in ``group.layer_ids`` order; the heads dim holds
 ``group.local_heads``. One tensor per state group ``[layers, slots, *group.local_state_shape]``
 of dtype ``group.item_dtype(spec.dtype)``; a request owns one slot index, other slots hold
 cached state snapshots.
+
+Bounds, checked before anything is allocated: at most :data:`MAX_NUM_BLOCKS` blocks per
+attention group and :data:`MAX_STATE_SLOTS` slots per state group (the cache manager keeps
+Python lists per block, and physical block ids stay far below
+:data:`~kvtriton.ranges.MAX_BLOCK_ID`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,20 @@ from kvtriton.spec import KVCacheSpec, LayerGroup
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CachePools", "Layout", "allocate_pools", "blocks_for_bytes", "pool_bytes"]
+__all__ = [
+    "MAX_NUM_BLOCKS",
+    "MAX_STATE_SLOTS",
+    "CachePools",
+    "Layout",
+    "allocate_pools",
+    "blocks_for_bytes",
+    "pool_bytes",
+]
+
+#: blocks per attention group at most (2**24 = 16,777,216)
+MAX_NUM_BLOCKS = 2**24
+#: state slots per state group at most
+MAX_STATE_SLOTS = 2**20
 
 Layout = Literal["NHD", "HND"]
 LAYOUTS: tuple[str, ...] = ("NHD", "HND")
@@ -44,9 +62,10 @@ def resolve_num_blocks(spec: KVCacheSpec, num_blocks: int | Mapping[str, int]) -
         if missing:
             raise ValueError(f"num_blocks has no count for attention groups {missing}")
         return {
-            name: check_count(f"num_blocks[{name!r}]", num_blocks[name], 1) for name in attention
+            name: check_count(f"num_blocks[{name!r}]", num_blocks[name], 1, MAX_NUM_BLOCKS)
+            for name in attention
         }
-    count = check_count("num_blocks", num_blocks, 1)
+    count = check_count("num_blocks", num_blocks, 1, MAX_NUM_BLOCKS)
     return dict.fromkeys(attention, count)
 
 
@@ -55,7 +74,7 @@ def pool_bytes(
 ) -> int:
     """Bytes of every pool tensor for these capacities."""
     blocks = resolve_num_blocks(spec, num_blocks) if _has_attention(spec) else {}
-    slots = check_count("num_state_slots", num_state_slots, 0)
+    slots = check_count("num_state_slots", num_state_slots, 0, MAX_STATE_SLOTS)
     kv = sum(spec.bytes_per_block(name) * n for name, n in blocks.items())
     state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.is_state)
     return kv + state
@@ -68,7 +87,7 @@ def blocks_for_bytes(spec: KVCacheSpec, num_bytes: int, num_state_slots: int = 0
     spec's groups; ``ValueError`` if not even one block per group fits.
     """
     check_count("num_bytes", num_bytes, 1)
-    slots = check_count("num_state_slots", num_state_slots, 0)
+    slots = check_count("num_state_slots", num_state_slots, 0, MAX_STATE_SLOTS)
     state = sum(spec.state_bytes(g) * slots for g in spec.groups if g.is_state)
     per_block = sum(spec.bytes_per_block(g) for g in spec.groups if g.is_attention)
     if per_block == 0:
@@ -78,6 +97,11 @@ def blocks_for_bytes(spec: KVCacheSpec, num_bytes: int, num_state_slots: int = 0
         raise ValueError(
             f"{num_bytes} bytes do not fit one block per attention group of spec {spec.name!r} "
             f"({per_block} bytes per block over all groups) after {state} bytes of state slots"
+        )
+    if n > MAX_NUM_BLOCKS:
+        raise ValueError(
+            f"{num_bytes:,} bytes hold {n:,} blocks per attention group of spec {spec.name!r}, "
+            f"more than kvtriton's bound of {MAX_NUM_BLOCKS:,} blocks per group"
         )
     return n
 
@@ -164,7 +188,7 @@ def allocate_pools(
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    slots = check_count("num_state_slots", num_state_slots, 0)
+    slots = check_count("num_state_slots", num_state_slots, 0, MAX_STATE_SLOTS)
     states = [g.name for g in spec.groups if g.is_state]
     if states and slots < 1:
         raise ValueError(

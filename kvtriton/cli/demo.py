@@ -1,18 +1,24 @@
 """``kvtriton demo``: the plan of a hybrid model at scale, then a real transfer between
 spawned ranks (options from :mod:`kvtriton.transfer.config`, the run from
-:mod:`kvtriton.transfer.experiment`, both imported on use)."""
+:mod:`kvtriton.transfer.experiment`, both imported on use).
+
+Every option is checked before anything is printed or spawned (:func:`validate_args`, which
+``scripts/disagg.py`` calls too): a user mistake ends in one line naming the option, exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import textwrap
+from typing import Any
 
 from kvtriton.cli.plan import cached_counts, compare, plan_table
-from kvtriton.options import UsageError, load_preset
+from kvtriton.options import UsageError, check_disagg_config, load_preset
 from kvtriton.plan import ReusePolicy
 from kvtriton.table import format_bytes, format_count, format_percent
 
-__all__ = ["DEMO_CACHED", "DEMO_PRESET", "DEMO_PROMPT", "add_arguments", "run"]
+__all__ = ["DEMO_CACHED", "DEMO_PRESET", "DEMO_PROMPT", "add_arguments", "run", "validate_args"]
 
 HELP = (
     "the main job: the per-group plan of a hybrid model (gpt-oss-20b, "
@@ -32,6 +38,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_transfer_arguments(p)
 
 
+def validate_args(args: argparse.Namespace) -> Any:
+    """The :class:`~kvtriton.transfer.config.DisaggConfig` of the parsed options, every option
+    checked before a rank is spawned (:func:`kvtriton.options.check_disagg_config`: model,
+    dtype, TP/PP splits, timeout, bounds); :class:`UsageError` naming the option otherwise."""
+    from kvtriton.transfer.config import config_from_args
+
+    devices = getattr(args, "devices", "") or ""
+    for entry in (d.strip() for d in devices.split(",")):
+        if entry and not re.fullmatch(r"\d{1,4}", entry):
+            raise UsageError(f"--devices takes GPU indices G,G,... (e.g. 0,0,1,1), got {devices!r}")
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    check_disagg_config(cfg)
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
     """The main job: the plan at model scale, then a real transfer between spawned ranks.
 
@@ -40,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     GPU), runs a multi-turn request stream with per-group prefix reuse on the receiver and
     verifies every needed position bit-exact (:mod:`kvtriton.transfer.experiment`).
     """
+    validate_args(args)
     plan_preface()
     print()
     print(

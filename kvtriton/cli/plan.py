@@ -9,10 +9,9 @@ from collections.abc import Mapping, Sequence
 from kvtriton.options import (
     UsageError,
     add_model_arguments,
-    count_arg,
     group_count_arg,
-    int_arg,
     spec_from_args,
+    token_count_arg,
 )
 from kvtriton.plan import ReusePolicy, TransferPlan, compare_policies, single_boundary
 from kvtriton.spec import KVCacheSpec
@@ -32,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt",
         required=True,
-        type=int_arg("the prompt length P", minimum=1),
+        type=token_count_arg("the prompt length P", minimum=1),
         metavar="P",
-        help="prompt length P in tokens (>= 1); the receiver decodes position P next",
+        help="prompt length P in tokens (1 to 2**40); the receiver decodes position P next",
     )
     p.add_argument(
         "--cached",
@@ -47,14 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cached-all",
-        type=count_arg(),
+        type=token_count_arg(),
         default=0,
         metavar="N",
         help="cached tokens for every group not named by --cached (default 0)",
     )
     p.add_argument(
         "--draft",
-        type=count_arg(),
+        type=token_count_arg(),
         default=0,
         metavar="K",
         help="speculative draft positions the receiver allocates (never moved)",

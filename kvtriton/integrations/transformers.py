@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "TINY_EXTRA_MODELS",
     "TINY_MODELS",
     "StateLayout",
     "cache_layer_kind",
@@ -69,6 +70,7 @@ __all__ = [
     "forward",
     "held_positions",
     "held_ranges",
+    "layer_kv_shape",
     "pools_to_cache",
     "spec_for_model",
     "state_layout",
@@ -401,8 +403,6 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
             f"spec {spec.name!r} lists layers {sorted(by_layer)} that "
             f"{type(text).__name__} does not have ({len(kinds)} layers)"
         )
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     for group in root.groups:
         if group.is_state:
             expected = state_layout(text).state_shape
@@ -412,11 +412,34 @@ def check_spec(spec: KVCacheSpec, config: Any) -> None:
                     f"gated-DeltaNet state packs to {expected} (recurrent + K-1 conv inputs)"
                 )
             continue
-        if (group.num_kv_heads, group.head_dim, group.kv_factor) != (heads, head_dim, 2):
-            raise ValueError(
-                f"group {group.name!r}: {group.num_kv_heads} kv heads x {group.head_dim} "
-                f"(kv_factor {group.kv_factor}) but the model caches {heads} x {head_dim} K and V"
-            )
+        for layer in group.layer_ids:
+            heads, head_dim = layer_kv_shape(text, layer)
+            if (group.num_kv_heads, group.head_dim, group.kv_factor) != (heads, head_dim, 2):
+                raise ValueError(
+                    f"group {group.name!r}: {group.num_kv_heads} kv heads x {group.head_dim} "
+                    f"(kv_factor {group.kv_factor}) but layer {layer} of the model caches "
+                    f"{heads} x {head_dim} K and V"
+                )
+
+
+def layer_kv_shape(config: Any, layer: int) -> tuple[int, int]:
+    """``(num_key_value_heads, head_dim)`` that layer ``layer`` of ``config`` caches.
+
+    A heterogeneous config (Gemma 4: ``per_layer_config`` overrides ``head_dim`` / kv heads
+    of some layers) is read through transformers' own per-layer view,
+    ``config.per_layer_config[layer]``, as :mod:`kvtriton.hf` reads the overrides; a missing
+    kv-head count is ``num_attention_heads`` and a missing head_dim
+    ``hidden_size // num_attention_heads``.
+    """
+    text = _text_config(config)
+    layer_config = (
+        text.per_layer_config[layer] if getattr(text, "is_heterogeneous", False) else text
+    )
+    heads = getattr(layer_config, "num_key_value_heads", None) or layer_config.num_attention_heads
+    head_dim = getattr(layer_config, "head_dim", None) or (
+        layer_config.hidden_size // layer_config.num_attention_heads
+    )
+    return int(heads), int(head_dim)
 
 
 # ------------------------------------------------------------------------------------------
@@ -745,8 +768,11 @@ def pools_to_cache(
 # tiny seeded models (tests, notebooks, demos): real config classes, no downloads
 # ------------------------------------------------------------------------------------------
 
-#: Model families :func:`tiny_model` builds.
+#: Model families :func:`tiny_model` builds (the chat demo's choices).
 TINY_MODELS: tuple[str, ...] = ("gemma3", "gpt-oss", "mistral", "qwen3-next")
+
+#: Further families :func:`tiny_model` builds when the installed transformers has them.
+TINY_EXTRA_MODELS: tuple[str, ...] = ("gemma4",)
 
 
 def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager") -> Any:
@@ -756,7 +782,10 @@ def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager
     * ``"gpt-oss"``: ``GptOssConfig``, sliding/full alternating (4 layers), 4 experts, top-2;
     * ``"mistral"``: ``MistralConfig`` with ``sliding_window`` (every layer slides, 3 layers);
     * ``"qwen3-next"``: ``Qwen3NextConfig``, 3 gated-DeltaNet layers then 1 full attention
-      (4 value / 2 key heads x 8, conv width 4), 4 experts, top-2 (``window`` is unused).
+      (4 value / 2 key heads x 8, conv width 4), 4 experts, top-2 (``window`` is unused);
+    * ``"gemma4"``: ``Gemma4TextConfig`` laid out as ``"gemma3"``, whose full-attention
+      layers override the global shape per layer (``per_layer_config``: 1 kv head x 16, as
+      Gemma 4's global layers use a wider head_dim), so groups differ in shape.
     """
     import transformers as tf
 
@@ -798,6 +827,20 @@ def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager
         )
     if kind == "mistral":
         return tf.MistralConfig(intermediate_size=64, num_hidden_layers=3, **common)
+    if kind == "gemma4":
+        if not hasattr(tf, "Gemma4TextConfig"):
+            raise ValueError(f"transformers {tf.__version__} has no Gemma4TextConfig")
+        types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+        wide = {"head_dim": 16, "num_key_value_heads": 1}
+        return tf.Gemma4TextConfig(
+            intermediate_size=64,
+            num_hidden_layers=len(types),
+            layer_types=types,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=96,
+            per_layer_config={str(i): dict(wide) for i, t in enumerate(types) if t[0] == "f"},
+            **common,
+        )
     if kind == "qwen3-next":
         del common["sliding_window"]
         return tf.Qwen3NextConfig(
@@ -814,7 +857,9 @@ def tiny_config(kind: str, *, window: int = 6, attn_implementation: str = "eager
             num_experts_per_tok=2,
             **common,
         )
-    raise ValueError(f"unknown tiny model {kind!r}; expected one of {TINY_MODELS}")
+    raise ValueError(
+        f"unknown tiny model {kind!r}; expected one of {TINY_MODELS + TINY_EXTRA_MODELS}"
+    )
 
 
 def tiny_model(
@@ -834,6 +879,7 @@ def tiny_model(
         "gpt-oss": tf.GptOssForCausalLM,
         "mistral": tf.MistralForCausalLM,
         "qwen3-next": tf.Qwen3NextForCausalLM,
+        "gemma4": getattr(tf, "Gemma4ForCausalLM", None),
     }
     torch.manual_seed(seed)
     model = classes[kind](config)
