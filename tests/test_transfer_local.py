@@ -702,3 +702,97 @@ def test_direct_channel_keeps_the_source_leased_until_the_receivers_final_word()
         receiver.receiver.on_landed(Landed(job, k, written=True))  # type: ignore[union-attr]
     w.run(lambda: "r" in w.released)  # released only after the receiver's final word
     assert h.released and not w.leaked()
+
+
+# ---------------------------------------------------------------------------------------
+# layer-wise streaming
+# ---------------------------------------------------------------------------------------
+def _streamed_source(w: World, rid: str, tokens: list[int]) -> tuple[Any, Any]:
+    """Register ``rid`` before its KV exists (context rank 0); returns (manager, alloc)."""
+    (ctx,) = w.topo.ctx_ranks
+    m = w.managers[ctx]
+    alloc = m.allocate(rid, tokens, prefill=True)
+
+    def release(req: str, states: dict[int, S]) -> None:
+        m.free(req)
+        w.released.setdefault(req, {}).update(states)
+
+    w.agents[ctx].register_source(
+        source_target(m, rid), prompt_digest=prompt_digest(tokens), on_release=release,
+        streamed=True,
+    )  # fmt: skip
+    return m, alloc
+
+
+def _write_layer(w: World, rid: str, alloc: Any, tokens: list[int], layer: int) -> None:
+    (ctx,) = w.topo.ctx_ranks
+    spec = w.topo.spec(ctx)
+    prefill(spec, w.pools[ctx], dict(alloc.spans), dict(alloc.state_slots), tokens,
+            "reference", layers=[layer])  # fmt: skip
+    assert w.agents[ctx].mark_ready(rid, [layer])
+
+
+@pytest.mark.parametrize("channel", ["loopback", "direct"])
+def test_streamed_layers_move_as_they_are_written_and_commit_only_at_the_end(
+    channel: str,
+) -> None:
+    opts = TransferOptions(layer_chunks=True, checksum=True, backend="reference")
+    w = World(preset("tiny-hybrid"), options=opts, channel=channel)
+    t = prompt(40)
+    _, alloc = _streamed_source(w, "s", t)
+    asked = w.ask("s", t)
+    ((h, _),) = asked.values()
+    (job,) = h.jobs.values()
+    layers = sorted({i for c in job.chunks for i in c.layer_ids})
+    assert [min(c.layer_ids) for c in job.chunks] == sorted(min(c.layer_ids) for c in job.chunks)
+    w.run(lambda: h.state is S.READY or h.state is S.TRANSFERRING, steps=50)
+    for _ in range(20):
+        w.world.step()
+    assert job.landed == 0  # nothing written yet: nothing moved
+    for n, layer in enumerate(layers):
+        _write_layer(w, "s", alloc, t, layer)
+        w.run(lambda layer=layer: all(
+            k < job.landed for k, c in enumerate(job.chunks) if max(c.layer_ids) <= layer
+        ))  # fmt: skip
+        if n < len(layers) - 1:
+            assert h.state is not S.TRANSFERRED  # committed only once every layer arrived
+    w.settle(asked)
+    w.check(asked, t)
+    w.run(lambda: "s" in w.released)
+    for r in w.topo.gen_ranks:
+        w.managers[r].free("s")  # decoding done
+    assert not w.leaked()
+
+
+def test_a_context_rank_that_dies_mid_stream_leaves_nothing_committed() -> None:
+    opts = TransferOptions(layer_chunks=True, backend="reference")
+    w = World(preset("tiny-hybrid"), options=opts)
+    (ctx,) = w.topo.ctx_ranks
+    (gen,) = w.topo.gen_ranks
+    t = prompt(40)
+    _, alloc = _streamed_source(w, "s", t)
+    asked = w.ask("s", t)
+    ((h, _),) = asked.values()
+    (job,) = h.jobs.values()
+    first = min(min(c.layer_ids) for c in job.chunks)
+    _write_layer(w, "s", alloc, t, first)
+    w.run(lambda: job.landed > 0)
+    w.world.kill(ctx)  # dies half-way through the prefill
+    w.settle(asked)
+    assert h.state is S.ERROR and "lost sender rank 0" in (h.session.error or "")
+    assert not w.leaked().get(gen)
+    assert all(n == 0 for n in (w.managers[gen].num_cached_blocks(g) for g in ("full", "sliding8")))
+
+
+def test_a_job_waiting_for_its_layers_lets_the_next_request_go() -> None:
+    opts = TransferOptions(layer_chunks=True, backend="reference")
+    w = World(preset("tiny-hybrid"), options=opts, blocks=128)
+    t1, t2 = prompt(40, seed=1), prompt(40, seed=2)
+    _streamed_source(w, "slow", t1)  # its prefill has not written anything yet
+    w.source("fast", t2)
+    slow = w.ask("slow", t1)
+    fast = w.ask("fast", t2)
+    w.settle(fast)
+    w.check(fast, t2)
+    ((hs, _),) = slow.values()
+    assert not hs.session.is_terminal and hs.bytes_received == 0

@@ -8,7 +8,7 @@ its prefix cache or transferred. State groups hold a function of the whole promp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -88,24 +88,32 @@ def prefill(
     slots: dict[str, int],
     token_ids: Sequence[int],
     backend: str,
+    *,
+    layers: Iterable[int] | None = None,
 ) -> None:
-    """Write every position a context rank holds for the request (its spans up to ``P``)."""
+    """Write every position a context rank holds for the request (its spans up to ``P``),
+    for every layer, or only the global ``layers`` given (a layer-by-layer "prefill")."""
     p = len(token_ids)
+    wanted = None if layers is None else set(layers)
     for g in spec.groups:
+        sel = [i for i, lid in enumerate(g.layer_ids) if wanted is None or lid in wanted]
+        if not sel:
+            continue
+        ids = [g.layer_ids[i] for i in sel]
         if g.is_state:
             vals = state_values(
-                g, g.layer_ids, g.held_heads, token_ids, pools.state[g.name].dtype, pools.device
+                g, ids, g.held_heads, token_ids, pools.state[g.name].dtype, pools.device
             )
-            kernels.scatter_state(vals, pools.state[g.name], slots[g.name], backend=backend)
+            kernels.scatter_state(
+                vals, pools.state[g.name], slots[g.name], layers=sel, backend=backend
+            )
             continue
         span = spans[g.name]
         rng = TokenRange(span.first_block * spec.tokens_per_block, p)
         if rng.is_empty:
             continue
-        vals = kv_values(
-            g, g.layer_ids, g.held_heads, rng, token_ids, pools.kv[g.name].dtype, pools.device
-        )
-        kernels.scatter(vals, pools.kv[g.name], span, rng, backend=backend)
+        vals = kv_values(g, ids, g.held_heads, rng, token_ids, pools.kv[g.name].dtype, pools.device)
+        kernels.scatter(vals, pools.kv[g.name], span, rng, layers=sel, backend=backend)
 
 
 def verify(
