@@ -1,4 +1,4 @@
-"""``kvtriton bench kernels|cache|transfer|latency``: run a benchmark module with its own
+"""``kvtriton bench kernels|cache|transfer|latency|ttft``: run a benchmark module with its own
 options (given after ``--``); ``transfer`` runs under torchrun with one process per rank.
 
 A benchmark that needs CUDA GPUs is refused in one line (exit 2) on a machine without enough
@@ -22,8 +22,8 @@ from kvtriton.options import UsageError, int_arg
 __all__ = ["BENCHMARKS", "Benchmark", "add_arguments", "cuda_device_count", "run"]
 
 HELP = (
-    "benchmarks: kernels (GPU; CPU smoke test), cache (CPU), transfer (GPU), latency (CPU or "
-    "GPU)"
+    "benchmarks: kernels (GPU; CPU smoke test), cache (CPU), transfer (GPU), latency and ttft "
+    "(CPU or GPU)"
 )
 EPILOG = "example: kvtriton bench kernels -- --json kernels.json"
 
@@ -68,6 +68,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "bytes (a CUDA GPU: the direct channel; 2 GPUs: also NCCL); `kvtriton bench latency` "
         "is the CPU protocol benchmark",
         gpus=1,
+    ),
+    "ttft": Benchmark(
+        "kvtriton.transfer.ttft",
+        "time to first token with and without layer-wise streaming, per reuse policy "
+        "(two spawned ranks; a GPU, or -- --device cpu)",
     ),
     "latency": Benchmark(
         "kvtriton.transfer.bench_latency",

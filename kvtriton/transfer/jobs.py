@@ -107,6 +107,7 @@ class RecvJob:
     refused: bool = False
     final_sent: bool = False
     cancel_due: tuple[str, bool] | None = None  # a Cancel waiting for in-flight device work
+    landed_at: list[float] = field(default_factory=list)  # clock time each chunk landed
 
     @property
     def request_id(self) -> str:

@@ -261,6 +261,7 @@ class Receiver:
         if ev.checksum is not None:
             job.checksums[ev.chunk] = ev.checksum
         now = self.agent.clock()
+        job.landed_at.append(now)
         if ev.written:
             handle.bytes_received += job.chunks[ev.chunk].nbytes
             if handle.t_first_data is None:
