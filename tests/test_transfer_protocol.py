@@ -223,3 +223,33 @@ def test_wake_interrupts_a_blocking_poll() -> None:
     assert time.monotonic() - t0 < 2.0
     a.close()
     b.close()
+
+
+def test_no_wake_is_lost_when_wakes_race_the_drain() -> None:
+    """Wakes from another thread that land while the loop drains the wake pipe must still
+    end the next poll at once (clearing the flag before draining once swallowed such a wake;
+    the flag then stayed set and every later poll slept its whole timeout)."""
+    import threading
+
+    a, b = _pair()
+    total = 100_000
+    posted = [0]
+
+    def waker() -> None:
+        for _ in range(total):
+            posted[0] += 1
+            a.wake()
+
+    t = threading.Thread(target=waker)
+    t.start()
+    seen, slowest = 0, 0.0
+    while seen < total:
+        t0 = time.monotonic()
+        if posted[0] == seen:
+            a.poll(3.0)  # a lost wake sleeps the whole 3 s here
+        slowest = max(slowest, time.monotonic() - t0)
+        seen = posted[0]
+    t.join()
+    a.close()
+    b.close()
+    assert slowest < 1.0, slowest

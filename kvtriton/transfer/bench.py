@@ -65,10 +65,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace, ngpu: int, conn: Any) -> None:
+    import traceback
+
     from kvtriton.transfer.launch import exit_worker, init_spawned, send_result
 
     init_spawned(rank, 2, port, ngpu)
-    out = _run(rank, args)
+    try:
+        out = _run(rank, args)
+    except BaseException:
+        send_result(conn, {"error": f"rank {rank}: {traceback.format_exc()}"})
+        exit_worker(conn, 1)
     if rank == 1:
         send_result(conn, out)
     exit_worker(conn)
@@ -327,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         result, codes = spawn_for_result(
             _rank, 2, lambda rank, port, conn: (rank, port, args, ngpu, conn), 3600.0
         )
-        if result is None:
-            print(f"kvtriton bench transfer: no result (exit codes {codes})", file=sys.stderr)
+        if result is None or "error" in result:
+            why = result["error"] if result else f"no result (exit codes {codes})"
+            print(f"kvtriton bench transfer: {why}", file=sys.stderr)
             return 1
     _print(result)
     if args.json:

@@ -292,13 +292,16 @@ class SocketControl(ControlPlane):
         return out
 
     def _drain_wake(self) -> None:
-        with self._wake_lock:
-            self._woken = False
+        # drain first, then clear the flag: a wake that lands in between leaves its byte in
+        # the pipe (the next select returns at once); clearing first could swallow that byte
+        # while the flag stays set, and every later wake would then be lost
         try:
             while self._wake_r.recv(4096):
                 pass
         except BlockingIOError:
             pass
+        with self._wake_lock:
+            self._woken = False
 
     def wake(self) -> None:
         with self._wake_lock:

@@ -104,6 +104,21 @@ class _Compute:
 
 
 def _rank(rank: int, port: int, cfg: TtftConfig, ngpu: int, conn: Any) -> None:
+    import traceback
+
+    import torch
+
+    from kvtriton.transfer.launch import exit_worker, init_spawned, send_result
+
+    dev = torch.device(init_spawned(rank, 2, port, ngpu))
+    try:
+        _experiment(rank, cfg, dev, conn)
+    except BaseException:
+        send_result(conn, {"error": f"rank {rank}: {traceback.format_exc()}"})
+        exit_worker(conn, 1)
+
+
+def _experiment(rank: int, cfg: TtftConfig, dev: Any, conn: Any) -> None:
     import torch
     import torch.distributed as dist
 
@@ -111,19 +126,12 @@ def _rank(rank: int, port: int, cfg: TtftConfig, ngpu: int, conn: Any) -> None:
     from kvtriton.cache import KVCacheManager, allocate_pools
     from kvtriton.spec import preset
     from kvtriton.transfer.config import TransferOptions
-    from kvtriton.transfer.launch import (
-        connect,
-        exit_worker,
-        init_spawned,
-        make_groups,
-        send_result,
-    )
+    from kvtriton.transfer.launch import connect, exit_worker, gather_json, make_groups, send_result
     from kvtriton.transfer.protocol import prompt_digest
     from kvtriton.transfer.session import SessionState
     from kvtriton.transfer.topology import Topology
     from kvtriton.transfer.values import prefill, verify
 
-    dev = torch.device(init_spawned(rank, 2, port, ngpu))
     ctrl, data = make_groups(2, "gloo", 600.0)
     spec = preset(cfg.model)
     topo = Topology(spec)
@@ -194,6 +202,7 @@ def _rank(rank: int, port: int, cfg: TtftConfig, ngpu: int, conn: Any) -> None:
                     if timed and _rep > 0:
                         runs.append(run)
             results[f"{policy}/{'streamed' if streamed else 'plain'}"] = runs
+        channel_name = agent.channel.name
         agent.close(timeout=30)
         dist.barrier(group=ctrl)
     out = {
@@ -201,11 +210,9 @@ def _rank(rank: int, port: int, cfg: TtftConfig, ngpu: int, conn: Any) -> None:
         "runs": results,
         "compute_steps": compute.n if compute else 0,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "channel": channel_name,
     }
-    gathered: list[Any] = [None, None]
-    from kvtriton.transfer.launch import gather_json
-
-    gathered = gather_json(out, 1, ctrl)  # type: ignore[assignment]
+    gathered = gather_json(out, 1, ctrl)
     if rank == 1:
         send_result(conn, {"config": asdict(cfg), "ranks": gathered})
     exit_worker(conn)
@@ -344,6 +351,8 @@ def measure(cfg: TtftConfig) -> dict[str, Any]:
     )
     if result is None:
         raise RuntimeError(f"the TTFT experiment produced no result (exit codes {codes})")
+    if "error" in result:
+        raise RuntimeError(result["error"])
     return summarise(result)
 
 
@@ -378,8 +387,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                              "ttft_s": stream_g[-1]["ttft_s"]},
             },
         })  # fmt: skip
-    return {"config": result["config"], "device": ctx["device"], "rows": rows,
-            "compute_steps_per_layer": ctx["compute_steps"]}  # fmt: skip
+    return {"config": result["config"], "device": ctx["device"], "channel": ctx["channel"],
+            "rows": rows, "compute_steps_per_layer": ctx["compute_steps"]}  # fmt: skip
 
 
 def format_ttft(summary: dict[str, Any]) -> str:
@@ -387,7 +396,7 @@ def format_ttft(summary: dict[str, Any]) -> str:
     lines = [
         f"TTFT with and without layer-wise streaming: {cfg['model']}, P={cfg['prompt_tokens']} "
         f"(the receiver holds {cfg['history_tokens']} for the reuse policies), "
-        f"{cfg['layer_ms']} ms of compute per layer, over the {cfg['channel']} channel on "
+        f"{cfg['layer_ms']} ms of compute per layer, over the {summary['channel']} channel on "
         f"{summary['device']}; medians of {cfg['reps']}",
         f"{'policy':<16} {'moved':>10} {'prefill':>9} {'TTFT':>9} {'streamed':>9} {'saved':>8} "
         f"{'hidden':>7} {'target':>6} exact",

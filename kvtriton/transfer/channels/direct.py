@@ -203,6 +203,7 @@ class DirectChannel(DataChannel):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self._remote: dict[int, PoolSet] = {}
+        self._unmapped: dict[int, str] = {}  # peer -> why its pools could not be mapped
         self._pending = 0
         if self.cuda:
             from kvtriton.transfer.channels.cuda import Completions
@@ -241,7 +242,10 @@ class DirectChannel(DataChannel):
                         f"{peer} before the direct channel was connected"
                     )
         for peer in sorted(need):
-            self._remote[peer] = self._map(peer, got[peer], host.topology.spec(peer))
+            try:
+                self._remote[peer] = self._map(peer, got[peer], host.topology.spec(peer))
+            except ValueError as exc:  # another model: its requests are refused anyway
+                self._unmapped[peer] = str(exc)
 
     def _map(self, peer: int, msg: P.PoolHandles, spec: KVCacheSpec) -> PoolSet:
         if msg.rank != peer:
@@ -319,7 +323,8 @@ class DirectChannel(DataChannel):
         """Check the sender's block ids against its mapped pool and prepare the copy."""
         remote = self._remote.get(job.peer)
         if remote is None:
-            return "Blocks from a rank whose pools are not mapped"
+            why = self._unmapped.get(job.peer, "no handles arrived")
+            return f"Blocks from a rank whose pools are not mapped ({why})"
         req = job.request
         if set(message.block_ids) != set(req.tokens) or set(message.slots) != set(req.states):
             return (
