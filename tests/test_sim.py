@@ -568,3 +568,36 @@ def test_the_block_hash_does_not_change_the_result():
     a = simulate(spec, trace, capacity_blocks=400)
     b = simulate(spec, trace, capacity_blocks=400, hash_name="xxh3_128")
     assert a.to_dict() == b.to_dict()
+
+
+def test_cli_simulate_time_options(tmp_path, capsys):
+    from kvtriton.cli import main
+
+    base = ["simulate", "--preset", "gpt-oss-20b", *_SMALL_ARGS, "--json"]
+    assert main([*base, "--link", "direct", "--request-overhead-us", "7", "--rate", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    link = data["time_model"]["link"]
+    assert link["name"] == "custom" and link["request_overhead_us"] == 7.0
+    assert link["gbps"] == 2000.0 and link["estimate"] is True
+    args = ["--link-gbps", "10", "--prefill-tokens-per-s", "5000", "--requests", "3"]
+    assert main([*base, *args]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["time_model"]["link"]["gbps"] == 10.0 and data["trace"]["requests"] == 3
+    assert data["time_model"]["prefill_tokens_per_s"] == 5000.0
+    slow = data["policies"]["no_reuse"]["time"]["transfer_ms"]["mean"]
+    assert main([*base, "--link-gbps", "1000", "--requests", "3"]) == 0
+    fast = json.loads(capsys.readouterr().out)["policies"]["no_reuse"]["time"]["transfer_ms"]
+    assert fast["mean"] < slow
+    # a rate for a trace with timestamps, trace options for a synthetic trace: one-line errors
+    timed = tmp_path / "t.jsonl"
+    timed.write_text('{"id": "a", "prompt": [1, 2], "response": [3], "timestamp": 5}\n')
+    for args, message in (
+        (["--trace", str(timed), "--rate", "3"], "--rate applies to traces without arrival"),
+        (["--trace-format", "mooncake"], "apply to trace files, not --trace chat"),
+        (["--link", "ib"], "invalid choice: 'ib'"),
+        (["--link-gbps", "0"], "must be > 0"),
+        (["--prefill-tokens-per-s", "nan"], "must be > 0"),
+    ):
+        assert main(["simulate", "--preset", "gpt-oss-20b", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

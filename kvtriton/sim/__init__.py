@@ -9,13 +9,17 @@ A request trace runs through the real receiver cache manager once per
 """
 
 from kvtriton.sim.engine import POLICIES, default_capacity_blocks, simulate
+from kvtriton.sim.mooncake import DEFAULT_BLOCK_TOKENS, BlockTokens, load_mooncake
 from kvtriton.sim.report import GroupStats, PolicyResult, SimResult
 from kvtriton.sim.synthetic import TRACE_KINDS, agent_trace, chat_trace, synthetic_trace
-from kvtriton.sim.trace import Request, Trace, load_trace, trace_from_records
+from kvtriton.sim.trace import TRACE_FORMATS, Request, Trace, load_trace, trace_from_records
 
 __all__ = [
+    "DEFAULT_BLOCK_TOKENS",
     "POLICIES",
+    "TRACE_FORMATS",
     "TRACE_KINDS",
+    "BlockTokens",
     "GroupStats",
     "PolicyResult",
     "Request",
@@ -24,6 +28,7 @@ __all__ = [
     "agent_trace",
     "chat_trace",
     "default_capacity_blocks",
+    "load_mooncake",
     "load_trace",
     "simulate",
     "synthetic_trace",
