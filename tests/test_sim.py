@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -431,7 +432,67 @@ def test_plot_writes_an_image(tmp_path):
     )
     fig = plot_simulation(simulate(spec, trace, capacity_blocks=1000), tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 3  # bytes per group, transfer-time CDF, TTFT CDF
+
+
+def test_a_policy_has_one_colour_in_every_panel_and_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_hex
+
+    from kvtriton.plan import ReusePolicy
+    from kvtriton.viz import (
+        POLICY_STYLES,
+        plot_policy_summary,
+        plot_simulation,
+        plot_sweep,
+        plot_time_cdfs,
+        plot_time_sweep,
+    )
+
+    spec = preset("gpt-oss-20b")
+    trace = synthetic_trace("chat", seed=0, **SMALL_CHAT)
+    result = simulate(spec, trace, capacity_blocks=1000)
+    other = simulate(spec, trace, capacity_blocks=300)
+    colour = {to_hex(POLICY_STYLES[p]["color"]): p for p in ReusePolicy}
+    assert len(colour) == 3
+
+    def line_policies(ax):
+        return [
+            colour[to_hex(line.get_color())]
+            for line in ax.get_lines()
+            if line.get_label()[0] != "_"
+        ]
+
+    figures = [
+        plot_simulation(result),
+        plot_time_cdfs({"a": result, "b": other}),
+        plot_sweep({1000: result, 300: other}, "capacity"),
+        plot_time_sweep({1000: result, 300: other}, "capacity"),
+        plot_policy_summary({"a": result, "b": other}),
+    ]
+    seen = set()
+    for fig in figures:
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                hexed = to_hex(line.get_color())
+                named = re.fullmatch(r"(.+?)( p\d+)?", line.get_label()).group(1)
+                if named in {p.label for p in ReusePolicy}:
+                    p = colour[hexed]
+                    assert named == p.label, (line.get_label(), p)
+                    seen.add(p)
+            for patch in ax.patches:
+                assert to_hex(patch.get_facecolor()) in colour
+        # one legend per figure, outside every axes: it covers no data
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        assert len(fig.legends) == 1
+        box = fig.legends[0].get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer))
+    assert seen == set(ReusePolicy)
+    assert [p for p in line_policies(figures[1].axes[0])] == list(ReusePolicy.baseline_order())
 
 
 def test_bad_arguments_are_refused():

@@ -303,3 +303,28 @@ def test_a_trace_object_round_trips_through_the_cli(tmp_path: Path, capsys) -> N
     assert f"{path}: line 1: input_length 40 in blocks of 7 tokens needs 6 hash_ids" in err
     assert err.count("\n") == 1
     assert isinstance(load_trace(path, block_tokens=8), Trace)
+
+
+def test_prefix_family_samples_keep_families_whole(tmp_path: Path) -> None:
+    from kvtriton.sim.mooncake import sample_prefix_families
+
+    records = [rec(10 * i, 600, 1, [i % 5, 100 + i]) for i in range(40)]  # 5 families of 8
+    trace = load_trace(write(tmp_path / "t.jsonl", records))
+    half = sample_prefix_families(trace, 0.4, seed=3)
+    families = {r.prompt.hash_ids[0] for r in half}
+    assert len(families) == 2 and len(half) == 16  # 2 of 5 first ids, every request of each
+    assert [r.request_id for r in half] == [
+        r.request_id for r in trace if r.prompt.hash_ids[0] in families
+    ]
+    assert [rec["hash_ids"][0] for rec in half.records] == [r.prompt.hash_ids[0] for r in half]
+    assert sample_prefix_families(trace, 0.4, seed=3).requests == half.requests
+    assert sample_prefix_families(trace, 1.0).requests == trace.requests
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        sample_prefix_families(trace, 0)
+    own = load_trace(write(tmp_path / "own.jsonl", [{"id": "a", "prompt": [1], "response": [2]}]))
+    with pytest.raises(ValueError, match="needs a Mooncake-format trace"):
+        sample_prefix_families(own, 0.5)
+    dense = trace.scale_arrivals(0.5)
+    assert [r.arrival for r in dense] == [r.arrival / 2 for r in trace]
+    with pytest.raises(ValueError, match="factor must be a number > 0"):
+        trace.scale_arrivals(0)

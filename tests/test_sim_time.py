@@ -194,7 +194,9 @@ def test_concurrency_one_waits_for_a_decode_slot() -> None:
     t = result["per_group"].time
     # a: prefilled at 40 ms, decodes 200 ms; b: prefilled at 80 ms, admitted at 240 ms
     assert sorted(t.admission_ms.values) == pytest.approx([0.0, 160.0])
-    assert t.makespan_s == pytest.approx(0.24)
+    # b's one-token response ends at admission; its transfer ends the run
+    assert t.transfer_ms.values[0] == pytest.approx(t.transfer_ms.values[1])  # equal P, no queue
+    assert t.makespan_s == pytest.approx(0.24 + t.transfer_ms.p50 / 1000)
 
 
 def test_arrivals_from_timestamps_and_rates() -> None:

@@ -70,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens per hash_ids entry of a Mooncake-format trace (default 512)",
     )
     p.add_argument(
+        "--sample",
+        type=float_arg("the sampled fraction", above=0, maximum=1),
+        metavar="F",
+        help="a Mooncake-format trace: keep the prefix families (requests sharing a first "
+        "block) of a seeded fraction F of its first blocks (--seed)",
+    )
+    p.add_argument(
         "--requests",
         type=positive_int,
         metavar="N",
@@ -83,7 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "requests/s (default: every request is ready at time 0)",
     )
     p.add_argument(
-        "--seed", type=count_arg("the seed"), default=0, help="seed of the synthetic trace (0)"
+        "--seed",
+        type=count_arg("the seed"),
+        default=0,
+        help="seed of the synthetic trace, of --rate arrivals and of --sample (0)",
     )
     p.add_argument(
         "--users", type=positive_int, metavar="N", help="chat users / agents (default 8 / 4)"
@@ -227,6 +237,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def trace_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~kvtriton.sim.Trace` that ``--trace`` and the generator options select."""
     trace = _select_trace(args)
+    if args.sample is not None:
+        from kvtriton.sim.mooncake import sample_prefix_families
+
+        trace = sample_prefix_families(trace, args.sample, seed=args.seed)
     if args.requests is not None:
         trace = trace.head(args.requests)
     if args.rate is not None:

@@ -42,7 +42,9 @@ The clock (a discrete-event simulation; rates and the link are a
    for ``[0, P + R - 1)`` when it ends.
 
 The receiver's cache sees the prompt committed at admission and starts decoding there: the
-link's delay counts in TTFT but does not hold the receiver back. So the order of cache
+link's delay counts in TTFT but does not hold the receiver back (transfers take milliseconds
+against seconds of decoding; on a link loaded past its capacity the queue grows on the link,
+where a real receiver would hold its decode slots and queue at admission). So the order of cache
 operations does not depend on the link nor on the policy's bytes (only on memory pressure,
 through admission), and the policies are compared on the same schedule: a faster link is
 never slower, and no reuse is never faster than per-group reuse request by request (with
@@ -464,7 +466,7 @@ class _Run:
             prefill_ms=ms(self.prefill_s),
             admission_ms=ms(self.admission_s),
             link_busy_s=self.link_busy,
-            makespan_s=self.now,
+            makespan_s=max(self.now, self.link_free),
         )
         return PolicyResult(
             policy=self.policy,

@@ -22,6 +22,7 @@ file). See docs/traces.md for both trace formats.
 from __future__ import annotations
 
 import os
+import random
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
@@ -40,6 +41,7 @@ __all__ = [
     "load_mooncake",
     "mooncake_trace",
     "response_token",
+    "sample_prefix_families",
 ]
 
 #: Tokens per ``hash_ids`` entry in the public Mooncake traces.
@@ -255,3 +257,34 @@ def load_mooncake(
 ) -> Trace:
     """Read a Mooncake-format JSONL file (blank lines are skipped)."""
     return load_trace(path, name=name, trace_format="mooncake", block_tokens=block_tokens)
+
+
+def sample_prefix_families(trace: Trace, fraction: float, *, seed: int = 0) -> Trace:
+    """The requests of a Mooncake-format trace whose first block id falls in a seeded
+    random ``fraction`` of the trace's first block ids, in order, with their records.
+
+    Requests that share any prefix share their first block, so a family is kept or dropped
+    whole: the sample keeps the trace's prefix sharing (its share of prompt tokens that
+    follow a cached prefix) and its time span, at a fraction of the requests and the load.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if trace.fmt != "mooncake" or not all(isinstance(r.prompt, BlockTokens) for r in trace):
+        raise ValueError("sampling prefix families needs a Mooncake-format trace")
+    firsts = sorted({r.prompt.hash_ids[0] for r in trace})  # type: ignore[attr-defined]
+    keep = set(
+        random.Random(f"{seed}/families").sample(firsts, max(1, round(fraction * len(firsts))))
+    )
+    chosen = [
+        i
+        for i, r in enumerate(trace.requests)
+        if r.prompt.hash_ids[0] in keep  # type: ignore[attr-defined]
+    ]
+    return Trace(
+        tuple(trace.requests[i] for i in chosen),
+        name=trace.name,
+        records=tuple(trace.records[i] for i in chosen) if trace.records else (),
+        fmt="mooncake",
+    )

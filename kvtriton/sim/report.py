@@ -42,7 +42,8 @@ class TimeStats:
         prefill_ms: the context side's prefill of the uncached part.
         admission_ms: prefilled -> ask (waiting for a decode slot, for memory, or behind an
             earlier request).
-        link_busy_s: seconds the link was busy; makespan_s: when the last request ended.
+        link_busy_s: seconds the link was busy; makespan_s: when the last request ended
+            (its decode, or the link, whichever is later).
     """
 
     transfer_ms: Percentiles

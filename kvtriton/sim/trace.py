@@ -141,6 +141,21 @@ class Trace:
         )
         return Trace(tuple(requests), name=self.name, records=records, fmt=self.fmt)
 
+    def scale_arrivals(self, factor: float) -> Trace:
+        """Arrival times multiplied by ``factor`` (``1/9``: nine times the load); records
+        are kept as read (the change is in the requests only)."""
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not 0 < factor < math.inf
+        ):
+            raise ValueError(f"factor must be a number > 0, got {factor!r}")
+        requests = tuple(
+            r if r.arrival is None else replace(r, arrival=r.arrival * factor)
+            for r in self.requests
+        )
+        return Trace(requests, name=self.name, records=self.records, fmt=self.fmt)
+
     @property
     def timed(self) -> bool:
         """Whether any request has an arrival time."""
