@@ -5,8 +5,13 @@ Pure Python (no torch). Two modes, DESIGN.md §1:
 * **per group** -- ``cached_tokens`` is a mapping ``{group name: cached count}``; each group
   keeps its own reuse boundary;
 * **single boundary** -- ``cached_tokens`` is one int ``c`` used for every group (what a
-  system with one committed-token counter does). :func:`single_boundary` derives ``c``
-  from per-group counts.
+  system with one committed-token counter does): the largest prefix at which every group
+  could resume. ``c`` comes from what the cache holds (the cache manager's
+  ``PrefixMatch.boundary``); :func:`single_boundary` applies the same rule to exactly what
+  per-group counts state (DESIGN.md §1, "the rule, in one place").
+
+:func:`compare_policies` plans all three policies (a :class:`PlanComparison`); plans and
+comparisons print as aligned tables (``str()``, ``.table()``, and in Jupyter).
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from kvtriton.ranges import GroupKind, TokenRange, check_count
 from kvtriton.spec import KVCacheSpec, LayerGroup
+from kvtriton.table import Column, Table, format_bytes, format_count, format_percent
 
 __all__ = [
+    "CacheHolding",
     "GroupTransfer",
     "Mode",
+    "PlanComparison",
     "ReusePolicy",
     "TransferPlan",
     "compare_policies",
@@ -197,6 +205,67 @@ class TransferPlan:
         """Positions a receiver allocates: ``P + num_draft_tokens`` (drafts never move)."""
         return self.num_tokens + self.num_draft_tokens
 
+    def __repr__(self) -> str:
+        moved = ", ".join(f"{g.name} {_moved_text(g)}" for g in self.groups)
+        drafts = f" + {self.num_draft_tokens} draft" if self.num_draft_tokens else ""
+        return (
+            f"TransferPlan({self.spec.name}, P={self.num_tokens}{drafts}, {self.mode}: {moved}; "
+            f"{format_bytes(self.total_bytes)})"
+        )
+
+    def table(self) -> str:
+        """Aligned text: per group its window, needed and cached positions, what moves
+        (tokens, blocks, bytes), and a total row."""
+        tpb = self.spec.tokens_per_block
+        table = Table(
+            [
+                "group",
+                "kind",
+                Column("layers"),
+                Column("window"),
+                Column("needed"),
+                Column("cached"),
+                Column("moves"),
+                Column("tokens"),
+                Column("blocks"),
+                Column("bytes"),
+            ]
+        )
+        for g in self.groups:
+            state = g.group.is_state
+            table.add_row(
+                g.name,
+                g.kind,
+                g.group.num_layers,
+                g.group.window,
+                "state" if state else _range_text(g.needed),
+                format_count(g.cached_tokens),
+                ("state" if g.moves_state else "kept") if state else _range_text(g.tokens),
+                None if state else format_count(len(g.tokens)),
+                None if state else format_count(len(g.blocks(tpb))),
+                format_bytes(g.bytes),
+            )
+        table.add_rule()
+        table.add_row(
+            "total",
+            "",
+            self.spec.num_layers,
+            "",
+            "",
+            "",
+            "",
+            format_count(sum(len(g.tokens) for g in self.groups)),
+            format_count(sum(len(g.blocks(tpb)) for g in self.groups)),
+            format_bytes(self.total_bytes),
+        )
+        return f"{_plan_head(self)}; {self.mode.label}\n\n{table.render()}"
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython / Jupyter
+        printer.text(repr(self) if cycle else self.table())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "spec": self.spec.name,
@@ -207,6 +276,112 @@ class TransferPlan:
             "total_bytes": self.total_bytes,
             "groups": [g.to_dict(self.spec.tokens_per_block) for g in self.groups],
         }
+
+
+def _range_text(r: TokenRange) -> str:
+    return f"[{r.start}, {r.end})"
+
+
+def _moved_text(g: GroupTransfer) -> str:
+    if g.group.is_state:
+        return "state" if g.moves_state else "kept"
+    return _range_text(g.tokens)
+
+
+def _plan_head(plan: TransferPlan) -> str:
+    spec = plan.spec
+    drafts = f" + {plan.num_draft_tokens} draft (never moved)" if plan.num_draft_tokens else ""
+    return (
+        f"{spec.name}: prompt P = {format_count(plan.num_tokens)} tokens{drafts}, "
+        f"{spec.tokens_per_block} tokens/block, {spec.dtype}"
+    )
+
+
+class PlanComparison(dict):  # type: ignore[type-arg]
+    """``{ReusePolicy: TransferPlan}`` from :func:`compare_policies` (a plain ``dict`` in
+    table order), with the single boundary and a comparison table (``str()``, Jupyter)."""
+
+    @property
+    def boundary(self) -> int:
+        """The single boundary ``c`` the single-boundary plan used."""
+        plan = self[ReusePolicy.SINGLE_BOUNDARY]
+        return plan.groups[0].cached_tokens if plan.groups else 0
+
+    def table(self) -> str:
+        """Per layer group: kind, layers, window, needed positions, cached count, and per
+        policy tokens, blocks and bytes moved; totals and the savings below."""
+        policies = [p for p in ReusePolicy.table_order() if p in self]
+        per = self[policies[0]]
+        spec = per.spec
+        tpb = spec.tokens_per_block
+        columns: list[Column | str] = [
+            "group",
+            "kind",
+            Column("layers"),
+            Column("window"),
+            Column("needed"),
+            Column("cached"),
+        ]
+        for _ in policies:
+            columns += [Column("tokens"), Column("blocks"), Column("bytes")]
+        table = Table(columns, spans=[("", 6), *((policy.label, 3) for policy in policies)])
+        for g in per.groups:
+            cells: list[object] = [
+                g.name,
+                g.kind,
+                g.group.num_layers,
+                g.group.window,
+                "state" if g.group.is_state else _range_text(g.needed),
+                format_count(g.cached_tokens),
+            ]
+            for policy in policies:
+                pg = self[policy].group(g.name)
+                if pg.group.is_state:
+                    cells += ["state" if pg.moves_state else "kept", None, format_bytes(pg.bytes)]
+                else:
+                    cells += [
+                        format_count(len(pg.tokens)),
+                        format_count(len(pg.blocks(tpb))),
+                        format_bytes(pg.bytes),
+                    ]
+            table.add_row(*cells)
+        table.add_rule()
+        totals: list[object] = ["total", "", spec.num_layers, "", "", ""]
+        for policy in policies:
+            plan = self[policy]
+            totals += [
+                format_count(sum(len(g.tokens) for g in plan.groups)),
+                format_count(sum(len(g.blocks(tpb)) for g in plan.groups)),
+                format_bytes(plan.total_bytes),
+            ]
+        table.add_row(*totals)
+        head = _plan_head(per)
+        if ReusePolicy.SINGLE_BOUNDARY in self:
+            head += (
+                f"; single boundary c = {format_count(self.boundary)} (the longest prefix "
+                "every group can resume from)"
+            )
+        lines = [head, "", table.render(), ""]
+        base = ReusePolicy.PER_GROUP
+        for policy in policies:
+            if policy is base or base not in self:
+                continue
+            other = self[policy].total_bytes
+            saved = other - self[base].total_bytes
+            if other == 0:
+                lines.append(f"{base.label} vs {policy.label}: both move nothing (full hit)")
+            else:
+                lines.append(
+                    f"{base.label} vs {policy.label}: saves {format_bytes(saved)} "
+                    f"({format_percent(saved, other)} of {format_bytes(other)})"
+                )
+        return "\n".join(lines).rstrip()
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython / Jupyter
+        printer.text("PlanComparison(...)" if cycle else self.table())
 
 
 def _group_transfer(
@@ -269,15 +444,17 @@ def plan_transfer(
     return TransferPlan(spec, p, num_draft_tokens, mode, groups)
 
 
-def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[str, int]) -> int:
-    """The one reuse boundary a single-counter system would use, from per-group counts.
+@runtime_checkable
+class CacheHolding(Protocol):
+    """What a receiver cache says it holds for one prompt: per-group counts and the one
+    boundary derived from its contents (:class:`kvtriton.cache.PrefixMatch` is one)."""
 
-    ``c = min`` over groups of the position each could resume from at a common prefix:
-    an attention group contributes ``min(cached, P)``; a state group contributes its
-    snapshot position ``s`` when ``s <= P`` (a state can only resume where it was taken)
-    and 0 otherwise. Groups left out count as 0.
-    """
-    p = check_count("num_tokens (prompt length P)", num_tokens, 1)
+    num_tokens: int
+    cached: Mapping[str, int]
+    boundary: int
+
+
+def _check_counts(spec: KVCacheSpec, cached_tokens: object) -> dict[str, int]:
     if not isinstance(cached_tokens, Mapping):
         raise TypeError(
             f"cached_tokens must be a mapping {{group name: cached count}}, got "
@@ -286,30 +463,99 @@ def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[s
         )
     unknown = sorted(set(cached_tokens) - set(spec.group_names))
     if unknown:
-        raise ValueError(f"cached_tokens names unknown layer groups {unknown}")
-    return min(
-        g.rule.resume_point(
-            p, check_count(f"cached_tokens[{g.name!r}]", cached_tokens.get(g.name, 0), 0)
+        raise ValueError(
+            f"cached_tokens names unknown layer groups {unknown}; "
+            f"spec {spec.name!r} has {list(spec.group_names)}"
         )
-        for g in spec.groups
+    return {
+        name: check_count(f"cached_tokens[{name!r}]", cached_tokens.get(name, 0), 0)
+        for name in spec.group_names
+    }
+
+
+def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[str, int]) -> int:
+    """The one reuse boundary ``c`` that per-group counts alone establish (DESIGN.md §1).
+
+    ``c`` is the largest prefix at which *every* group could resume: full attention holds
+    ``[0, c)``, a window-``W`` group holds ``[max(0, c + 1 - W), c)`` (what the query at ``c``
+    reads), a state group holds its state at exactly ``c`` (``c = 0`` always qualifies). A
+    count says only what §1 says -- the group holds every *needed* position below it -- so
+    this takes the cache to hold exactly that: full attention ``[0, cached)``, a window group
+    ``[needed(g, P).start, cached)`` and nothing before its window, a state group one snapshot
+    at ``cached``. Hence a window group whose window starts after 0 supports only ``c = P``
+    (a full hit) or ``c = 0``: its count cannot show that it still holds the window below an
+    earlier ``c``.
+
+    That is the same rule the cache manager applies to its contents
+    (:meth:`kvtriton.cache.KVCacheManager.match`), applied to the contents the counts
+    describe: for counts taken from a real cache it is a lower bound of that cache's
+    ``PrefixMatch.boundary`` (the cache may hold more than its counts show). To plan with
+    what a cache really holds, pass its ``PrefixMatch`` to :func:`compare_policies`, or the
+    boundary to :func:`plan_transfer`. Groups left out count as 0.
+    """
+    p = check_count("num_tokens (prompt length P)", num_tokens, 1)
+    counts = _check_counts(spec, cached_tokens)
+    candidates = sorted({p, 0, *(min(n, p) for n in counts.values())}, reverse=True)
+    return next(
+        c
+        for c in candidates
+        if all(g.rule.resumes_at(g, p, counts[g.name], c) for g in spec.groups)
     )
 
 
 def compare_policies(
     spec: KVCacheSpec,
     num_tokens: int,
-    cached_tokens: Mapping[str, int],
+    cached_tokens: Mapping[str, int] | CacheHolding,
     *,
+    boundary: int | None = None,
     num_draft_tokens: int = 0,
-) -> dict[str, TransferPlan]:
-    """Plans under the three policies, keyed by :class:`ReusePolicy` (in table order)."""
-    c = single_boundary(spec, num_tokens, cached_tokens)
+) -> PlanComparison:
+    """Plans under the three policies, keyed by :class:`ReusePolicy` (in table order).
+
+    ``cached_tokens`` is what the receiver holds: a mapping ``{group: count}``, or a cache's
+    :class:`CacheHolding` (a :class:`kvtriton.cache.PrefixMatch`, or an allocation's
+    ``match``) whose ``boundary`` came from the cache contents. The single-boundary plan uses
+    ``boundary`` when given, else the holding's boundary, else :func:`single_boundary` of
+    the counts -- one rule everywhere (DESIGN.md §1): ``c`` comes from what the cache holds.
+    """
+    p = check_count("num_tokens (prompt length P)", num_tokens, 1)
+    holding = getattr(cached_tokens, "match", cached_tokens)  # an Allocation: its match
+    if isinstance(holding, CacheHolding) and not isinstance(holding, Mapping):
+        if holding.num_tokens != p:
+            raise ValueError(
+                f"the cache holding is for a prompt of {holding.num_tokens} tokens, "
+                f"not num_tokens={p}"
+            )
+        if boundary is not None and boundary != holding.boundary:
+            raise ValueError(
+                f"boundary={boundary} contradicts the cache holding's boundary {holding.boundary}"
+            )
+        counts = _check_counts(spec, holding.cached)
+        boundary = holding.boundary
+    else:
+        counts = _check_counts(spec, cached_tokens)
+    if boundary is None:
+        c = single_boundary(spec, p, counts)
+    else:
+        given = check_count("boundary (single boundary)", boundary, 0)
+        c = min(given, p)
+        over = [
+            g.name
+            for g in spec.groups
+            if g.kind.pages_tokens and c > max(counts[g.name], g.rule.needed(g, p).start)
+        ]
+        if over:
+            raise ValueError(
+                f"boundary {given} exceeds the cached count of {over}: a group that holds the "
+                "window below c holds every needed position below c"
+            )
     cached: dict[ReusePolicy, Mapping[str, int] | int] = {
-        ReusePolicy.PER_GROUP: cached_tokens,
+        ReusePolicy.PER_GROUP: counts,
         ReusePolicy.SINGLE_BOUNDARY: c,
         ReusePolicy.NO_REUSE: 0,
     }
-    return {
-        policy: plan_transfer(spec, num_tokens, cached[policy], num_draft_tokens=num_draft_tokens)
+    return PlanComparison(
+        (policy, plan_transfer(spec, p, cached[policy], num_draft_tokens=num_draft_tokens))
         for policy in ReusePolicy.table_order()
-    }
+    )

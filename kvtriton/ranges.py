@@ -301,10 +301,20 @@ class KindRule:
         """Whether the group's per-request state moves (never, for attention groups)."""
         return False
 
-    def resume_point(self, num_tokens: int, cached_tokens: int) -> int:
-        """The position this group could resume a common prefix from, given its per-group
-        count (:func:`kvtriton.plan.single_boundary`): ``min(cached, P)``."""
-        return min(cached_tokens, num_tokens)
+    def resumes_at(
+        self, group: WindowedGroup, num_tokens: int, cached_tokens: int, boundary: int
+    ) -> bool:
+        """Whether the group could resume one common prefix at ``boundary`` (``c``, with
+        ``0 <= c <= P``) when it holds exactly what its count says and nothing else
+        (:func:`kvtriton.plan.single_boundary`): the positions the query at ``c`` reads,
+        ``[max(0, c + 1 - W), c)`` (full attention: ``[0, c)``), must lie inside the held
+        positions ``[needed(g, P).start, cached)``. ``c = 0`` always qualifies."""
+        if boundary == 0:
+            return True
+        reads = max(0, boundary + 1 - group.window) if group.window else 0
+        if reads >= boundary:  # a window of 1 reads nothing before c
+            return True
+        return self.needed(group, num_tokens).start <= reads and boundary <= cached_tokens
 
     def peak_blocks(self, group: WindowedGroup, num_tokens: int, tokens_per_block: int) -> int:
         """The most blocks a request holds at once while it grows to ``num_tokens`` positions,
@@ -350,9 +360,11 @@ class StateRule(KindRule):
     def peak_blocks(self, group: WindowedGroup, num_tokens: int, tokens_per_block: int) -> int:
         return 0
 
-    def resume_point(self, num_tokens: int, cached_tokens: int) -> int:
-        # A state resumes only where it was taken: a snapshot past P is no common prefix.
-        return cached_tokens if cached_tokens <= num_tokens else 0
+    def resumes_at(
+        self, group: WindowedGroup, num_tokens: int, cached_tokens: int, boundary: int
+    ) -> bool:
+        # A state resumes only where its snapshot was taken (c = 0: the initial state).
+        return boundary == 0 or boundary == cached_tokens
 
 
 _RULES: dict[GroupKind, KindRule] = {

@@ -27,7 +27,7 @@ from kvtriton.cache import (
     pool_bytes,
     root_hash,
 )
-from kvtriton.plan import plan_transfer, single_boundary
+from kvtriton.plan import compare_policies, plan_transfer, single_boundary
 from kvtriton.ranges import ceil_div, needed_range
 from kvtriton.spec import KVCacheSpec, LayerGroup, preset
 from kvtriton.testing import brute_force_match, hybrid_spec
@@ -251,12 +251,17 @@ def test_single_boundary_rule_by_hand() -> None:
     assert match.cached["swa"] == 32
     # single boundary: c=32 needs swa blocks touching [24, 32) = 6, 7: cached
     assert match.boundary == 32
+    # the counts alone cannot show that (swa's count 32 is its needed start): from them the
+    # planner proves only c = 0; given the match itself it uses the cache's boundary
+    assert single_boundary(spec, 40, match.cached) == 0
+    assert compare_policies(spec, 40, match).boundary == 32
     m.evict(group="swa", num_blocks=1)  # the tail block (7) is evicted first
     assert m.num_cached_blocks("swa") == 1
     match = m.match(tokens)
     assert match.boundary == 0  # c=28 would need [20, 28) -> block 5: never cached
     assert match.cached["full"] == 32
-    assert single_boundary(spec, 40, match.cached) >= match.boundary
+    # counts alone prove less: the swa count 32 says nothing about [24, 32)
+    assert single_boundary(spec, 40, match.cached) == 0 <= match.boundary
 
 
 def test_gpt_oss_second_turn_per_group_keeps_full_reuse_single_collapses() -> None:

@@ -31,7 +31,7 @@ from kvtriton.cache import (
     encode_tokens,
     root_hash,
 )
-from kvtriton.plan import plan_transfer
+from kvtriton.plan import compare_policies, plan_transfer, single_boundary
 from kvtriton.ranges import BlockSpan, TokenRange
 from kvtriton.spec import KVCacheSpec
 from kvtriton.testing import brute_force_match, hybrid_spec
@@ -147,6 +147,10 @@ class CacheMachine(RuleBasedStateMachine):
         per_group = plan_transfer(self.spec, p, match.cached_tokens("per_group"))
         single = plan_transfer(self.spec, p, match.cached_tokens("single_boundary"))
         assert per_group.total_bytes <= single.total_bytes
+        # one single-boundary rule: the planner given the match plans what the manager's
+        # boundary says, and from the counts alone it proves no more than the cache holds
+        assert compare_policies(self.spec, p, match)["single_boundary"] == single
+        assert single_boundary(self.spec, p, match.cached) <= match.boundary
 
     def snapshot(self) -> tuple:
         m = self.m

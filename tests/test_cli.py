@@ -116,7 +116,7 @@ def test_plan_shows_the_gpt_oss_second_turn_numbers(capsys: pytest.CaptureFixtur
         "195",
         "MiB",
     ]
-    assert "single boundary c = 0 (min over groups)" in out
+    assert "single boundary c = 0 (the longest prefix every group can resume from)" in out
     assert "per-group vs single boundary: saves 141 MiB (72.1% of 195 MiB)" in out
     assert "per-group vs no reuse: saves 141 MiB (72.1% of 195 MiB)" in out
 
@@ -169,6 +169,21 @@ def test_plan_json_is_compare_policies(capsys: pytest.CaptureFixture[str]) -> No
     assert data["per_group"]["total_bytes"] == (2192 + 127) * 24576
     assert data["per_group"]["mode"] == "per_group"
     assert data["no_reuse"]["total_bytes"] == (8192 + 127) * 24576
+
+
+def test_plan_boundary_and_plot(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--boundary states a single boundary the counts cannot show; --plot draws the maps."""
+    status, out, _ = run(capsys, *GPT_OSS_SECOND_TURN, "--boundary", "4096", "--json")
+    assert status == 0
+    single = {g["group"]: g for g in json.loads(out)["single_boundary"]["groups"]}
+    assert single["full"]["tokens"] == [4096, 8192]
+    status, _, err = run(capsys, *GPT_OSS_SECOND_TURN, "--boundary", "7000")
+    assert status == 2 and "boundary 7000 exceeds the cached count of ['full']" in err
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "maps.png"
+    status, out, _ = run(capsys, *GPT_OSS_SECOND_TURN, "--plot", str(path))
+    assert status == 0 and f"plot written to {path}" in out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
 def test_plan_cached_all_block_size_and_drafts(capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,6 +68,27 @@ def ref_plan(spec: KVCacheSpec, prompt: int, cached: Mapping[str, int]) -> dict[
     return out
 
 
+def ref_single_boundary(spec: KVCacheSpec, prompt: int, cached: Mapping[str, int]) -> int:
+    """Brute force over every c in [0, P]: the cache holds exactly what the counts say (full
+    attention [0, n), a window group the needed positions below n, a state its snapshot at
+    n); c qualifies when each group holds what the query at c reads (its state at c)."""
+    best = 0
+    for c in range(prompt + 1):
+        ok = True
+        for g in spec.groups:
+            n = cached.get(g.name, 0)
+            if g.kind is GroupKind.STATE:
+                ok = ok and (c == 0 or c == n)
+                continue
+            lo = 0 if g.window is None else max(0, prompt + 1 - g.window)
+            held = set(range(lo, min(n, prompt)))
+            reads = set(range(0 if g.window is None else max(0, c + 1 - g.window), c))
+            ok = ok and reads <= held
+        if ok:
+            best = c
+    return best
+
+
 def moved_positions(plan: TransferPlan, name: str) -> list[int]:
     """Positions the plan moves for a group, enumerated chunk by chunk (duplicates kept)."""
     tpb = plan.spec.tokens_per_block
@@ -203,11 +224,13 @@ def test_policies_are_ordered_per_group_le_single_le_none(
     assert_matches_reference(single, ref_plan(spec, prompt, dict.fromkeys(spec.group_names, c)))
     assert_matches_reference(none, ref_plan(spec, prompt, {}))
 
-    # The single boundary is a prefix every attention group can reuse.
+    # The single boundary is a prefix every attention group can reuse: each holds every
+    # needed position below it.
     assert 0 <= c <= prompt
+    assert c == ref_single_boundary(spec, prompt, cached)
     for g in spec.groups:
         if g.is_attention:
-            assert c <= cached.get(g.name, 0)
+            assert c <= max(cached.get(g.name, 0), per.group(g.name).needed.start)
     for a, b in ((per, single), (single, none)):
         for ga, gb in zip(a.groups, b.groups, strict=True):
             assert set(ga.tokens) <= set(gb.tokens), ga.name
@@ -349,14 +372,77 @@ def test_state_moves_unless_held_at_exactly_prompt() -> None:
         assert g.moves_state and g.state_bytes == state_bytes and g.tokens.is_empty
 
 
-def test_single_boundary_is_min_over_groups_with_state_snapshot_rule() -> None:
-    spec = preset("tiny-hybrid")
-    assert single_boundary(spec, 50, {"full": 40, "sliding8": 30, "state": 35}) == 30
-    assert single_boundary(spec, 50, {"full": 40, "sliding8": 45, "state": 35}) == 35
-    # A snapshot past P cannot be resumed from: it contributes 0.
-    assert single_boundary(spec, 50, {"full": 40, "sliding8": 45, "state": 60}) == 0
+def test_single_boundary_from_counts_is_what_they_prove() -> None:
+    """Counts say only what DESIGN.md §1 says (every needed position below the count is
+    held), so a window group whose window starts after 0 supports c = P or c = 0."""
+    spec = preset("tiny-hybrid")  # full, sliding8 (W = 8), state; P = 50: needed [43, 50)
+    assert single_boundary(spec, 50, {"full": 40, "sliding8": 30, "state": 35}) == 0
+    assert single_boundary(spec, 50, {"full": 40, "sliding8": 45, "state": 35}) == 0
     assert single_boundary(spec, 50, {"full": 90, "sliding8": 90, "state": 50}) == 50
+    assert single_boundary(spec, 50, {"full": 90, "sliding8": 50, "state": 49}) == 0
     assert single_boundary(spec, 50, {"full": 90}) == 0  # left-out groups count as 0
+    # A window reaching back to 0 (P = 6 < W) holds [0, count): it resumes below it.
+    assert single_boundary(spec, 6, {"full": 5, "sliding8": 4, "state": 4}) == 4
+    assert single_boundary(spec, 6, {"full": 5, "sliding8": 5, "state": 4}) == 4
+    # A snapshot past P (or anywhere but a common c) cannot be resumed from.
+    assert single_boundary(spec, 6, {"full": 5, "sliding8": 5, "state": 7}) == 0
+    no_window = KVCacheSpec(
+        (spec.group("full"), spec.group("state")), tokens_per_block=4, name="full+state"
+    )
+    assert single_boundary(no_window, 50, {"full": 40, "state": 35}) == 35
+    assert single_boundary(no_window, 50, {"full": 30, "state": 35}) == 0
+
+
+def test_gpt_oss_manager_planner_and_cli_agree_on_the_single_boundary(capsys) -> None:
+    """Issue 12, item 4: an 8192-token prefill committed and freed; request 2 is its first
+    6000 tokens + 1000 new. The sliding layers never held the window below 6000 (a prefill
+    allocates only the window of its own P), so no common prefix above 0 exists: the cache
+    manager says boundary 0, and the planner must say the same from the match's counts."""
+    from kvtriton.cache import KVCacheManager
+    from kvtriton.cli import main
+
+    spec = preset("gpt-oss-20b")
+    m = KVCacheManager(spec, 4096)
+    first = list(range(1, 8193))
+    m.allocate("a", first, prefill=True)
+    m.commit("a")
+    m.free("a")
+    second = first[:6000] + list(range(100_001, 101_001))
+    match = m.match(second)
+    assert match.cached == {"full": 6000, "sliding128": 6873}
+    assert match.boundary == 0
+    assert single_boundary(spec, 7000, match.cached) == 0
+    for source in (match.cached, match):
+        plans = compare_policies(spec, 7000, source)
+        assert plans.boundary == 0
+        assert plans["single_boundary"].group("full").tokens == TokenRange(0, 7000)
+        assert plans["single_boundary"].total_bytes == plans["no_reuse"].total_bytes
+        assert plans["per_group"].group("full").tokens == TokenRange(6000, 7000)
+    # the receiver's single-boundary allocation plans the same bytes
+    single = m.allocate("b", match, mode="single_boundary")
+    assert plan_transfer(spec, 7000, single.cached_tokens()) == plans["single_boundary"]
+    m.free("b")
+    # and so does the CLI, given the same counts
+    args = ["plan", "--preset", "gpt-oss-20b", "--prompt", "7000", "--json"]
+    assert main([*args, "--cached", "full=6000", "--cached", "sliding128=6873"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["single_boundary"]["total_bytes"] == plans["single_boundary"].total_bytes
+
+
+def test_compare_policies_takes_a_cache_holding_or_a_boundary() -> None:
+    spec = preset("gpt-oss-20b")
+    counts = {"full": 6000, "sliding128": 6873}
+    # the caller knows the cache holds the window below 4096 too: c = 4096
+    plans = compare_policies(spec, 7000, counts, boundary=4096)
+    assert plans.boundary == 4096
+    assert plans["single_boundary"].group("full").tokens == TokenRange(4096, 7000)
+    with pytest.raises(ValueError, match=r"boundary 6500 exceeds the cached count of \['full'\]"):
+        compare_policies(spec, 7000, counts, boundary=6500)
+    with pytest.raises(ValueError, match="prompt of 7000 tokens, not num_tokens=7001"):
+        from types import SimpleNamespace
+
+        holding = SimpleNamespace(num_tokens=7000, cached=counts, boundary=0)
+        compare_policies(spec, 7001, holding)
 
 
 def test_plan_group_lookup_names_the_groups() -> None:
@@ -444,3 +530,41 @@ def test_reuse_policy_is_the_one_registry_of_names_and_labels() -> None:
     assert plans["per_group"] is plans[ReusePolicy.PER_GROUP]  # str keys still work
     assert plans[ReusePolicy.PER_GROUP].mode is ReusePolicy.PER_GROUP
     assert json.loads(json.dumps(plans[ReusePolicy.PER_GROUP].to_dict()))["mode"] == "per_group"
+
+
+# -- readable plans from Python -------------------------------------------------------------
+
+
+def test_plan_repr_and_table_read_well() -> None:
+    spec = preset("gpt-oss-20b")
+    plans = compare_policies(spec, 8192, {"full": 6000})
+    per = plans["per_group"]
+    assert repr(per) == (
+        "TransferPlan(gpt-oss-20b, P=8192, per_group: full [6000, 8192), "
+        "sliding128 [8065, 8192); 54.4 MiB)"
+    )
+    text = str(per)
+    assert text == per.table()
+    lines = text.splitlines()
+    assert lines[0] == "gpt-oss-20b: prompt P = 8,192 tokens, 16 tokens/block, bfloat16; per-group"
+    full = next(line.split() for line in lines if line.startswith("full "))
+    assert full == ["full", "full", "12", "-", "[0,", "8192)", "6,000", "[6000,", "8192)",
+                    "2,192", "137", "51.4", "MiB"]  # fmt: skip
+    assert lines[-1].split() == ["total", "24", "2,319", "145", "54.4", "MiB"]
+    # the comparison: a dict in table order with its boundary and the CLI's table
+    assert list(plans) == list(ReusePolicy.table_order())
+    assert plans.boundary == 0
+    from kvtriton.cli import plan_table
+
+    assert str(plans) == plans.table() == plan_table(plans)
+    assert "per-group vs single boundary: saves 141 MiB (72.1% of 195 MiB)" in str(plans)
+    state = plan_transfer(preset("tiny-hybrid"), 50, {"state": 50})
+    assert "state kept" in repr(state) and "kept" in state.table()
+
+
+def test_plans_pretty_print_as_tables_in_jupyter() -> None:
+    pretty = pytest.importorskip("IPython.lib.pretty").pretty
+
+    plans = compare_policies(preset("tiny-hybrid"), 50, {"full": 40})
+    assert pretty(plans) == plans.table()
+    assert pretty(plans["no_reuse"]) == plans["no_reuse"].table()

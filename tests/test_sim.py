@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -431,7 +432,67 @@ def test_plot_writes_an_image(tmp_path):
     )
     fig = plot_simulation(simulate(spec, trace, capacity_blocks=1000), tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 3  # bytes per group, transfer-time CDF, TTFT CDF
+
+
+def test_a_policy_has_one_colour_in_every_panel_and_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_hex
+
+    from kvtriton.plan import ReusePolicy
+    from kvtriton.viz import (
+        POLICY_STYLES,
+        plot_policy_summary,
+        plot_simulation,
+        plot_sweep,
+        plot_time_cdfs,
+        plot_time_sweep,
+    )
+
+    spec = preset("gpt-oss-20b")
+    trace = synthetic_trace("chat", seed=0, **SMALL_CHAT)
+    result = simulate(spec, trace, capacity_blocks=1000)
+    other = simulate(spec, trace, capacity_blocks=300)
+    colour = {to_hex(POLICY_STYLES[p]["color"]): p for p in ReusePolicy}
+    assert len(colour) == 3
+
+    def line_policies(ax):
+        return [
+            colour[to_hex(line.get_color())]
+            for line in ax.get_lines()
+            if line.get_label()[0] != "_"
+        ]
+
+    figures = [
+        plot_simulation(result),
+        plot_time_cdfs({"a": result, "b": other}),
+        plot_sweep({1000: result, 300: other}, "capacity"),
+        plot_time_sweep({1000: result, 300: other}, "capacity"),
+        plot_policy_summary({"a": result, "b": other}),
+    ]
+    seen = set()
+    for fig in figures:
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                hexed = to_hex(line.get_color())
+                named = re.fullmatch(r"(.+?)( p\d+)?", line.get_label()).group(1)
+                if named in {p.label for p in ReusePolicy}:
+                    p = colour[hexed]
+                    assert named == p.label, (line.get_label(), p)
+                    seen.add(p)
+            for patch in ax.patches:
+                assert to_hex(patch.get_facecolor()) in colour
+        # one legend per figure, outside every axes: it covers no data
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        assert len(fig.legends) == 1
+        box = fig.legends[0].get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer))
+    assert seen == set(ReusePolicy)
+    assert [p for p in line_policies(figures[1].axes[0])] == list(ReusePolicy.baseline_order())
 
 
 def test_bad_arguments_are_refused():
@@ -568,3 +629,36 @@ def test_the_block_hash_does_not_change_the_result():
     a = simulate(spec, trace, capacity_blocks=400)
     b = simulate(spec, trace, capacity_blocks=400, hash_name="xxh3_128")
     assert a.to_dict() == b.to_dict()
+
+
+def test_cli_simulate_time_options(tmp_path, capsys):
+    from kvtriton.cli import main
+
+    base = ["simulate", "--preset", "gpt-oss-20b", *_SMALL_ARGS, "--json"]
+    assert main([*base, "--link", "direct", "--request-overhead-us", "7", "--rate", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    link = data["time_model"]["link"]
+    assert link["name"] == "custom" and link["request_overhead_us"] == 7.0
+    assert link["gbps"] == 2000.0 and link["estimate"] is True
+    args = ["--link-gbps", "10", "--prefill-tokens-per-s", "5000", "--requests", "3"]
+    assert main([*base, *args]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["time_model"]["link"]["gbps"] == 10.0 and data["trace"]["requests"] == 3
+    assert data["time_model"]["prefill_tokens_per_s"] == 5000.0
+    slow = data["policies"]["no_reuse"]["time"]["transfer_ms"]["mean"]
+    assert main([*base, "--link-gbps", "1000", "--requests", "3"]) == 0
+    fast = json.loads(capsys.readouterr().out)["policies"]["no_reuse"]["time"]["transfer_ms"]
+    assert fast["mean"] < slow
+    # a rate for a trace with timestamps, trace options for a synthetic trace: one-line errors
+    timed = tmp_path / "t.jsonl"
+    timed.write_text('{"id": "a", "prompt": [1, 2], "response": [3], "timestamp": 5}\n')
+    for args, message in (
+        (["--trace", str(timed), "--rate", "3"], "--rate applies to traces without arrival"),
+        (["--trace-format", "mooncake"], "apply to trace files, not --trace chat"),
+        (["--link", "ib"], "invalid choice: 'ib'"),
+        (["--link-gbps", "0"], "must be > 0"),
+        (["--prefill-tokens-per-s", "nan"], "must be > 0"),
+    ):
+        assert main(["simulate", "--preset", "gpt-oss-20b", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

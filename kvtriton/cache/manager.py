@@ -219,7 +219,9 @@ class KVCacheManager:
         ``c`` is always a multiple of ``B`` (a valid ``c`` inside block ``j`` implies
         ``(j + 1)*B`` is valid), so the search runs over block boundaries. For every
         attention group ``cached[g] >= boundary``, and a state group hits per group whenever
-        ``boundary == P``.
+        ``boundary == P``. This is DESIGN.md §1's one single-boundary rule: the planner uses
+        this boundary when given the match (``kvtriton.plan.compare_policies(spec, P,
+        match)``), and from ``cached`` alone it proves at most this boundary.
         """
         data, p = self._encode(tokens, "tokens")
         hashes = self._hashes(data, self._root(extra_key))

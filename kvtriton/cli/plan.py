@@ -13,9 +13,8 @@ from kvtriton.options import (
     spec_from_args,
     token_count_arg,
 )
-from kvtriton.plan import ReusePolicy, TransferPlan, compare_policies, single_boundary
+from kvtriton.plan import PlanComparison, ReusePolicy, TransferPlan, compare_policies
 from kvtriton.spec import KVCacheSpec
-from kvtriton.table import Column, Table, format_bytes, format_count, format_percent
 
 __all__ = ["add_arguments", "cached_counts", "compare", "plan_table", "run"]
 
@@ -63,6 +62,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the three plans (compare_policies) as JSON instead of a table",
     )
+    p.add_argument(
+        "--boundary",
+        type=count_arg(),
+        metavar="C",
+        help="the single boundary, when the cache holds more than the counts show (default: "
+        "the largest c the counts prove, kvtriton.plan.single_boundary)",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also save the block maps of the three plans (png, svg, pdf ...)",
+    )
 
 
 def cached_counts(
@@ -84,86 +95,26 @@ def cached_counts(
 
 
 def compare(
-    spec: KVCacheSpec, prompt: int, cached: Mapping[str, int], drafts: int
+    spec: KVCacheSpec,
+    prompt: int,
+    cached: Mapping[str, int],
+    drafts: int,
+    boundary: int | None = None,
 ) -> tuple[dict[ReusePolicy, TransferPlan], int]:
     """:func:`~kvtriton.plan.compare_policies` and the single boundary, errors as
     :class:`~kvtriton.options.UsageError`."""
     try:
-        return (
-            compare_policies(spec, prompt, cached, num_draft_tokens=drafts),
-            single_boundary(spec, prompt, cached),
-        )
+        plans = compare_policies(spec, prompt, cached, boundary=boundary, num_draft_tokens=drafts)
     except (ValueError, TypeError) as exc:  # inputs were validated; keep messages clean
         raise UsageError(str(exc)) from exc
+    return plans, plans.boundary
 
 
-def plan_table(plans: Mapping[str, TransferPlan], boundary: int) -> str:
-    """The per-group comparison table of :func:`compare_policies` output, plus totals and
-    savings (what ``kvtriton plan`` prints)."""
-    policies = ReusePolicy.table_order()
-    per = plans[ReusePolicy.PER_GROUP]
-    spec = per.spec
-    tpb = spec.tokens_per_block
-    columns: list[Column | str] = [
-        "group",
-        "kind",
-        Column("layers"),
-        Column("window"),
-        Column("needed"),
-        Column("cached"),
-    ]
-    for _ in policies:
-        columns += [Column("tokens"), Column("blocks"), Column("bytes")]
-    table = Table(columns, spans=[("", 6), *((policy.label, 3) for policy in policies)])
-    for g in per.groups:
-        cells: list[object] = [
-            g.name,
-            g.kind,
-            g.group.num_layers,
-            g.group.window,
-            "state" if g.group.is_state else f"[{g.needed.start}, {g.needed.end})",
-            format_count(g.cached_tokens),
-        ]
-        for policy in policies:
-            pg = plans[policy].group(g.name)
-            if pg.group.is_state:
-                cells += ["state" if pg.moves_state else "kept", None, format_bytes(pg.bytes)]
-            else:
-                cells += [
-                    format_count(len(pg.tokens)),
-                    format_count(len(pg.blocks(tpb))),
-                    format_bytes(pg.bytes),
-                ]
-        table.add_row(*cells)
-    table.add_rule()
-    totals: list[object] = ["total", "", spec.num_layers, "", "", ""]
-    for policy in policies:
-        plan = plans[policy]
-        totals += [
-            format_count(sum(len(g.tokens) for g in plan.groups)),
-            format_count(sum(len(g.blocks(tpb)) for g in plan.groups)),
-            format_bytes(plan.total_bytes),
-        ]
-    table.add_row(*totals)
-
-    head = (
-        f"{spec.name}: prompt P = {format_count(per.num_tokens)} tokens"
-        f"{f' + {per.num_draft_tokens} draft (never moved)' if per.num_draft_tokens else ''}"
-        f", {tpb} tokens/block, {spec.dtype}; single boundary c = {format_count(boundary)}"
-        f" (min over groups)"
-    )
-    lines = [head, "", table.render(), ""]
-    for policy in policies[1:]:
-        other = plans[policy].total_bytes
-        saved = other - per.total_bytes
-        if other == 0:
-            lines.append(f"per-group vs {policy.label}: both move nothing (full hit)")
-        else:
-            lines.append(
-                f"per-group vs {policy.label}: saves {format_bytes(saved)} "
-                f"({format_percent(saved, other)} of {format_bytes(other)})"
-            )
-    return "\n".join(lines)
+def plan_table(plans: Mapping[str, TransferPlan], boundary: int | None = None) -> str:
+    """The comparison table of :func:`compare_policies` output (what ``kvtriton plan``
+    prints): :meth:`kvtriton.plan.PlanComparison.table`; ``boundary`` is read from the
+    plans and kept for callers that pass it."""
+    return PlanComparison(plans).table()
 
 
 def plans_json(plans: Mapping[str, TransferPlan]) -> str:
@@ -173,6 +124,15 @@ def plans_json(plans: Mapping[str, TransferPlan]) -> str:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     cached = cached_counts(spec, args.cached, args.cached_all)
-    plans, boundary = compare(spec, args.prompt, cached, args.draft)
+    plans, boundary = compare(spec, args.prompt, cached, args.draft, args.boundary)
     print(plans_json(plans) if args.json else plan_table(plans, boundary))
+    if args.plot:
+        from kvtriton.viz import plot_block_maps
+
+        try:
+            plot_block_maps(plans, args.plot)
+        except (ImportError, ValueError, OSError) as exc:
+            raise UsageError(f"--plot {args.plot!r}: {exc}") from exc
+        if not args.json:
+            print(f"plot written to {args.plot}")
     return 0

@@ -22,13 +22,18 @@ from kvtriton.options import (
 )
 from kvtriton.plan import ReusePolicy
 
-__all__ = ["add_arguments", "run", "trace_from_args"]
+__all__ = ["add_arguments", "run", "time_model_from_args", "trace_from_args"]
 
 HELP = (
     "run a request trace through a receiver cache under no reuse, single "
-    "boundary and per-group reuse: bytes moved, hit rates, peak blocks per layer group"
+    "boundary and per-group reuse: bytes moved, hit rates, peak blocks per layer group, "
+    "transfer time and TTFT percentiles"
 )
-EPILOG = "example: kvtriton simulate --hf-config GptOssConfig --trace chat --plot sim.png"
+EPILOG = (
+    "examples: kvtriton simulate --hf-config GptOssConfig --trace chat --plot sim.png; "
+    "kvtriton simulate --hf-config GptOssConfig --trace data/mooncake_synthetic_sample.jsonl "
+    "(a Mooncake-format trace: docs/traces.md)"
+)
 
 #: Options that shape a synthetic trace (refused with a trace file).
 GENERATOR_OPTIONS = (
@@ -49,10 +54,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trace",
         default="chat",
         metavar="chat|agent|FILE.jsonl",
-        help="a synthetic trace kind or a JSONL trace file (format: kvtriton.sim.trace)",
+        help="a synthetic trace kind or a JSONL trace file: kvtriton's format or the "
+        "Mooncake format (hash_ids, timestamp, input_length, output_length); docs/traces.md",
     )
     p.add_argument(
-        "--seed", type=count_arg("the seed"), default=0, help="seed of the synthetic trace (0)"
+        "--trace-format",
+        choices=("auto", "kvtriton", "mooncake"),
+        default="auto",
+        help="format of the trace file (auto: Mooncake when the first record holds hash_ids)",
+    )
+    p.add_argument(
+        "--trace-block-tokens",
+        type=positive_int,
+        metavar="N",
+        help="tokens per hash_ids entry of a Mooncake-format trace (default 512)",
+    )
+    p.add_argument(
+        "--sample",
+        type=float_arg("the sampled fraction", above=0, maximum=1),
+        metavar="F",
+        help="a Mooncake-format trace: keep the prefix families (requests sharing a first "
+        "block) of a seeded fraction F of its first blocks (--seed)",
+    )
+    p.add_argument(
+        "--requests",
+        type=positive_int,
+        metavar="N",
+        help="simulate only the first N requests of the trace (in arrival order)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float_arg("the arrival rate", above=0, maximum=1e9, unit="requests/s"),
+        metavar="R",
+        help="arrivals for a trace without timestamps: a seeded Poisson process of R "
+        "requests/s (default: every request is ready at time 0)",
+    )
+    p.add_argument(
+        "--seed",
+        type=count_arg("the seed"),
+        default=0,
+        help="seed of the synthetic trace, of --rate arrivals and of --sample (0)",
     )
     p.add_argument(
         "--users", type=positive_int, metavar="N", help="chat users / agents (default 8 / 4)"
@@ -127,6 +168,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"comma-separated subset of {names}",
     )
+    from kvtriton.sim.timing import (
+        DEFAULT_DECODE_TOKENS_PER_S,
+        DEFAULT_LINK,
+        DEFAULT_PREFILL_TOKENS_PER_S,
+        LINK_PROFILES,
+    )
+
+    links = "; ".join(p.label() for p in LINK_PROFILES.values())
+    p.add_argument(
+        "--link",
+        choices=tuple(LINK_PROFILES),
+        default=DEFAULT_LINK,
+        help=f"link profile (kvtriton.sim.timing, from BENCHMARKS.md / DESIGN.md): {links}",
+    )
+    p.add_argument(
+        "--link-gbps",
+        type=float_arg("the link bandwidth", above=0, maximum=1e9, unit="GB/s"),
+        metavar="GBPS",
+        help="replace the profile's bandwidth (GB/s of payload)",
+    )
+    p.add_argument(
+        "--request-overhead-us",
+        type=float_arg("the request overhead", minimum=0, maximum=1e12, unit="us"),
+        metavar="US",
+        help="replace the profile's fixed cost per request (microseconds)",
+    )
+    p.add_argument(
+        "--prefill-tokens-per-s",
+        type=float_arg("the prefill rate", above=0, maximum=1e12, unit="tokens/s"),
+        default=DEFAULT_PREFILL_TOKENS_PER_S,
+        metavar="R",
+        help=f"prefill throughput per context rank (an assumption: "
+        f"{DEFAULT_PREFILL_TOKENS_PER_S:,.0f})",
+    )
+    p.add_argument(
+        "--decode-tokens-per-s",
+        type=float_arg("the decode rate", above=0, maximum=1e12, unit="tokens/s"),
+        default=DEFAULT_DECODE_TOKENS_PER_S,
+        metavar="R",
+        help=f"decode speed of one request on the receiver (an assumption: "
+        f"{DEFAULT_DECODE_TOKENS_PER_S:,.0f})",
+    )
+    p.add_argument(
+        "--context-ranks",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="context ranks prefilling at once (1)",
+    )
+    p.add_argument(
+        "--no-context-cache",
+        action="store_true",
+        help="the context side prefills every prompt whole (default: it resumes after the "
+        "longest prefix it prefilled before)",
+    )
     p.add_argument(
         "--hash",
         choices=("sha256", "xxh3_128"),
@@ -140,9 +236,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def trace_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~kvtriton.sim.Trace` that ``--trace`` and the generator options select."""
+    trace = _select_trace(args)
+    if args.sample is not None:
+        from kvtriton.sim.mooncake import sample_prefix_families
+
+        trace = sample_prefix_families(trace, args.sample, seed=args.seed)
+    if args.requests is not None:
+        trace = trace.head(args.requests)
+    if args.rate is not None:
+        if trace.timed:
+            raise UsageError(
+                f"--rate applies to traces without arrival times; {args.trace!r} has timestamps"
+            )
+        trace = trace.with_rate(args.rate, seed=args.seed)
+    return trace
+
+
+def _select_trace(args: argparse.Namespace) -> Any:
     from kvtriton.sim import TRACE_KINDS, load_trace, synthetic_trace
 
     if args.trace in TRACE_KINDS:
+        for option in ("trace_block_tokens",):
+            if getattr(args, option) is not None or args.trace_format != "auto":
+                raise UsageError(
+                    "--trace-format / --trace-block-tokens apply to trace files, not "
+                    f"--trace {args.trace}"
+                )
         params: dict[str, Any] = {"seed": args.seed}
         chat = args.trace == "chat"
         for option, key in (
@@ -174,7 +293,23 @@ def trace_from_args(args: argparse.Namespace) -> Any:
             f"--{generator[0].replace('_', '-')} shapes synthetic traces only, not "
             f"the trace file {args.trace!r}"
         )
-    return load_trace(args.trace)
+    return load_trace(
+        args.trace, trace_format=args.trace_format, block_tokens=args.trace_block_tokens
+    )
+
+
+def time_model_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~kvtriton.sim.timing.TimeModel` the time options select."""
+    from kvtriton.sim.timing import TimeModel, link_profile
+
+    link = link_profile(args.link).with_overrides(args.link_gbps, args.request_overhead_us)
+    return TimeModel(
+        link=link,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        decode_tokens_per_s=args.decode_tokens_per_s,
+        context_ranks=args.context_ranks,
+        context_cache=not args.no_context_cache,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
         trace = trace_from_args(args)
+        time_model = time_model_from_args(args)
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         if args.capacity_gib is not None:
             capacity: dict[str, Any] = {"capacity_bytes": int(args.capacity_gib * 1024**3)}
@@ -207,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
                 state_slots=args.state_slots,
                 progress=bar.update,
                 hash_name=args.hash,
+                time_model=time_model,
                 **capacity,
             )
     except (ValueError, TypeError, OSError) as exc:

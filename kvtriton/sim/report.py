@@ -1,6 +1,21 @@
 """What a simulation measured: per group (:class:`GroupStats`), per policy
-(:class:`PolicyResult`) and over all policies (:class:`SimResult`, with the text table that
-``kvtriton simulate`` prints and the JSON it writes)."""
+(:class:`PolicyResult`, with its :class:`TimeStats`) and over all policies (:class:`SimResult`,
+with the text table that ``kvtriton simulate`` prints and the JSON it writes).
+
+JSON (``SimResult.to_dict()``, ``kvtriton simulate --json``)::
+
+    {"spec", "trace": {...summary}, "tokens_per_block", "pool_blocks", "state_slots",
+     "concurrency", "time_model": {"link": {"name", "gbps", "request_overhead_us", ...},
+                                   "prefill_tokens_per_s", "decode_tokens_per_s",
+                                   "context_ranks", "context_cache"},
+     "policies": {POLICY: {"policy", "requests", "full_hits", "waits", "total_bytes",
+                           "groups": [{"group", "kind", ..., "bytes", "hit_rate"}, ...],
+                           "time": {"transfer_ms": {"p50", "p90", "p99", "mean"},
+                                    "ttft_ms": {...}, "queue_ms": {...},
+                                    "prefill_ms": {...}, "admission_ms": {...},
+                                    "link_busy_s", "makespan_s"}}},
+     "savings": {"per_group_vs_single_boundary": {"bytes", "fraction"}, ...}}
+"""
 
 from __future__ import annotations
 
@@ -10,9 +25,49 @@ from typing import Any
 
 from kvtriton.plan import ReusePolicy
 from kvtriton.ranges import GroupKind
+from kvtriton.sim.timing import Percentiles, TimeModel
 from kvtriton.table import Column, Table, format_bytes, format_count
 
-__all__ = ["GroupStats", "PolicyResult", "SimResult"]
+__all__ = ["GroupStats", "PolicyResult", "SimResult", "TimeStats"]
+
+
+@dataclass(frozen=True)
+class TimeStats:
+    """One policy's time per request (milliseconds), see :mod:`kvtriton.sim.engine`.
+
+    Attributes:
+        transfer_ms: ask -> committed: waiting for the link plus ``overhead + bytes / bw``.
+        ttft_ms: ready -> committed = ``queue + prefill + admission + transfer``.
+        queue_ms: ready -> prefill start (waiting for a context rank).
+        prefill_ms: the context side's prefill of the uncached part.
+        admission_ms: prefilled -> ask (waiting for a decode slot, for memory, or behind an
+            earlier request).
+        link_busy_s: seconds the link was busy; makespan_s: when the last request ended
+            (its decode, or the link, whichever is later).
+    """
+
+    transfer_ms: Percentiles
+    ttft_ms: Percentiles
+    queue_ms: Percentiles
+    prefill_ms: Percentiles
+    admission_ms: Percentiles
+    link_busy_s: float
+    makespan_s: float
+
+    #: The per-request series, in table order: (attribute, label).
+    SERIES = (
+        ("transfer_ms", "transfer"),
+        ("ttft_ms", "TTFT"),
+        ("queue_ms", "  context queue"),
+        ("prefill_ms", "  prefill"),
+        ("admission_ms", "  admission"),
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {attr: getattr(self, attr).to_dict() for attr, _ in self.SERIES}
+        out["link_busy_s"] = self.link_busy_s
+        out["makespan_s"] = self.makespan_s
+        return out
 
 
 @dataclass(frozen=True)
@@ -89,6 +144,7 @@ class PolicyResult:
         full_hits: requests that moved nothing at all.
         waits: admission attempts deferred because the pool could not cover the worst-case
             growth of the live requests plus the next one (a measure of capacity pressure).
+        time: transfer time, TTFT and their parts per request (``None`` if not simulated).
     """
 
     policy: ReusePolicy
@@ -96,6 +152,7 @@ class PolicyResult:
     requests: int
     full_hits: int
     waits: int
+    time: TimeStats | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", ReusePolicy.parse(self.policy))
@@ -123,6 +180,7 @@ class PolicyResult:
             "waits": self.waits,
             "total_bytes": self.total_bytes,
             "groups": [g.to_dict() for g in self.groups],
+            **({"time": self.time.to_dict()} if self.time is not None else {}),
         }
 
 
@@ -135,6 +193,7 @@ class SimResult:
         tokens_per_block: ``B``; pool_blocks: ``{attention group: blocks}``; state_slots:
             slots per state group (0 without state groups); concurrency: live requests.
         policies: ``{policy: PolicyResult}`` in the order simulated.
+        time_model: the link and rates the clock ran on.
     """
 
     spec_name: str
@@ -144,6 +203,7 @@ class SimResult:
     state_slots: int
     concurrency: int
     policies: Mapping[str, PolicyResult]
+    time_model: TimeModel | None = None
 
     def __getitem__(self, policy: str) -> PolicyResult:
         try:
@@ -171,6 +231,7 @@ class SimResult:
             "pool_blocks": dict(self.pool_blocks),
             "state_slots": self.state_slots,
             "concurrency": self.concurrency,
+            **({"time_model": self.time_model.to_dict()} if self.time_model else {}),
             "policies": {str(name): p.to_dict() for name, p in self.policies.items()},
             "savings": {},
         }
@@ -238,6 +299,42 @@ class SimResult:
                 f"{format_bytes(saved)} ({100 * frac:.1f}% of "
                 f"{format_bytes(self[baseline].total_bytes)})"
             )
+        time_table = self.time_table()
+        if time_table:
+            lines += ["", time_table]
+        return "\n".join(lines)
+
+    def time_table(self) -> str:
+        """Per policy the p50 / p90 / p99 / mean of transfer time, TTFT and its parts (ms),
+        under the time model's link and rates ("" when no time was simulated)."""
+        order = [p for p in ReusePolicy.table_order() if p in self.policies]
+        if not order or any(self.policies[p].time is None for p in order):
+            return ""
+        stats = ("p50", "p90", "p99", "mean")
+        columns: list[Column | str] = ["ms"]
+        for _ in order:
+            columns += [Column(s) for s in stats]
+        table = Table(columns, spans=[("", 1), *((p.label, len(stats)) for p in order)])
+        for attr, label in TimeStats.SERIES:
+            cells: list[object] = [label]
+            for p in order:
+                pct = getattr(self.policies[p].time, attr)
+                cells += [_ms(getattr(pct, s)) for s in stats]
+            table.add_row(*cells)
+        lines = []
+        if self.time_model is not None:
+            m = self.time_model
+            ctx = "prefix-cached" if m.context_cache else "no prefix cache"
+            lines.append(
+                f"time: link {m.link.label()}; prefill {m.prefill_tokens_per_s:,.0f} tok/s x "
+                f"{m.context_ranks} context rank{'s' if m.context_ranks > 1 else ''} "
+                f"({ctx}); decode {m.decode_tokens_per_s:,.0f} tok/s per request"
+            )
+        lines.append(table.render())
+        lines.append(
+            "transfer: ask -> committed (link queue + fixed cost + bytes / bandwidth); TTFT: "
+            "ready -> committed = context queue + prefill + admission + transfer"
+        )
         return "\n".join(lines)
 
 
@@ -248,3 +345,16 @@ def _saving_pairs(policies: Mapping[str, Any]) -> list[tuple[ReusePolicy, ReuseP
         (ReusePolicy.SINGLE_BOUNDARY, ReusePolicy.NO_REUSE),
     ]
     return [(a, b) for a, b in pairs if a in policies and b in policies]
+
+
+def _ms(value: float) -> str:
+    """Milliseconds with three significant digits (at least one decimal below 100)."""
+    if value != value:  # nan
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"

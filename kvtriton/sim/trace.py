@@ -21,23 +21,42 @@ JSONL trace format (one JSON object per line; blank lines are ignored)
   - the response: ``"response": [ids...]`` or ``"response_len": n`` (``n >= 1``; synthetic);
   - optional ``"after": ID``: an earlier request that must finish first (default: the
     ``prefix`` when it names a request);
-  - optional ``"session"`` (default: the id).
+  - optional ``"session"`` (default: the id);
+  - optional ``"timestamp"``: arrival time in milliseconds from the start (a number >= 0;
+    requests without one arrive at 0 unless a rate is given, :meth:`Trace.with_rate`).
 
 Synthetic ids are ``random.Random(f"{seed}/{key}")`` draws in ``[0, vocab_size)`` with key
 ``"segment/NAME"``, ``"ID/new"`` or ``"ID/response"``, so a file reproduces the same tokens
 everywhere.
+
+:func:`load_trace` also reads Mooncake-format traces (records with ``hash_ids``; see
+:mod:`kvtriton.sim.mooncake`), detected from the first record or forced with
+``trace_format``. docs/traces.md documents both formats.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-__all__ = ["FORMAT_VERSION", "Request", "Trace", "load_trace", "trace_from_records"]
+__all__ = [
+    "FORMAT_VERSION",
+    "TRACE_FORMATS",
+    "Request",
+    "Trace",
+    "TraceFormat",
+    "load_trace",
+    "trace_from_records",
+]
+
+TraceFormat = Literal["auto", "kvtriton", "mooncake"]
+#: What ``load_trace(trace_format=...)`` takes: detect from the first record, or force one.
+TRACE_FORMATS: tuple[str, ...] = ("auto", "kvtriton", "mooncake")
 
 #: The ``kvtriton_trace`` version of the JSONL header this module reads and writes.
 FORMAT_VERSION = 1
@@ -49,22 +68,32 @@ class Request:
 
     Attributes:
         request_id: unique within the trace.
-        prompt: prompt token ids (``P = len(prompt) >= 1``).
+        prompt: prompt token ids (``P = len(prompt) >= 1``): a tuple, or a sequence that
+            makes them on use (:class:`~kvtriton.sim.mooncake.BlockTokens`).
         response: token ids the receiver decodes (``R >= 1``).
         session: a label grouping a conversation or an agent's loop.
         after: an earlier request that must finish before this one starts (or ``None``).
+        arrival: arrival time in seconds from the start of the trace (``None``: at 0, or
+            as a rate gives it).
     """
 
     request_id: str
-    prompt: tuple[int, ...]
-    response: tuple[int, ...]
+    prompt: Sequence[int]
+    response: Sequence[int]
     session: str = ""
     after: str | None = None
+    arrival: float | None = None
 
     @property
     def sequence(self) -> tuple[int, ...]:
         """Prompt followed by response: what a continuing request extends."""
-        return self.prompt + self.response
+        return tuple(self.prompt) + tuple(self.response)
+
+    def prompt_ids(self) -> Sequence[int]:
+        """The prompt in the form the cache manager hashes fastest (an ``array("Q")`` for
+        generated prompts, else the tuple itself)."""
+        make = getattr(self.prompt, "array", None)
+        return make() if make is not None else self.prompt
 
 
 @dataclass(frozen=True)
@@ -74,9 +103,63 @@ class Trace:
     requests: tuple[Request, ...]
     name: str = "trace"
     records: tuple[Mapping[str, Any], ...] = field(default=(), repr=False, compare=False)
+    fmt: Literal["kvtriton", "mooncake"] = field(default="kvtriton", repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    def head(self, n: int) -> Trace:
+        """The first ``n`` requests (in arrival order), with the records that build them."""
+        check_int(n, "n", 1)
+        if n >= len(self.requests):
+            return self
+        requests = self.requests[:n]
+        if self.fmt == "mooncake" or not self.records:
+            records = self.records[:n]
+        else:  # compact records: everything up to the n-th request's record
+            last = requests[-1].request_id
+            end = next(i for i, r in enumerate(self.records) if r.get("id") == last)
+            records = self.records[: end + 1]
+        return Trace(requests, name=self.name, records=records, fmt=self.fmt)
+
+    def with_rate(self, rate: float, *, seed: int = 0) -> Trace:
+        """Arrivals of a Poisson process of ``rate`` requests per second (seeded), in trace
+        order; a request that continues another still waits for it when simulated."""
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
+            raise ValueError(f"rate must be a number of requests per second > 0, got {rate!r}")
+        rng = random.Random(f"{seed}/arrivals")
+        t, requests = 0.0, []
+        for r in self.requests:
+            requests.append(replace(r, arrival=t))
+            t += rng.expovariate(rate)
+        times = {r.request_id: r.arrival for r in requests}
+        records = tuple(
+            {**rec, "timestamp": 1000.0 * times[rec["id"]]}
+            if self.fmt == "kvtriton" and rec.get("id") in times
+            else rec
+            for rec in self.records
+        )
+        return Trace(tuple(requests), name=self.name, records=records, fmt=self.fmt)
+
+    def scale_arrivals(self, factor: float) -> Trace:
+        """Arrival times multiplied by ``factor`` (``1/9``: nine times the load); records
+        are kept as read (the change is in the requests only)."""
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not 0 < factor < math.inf
+        ):
+            raise ValueError(f"factor must be a number > 0, got {factor!r}")
+        requests = tuple(
+            r if r.arrival is None else replace(r, arrival=r.arrival * factor)
+            for r in self.requests
+        )
+        return Trace(requests, name=self.name, records=self.records, fmt=self.fmt)
+
+    @property
+    def timed(self) -> bool:
+        """Whether any request has an arrival time."""
+        return any(r.arrival is not None for r in self.requests)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.requests)
@@ -106,7 +189,8 @@ class Trace:
         }
 
     def to_records(self) -> list[dict[str, Any]]:
-        """JSONL records: the compact ones it was built from, else explicit prompts."""
+        """JSONL records: the ones it was built from (compact kvtriton records, or Mooncake
+        records), else explicit prompts."""
         if self.records:
             return [dict(r) for r in self.records]
         out: list[dict[str, Any]] = [{"kvtriton_trace": FORMAT_VERSION, "name": self.name}]
@@ -119,6 +203,8 @@ class Trace:
             }
             if r.after is not None:
                 rec["after"] = r.after
+            if r.arrival is not None:
+                rec["timestamp"] = 1000.0 * r.arrival
             out.append(rec)
         return out
 
@@ -160,15 +246,21 @@ _REQUEST_KEYS = {
     "response",
     "response_len",
     "after",
+    "timestamp",
 }
 
 
 def trace_from_records(
-    records: Iterable[Mapping[str, Any]], *, name: str | None = None, source: str = "trace"
+    records: Iterable[Mapping[str, Any]],
+    *,
+    name: str | None = None,
+    source: str = "trace",
+    lines: Sequence[int] | None = None,
 ) -> Trace:
     """Resolve JSONL records (see the module docstring) into a :class:`Trace`.
 
-    ``ValueError`` names ``source``, the 1-based record number and the field at fault.
+    ``ValueError`` names ``source``, the record (its file line when ``lines`` gives the line
+    of each record, else its 1-based number) and the field at fault.
     """
     seed, vocab, trace_name = 0, 32000, name
     segments: dict[str, tuple[int, ...]] = {}
@@ -176,7 +268,7 @@ def trace_from_records(
     requests: list[Request] = []
     kept: list[Mapping[str, Any]] = []
     for line, rec in enumerate(records, start=1):
-        where = f"{source}: record {line}"
+        where = f"{source}: " + (f"line {lines[line - 1]}" if lines else f"record {line}")
         if not isinstance(rec, Mapping):
             raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         kept.append(rec)
@@ -208,8 +300,10 @@ def trace_from_records(
             continue
         unknown = sorted(set(rec) - _REQUEST_KEYS)
         if unknown:
+            hint = " (a Mooncake-format record: read it as trace_format='mooncake')"
             raise ValueError(
                 f"{where}: unknown fields {unknown}; a request takes {sorted(_REQUEST_KEYS)}"
+                + (hint if "hash_ids" in rec else "")
             )
         rid = rec.get("id")
         if not isinstance(rid, str) or not rid:
@@ -276,7 +370,18 @@ def trace_from_records(
         session = rec.get("session", rid)
         if not isinstance(session, str):
             raise ValueError(f"{where}: session must be a string, got {session!r}")
-        req = Request(rid, prompt, response, session, after)
+        arrival = None
+        if "timestamp" in rec:
+            ts = rec["timestamp"]
+            if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts < math.inf:
+                raise ValueError(f"{where}: timestamp must be milliseconds >= 0, got {ts!r}")
+            arrival = ts / 1000.0
+            if requests and requests[-1].arrival is not None and arrival < requests[-1].arrival:
+                raise ValueError(
+                    f"{where}: timestamp {ts} is earlier than the previous request's "
+                    "(requests are listed in arrival order)"
+                )
+        req = Request(rid, prompt, response, session, after, arrival)
         done[rid] = req
         requests.append(req)
     if not requests:
@@ -284,23 +389,57 @@ def trace_from_records(
     return Trace(tuple(requests), name=trace_name or "trace", records=tuple(kept))
 
 
-def load_trace(path: str | os.PathLike[str], *, name: str | None = None) -> Trace:
-    """Read a JSONL trace file (format in the module docstring)."""
-    records = []
+def load_trace(
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    trace_format: TraceFormat = "auto",
+    block_tokens: int | None = None,
+) -> Trace:
+    """Read a JSONL trace file: kvtriton's format (the module docstring) or the Mooncake
+    format (:mod:`kvtriton.sim.mooncake`; ``block_tokens`` per ``hash_ids`` entry, default
+    512). ``trace_format="auto"`` picks Mooncake when the first record holds ``hash_ids``.
+    Errors name the file and the line."""
+    if trace_format not in TRACE_FORMATS:
+        raise ValueError(f"trace_format must be one of {TRACE_FORMATS}, got {trace_format!r}")
     src = os.fspath(path)
     try:
         with open(src) as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{src}: line {number} is not JSON: {exc.msg}") from None
+            parsed = list(_parse_lines(fh, src))
     except OSError as exc:
         raise ValueError(f"cannot read trace {src!r}: {exc.strerror or exc}") from None
-    trace = trace_from_records(records, name=name, source=src)
-    return trace if name else _named(trace, os.path.splitext(os.path.basename(src))[0])
+    default = os.path.splitext(os.path.basename(src))[0]
+    from kvtriton.sim import mooncake
+
+    if trace_format == "auto":
+        first = parsed[0][1] if parsed else None
+        trace_format = "mooncake" if mooncake.is_mooncake_record(first) else "kvtriton"
+    if trace_format == "mooncake":
+        return mooncake.mooncake_trace(
+            parsed,
+            source=src,
+            name=name or default,
+            block_tokens=mooncake.DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens,
+        )
+    if block_tokens is not None:
+        raise ValueError(f"{src}: block_tokens applies to Mooncake-format traces only")
+    trace = trace_from_records(
+        [rec for _, rec in parsed],  # type: ignore[misc]
+        name=name,
+        source=src,
+        lines=[line for line, _ in parsed],
+    )
+    return trace if name else _named(trace, default)
+
+
+def _parse_lines(lines: Iterable[str], src: str) -> Iterator[tuple[int, object]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{src}: line {number} is not JSON: {exc.msg}") from None
 
 
 def _named(trace: Trace, default: str) -> Trace:

@@ -1,7 +1,7 @@
 """Plots for the notebooks and ``kvtriton simulate --plot`` (matplotlib, imported on use).
 
 * :mod:`kvtriton.viz.blocks`: block maps of transfer plans and the what-if helpers;
-* :mod:`kvtriton.viz.sim`: simulation results;
+* :mod:`kvtriton.viz.sim`: simulation results (bytes, transfer-time and TTFT CDFs);
 * :mod:`kvtriton.viz.bench`: kernel bandwidth and distributed-transfer reports.
 
 Every ``plot_*`` function returns a ``matplotlib.figure.Figure`` and saves it to ``path``
@@ -23,7 +23,14 @@ from kvtriton.viz.blocks import (
     plot_plan_bytes,
     with_window,
 )
-from kvtriton.viz.sim import plot_policy_summary, plot_simulation, plot_sweep
+from kvtriton.viz.sim import (
+    POLICY_STYLES,
+    plot_policy_summary,
+    plot_simulation,
+    plot_sweep,
+    plot_time_cdfs,
+    plot_time_sweep,
+)
 
 __all__ = [
     "CACHED",
@@ -31,6 +38,7 @@ __all__ = [
     "MOVED",
     "NOT_NEEDED",
     "PARTLY_MOVED",
+    "POLICY_STYLES",
     "STATUS_NAMES",
     "GroupMap",
     "alignment_plans",
@@ -41,6 +49,8 @@ __all__ = [
     "plot_policy_summary",
     "plot_simulation",
     "plot_sweep",
+    "plot_time_cdfs",
+    "plot_time_sweep",
     "plot_transfer_report",
     "with_window",
 ]
