@@ -31,8 +31,9 @@ CASES: list[tuple[str, DisaggConfig]] = [
         DisaggConfig(faults={0: FaultInjection(stall=True)}, **{**ONE_TURN, "timeout_s": 1.5}),
     ),
     ("cancel", DisaggConfig(cancel=("c0t0",), **ONE_TURN)),
-    # last: a dead rank breaks the world (its peer keeps running and reports)
-    ("sender-dies", DisaggConfig(faults={0: FaultInjection(die_after_frames=1)}, **ONE_TURN)),
+    # last: a dead rank breaks the world; it dies with a request accepted and its pools
+    # mapped by the receiver, which must survive, fail the request and commit nothing
+    ("sender-dies", DisaggConfig(faults={0: FaultInjection(die_after_frames=0)}, **ONE_TURN)),
 ]
 
 

@@ -110,7 +110,7 @@ def _run(rank: int, args: argparse.Namespace) -> dict[str, Any]:
         return max(2, min(16, inflight // nbytes))
 
     need = max(k_for(n) * n for n in sizes)
-    nblocks = need // (bpt * bsz) + 64
+    nblocks = need // (bpt * bsz) + 256  # + what the scrambling below keeps allocated
     pools = allocate_pools(spec, nblocks, device=dev, layout="NHD" if rank == 0 else "HND")
     manager = KVCacheManager(spec, pools=pools)
     options = TransferOptions(
@@ -130,7 +130,7 @@ def _run(rank: int, args: argparse.Namespace) -> dict[str, Any]:
     )
     # shuffle the free list: requests land on scattered blocks on both sides
     g = torch.Generator().manual_seed(1234 + rank)
-    scramble = [f"s{i}" for i in range(nblocks // 4)]
+    scramble = [f"s{i}" for i in range(128)]
     for i, rid in enumerate(scramble):
         manager.allocate(
             rid, [i + 1] * (1 + int(torch.randint(0, 3 * bsz, (1,), generator=g))), prefill=True

@@ -20,7 +20,8 @@ class FaultInjection:
     data channel (:class:`kvtriton.transfer.faults.FaultyChannel`), never inside the library.
 
     Attributes:
-        die_after_frames: the process is killed once this many chunks left it.
+        die_after_frames: the process is killed once this many chunks left it (0: when
+            it is about to send its first chunk, with a request accepted).
         stall: accept requests but never send data (the receiver must time out).
         corrupt_chunk: flip one byte of this chunk index after its checksum was taken.
         frame_delay_s: wait this long between chunks (a slow sender).

@@ -68,6 +68,9 @@ class FaultyChannel(DataChannel):
     def remote_done(self, job: SendJob) -> None:
         self.inner.remote_done(job)
 
+    def marker_done(self, marker: Any) -> bool:
+        return self.inner.marker_done(marker)
+
     def chunk_bytes(self, requested: int) -> int:
         return self.inner.chunk_bytes(requested)
 
@@ -77,6 +80,8 @@ class FaultyChannel(DataChannel):
             job.corrupt_chunk = self.faults.corrupt_chunk
 
     def schedule(self, job: SendJob, count: int) -> None:
+        if self.faults.die_after_frames == 0:  # dies with the request accepted, nothing sent
+            os.kill(os.getpid(), signal.SIGKILL)
         self.inner.schedule(job, count)
         if self.faults.frame_delay_s > 0:
             self._next_at = self._host_clock() + self.faults.frame_delay_s

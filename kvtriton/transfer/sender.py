@@ -403,14 +403,20 @@ class Sender:
                 if job.scheduled == len(job.chunks):
                     q.remove(job)
 
-    @staticmethod
-    def _ready_chunks(src: Source, job: SendJob, room: int) -> int:
-        """How many chunks from ``job.scheduled`` on are written (at most ``room``)."""
+    def _ready_chunks(self, src: Source, job: SendJob, room: int) -> int:
+        """How many chunks from ``job.scheduled`` on are written (at most ``room``): their
+        layers marked ready, and the channel content with the markers."""
         end = min(len(job.chunks), job.scheduled + room)
-        if src.ready_layers is None:
-            return end - job.scheduled
+        done = self.agent.channel.marker_done
+        if src.ready_layers is None and not src.layer_markers:
+            return end - job.scheduled if done(src.ready) else 0
         k = job.scheduled
-        while k < end and job.chunks[k].layer_ids <= src.ready_layers:
+        while k < end:
+            layers = job.chunks[k].layer_ids
+            if src.ready_layers is not None and not layers <= src.ready_layers:
+                break
+            if not all(done(src.layer_markers[i][1]) for i in layers if i in src.layer_markers):
+                break
             k += 1
         return k - job.scheduled
 

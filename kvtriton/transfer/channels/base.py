@@ -115,6 +115,12 @@ class DataChannel(ABC):
         when the writes are already complete (CPU)."""
         return None
 
+    def marker_done(self, marker: Any) -> bool:
+        """Whether the sender may announce chunks whose KV ``marker`` marks (channels that
+        order reads on the device return ``True`` at once; the direct channel announces
+        only written KV, so its receivers never wait on another process's event)."""
+        return True
+
     def remote_done(self, job: SendJob) -> None:
         """The receiver's final word (Ack or Cancel) arrived: it reads the source no more
         (channels whose receivers read the sender's memory hold a lease until then)."""

@@ -12,11 +12,13 @@ the receiver checks against the mapped pool's shape before any kernel uses them;
 view itself was checked against the real size of the mapped allocation at connect. Pull and
 push run the same kernel at the same rate on one device (BENCHMARKS.md).
 
-Ordering: the sender records an interprocess CUDA event when a source is registered (its KV
-is written); the receiver's copy stream waits for it, and the receiver commits only after
-its own copy events completed. The sender keeps the source leased until the receiver's final
-word (Ack, or Cancel after an error), which it sends only after its last copy of that
-request completed.
+Ordering: the sender records a CUDA event when a source is registered (and, streaming, each
+time layers are marked written); a completion thread watches it, and the sender announces a
+chunk (``Blocks``) only once the event of its layers fired, so the receiver copies at once
+and never opens another process's event (measured: each interprocess event open costs ~0.4
+ms). The receiver commits only after its own copy events completed, and the sender keeps the
+source leased until the receiver's final word (Ack, or Cancel after an error), which it
+sends only after its last copy of that request completed.
 
 :class:`CudaIpcMemory` maps real CUDA pools; :class:`LocalMemory` lets agents of one process
 (the loopback world, CPU tests) run the same channel logic on CPU tensors.
@@ -210,6 +212,7 @@ class DirectChannel(DataChannel):
 
             self.copy_stream = torch.cuda.Stream(self.device)
             self._done = Completions("kvtr-ipc-copies")
+            self._markers = Completions("kvtr-ipc-written")
 
     # -- set-up ----------------------------------------------------------------------------
     def connect_start(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -273,9 +276,15 @@ class DirectChannel(DataChannel):
     def ready_marker(self) -> Any:
         if not self.cuda:
             return None
-        event = torch.cuda.Event(interprocess=True)
+        event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
+        self._markers.add(event, self._host.control.wake)  # the sender pumps once it fired
         return event
+
+    def marker_done(self, marker: Any) -> bool:
+        # announce only KV that is written: the receiver then copies at once, without
+        # opening another process's event (each cuIpcOpenEventHandle costs ~0.4 ms)
+        return marker is None or bool(marker.query())
 
     def chunk_bytes(self, requested: int) -> int:
         return P.MAX_CHUNK_BYTES  # one copy per request: nothing is staged
@@ -293,9 +302,8 @@ class DirectChannel(DataChannel):
             slots = {g: job.target.state_slots[g] for g in req.states}
             job.remote_lease = True  # the receiver reads the blocks until its final word
             job.in_flight += 1
-        event = bytes(job.ready.ipc_handle()) if job.ready is not None else b""
         self._host.control.send(
-            job.peer, P.Blocks(job.request_id, blocks, slots, event, first, count)
+            job.peer, P.Blocks(job.request_id, blocks, slots, b"", first, count)
         )
         job.scheduled = job.handed = first + count
         self._events.put(Handed(job))
@@ -397,6 +405,7 @@ class DirectChannel(DataChannel):
             if not self.busy():
                 torch.cuda.synchronize(self.device)
             self._done.close()
+            self._markers.close()
         self._remote.clear()
         self.memory.close()
 
