@@ -26,6 +26,7 @@ from kvtriton.transfer import protocol as P
 from kvtriton.transfer.chunking import plan_chunks
 from kvtriton.transfer.jobs import Landed, RecvJob
 from kvtriton.transfer.session import Session, SessionState
+from kvtriton.transfer.trace import trace
 
 if TYPE_CHECKING:
     from kvtriton.transfer.agent import TransferAgent
@@ -177,6 +178,7 @@ class Receiver:
                 handle, f"sender rank {lost[0]} is unreachable: {agent.control.lost[lost[0]]}"
             )
             return handle
+        trace("ask", rid)
         for sender, job in handle.jobs.items():
             self.jobs[(sender, rid)] = job
             agent.control.send(sender, job.request)
@@ -217,7 +219,9 @@ class Receiver:
             if job.closed:
                 self.agent.peer_lost(peer, f"announced chunks of request {rid!r} after its end")
                 return
+            trace("announced", rid)
             error = self.agent.channel.on_announce(job, msg)
+            trace("posted", rid)
             if error is not None:
                 self.agent.peer_lost(peer, f"request {rid!r}: {error}")
                 return
@@ -262,6 +266,7 @@ class Receiver:
             job.checksums[ev.chunk] = ev.checksum
         now = self.agent.clock()
         job.landed_at.append(now)
+        trace("landed", job.request_id)
         if ev.written:
             handle.bytes_received += job.chunks[ev.chunk].nbytes
             if handle.t_first_data is None:
@@ -312,6 +317,7 @@ class Receiver:
                 self._fail(handle, f"commit failed: {handle.commit_error}")
                 return
         handle.session.advance(SessionState.TRANSFERRED)
+        trace("committed", handle.request_id)
         self.ended[SessionState.TRANSFERRED.value] += 1
         for sender, job in handle.jobs.items():
             job.final_sent = True

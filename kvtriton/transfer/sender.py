@@ -34,6 +34,7 @@ from kvtriton.transfer import protocol as P
 from kvtriton.transfer.chunking import plan_chunks
 from kvtriton.transfer.jobs import SendJob, Sent
 from kvtriton.transfer.session import Session, SessionState
+from kvtriton.transfer.trace import trace
 
 if TYPE_CHECKING:
     from kvtriton.transfer.agent import TransferAgent
@@ -186,6 +187,7 @@ class Sender:
 
     # -- requests -------------------------------------------------------------------------
     def on_request(self, peer: int, req: P.Request) -> None:
+        trace("request", req.request_id)
         agent = self.agent
         src = self.sources.get(req.request_id)
         reason = self._check(peer, req, src)
@@ -311,6 +313,7 @@ class Sender:
         if job is None:
             return
         self.agent.channel.remote_done(job)  # the receiver's final word: it reads no more
+        trace("acked", msg.request_id)
         if not job.session.is_terminal and job.done_sent:
             job.session.advance_to(SessionState.TRANSFERRED)
             self._ended(src, job)  # type: ignore[arg-type]
@@ -399,7 +402,9 @@ class Sender:
                     job.session.advance_to(SessionState.TRANSFERRING)
                 job.ready = self._marker(src, job, count)
                 rate.started(count, now)
+                trace("schedule", job.request_id)
                 agent.channel.schedule(job, count)
+                trace("scheduled", job.request_id)
                 if job.scheduled == len(job.chunks):
                     q.remove(job)
 

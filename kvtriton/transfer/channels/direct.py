@@ -41,6 +41,7 @@ from kvtriton.transfer import protocol as P
 from kvtriton.transfer.channels.base import DataChannel
 from kvtriton.transfer.jobs import Handed, Landed, RecvJob, SendJob, WriteDone
 from kvtriton.transfer.moves import PoolSet, prepare_copy
+from kvtriton.transfer.trace import trace
 
 __all__ = ["CudaIpcMemory", "DirectChannel", "LocalMemory", "PeerMemory"]
 
@@ -358,6 +359,7 @@ class DirectChannel(DataChannel):
             )  # fmt: skip
             host = self._host
             layouts = [c.layout for c in job.chunks]
+            trace("prepare", req.request_id)
             job.moves = prepare_copy(
                 remote, src, host.pools, job.handle.target, layouts, host.options.backend
             )
@@ -389,6 +391,7 @@ class DirectChannel(DataChannel):
                     host.counters["bytes_received"] += job.chunks[k].nbytes
                 done = torch.cuda.Event()
                 done.record(self.copy_stream)
+                trace("launched", job.request_id)
                 self._pending += 1
                 self._done.add(done, _landed(self, job, k, live))
 
