@@ -20,7 +20,7 @@ prefill of the whole prompt, then greedy decoding on that cache).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +64,15 @@ def _ids_tensor(tokens: Sequence[int], device: Any) -> torch.Tensor:
 
 def _device(model: Any) -> Any:
     return next(model.parameters()).device
+
+
+def _decoder_layers(model: Any) -> Any:
+    """The decoder layers of a transformers causal LM, in global layer order."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if layers is not None:
+            return layers
+    raise ValueError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
 
 
 def _forward(model: Any, tokens: Sequence[int], cache: Any) -> Any:
@@ -139,8 +148,21 @@ class ContextWorker:
         self.pool_map: dict[str, torch.Tensor] = {**self.pools.kv, **self.pools.state}
         self._live: dict[str, tuple[int, dict[str, BlockSpan], dict[str, int]]] = {}
 
-    def prefill(self, request_id: str, prompt: Sequence[int]) -> torch.Tensor:
-        """Prefill ``prompt``; keep its needed KV; return the last position's logits [vocab]."""
+    def prefill(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        on_allocated: Callable[[], None] | None = None,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Prefill ``prompt``; keep its needed KV; return the last position's logits [vocab].
+
+        Streaming: ``on_allocated()`` runs once the blocks exist (before the forward: register
+        the source there); with ``on_layer``, forward hooks copy each decoder layer's KV into
+        the pools as soon as that layer's forward wrote the cache, then call
+        ``on_layer(global layer id)`` (mark it ready there), while the next layers compute.
+        """
         import torch
         from transformers import DynamicCache
 
@@ -150,11 +172,10 @@ class ContextWorker:
             raise ValueError(f"request {request_id!r} is already live on the context side")
         p = len(prompt)
         alloc = self.manager.allocate(request_id, list(prompt))
-        try:
-            with torch.no_grad():
-                cache = DynamicCache(config=self.model.config)
-                out = _forward(self.model, prompt, cache)
-            needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.is_attention}
+        needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.is_attention}
+        held = {i for g in self.spec.groups for i in g.layer_ids}
+
+        def write(cache: Any, layers: Sequence[int] | None) -> None:
             cache_to_pools(
                 cache,
                 self.spec,
@@ -164,11 +185,36 @@ class ContextWorker:
                 state_slots=alloc.state_slots,
                 config=self.model.config,
                 backend=self.backend,
+                layers=layers,
             )
+
+        hooks = []
+        try:
+            self._live[request_id] = (p, dict(alloc.spans), dict(alloc.state_slots))
+            if on_allocated is not None:
+                on_allocated()
+            with torch.no_grad():
+                cache = DynamicCache(config=self.model.config)
+                if on_layer is not None:
+                    for i, layer in enumerate(_decoder_layers(self.model)):
+                        if i not in held:
+                            continue  # another pipeline stage's layer
+
+                        def hook(*_: Any, i: int = i) -> None:
+                            write(cache, [i])
+                            on_layer(i)
+
+                        hooks.append(layer.register_forward_hook(hook))
+                out = _forward(self.model, prompt, cache)
+            if on_layer is None:
+                write(cache, None)
         except BaseException:
+            self._live.pop(request_id, None)
             self.manager.free(request_id)
             raise
-        self._live[request_id] = (p, dict(alloc.spans), dict(alloc.state_slots))
+        finally:
+            for h in hooks:
+                h.remove()
         return out.logits[0, -1].float().clone()
 
     def pack(
@@ -227,7 +273,12 @@ class ContextService(Protocol):
     """
 
     def prefill(
-        self, request_id: str, prompt: Sequence[int], *, send: bool = True
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        send: bool = True,
+        receive: ReceivePlan | None = None,
     ) -> torch.Tensor: ...
 
     def transfer(
@@ -243,7 +294,14 @@ class LocalContext:
         self.worker = worker
         self.backend = backend
 
-    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True) -> torch.Tensor:
+    def prefill(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        send: bool = True,
+        receive: ReceivePlan | None = None,
+    ) -> torch.Tensor:
         logits = self.worker.prefill(request_id, prompt)
         if not send:
             self.worker.release(request_id)
@@ -373,7 +431,7 @@ class GenerationWorker:
         rx = prepare_receive(self.manager, request_id, prompt, mode=mode)
         moves = bool(rx.states) or any(not rng.is_empty for rng in rx.tokens.values())
         try:
-            first_logits = context.prefill(request_id, prompt, send=moves)
+            first_logits = context.prefill(request_id, prompt, send=moves, receive=rx)
             wire_bytes = context.transfer(request_id, rx, self.pool_map) if moves else 0
         except BaseException:
             abort_receive(self.manager, rx)
@@ -509,6 +567,10 @@ class AgentContext:
             and serves its own heads and layers, the agent asks each for its part).
         vocab_size: length of the logits row the context rank sends back.
         timeout_s: how long to wait for one request's transfer.
+        streaming: layer-wise streaming: the context rank registers the source before its
+            prefill and marks each layer as its forward writes it; this rank asks at once
+            (layer-major chunks, ``TransferOptions.layer_chunks``) and receives while the
+            prefill runs.
     """
 
     def __init__(
@@ -519,6 +581,7 @@ class AgentContext:
         vocab_size: int,
         *,
         timeout_s: float = 60.0,
+        streaming: bool = False,
     ) -> None:
         self.agent = agent
         self.router_group = router_group
@@ -527,22 +590,55 @@ class AgentContext:
             raise ValueError("AgentContext needs at least one context rank")
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
+        self.streaming = streaming
         self._digests: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
 
-    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True) -> torch.Tensor:
+    def prefill(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        send: bool = True,
+        receive: ReceivePlan | None = None,
+    ) -> torch.Tensor:
+        import threading
+
         import torch
         import torch.distributed as dist
 
         from kvtriton.transfer.protocol import prompt_digest
 
         self._digests[request_id] = prompt_digest(prompt)
+        stream = self.streaming and send and receive is not None
         rid = list(request_id.encode())
         for peer in self.peers:
-            _send_ints([_PREFILL, int(send), len(rid), *rid, *prompt], peer, self.router_group)
-        rows = []
-        for peer in self.peers:
-            rows.append(torch.empty(self.vocab_size, dtype=torch.float32))
-            dist.recv(rows[-1], peer, group=self.router_group)
+            msg = [_PREFILL, int(send), int(stream), len(rid), *rid, *prompt]
+            _send_ints(msg, peer, self.router_group)
+        rows = [torch.empty(self.vocab_size, dtype=torch.float32) for _ in self.peers]
+        if not stream:
+            for peer, row in zip(self.peers, rows, strict=True):
+                dist.recv(row, peer, group=self.router_group)
+        else:
+            for peer in self.peers:  # each context rank registered its streamed source
+                _recv_ints(peer, self.router_group)
+            assert receive is not None
+            self._handles[request_id] = self.agent.request(
+                receive.target, prompt_digest=self._digests.pop(request_id), mode=receive.mode
+            )
+            # receive the layers while the prefill runs; the logits come when it ends
+            works = [
+                dist.irecv(row, peer, group=self.router_group)
+                for peer, row in zip(self.peers, rows, strict=True)
+            ]
+            done = threading.Event()
+            waiter = threading.Thread(
+                target=lambda: ([w.wait() for w in works], done.set()), daemon=True
+            )
+            waiter.start()
+            while not done.is_set():
+                self.agent.progress(0.002)
+            waiter.join()
         for peer, row in zip(self.peers[1:], rows[1:], strict=True):
             if not torch.equal(row, rows[0]):
                 raise RuntimeError(
@@ -560,9 +656,11 @@ class AgentContext:
                     f"request {request_id!r}: pool {name!r} is not the agent's "
                     "pool; build the agent over the generation worker's pools"
                 )
-        handle = self.agent.request(
-            rx.target, prompt_digest=self._digests.pop(request_id), mode=rx.mode
-        )
+        handle = self._handles.pop(request_id, None)
+        if handle is None:
+            handle = self.agent.request(
+                rx.target, prompt_digest=self._digests.pop(request_id), mode=rx.mode
+            )
         done = self.agent.wait([request_id], timeout=self.timeout_s)
         if not done:
             self.agent.cancel(request_id, f"no transfer within {self.timeout_s} s")
@@ -599,17 +697,35 @@ def serve_context(
             return served
         if msg[0] != _PREFILL:
             raise ValueError(f"unknown router message {msg[0]} from rank {peer}")
-        send, n = bool(msg[1]), msg[2]
-        request_id = bytes(msg[3 : 3 + n]).decode()
-        prompt = msg[3 + n :]
-        logits = worker.prefill(request_id, prompt)
+        send, stream, n = bool(msg[1]), bool(msg[2]), msg[3]
+        request_id = bytes(msg[4 : 4 + n]).decode()
+        prompt = msg[4 + n :]
+
+        def register(streamed: bool, rid: str = request_id, prompt: list[int] = prompt) -> None:
+            agent.register_source(
+                source_target(worker.manager, rid),
+                prompt_digest=prompt_digest(prompt),
+                on_release=lambda r, _states: finished.add(r),
+                streamed=streamed,
+            )
+
+        def registered() -> None:  # streamed: the source exists before the prefill runs
+            register(True)
+            _send_ints([1], peer, router_group)
+
+        def layer_ready(layer: int, rid: str = request_id) -> None:
+            agent.mark_ready(rid, [layer])
+            agent.progress(0.0)  # this layer's chunks go while the next layer computes
+
         try:
-            if send:
-                agent.register_source(
-                    source_target(worker.manager, request_id),
-                    prompt_digest=prompt_digest(prompt),
-                    on_release=lambda rid, _states: finished.add(rid),
+            if stream:
+                logits = worker.prefill(
+                    request_id, prompt, on_allocated=registered, on_layer=layer_ready
                 )
+            else:
+                logits = worker.prefill(request_id, prompt)
+                if send:
+                    register(False)
             dist.send(logits.contiguous(), peer, group=router_group)
             if send and not agent.serve(
                 until=lambda rid=request_id: rid in finished, timeout=timeout_s
@@ -651,6 +767,9 @@ class ChatConfig:
         evict_sliding_between_turns: see :func:`run_chat`.
         backend: kernel backend (``"auto"``: Triton on CUDA/interpreter, else reference).
         timeout_s: per-transfer timeout.
+        streaming: layer-wise streaming: each decoder layer's KV is copied into the pools and
+            marked ready by a forward hook while the prefill runs, and the generation rank
+            receives it meanwhile (the same tokens either way).
     """
 
     model: str = "gemma3"
@@ -668,6 +787,7 @@ class ChatConfig:
     evict_sliding_between_turns: bool = True
     backend: str = "auto"
     timeout_s: float = 60.0
+    streaming: bool = False
 
 
 def load_model(cfg: ChatConfig) -> Any:
@@ -713,7 +833,9 @@ def chat_rank(
     topology = Topology(spec, cfg.ctx_tp, cfg.ctx_pp, gen_tokens_per_block=cfg.gen_tokens_per_block)
     local = topology.spec(rank)
     (gen_rank,) = topology.gen_ranks
-    options = TransferOptions(timeout_s=cfg.timeout_s, backend=cfg.backend)
+    options = TransferOptions(
+        timeout_s=cfg.timeout_s, backend=cfg.backend, layer_chunks=cfg.streaming
+    )
     out: dict[str, list[dict[str, Any]]] = {}
     for mode in cfg.modes:
         if rank != gen_rank:
@@ -736,6 +858,7 @@ def chat_rank(
                 topology.ctx_ranks,
                 int(model.config.vocab_size),
                 timeout_s=cfg.timeout_s,
+                streaming=cfg.streaming,
             )
             try:
                 results = run_chat(
