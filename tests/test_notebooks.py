@@ -35,13 +35,14 @@ from kvtriton.viz import (
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 #: Every notebook the suite runs (each takes well under a minute on 2 CPU cores; 05 runs
-#: kvtriton.integrations on tiny random transformers models).
+#: kvtriton.integrations on tiny random transformers models, 06 spawns two gloo ranks).
 NOTEBOOKS: tuple[str, ...] = (
     "01_alignment.ipynb",
     "02_kernels.ipynb",
     "03_hybrid_reuse.ipynb",
     "04_distributed.ipynb",
     "05_transformers_e2e.ipynb",
+    "06_streaming.ipynb",
 )
 
 #: Per-cell limit: a guard against a hung kernel, not a speed test (a loaded CI box must not
