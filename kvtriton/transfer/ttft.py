@@ -145,6 +145,7 @@ def _experiment(rank: int, cfg: TtftConfig, dev: Any, conn: Any) -> None:
     stamp = torch.zeros(1, dtype=torch.float64)
     counter = [0]
     results: dict[str, Any] = {}
+    failed: list[str] = []  # requests of any turn not transferred bit-exact
 
     def tokens_for(n: int, seed: int) -> list[int]:
         return [(seed * 7919 + j * 31) % 50_000 + 1 for j in range(n)]
@@ -199,6 +200,9 @@ def _experiment(rank: int, cfg: TtftConfig, dev: Any, conn: Any) -> None:
                             state=SessionState,
                         ),
                     )
+                    if not run.get("exact", True):  # a warm-up or history turn too
+                        failed.append(f"{policy}, {'streamed' if streamed else 'plain'}, "
+                                      f"{rid}: {run['failure']}")  # fmt: skip
                     if timed and _rep > 0:
                         runs.append(run)
             results[f"{policy}/{'streamed' if streamed else 'plain'}"] = runs
@@ -208,6 +212,7 @@ def _experiment(rank: int, cfg: TtftConfig, dev: Any, conn: Any) -> None:
     out = {
         "rank": rank,
         "runs": results,
+        "failed": failed,
         "compute_steps": compute.n if compute else 0,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "channel": channel_name,
@@ -294,7 +299,8 @@ def _one(
         out["layer_done_s"] = marks
         if not streamed:
             register(False)
-        agent.serve(until=lambda: rid in released, timeout=300)
+        if not agent.serve(until=lambda: rid in released, timeout=300):
+            out["exact"], out["failure"] = False, "source not released after 300 s"
         manager.free(rid)
     else:
         dist.recv(stamp, 0, group=ctrl)
@@ -307,9 +313,12 @@ def _one(
             on_commit=lambda h: f["complete_receive"](manager, rx),
             on_release=lambda h: f["abort_receive"](manager, rx),
         )
-        agent.wait([rid], timeout=300)
+        settled = agent.wait([rid], timeout=300)
         t1 = time.monotonic()
         ok = h.state is f["state"].TRANSFERRED
+        out["failure"] = (
+            "not settled after 300 s" if not settled else f"ended {h.state.name}: {h.session.error}"
+        )
         out["ttft_s"] = t1 - t0
         out["asked_s"] = h.session.created - t0
         out["bytes"] = h.bytes_received
@@ -321,6 +330,7 @@ def _one(
         agent.forget(rid)
         if ok:
             ok = not f["verify"](spec, pools, dict(rx.spans), dict(rx.state_slots), toks, "auto")
+            out["failure"] = "transferred, but the KV differs from the prefill's"
         out["exact"] = ok
         if h.state is f["state"].TRANSFERRED:
             manager.free(rid)
@@ -358,6 +368,10 @@ def measure(cfg: TtftConfig) -> dict[str, Any]:
 
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
     ctx, gen = result["ranks"][0], result["ranks"][1]
+    if ctx["failed"] or gen["failed"]:
+        raise RuntimeError(
+            "requests not transferred bit-exact: " + "; ".join(ctx["failed"] + gen["failed"])
+        )
     rows = []
     for policy in POLICIES:
         plain_g, stream_g = gen["runs"][f"{policy}/plain"], gen["runs"][f"{policy}/streamed"]
