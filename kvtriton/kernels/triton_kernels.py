@@ -96,15 +96,14 @@ def _unit_ptr(addr, UNIT: tl.constexpr, VEC: tl.constexpr):
     return tl.multiple_of(p, VEC * UNIT)
 
 
-# Every runtime argument is an int64 address or table index, never specialized: one compiled
-# kernel per (unit, piece, tile, vector width, search shape, direction).
-@triton.jit(do_not_specialize=["meta_addr", "ids_addr", "buf", "desc", "starts"])
-def _piece_copy_kernel(
-    meta_addr: tl.int64,
-    ids_addr: tl.int64,
-    buf: tl.int64,
-    desc: tl.int64,
-    starts: tl.int64,
+@triton.jit
+def _tile(
+    meta,
+    ids,
+    buf,
+    desc,
+    starts,
+    tile,
     UNIT: tl.constexpr,
     PIECE: tl.constexpr,
     ROWS: tl.constexpr,
@@ -113,31 +112,27 @@ def _piece_copy_kernel(
     LEVELS: tl.constexpr,
     SRC_PAGED: tl.constexpr,
     DST_PAGED: tl.constexpr,
-    STREAM: tl.constexpr,
 ):
-    """Copy ``ROWS`` pieces of ``PIECE`` units of one descriptor row (see descriptors.py)."""
-    meta = meta_addr.to(tl.pointer_type(tl.int64))
-    ids = ids_addr.to(tl.pointer_type(tl.int32))
-    pid = tl.program_id(0).to(tl.int64)
-    # this program's row: the last whose first tile is <= pid (tables padded with BIG); a
+    """``(source pointers, destination pointers, row mask)`` of tile ``tile`` (int64)."""
+    # the tile's row: the last whose first tile is <= tile (tables padded with BIG); a
     # launch of one row skips the search (one dependent load less before the data)
     if LEVELS == 0:
         d = meta + desc
-        tile = pid
+        first_tile = tile * 0
     else:
         lanes = tl.arange(0, SB)
         if LEVELS == 1:
             first = tl.load(meta + starts + lanes)
-            row = tl.sum((first <= pid).to(tl.int32), axis=0) - 1
+            row = tl.sum((first <= tile).to(tl.int32), axis=0) - 1
         else:
             coarse = tl.load(meta + starts + lanes)
-            c = tl.sum((coarse <= pid).to(tl.int32), axis=0) - 1
+            c = tl.sum((coarse <= tile).to(tl.int32), axis=0) - 1
             first = tl.load(meta + starts + SB + c * SB + lanes)
-            row = c * SB + tl.sum((first <= pid).to(tl.int32), axis=0) - 1
-        tile = pid - tl.max(tl.where(first <= pid, first, 0), axis=0)
+            row = c * SB + tl.sum((first <= tile).to(tl.int32), axis=0) - 1
+        first_tile = tl.max(tl.where(first <= tile, first, 0), axis=0)
         d = meta + desc + row.to(tl.int64) * _NCOL
 
-    i = tile.to(tl.int32) * ROWS + tl.arange(0, ROWS)
+    i = (tile - first_tile).to(tl.int32) * ROWS + tl.arange(0, ROWS)
     m = i < tl.load(d + _NP).to(tl.int32)
     lk, j = _divmod(i, d + _NPC)
     t, r = _divmod(j, d + _HPP)
@@ -158,22 +153,83 @@ def _piece_copy_kernel(
     else:
         dst_addr = buf + tl.load(d + _DST + _ADDR)
         dst_rows = i.to(tl.int64) * PIECE
-    cols = tl.arange(0, PIECE)
-    src = _unit_ptr(src_addr, UNIT, VEC)
-    dst = _unit_ptr(dst_addr, UNIT, VEC)
+    # the tile as [rows, passes, lane]: a warp's 32 x VEC units along a row, warps over rows,
+    # a row's passes in one thread's registers (one base address per row and thread, the
+    # passes at immediate offsets). Triton 3.6 orders the tie between the two outer dims
+    # (neither contiguous) by index, so warps go over rows: 48 registers per thread in a
+    # looping launch of 2 KiB rows (ptxas, sm_90) against 90 for [passes, rows, lane].
+    LANE: tl.constexpr = PIECE if PIECE < 32 * VEC else 32 * VEC
+    PASSES: tl.constexpr = PIECE // LANE
+    cols = (tl.arange(0, PASSES) * LANE)[None, :, None] + tl.arange(0, LANE)[None, None, :]
+    src = _unit_ptr(src_addr, UNIT, VEC) + src_rows[:, None, None] + cols
+    dst = _unit_ptr(dst_addr, UNIT, VEC) + dst_rows[:, None, None] + cols
+    return src, dst, m
+
+
+@triton.jit
+def _load(src, m, STREAM: tl.constexpr):
     if STREAM:  # each byte is touched once: keep L2 for the descriptors and block tables
-        vals = tl.load(
-            src + src_rows[:, None] + cols[None, :], mask=m[:, None], eviction_policy="evict_first"
-        )
-        tl.store(
-            dst + dst_rows[:, None] + cols[None, :],
-            vals,
-            mask=m[:, None],
-            eviction_policy="evict_first",
-        )
+        return tl.load(src, mask=m[:, None, None], eviction_policy="evict_first")
     else:
-        vals = tl.load(src + src_rows[:, None] + cols[None, :], mask=m[:, None])
-        tl.store(dst + dst_rows[:, None] + cols[None, :], vals, mask=m[:, None])
+        return tl.load(src, mask=m[:, None, None])
+
+
+@triton.jit
+def _store(dst, vals, m, STREAM: tl.constexpr):
+    if STREAM:
+        tl.store(dst, vals, mask=m[:, None, None], eviction_policy="evict_first")
+    else:
+        tl.store(dst, vals, mask=m[:, None, None])
+
+
+# Every runtime argument is an int64 address, table index or count, never specialized: one
+# compiled kernel per (unit, piece, tile, vector width, search shape, direction, loop).
+@triton.jit(do_not_specialize=["meta_addr", "ids_addr", "buf", "desc", "starts", "tiles"])
+def _piece_copy_kernel(
+    meta_addr: tl.int64,
+    ids_addr: tl.int64,
+    buf: tl.int64,
+    desc: tl.int64,
+    starts: tl.int64,
+    tiles: tl.int64,
+    UNIT: tl.constexpr,
+    PIECE: tl.constexpr,
+    ROWS: tl.constexpr,
+    VEC: tl.constexpr,
+    SB: tl.constexpr,
+    LEVELS: tl.constexpr,
+    SRC_PAGED: tl.constexpr,
+    DST_PAGED: tl.constexpr,
+    STREAM: tl.constexpr,
+    LOOP: tl.constexpr,
+):
+    """Copy tiles of ``ROWS`` pieces of ``PIECE`` units (see descriptors.py).
+
+    ``LOOP == 0``: program ``pid`` copies tile ``pid``. ``LOOP == 1``: a grid smaller than
+    ``tiles``; program ``pid`` copies tiles ``pid, pid + grid, ...``, software-pipelined: the
+    next tile's descriptor and block-id loads are issued while the current tile's data load
+    is in flight, and its data load right after the current tile's store, so each program
+    always has one tile of data in flight."""
+    meta = meta_addr.to(tl.pointer_type(tl.int64))
+    ids = ids_addr.to(tl.pointer_type(tl.int32))
+    pid = tl.program_id(0).to(tl.int64)
+    src, dst, m = _tile(
+        meta, ids, buf, desc, starts, pid,
+        UNIT, PIECE, ROWS, VEC, SB, LEVELS, SRC_PAGED, DST_PAGED,
+    )  # fmt: skip
+    vals = _load(src, m, STREAM)
+    if LOOP:
+        step = tl.num_programs(0).to(tl.int64)
+        for tile in range(pid + step, tiles, step):
+            src2, dst2, m2 = _tile(
+                meta, ids, buf, desc, starts, tile,
+                UNIT, PIECE, ROWS, VEC, SB, LEVELS, SRC_PAGED, DST_PAGED,
+            )  # fmt: skip
+            _store(dst, vals, m, STREAM)
+            vals = _load(src2, m2, STREAM)
+            dst = dst2
+            m = m2
+    _store(dst, vals, m, STREAM)
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,6 +252,8 @@ def _direct_supported() -> bool:
 DIRECT = _direct_supported() and os.environ.get("KVTRITON_DIRECT_LAUNCH", "1") != "0"
 
 _compiled: dict[tuple, tuple] = {}
+#: Registers, spills and programs per SM of each compiled specialization (diagnostics).
+COMPILED: dict[tuple, dict] = {}
 _counts = {"direct": 0, "triton": 0}
 _runtime = None  # triton.knobs.runtime, looked up once
 
@@ -228,19 +286,8 @@ def launch_counts() -> dict[str, int]:
     return dict(_counts)
 
 
-def key(plan: D.Launch) -> tuple:
-    """The constexpr parameters of ``plan``'s kernel, in signature order."""
-    return (
-        plan.unit,
-        plan.piece,
-        plan.tile_rows,
-        plan.vec,
-        plan.seg_block,
-        plan.levels,
-        plan.src_paged,
-        plan.dst_paged,
-        plan.stream,
-    )
+#: The constexpr parameters of a launch's kernel, in signature order.
+key = D.key
 
 
 def launch(
@@ -257,10 +304,12 @@ def launch(
     :func:`key` of ``plan`` when the caller kept it."""
     if consts is None:
         consts = key(plan)
+    if not plan.fitted:
+        D.fit(plan)
     hit = _compiled.get((consts, plan.num_warps, device))
     if hit is not None and not _hooks_active():
         try:
-            hit(plan.grid, stream, meta, ids, buf, plan.desc, plan.starts, consts)
+            hit(plan.grid, stream, meta, ids, buf, plan.desc, plan.starts, plan.tiles, consts)
             _counts["direct"] += 1
             return
         except (TypeError, ValueError, AttributeError) as err:  # an unexpected launcher
@@ -271,6 +320,7 @@ def launch(
         buf,
         plan.desc,
         plan.starts,
+        plan.tiles,
         UNIT=plan.unit,
         PIECE=plan.piece,
         ROWS=plan.tile_rows,
@@ -280,11 +330,43 @@ def launch(
         SRC_PAGED=plan.src_paged,
         DST_PAGED=plan.dst_paged,
         STREAM=plan.stream,
+        LOOP=plan.loop,
         num_warps=plan.num_warps,
+        num_stages=1,  # the loop is pipelined by hand (one tile in registers)
     )
     _counts["triton"] += 1
+    if not INTERPRET and kernel is not None:
+        res = _resident(kernel, plan.num_warps, device)
+        COMPILED[(*consts, plan.num_warps)] = {
+            "regs": int(getattr(kernel, "n_regs", 0) or 0),
+            "spills": int(getattr(kernel, "n_spills", 0) or 0),
+            "resident_per_sm": res,
+        }
+        if plan.loop:
+            D.RESIDENT[(*consts, plan.num_warps)] = res
+            D.fit(plan)
     if DIRECT and kernel is not None and hasattr(kernel, "packed_metadata"):
         _compiled[(consts, plan.num_warps, device)] = _direct_call(kernel)
+
+
+def _resident(kernel, num_warps: int, device: int) -> int:  # type: ignore[no-untyped-def]
+    """Programs of the compiled ``kernel`` that fit on one SM at once (registers, threads,
+    shared memory; CUDA's occupancy rules with 256-register warp allocation)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    regs = int(getattr(kernel, "n_regs", 0) or 0)
+    threads = int(getattr(props, "max_threads_per_multi_processor", 2048))
+    reg_file = int(getattr(props, "regs_per_multiprocessor", 65536))
+    smem = int(getattr(props, "shared_memory_per_multiprocessor", 233472))
+    fit = min(32, threads // (32 * num_warps))
+    if regs:
+        per_warp = -(-regs * 32 // 256) * 256
+        fit = min(fit, reg_file // (per_warp * num_warps))
+    shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+    if shared:
+        fit = min(fit, smem // (shared + 1024))  # 1 KiB reserved per block
+    return max(1, fit)
 
 
 def _direct_call(kernel) -> Callable:  # type: ignore[no-untyped-def]
@@ -304,20 +386,20 @@ def _direct_call(kernel) -> Callable:  # type: ignore[no-untyped-def]
     if plain:
         coop, pdl = runner.launch_cooperative_grid, runner.launch_pdl
 
-        def go(grid, stream, meta, ids, buf, desc, starts, consts):  # type: ignore[no-untyped-def]
+        def go(grid, stream, meta, ids, buf, desc, starts, tiles, consts):  # type: ignore[no-untyped-def]
             c_launch(
                 grid, 1, 1, stream, function, coop, pdl, None, None,  # no scratch memory
                 metadata, None, None, None,  # launch metadata and hooks: none is active
-                meta, ids, buf, desc, starts, *consts,  # constexprs: the launcher skips them
+                meta, ids, buf, desc, starts, tiles, *consts,  # constexprs: skipped
             )  # fmt: skip
 
         return go
 
-    def go_runner(grid, stream, meta, ids, buf, desc, starts, consts):  # type: ignore[no-untyped-def]
+    def go_runner(grid, stream, meta, ids, buf, desc, starts, tiles, consts):  # type: ignore[no-untyped-def]
         runner(
             grid, 1, 1, stream, function,
             metadata, None, None, None,  # launch metadata and hooks: none is active
-            meta, ids, buf, desc, starts, *consts,  # constexprs: the launcher skips them
+            meta, ids, buf, desc, starts, tiles, *consts,  # constexprs: skipped
         )  # fmt: skip
 
     return go_runner
