@@ -247,7 +247,7 @@ def test_state_roundtrip_matches_oracle(device, backend, data, dtype, seed):
     "shape",
     [
         {"resident_per_sm": 1, "interpret_programs": 3},  # few programs, many tiles each
-        {"resident_per_sm": 0, "merge_heads": False},  # one program per tile, one head each
+        {"merge_heads": False, "row_args": False},  # one head per piece, rows from the table
     ],
 )
 def test_many_tiles_per_row(device, shape, monkeypatch):

@@ -445,15 +445,15 @@ def _sweep(device: torch.device, reps: int, print_table: bool) -> list[dict]:
 
 
 #: Designs compared by ``--variants`` (Tuning fields); "v1" is the kernel as first landed
-#: (one program per tile, one head per piece), the others loop and/or merge heads.
+#: (one program per tile, one head per piece, rows loaded from the table).
 VARIANTS: dict[str, dict] = {
-    "v1": {"merge_heads": False, "resident_per_sm": 0},
-    "merge": {"resident_per_sm": 0},
-    "loop4": {"resident_per_sm": 4},
-    "loop8": {"resident_per_sm": 8},  # the default: at most 8 per SM, registers decide
-    "loop8-rows2": {"resident_per_sm": 8, "rows_per_thread": 2},
+    "v1": {"merge_heads": False, "row_args": False},
+    "merge": {"row_args": False},
+    "args": {},  # the default: heads merged into rows, a one-row launch's row as arguments
+    "args-t32k": {"tile_bytes": 32768},
+    "args-pps8": {"programs_per_sm": 8},
+    "loop8": {"resident_per_sm": 8},
     "loop8-4warps": {"resident_per_sm": 8, "num_warps": 4},
-    "loop8-nohint": {"resident_per_sm": 8, "stream_hint": False},
 }
 
 #: The cases each variant runs: small moves, 64 and 256 MiB, both layouts, a copy.
@@ -530,6 +530,22 @@ def compare_variants(
     out["best"] = max(out["scores"], key=out["scores"].get)
     out["compiled"] = {str(k): v for k, v in getattr(triton_module(), "COMPILED", {}).items()}
     return out
+
+
+def pool_diagnostic(device: torch.device, reps: int) -> list[dict]:
+    """The same 64 / 256 MiB gather and scatter with blocks drawn from 1 GiB pools instead of
+    8 GiB ones (4x-8x more bytes per 2 MiB page touched): what page locality is worth."""
+    rows = []
+    for gib in (8, 1):
+        b = _Bench(device, gib / 8, reps)
+        for op, n in (("gather", 512), ("scatter", 512), ("gather", 2048), ("scatter", 2048)):
+            r = _case(b, op, n, tpb=16, start=5, rotate=512 * MIB)
+            r["pool_gib"] = gib
+            rows.append(r)
+            print(f"pool {gib} GiB  {_fmt(r)}", flush=True)
+        b.pools.clear()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def profile_cases(device: str = "cuda") -> None:
@@ -656,6 +672,8 @@ def run_benchmark(
         try:
             compared = compare_variants(device, reps, variants, quick)
             print(f"best variant: {compared['best']} {compared['scores']}", flush=True)
+            if device.type == "cuda":
+                compared["pool_diagnostic"] = pool_diagnostic(device, reps)
             if use_best:
                 from kvtriton.kernels import descriptors as D
 

@@ -70,6 +70,8 @@ BLK = 4  # (divisor, magic, shift) of tokens per block
 SB, SKV, ST, SH = 7, 8, 9, 10  # block / kv / token / head strides (steps)
 NCOL = 33
 
+#: The row arguments of a launch that loads its rows from the table.
+ZERO_ROW = (0,) * NCOL
 #: Padding of the first-tile tables: larger than any program id.
 BIG = 1 << 62
 #: Most rows one launch searches with a single vector load (one level); up to SEG_FINE**2
@@ -100,10 +102,13 @@ class Tuning:
     max_piece_bytes: int = 4096
     # Merge adjacent heads into one wide head per move (see max_piece_bytes).
     merge_heads: bool = True
-    # Persistent programs: at most ``resident_per_sm`` programs per SM, each looping over
-    # tiles with the next tile's descriptor / block-id loads overlapping the current tile's
-    # data (0: one program per tile).
-    resident_per_sm: int = 8
+    # Looping programs: at most ``resident_per_sm`` programs per SM (fewer when the compiled
+    # kernel's registers say so), each looping over tiles with the next tile's descriptor
+    # and block-id loads overlapping the current tile's data. 0 (the default): one program
+    # per tile. On H200 every looping shape measured 2-8 points below one program per tile,
+    # on contiguous memory too (BENCHMARKS.md): the hardware's own scheduling of short
+    # programs keeps more bytes in flight than one tile of registers per looping program.
+    resident_per_sm: int = 0
     # Warps per program for tiles >= 4 KiB: 8 warps x 32 threads x 16 B = 4 KiB per pass.
     num_warps: int = 8
     # Data loads and stores evict first: every byte moves once, and L2 then keeps the
@@ -112,6 +117,9 @@ class Tuning:
     # Under the Triton interpreter every program is a Python-level loop iteration: few,
     # large tiles (units per program).
     interpret_tile_units: int = 1 << 14
+    # A launch of one descriptor row (one move: a chunk of one group) passes the row as
+    # kernel arguments: each program's block-id load no longer waits for a descriptor load.
+    row_args: bool = True
     # Looping launches: pieces per thread at most (1: one base address per thread and side,
     # the rest of its registers hold data; more rows per tile cost registers, not bytes).
     rows_per_thread: int = 1
@@ -211,6 +219,8 @@ class Launch:
     sms: int = 1  # SMs of the device
     fitted: bool = True  # the grid accounts for the compiled kernel's occupancy
     consts: tuple = ()  # :func:`key`, kept
+    args: bool = False  # the one row's columns travel as kernel arguments (``row``)
+    row: tuple = ZERO_ROW  # those columns (zeros when the kernel loads its rows)
 
 
 @dataclass(slots=True, eq=False)
@@ -423,6 +433,7 @@ def key(launch: Launch) -> tuple:
         launch.dst_paged,
         launch.stream,
         launch.loop,
+        launch.args,
     )
 
 
@@ -501,7 +512,9 @@ def _launch(
             loop,
             owners,
         )
-        consts = (unit, piece, tile_rows, vec, block, levels, sp, dp, hint, loop)
+        if levels == 0 and tuning.row_args:
+            launch.args, launch.row = True, part[0][0]
+        consts = (unit, piece, tile_rows, vec, block, levels, sp, dp, hint, loop, launch.args)
         launch.consts = consts
         if loop:
             if interpret:

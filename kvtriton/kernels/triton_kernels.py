@@ -54,31 +54,58 @@ _NCOL = tl.constexpr(D.NCOL)
 
 
 @triton.jit
-def _divmod(n, f):
-    """``(n // d, n % d)`` of int32 ``0 <= n < 2**31``; ``f`` points at ``(d, magic, shift)``."""
-    d = tl.load(f).to(tl.int32)
-    q = tl.umulhi(n.to(tl.uint32), tl.load(f + 1).to(tl.uint32)) >> tl.load(f + 2).to(tl.uint32)
-    q = tl.where(d == 1, n, q.to(tl.int32))
-    return q, n - q * d
+def _c(d, K: tl.constexpr, row, ARGS: tl.constexpr):
+    """Column ``K`` of a descriptor row: from the kernel's arguments (``row``, a launch of
+    one row) or loaded from ``d``."""
+    if ARGS:
+        return row[K]
+    else:
+        return tl.load(d + K)
 
 
 @triton.jit
-def _paged_rows(meta, ids, side, l, kv, t, h, p, m, PIECE: tl.constexpr, VEC: tl.constexpr):
-    """Unit offsets (int64) of each piece's first unit on a paged side (columns at ``side``).
+def _divmod(n, d, row, K: tl.constexpr, ARGS: tl.constexpr):
+    """``(n // d, n % d)`` of int32 ``0 <= n < 2**31``; columns ``K, K+1, K+2`` hold
+    ``(d, magic, shift)``."""
+    dv = _c(d, K, row, ARGS).to(tl.int32)
+    mg = _c(d, K + 1, row, ARGS).to(tl.uint32)
+    q = tl.umulhi(n.to(tl.uint32), mg) >> _c(d, K + 2, row, ARGS).to(tl.uint32)
+    q = tl.where(dv == 1, n, q.to(tl.int32))
+    return q, n - q * dv
+
+
+@triton.jit
+def _paged_rows(
+    meta,
+    ids,
+    d,
+    row,
+    l,
+    kv,
+    t,
+    h,
+    p,
+    m,
+    S: tl.constexpr,
+    ARGS: tl.constexpr,
+    PIECE: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """Unit offsets (int64) of each piece's first unit on a paged side (columns from ``S``).
 
     Layer offsets and strides are stored in VEC-unit steps and multiplied by VEC last: the
     compiler then knows every offset is a multiple of VEC (a ``tl.multiple_of`` hint on the
     sum is dropped by Triton 3.6, which then emits 4-byte instead of 16-byte accesses)."""
-    pos = tl.load(side + _REL).to(tl.int32) + t
-    bi, slot = _divmod(pos, side + _BLK)
-    blk = tl.load(ids + tl.load(side + _TBL) + bi, mask=m, other=0)
-    lay = tl.load(meta + tl.load(side + _LAY) + l, mask=m, other=0)
+    pos = _c(d, S + _REL, row, ARGS).to(tl.int32) + t
+    bi, slot = _divmod(pos, d, row, S + _BLK, ARGS)
+    blk = tl.load(ids + _c(d, S + _TBL, row, ARGS) + bi, mask=m, other=0)
+    lay = tl.load(meta + _c(d, S + _LAY, row, ARGS) + l, mask=m, other=0)
     steps = (
         lay
-        + blk.to(tl.int64) * tl.load(side + _SB)
-        + kv.to(tl.int64) * tl.load(side + _SKV)
-        + slot.to(tl.int64) * tl.load(side + _ST)
-        + h.to(tl.int64) * tl.load(side + _SH)
+        + blk.to(tl.int64) * _c(d, S + _SB, row, ARGS)
+        + kv.to(tl.int64) * _c(d, S + _SKV, row, ARGS)
+        + slot.to(tl.int64) * _c(d, S + _ST, row, ARGS)
+        + h.to(tl.int64) * _c(d, S + _SH, row, ARGS)
         + (p * (PIECE // VEC)).to(tl.int64)
     )
     return steps * VEC
@@ -104,6 +131,7 @@ def _tile(
     desc,
     starts,
     tile,
+    row,
     UNIT: tl.constexpr,
     PIECE: tl.constexpr,
     ROWS: tl.constexpr,
@@ -112,8 +140,10 @@ def _tile(
     LEVELS: tl.constexpr,
     SRC_PAGED: tl.constexpr,
     DST_PAGED: tl.constexpr,
+    ARGS: tl.constexpr,
 ):
-    """``(source pointers, destination pointers, row mask)`` of tile ``tile`` (int64)."""
+    """``(source pointers, destination pointers, row mask)`` of tile ``tile`` (int64);
+    ``ARGS``: the launch's one row is ``row`` (kernel arguments), nothing to load first."""
     # the tile's row: the last whose first tile is <= tile (tables padded with BIG); a
     # launch of one row skips the search (one dependent load less before the data)
     if LEVELS == 0:
@@ -123,35 +153,35 @@ def _tile(
         lanes = tl.arange(0, SB)
         if LEVELS == 1:
             first = tl.load(meta + starts + lanes)
-            row = tl.sum((first <= tile).to(tl.int32), axis=0) - 1
+            at = tl.sum((first <= tile).to(tl.int32), axis=0) - 1
         else:
             coarse = tl.load(meta + starts + lanes)
             c = tl.sum((coarse <= tile).to(tl.int32), axis=0) - 1
             first = tl.load(meta + starts + SB + c * SB + lanes)
-            row = c * SB + tl.sum((first <= tile).to(tl.int32), axis=0) - 1
+            at = c * SB + tl.sum((first <= tile).to(tl.int32), axis=0) - 1
         first_tile = tl.max(tl.where(first <= tile, first, 0), axis=0)
-        d = meta + desc + row.to(tl.int64) * _NCOL
+        d = meta + desc + at.to(tl.int64) * _NCOL
 
     i = (tile - first_tile).to(tl.int32) * ROWS + tl.arange(0, ROWS)
-    m = i < tl.load(d + _NP).to(tl.int32)
-    lk, j = _divmod(i, d + _NPC)
-    t, r = _divmod(j, d + _HPP)
-    h, p = _divmod(r, d + _PPH)
-    kvs = tl.load(d + _KVS).to(tl.int32)
+    m = i < _c(d, _NP, row, ARGS).to(tl.int32)
+    lk, j = _divmod(i, d, row, _NPC, ARGS)
+    t, r = _divmod(j, d, row, _HPP, ARGS)
+    h, p = _divmod(r, d, row, _PPH, ARGS)
+    kvs = _c(d, _KVS, row, ARGS).to(tl.int32)
     l = lk >> kvs
     kv = lk - (l << kvs)
 
     if SRC_PAGED:
-        src_addr = tl.load(d + _SRC + _ADDR)
-        src_rows = _paged_rows(meta, ids, d + _SRC, l, kv, t, h, p, m, PIECE, VEC)
+        src_addr = _c(d, _SRC + _ADDR, row, ARGS)
+        src_rows = _paged_rows(meta, ids, d, row, l, kv, t, h, p, m, _SRC, ARGS, PIECE, VEC)
     else:
-        src_addr = buf + tl.load(d + _SRC + _ADDR)
+        src_addr = buf + _c(d, _SRC + _ADDR, row, ARGS)
         src_rows = i.to(tl.int64) * PIECE
     if DST_PAGED:
-        dst_addr = tl.load(d + _DST + _ADDR)
-        dst_rows = _paged_rows(meta, ids, d + _DST, l, kv, t, h, p, m, PIECE, VEC)
+        dst_addr = _c(d, _DST + _ADDR, row, ARGS)
+        dst_rows = _paged_rows(meta, ids, d, row, l, kv, t, h, p, m, _DST, ARGS, PIECE, VEC)
     else:
-        dst_addr = buf + tl.load(d + _DST + _ADDR)
+        dst_addr = buf + _c(d, _DST + _ADDR, row, ARGS)
         dst_rows = i.to(tl.int64) * PIECE
     # the tile as [rows, passes, lane]: a warp's 32 x VEC units along a row, warps over rows,
     # a row's passes in one thread's registers (one base address per row and thread, the
@@ -184,7 +214,12 @@ def _store(dst, vals, m, STREAM: tl.constexpr):
 
 # Every runtime argument is an int64 address, table index or count, never specialized: one
 # compiled kernel per (unit, piece, tile, vector width, search shape, direction, loop).
-@triton.jit(do_not_specialize=["meta_addr", "ids_addr", "buf", "desc", "starts", "tiles"])
+_ROW_ARGS = [f"c{k}" for k in range(D.NCOL)]
+
+
+@triton.jit(
+    do_not_specialize=["meta_addr", "ids_addr", "buf", "desc", "starts", "tiles", *_ROW_ARGS]
+)
 def _piece_copy_kernel(
     meta_addr: tl.int64,
     ids_addr: tl.int64,
@@ -192,6 +227,39 @@ def _piece_copy_kernel(
     desc: tl.int64,
     starts: tl.int64,
     tiles: tl.int64,
+    c0: tl.int64,
+    c1: tl.int64,
+    c2: tl.int64,
+    c3: tl.int64,
+    c4: tl.int64,
+    c5: tl.int64,
+    c6: tl.int64,
+    c7: tl.int64,
+    c8: tl.int64,
+    c9: tl.int64,
+    c10: tl.int64,
+    c11: tl.int64,
+    c12: tl.int64,
+    c13: tl.int64,
+    c14: tl.int64,
+    c15: tl.int64,
+    c16: tl.int64,
+    c17: tl.int64,
+    c18: tl.int64,
+    c19: tl.int64,
+    c20: tl.int64,
+    c21: tl.int64,
+    c22: tl.int64,
+    c23: tl.int64,
+    c24: tl.int64,
+    c25: tl.int64,
+    c26: tl.int64,
+    c27: tl.int64,
+    c28: tl.int64,
+    c29: tl.int64,
+    c30: tl.int64,
+    c31: tl.int64,
+    c32: tl.int64,
     UNIT: tl.constexpr,
     PIECE: tl.constexpr,
     ROWS: tl.constexpr,
@@ -202,6 +270,7 @@ def _piece_copy_kernel(
     DST_PAGED: tl.constexpr,
     STREAM: tl.constexpr,
     LOOP: tl.constexpr,
+    ARGS: tl.constexpr,
 ):
     """Copy tiles of ``ROWS`` pieces of ``PIECE`` units (see descriptors.py).
 
@@ -213,17 +282,24 @@ def _piece_copy_kernel(
     meta = meta_addr.to(tl.pointer_type(tl.int64))
     ids = ids_addr.to(tl.pointer_type(tl.int32))
     pid = tl.program_id(0).to(tl.int64)
+    if ARGS:  # the launch's one descriptor row, as arguments (c0 .. c32 = columns 0 .. 32)
+        row = (
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16,
+            c17, c18, c19, c20, c21, c22, c23, c24, c25, c26, c27, c28, c29, c30, c31, c32,
+        )  # fmt: skip
+    else:
+        row = 0
     src, dst, m = _tile(
-        meta, ids, buf, desc, starts, pid,
-        UNIT, PIECE, ROWS, VEC, SB, LEVELS, SRC_PAGED, DST_PAGED,
+        meta, ids, buf, desc, starts, pid, row,
+        UNIT, PIECE, ROWS, VEC, SB, LEVELS, SRC_PAGED, DST_PAGED, ARGS,
     )  # fmt: skip
     vals = _load(src, m, STREAM)
     if LOOP:
         step = tl.num_programs(0).to(tl.int64)
         for tile in range(pid + step, tiles, step):
             src2, dst2, m2 = _tile(
-                meta, ids, buf, desc, starts, tile,
-                UNIT, PIECE, ROWS, VEC, SB, LEVELS, SRC_PAGED, DST_PAGED,
+                meta, ids, buf, desc, starts, tile, row,
+                UNIT, PIECE, ROWS, VEC, SB, LEVELS, SRC_PAGED, DST_PAGED, ARGS,
             )  # fmt: skip
             _store(dst, vals, m, STREAM)
             vals = _load(src2, m2, STREAM)
@@ -309,7 +385,8 @@ def launch(
     hit = _compiled.get((consts, plan.num_warps, device))
     if hit is not None and not _hooks_active():
         try:
-            hit(plan.grid, stream, meta, ids, buf, plan.desc, plan.starts, plan.tiles, consts)
+            hit(plan.grid, stream, meta, ids, buf, plan.desc, plan.starts, plan.tiles, plan.row,
+                consts)  # fmt: skip
             _counts["direct"] += 1
             return
         except (TypeError, ValueError, AttributeError) as err:  # an unexpected launcher
@@ -321,6 +398,7 @@ def launch(
         plan.desc,
         plan.starts,
         plan.tiles,
+        *plan.row,
         UNIT=plan.unit,
         PIECE=plan.piece,
         ROWS=plan.tile_rows,
@@ -331,6 +409,7 @@ def launch(
         DST_PAGED=plan.dst_paged,
         STREAM=plan.stream,
         LOOP=plan.loop,
+        ARGS=plan.args,
         num_warps=plan.num_warps,
         num_stages=1,  # the loop is pipelined by hand (one tile in registers)
     )
@@ -386,20 +465,20 @@ def _direct_call(kernel) -> Callable:  # type: ignore[no-untyped-def]
     if plain:
         coop, pdl = runner.launch_cooperative_grid, runner.launch_pdl
 
-        def go(grid, stream, meta, ids, buf, desc, starts, tiles, consts):  # type: ignore[no-untyped-def]
+        def go(grid, stream, meta, ids, buf, desc, starts, tiles, row, consts):  # type: ignore[no-untyped-def]
             c_launch(
                 grid, 1, 1, stream, function, coop, pdl, None, None,  # no scratch memory
                 metadata, None, None, None,  # launch metadata and hooks: none is active
-                meta, ids, buf, desc, starts, tiles, *consts,  # constexprs: skipped
+                meta, ids, buf, desc, starts, tiles, *row, *consts,  # constexprs: skipped
             )  # fmt: skip
 
         return go
 
-    def go_runner(grid, stream, meta, ids, buf, desc, starts, tiles, consts):  # type: ignore[no-untyped-def]
+    def go_runner(grid, stream, meta, ids, buf, desc, starts, tiles, row, consts):  # type: ignore[no-untyped-def]
         runner(
             grid, 1, 1, stream, function,
             metadata, None, None, None,  # launch metadata and hooks: none is active
-            meta, ids, buf, desc, starts, tiles, *consts,  # constexprs: skipped
+            meta, ids, buf, desc, starts, tiles, *row, *consts,  # constexprs: skipped
         )  # fmt: skip
 
     return go_runner
