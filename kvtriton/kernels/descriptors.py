@@ -14,13 +14,18 @@ Everything moves in copy *units* (4-, 2- or 1-byte integers: the widest that div
 address, stride and size of a launch; values move as bits, so every dtype is bit-exact) and
 *pieces* (``piece`` consecutive units of one head: a power of two dividing every head's units).
 Piece ``i`` of a move enumerates (layer, kv, token, head, piece) row-major, which is exactly the
-packed order: a dense side's piece ``i`` starts at unit ``offset / unit + i * piece``.
+packed order: a dense side's piece ``i`` starts at unit ``offset / unit + i * piece``. When the
+heads of a move lie side by side on every paged side (NHD pools), they are merged into one head
+of ``heads x head_bytes`` first (:func:`_merged`): same bytes, same order, pieces up to a whole
+token row.
 
 Per move one descriptor row of :data:`NCOL` int64 columns (the ``*_D/_M/_S`` triples are a
 divisor and its magic multiplier and shift, see :func:`magic`), then per launch a table of
 each row's first tile (ascending, padded with :data:`BIG`) that a program searches for its
-row. All tables of all chunks of one request live in one int64 array (``meta``) and one int32
-array (``ids``, the block tables), copied to the device in one transfer (:func:`stage`).
+row; a launch of one row also carries that row as kernel arguments (:attr:`Launch.row`), so
+its programs start with the block-id load. All tables of all chunks of one request live in one
+int64 array (``meta``) and one int32 array (``ids``, the block tables), copied to the device in
+one transfer (:func:`stage`, through :mod:`~kvtriton.kernels.staging`).
 """
 
 from __future__ import annotations

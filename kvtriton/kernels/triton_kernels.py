@@ -1,15 +1,19 @@
 """The descriptor-driven piece-copy kernel and its launcher.
 
 One kernel serves every direction (paged -> packed, packed -> paged, paged -> paged), every
-group, layer, head and state of a chunk: each program finds its descriptor row (one vector
-load of the first-tile table), turns ``tile_rows`` consecutive piece indices into
-(layer, kv, token, head, piece) with magic-number division, looks up the block of each token,
-and copies a ``[tile_rows, piece]`` tile of copy units (bits: bit-exact for every dtype). A
-packed side is contiguous in piece order, so its addresses need no lookup at all. Pools are
-addressed by int64 byte addresses cast to pointers (several pool tensors in one launch), with
-``tl.multiple_of`` hints so 16-byte vector accesses survive (checked in the PTX of Triton 3.6
-and 3.9: ``ld.global.v4.b32`` / ``st.global.v4.b32``). All address math is int64, cast before
-any multiplication by a stride.
+group, layer, head and state of a chunk: each program takes its descriptor row (from the
+kernel's arguments when the launch has one row, else one vector load of the first-tile table
+and the row's columns), turns ``tile_rows`` consecutive piece indices into (layer, kv, token,
+head, piece) with magic-number division, looks up the block of each token, and copies a
+``[tile_rows, piece]`` tile of copy units (bits: bit-exact for every dtype), laid out as
+``[rows, passes, lane]`` so that warps go over rows and a thread keeps one base address per
+row. Heads that lie side by side on every paged side were merged into one wide head on the
+host, so a piece is then a whole token row. A packed side is contiguous in piece order, so
+its addresses need no lookup at all. Pools are addressed by int64 byte addresses cast to
+pointers (several pool tensors in one launch), with ``tl.multiple_of`` hints so 16-byte
+vector accesses survive (checked in the PTX of Triton 3.6 and 3.9: ``ld.global.v4.b32`` /
+``st.global.v4.b32``). All address math is int64, cast before any multiplication by a
+stride. ``LOOP`` (off by default) makes a smaller grid of programs loop over the tiles.
 
 :func:`launch` calls the compiled kernel directly (its cached launcher, no argument binding)
 after the first launch of each specialization, on Triton versions whose launcher signature is
