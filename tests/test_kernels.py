@@ -243,13 +243,21 @@ def test_state_roundtrip_matches_oracle(device, backend, data, dtype, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_many_tiles_per_row(device, monkeypatch):
-    """Token ranges spanning many programs (tiny tiles: each program finds its tile inside a
-    row) take the same path as the small cases."""
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"resident_per_sm": 1, "interpret_programs": 3},  # few programs, many tiles each
+        {"merge_heads": False, "row_args": False},  # one head per piece, rows from the table
+    ],
+)
+def test_many_tiles_per_row(device, shape, monkeypatch):
+    """Token ranges spanning many tiles (tiny tiles: each finds its place inside a row),
+    looping programs (each tile's addresses loaded while the last tile moves) and one
+    program per tile, heads merged into token rows or not: the same bits."""
     skip_unless_runnable(device, "triton")
     from kvtriton.kernels import descriptors as D
 
-    tiny = D.Tuning(tile_bytes=64, min_tile_bytes=64, interpret_tile_units=16)
+    tiny = D.Tuning(tile_bytes=64, min_tile_bytes=64, interpret_tile_units=16, **shape)
     monkeypatch.setattr(D, "DEFAULT_TUNING", tiny)
     gen = torch.Generator().manual_seed(0)
     pool = make_pool((2, 40, 2, 8, 3, 4), torch.bfloat16, [0, 1, 2, 4, 3], device, gen)

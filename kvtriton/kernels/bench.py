@@ -111,6 +111,60 @@ def _contig_copy(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None] | N
 _COPY_KERNEL: Any = None
 
 
+def _baselines(payload: int, sets: int, device: torch.device, reps: int) -> tuple[float, float]:
+    """Seconds per contiguous copy of ``payload`` bytes through ``copy_`` and through the
+    plain Triton copy (nan off CUDA), rotating over ``sets`` buffer pairs."""
+    flat_src = [
+        torch.empty(payload // 2, dtype=torch.int16, device=device).random_() for _ in range(sets)
+    ]
+    flat_dst = [torch.empty_like(s) for s in flat_src]
+    copies = [(lambda d=d, s=s: d.copy_(s)) for s, d in zip(flat_src, flat_dst, strict=True)]
+    t_torch = _time_graph(copies, device, reps)
+    t_tri = math.nan
+    if device.type == "cuda":
+        tri = [_contig_copy(d, s) for s, d in zip(flat_src, flat_dst, strict=True)]
+        if all(f is not None for f in tri):
+            t_tri = _time_graph(tri, device, reps)  # type: ignore[arg-type]
+    return t_torch, t_tri
+
+
+def _dense(b: _Bench, n: int, rotate: int) -> dict:
+    """Diagnostic: the kernel copying ``n`` tokens' packed bytes from one packed buffer to
+    another (both sides dense: no block lookup), against the same run's baselines: what the
+    launch shape itself reaches on contiguous memory."""
+    from kvtriton.kernels import descriptors as D
+    from kvtriton.kernels.prepared import _sm_count, triton_module
+
+    T = triton_module()
+    payload = n * BYTES_PER_TOKEN
+    sets = max(1, min(8, rotate // max(1, payload)))
+    move = D.Move(D.Dense(0), D.Dense(payload), LAYERS, KVF, n, 1, HEADS * DIM * 2)
+    plan = D.build([[move]], sm_count=_sm_count(b.device), tuning=b.tuning)
+    owner, meta, ids = D.stage(plan, b.device)
+    bufs = [torch.empty(2 * payload, dtype=torch.uint8, device=b.device) for _ in range(sets)]
+    for x in bufs:
+        x[:payload].view(torch.int16).random_()
+    launch = plan.chunks[0][0]
+    dev = b.device.index or 0
+
+    def go(x: torch.Tensor) -> None:
+        T.launch(launch, meta, ids, x.data_ptr(), T.current_stream(dev), dev)
+
+    go(bufs[0])
+    if not torch.equal(bufs[0][:payload], bufs[0][payload:]):
+        raise AssertionError("dense diagnostic copy differs")
+    t = _time_graph([(lambda x=x: go(x)) for x in bufs], b.device, b.reps)
+    t_torch, t_tri = _baselines(payload, sets, b.device, b.reps)
+    t_copy = t_torch if math.isnan(t_tri) else min(t_torch, t_tri)
+    del owner
+    return {
+        "op": "dense",
+        "mib": payload / MIB,
+        "gbs": 2 * payload / t / 1e9,
+        "vs_copy": t_copy / t,
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # bandwidth cases
 # ---------------------------------------------------------------------------------------
@@ -124,6 +178,7 @@ class _Bench:
         self.scale = scale
         self.reps = reps
         self.tuning = tuning
+        self.baselines: dict | None = None  # {(payload, sets): (copy_, Triton copy)} if kept
         self.gen = torch.Generator().manual_seed(0)
         self.pools: dict[tuple[int, str], torch.Tensor] = {}
         group = LayerGroup("kv", "full", tuple(range(LAYERS)), num_kv_heads=HEADS, head_dim=DIM)
@@ -270,19 +325,13 @@ def _case(
         raise AssertionError(f"{op} {tokens} differs from the naive oracle")
     fns = [(lambda p=p, x=x: p.run(0, x)) for p, x in zip(plans, bufs, strict=True)]
     t_k = _time_graph(fns, device, b.reps)
-    flat_src = [
-        torch.empty(payload // 2, dtype=torch.int16, device=device).random_() for _ in plans
-    ]
-    flat_dst = [torch.empty_like(s) for s in flat_src]
-    copies = [(lambda d=d, s=s: d.copy_(s)) for s, d in zip(flat_src, flat_dst, strict=True)]
-    t_torch = _time_graph(copies, device, b.reps)
-    t_tri = math.nan
-    if device.type == "cuda":
-        tri = [_contig_copy(d, s) for s, d in zip(flat_src, flat_dst, strict=True)]
-        if all(f is not None for f in tri):
-            t_tri = _time_graph(tri, device, b.reps)  # type: ignore[arg-type]
+    base = b.baselines.get((payload, len(plans))) if b.baselines is not None else None
+    if base is None:
+        base = _baselines(payload, len(plans), device, b.reps)
+        if b.baselines is not None:
+            b.baselines[(payload, len(plans))] = base
+    t_torch, t_tri = base
     t_copy = t_torch if math.isnan(t_tri) else min(t_torch, t_tri)
-    del flat_src, flat_dst
 
     def gbs(t: float) -> float:
         return 2 * payload / t / 1e9
@@ -395,6 +444,110 @@ def _sweep(device: torch.device, reps: int, print_table: bool) -> list[dict]:
     return rows
 
 
+#: Designs compared by ``--variants`` (Tuning fields); "v1" is the kernel as first landed
+#: (one program per tile, one head per piece, rows loaded from the table).
+VARIANTS: dict[str, dict] = {
+    "v1": {"merge_heads": False, "row_args": False},
+    "merge": {"row_args": False},
+    "args": {},  # the default: heads merged into rows, a one-row launch's row as arguments
+    "args-t32k": {"tile_bytes": 32768},
+    "args-pps8": {"programs_per_sm": 8},
+    "loop8": {"resident_per_sm": 8},
+    "loop8-4warps": {"resident_per_sm": 8, "num_warps": 4},
+}
+
+#: The cases each variant runs: small moves, 64 and 256 MiB, both layouts, a copy.
+_VARIANT_CASES = (
+    ("gather", 64, {"tpb": 16, "start": 5}),
+    ("scatter", 64, {"tpb": 16, "start": 5}),
+    ("gather", 512, {"tpb": 16}),
+    ("scatter", 512, {"tpb": 16, "start": 5}),
+    ("gather", 2048, {"tpb": 16, "start": 5}),
+    ("scatter", 2048, {"tpb": 16, "start": 5}),
+    ("gather", 512, {"tpb": 16, "layout": "HND"}),
+    ("scatter", 512, {"tpb": 16, "layout": "HND", "start": 5}),
+    ("copy", 512, {"tpb": 16, "dst_tpb": 32, "start": 5}),
+)
+
+
+def _score(rows: list[dict]) -> float:
+    """How close a variant's gather/scatter rows come to the targets (1.0: both met)."""
+    kv = [r for r in rows if r["op"] in ("gather", "scatter")]
+    large = min((r["vs_copy"] for r in kv if r["mib"] >= 64), default=0.0)
+    small = min((r["vs_copy"] for r in kv if r["mib"] < 64), default=0.0)
+    return min(large / TARGETS["large"], small / TARGETS["small"])
+
+
+def compare_variants(
+    device: torch.device, reps: int, names: Sequence[str] = tuple(VARIANTS), quick: bool = False
+) -> dict:
+    """Every variant on the same cases, baselines measured once per size in this run; the
+    dense diagnostic (no block lookup) per variant; registers of what was compiled."""
+    from kvtriton.kernels.descriptors import Tuning
+    from kvtriton.kernels.prepared import triton_module
+
+    cases = _VARIANT_CASES if not quick else tuple(_cases(True))
+    baselines: dict = {}
+    out: dict = {"variants": {}, "scores": {}}
+    scale = 1.0 if not quick else 1 / 1024
+    for name in names:
+        tuning = Tuning(**VARIANTS[name])
+        b = _Bench(device, scale, reps if not quick else 3, tuning)
+        b.baselines = baselines
+        rows = []
+        failed = []
+        for op, n, kw in cases:
+            try:
+                r = _case(b, op, n, rotate=0 if quick else 512 * MIB, **kw)
+            except Exception as err:  # a failing variant scores 0; the others still run
+                failed.append(f"{op} {n} {kw}: {err!r}")
+                print(f"variant {name:14s} ERROR {op} {n} {kw}: {err!r}", flush=True)
+                continue
+            rows.append(r)
+            print(f"variant {name:14s} {_fmt(r)}", flush=True)
+        if device.type == "cuda":
+            for n in (64, 512):
+                try:
+                    d = _dense(b, n, 512 * MIB)
+                except Exception as err:
+                    failed.append(f"dense {n}: {err!r}")
+                    print(f"variant {name:14s} ERROR dense {n}: {err!r}", flush=True)
+                    continue
+                rows.append(d)
+                print(
+                    f"variant {name:14s} dense->dense {d['mib']:6.0f} MiB "
+                    f"{d['gbs']:6.0f} GB/s {100 * d['vs_copy']:5.1f}%",
+                    flush=True,
+                )
+        out["variants"][name] = rows
+        out["scores"][name] = 0.0 if failed else _score(rows)
+        if failed:
+            out.setdefault("errors", {})[name] = failed
+        print(f"variant {name:14s} score {out['scores'][name]:.3f}", flush=True)
+        b.pools.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["best"] = max(out["scores"], key=out["scores"].get)
+    out["compiled"] = {str(k): v for k, v in getattr(triton_module(), "COMPILED", {}).items()}
+    return out
+
+
+def pool_diagnostic(device: torch.device, reps: int) -> list[dict]:
+    """The same 64 / 256 MiB gather and scatter with blocks drawn from 1 GiB pools instead of
+    8 GiB ones (4x-8x more bytes per 2 MiB page touched): what page locality is worth."""
+    rows = []
+    for gib in (8, 1):
+        b = _Bench(device, gib / 8, reps)
+        for op, n in (("gather", 512), ("scatter", 512), ("gather", 2048), ("scatter", 2048)):
+            r = _case(b, op, n, tpb=16, start=5, rotate=512 * MIB)
+            r["pool_gib"] = gib
+            rows.append(r)
+            print(f"pool {gib} GiB  {_fmt(r)}", flush=True)
+        b.pools.clear()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def profile_cases(device: str = "cuda") -> None:
     """Run a 64 MiB gather, scatter and copy once each, untimed and unchecked: a target for
     ``ncu -k regex:piece_copy -c 3 python scripts/bench_kernels.py --profile``."""
@@ -448,6 +601,23 @@ def _fmt_host(h: dict) -> str:
     )
 
 
+def _print_host(overhead: list[dict], device: torch.device) -> None:
+    print("\nhost time per request, whole request as one chunk (median us, device idle):")
+    heads = " ".join(f"{name:>8s}" for name, _ in _HOST_COLUMNS)
+    print(f"{'request':28s} {'segs':>4s} {'blocks':>6s} {'MiB':>7s} {'runs':>4s} {heads}")
+    for h in overhead:
+        print(_fmt_host(h), flush=True)
+    if device.type == "cuda":
+        print("staging and launch paths (us):")
+        for h in overhead:
+            extra = {
+                k: round(v, 1)
+                for k, v in h.items()
+                if k.endswith("_us") and k not in dict((v, 0) for _, v in _HOST_COLUMNS)
+            }
+            print(f"  {h['spec']} P={h['prompt']}: {extra}")
+
+
 def _verdict(cases: list[dict], host: list[dict]) -> dict:
     def pct(rows: list[dict]) -> float | None:
         return min((r["vs_copy"] for r in rows), default=None)
@@ -476,6 +646,8 @@ def run_benchmark(
     cases: bool = True,
     host: bool = True,
     print_table: bool = True,
+    variants: Sequence[str] = (),
+    use_best: bool = False,
 ) -> dict:
     """Run the benchmark; returns (and optionally writes as JSON) every number.
 
@@ -493,9 +665,37 @@ def run_benchmark(
     if print_table:
         print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     scale = 1.0 if not quick else 1 / 1024
-    b = _Bench(device, scale, reps if not quick else 3)
-    results: list[dict] = []
     errors: list[str] = []
+    compared: dict = {}
+    tuning = None
+    if variants:
+        try:
+            compared = compare_variants(device, reps, variants, quick)
+            print(f"best variant: {compared['best']} {compared['scores']}", flush=True)
+            if device.type == "cuda":
+                compared["pool_diagnostic"] = pool_diagnostic(device, reps)
+            if use_best:
+                from kvtriton.kernels import descriptors as D
+
+                tuning = D.Tuning(**VARIANTS[compared["best"]])
+                D.DEFAULT_TUNING = tuning  # the host table and tests below use it too
+        except Exception as err:  # report it and measure the rest
+            errors.append(f"variants: {err!r}")
+            print(f"ERROR variants: {err!r}", flush=True)
+            traceback.print_exc()
+    overhead: list = []
+    if host:
+        try:
+            shapes = HOST_SHAPES if not quick else (("tiny-hybrid", 64, 16),)
+            overhead = host_overheads(device, 200 if not quick else 5, shapes)
+        except Exception as err:  # report it; keep what was measured
+            errors.append(repr(err))
+            print(f"ERROR: {err!r}", flush=True)
+            traceback.print_exc()
+        if print_table and overhead:
+            _print_host(overhead, device)
+    b = _Bench(device, scale, reps if not quick else 3, tuning)
+    results: list[dict] = []
     if cases:
         if print_table:
             print(_HEADER, flush=True)
@@ -513,31 +713,14 @@ def run_benchmark(
     b.pools.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    sweep, overhead = [], []
+    sweep: list = []
     try:
         if tune and device.type == "cuda":
             sweep = _sweep(device, reps, print_table)
-        shapes = HOST_SHAPES if not quick else (("tiny-hybrid", 64, 16),)
-        overhead = host_overheads(device, 200 if not quick else 5, shapes) if host else []
     except Exception as err:  # report it; keep what was measured
         errors.append(repr(err))
         print(f"ERROR: {err!r}", flush=True)
         traceback.print_exc()
-    if print_table and overhead:
-        print("\nhost time per request, whole request as one chunk (median us, device idle):")
-        heads = " ".join(f"{name:>8s}" for name, _ in _HOST_COLUMNS)
-        print(f"{'request':28s} {'segs':>4s} {'blocks':>6s} {'MiB':>7s} {'runs':>4s} {heads}")
-        for h in overhead:
-            print(_fmt_host(h), flush=True)
-        if device.type == "cuda":
-            print("staging and launch paths (us):")
-            for h in overhead:
-                extra = {
-                    k: round(v, 1)
-                    for k, v in h.items()
-                    if k.endswith("_us") and k not in dict((v, 0) for _, v in _HOST_COLUMNS)
-                }
-                print(f"  {h['spec']} P={h['prompt']}: {extra}")
     verdict = _verdict(results, overhead)
     if print_table and device.type == "cuda":
         print(f"\ntargets: {json.dumps(verdict)}")
@@ -557,6 +740,8 @@ def run_benchmark(
         },
         "cases": results,
         "tune_sweep": sweep,
+        "variants": compared,
+        "tuning": repr(tuning) if tuning is not None else "default",
         "host_overhead": overhead,
         "targets": verdict,
         "errors": errors,
@@ -565,6 +750,16 @@ def run_benchmark(
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)
     return out
+
+
+def _variant_names(arg: str | None) -> tuple[str, ...]:
+    if not arg:
+        return ()
+    names = tuple(VARIANTS) if arg == "all" else tuple(x for x in arg.split(",") if x)
+    unknown = [x for x in names if x not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -580,6 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-host", action="store_true", help="skip the host-overhead table")
     parser.add_argument(
         "--profile", action="store_true", help="only run a few untimed 64 MiB moves (for ncu)"
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"compare designs first: 'all' or comma-separated names of {list(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--use-best", action="store_true", help="measure the tables with the best variant"
     )
     args = parser.parse_args(argv)
     if args.profile:
@@ -605,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune=args.tune,
         cases=not args.no_cases,
         host=not args.no_host,
+        variants=_variant_names(args.variants),
+        use_best=args.use_best,
     )
     return 1 if out["errors"] else 0
 

@@ -73,6 +73,15 @@ def _staging_variants(plan: Any, device: torch.device, reps: int) -> dict:
     out = {"stage_us": _host_time(lambda: D.stage(plan, device), device, reps) * 1e6}
     if device.type != "cuda":
         return out
+    from kvtriton.kernels import staging
+
+    out["ring"] = staging.runtime() is not None
+    saved = staging.stage_into
+    staging.stage_into = lambda *a: False  # torch's pinned block + copy_ instead of the ring
+    try:
+        out["stage_torch_us"] = _host_time(lambda: D.stage(plan, device), device, reps) * 1e6
+    finally:
+        staging.stage_into = saved
     busy = torch.empty(1 << 28, dtype=torch.uint8, device=device)
 
     def pageable_busy() -> None:

@@ -14,13 +14,18 @@ Everything moves in copy *units* (4-, 2- or 1-byte integers: the widest that div
 address, stride and size of a launch; values move as bits, so every dtype is bit-exact) and
 *pieces* (``piece`` consecutive units of one head: a power of two dividing every head's units).
 Piece ``i`` of a move enumerates (layer, kv, token, head, piece) row-major, which is exactly the
-packed order: a dense side's piece ``i`` starts at unit ``offset / unit + i * piece``.
+packed order: a dense side's piece ``i`` starts at unit ``offset / unit + i * piece``. When the
+heads of a move lie side by side on every paged side (NHD pools), they are merged into one head
+of ``heads x head_bytes`` first (:func:`_merged`): same bytes, same order, pieces up to a whole
+token row.
 
 Per move one descriptor row of :data:`NCOL` int64 columns (the ``*_D/_M/_S`` triples are a
 divisor and its magic multiplier and shift, see :func:`magic`), then per launch a table of
 each row's first tile (ascending, padded with :data:`BIG`) that a program searches for its
-row. All tables of all chunks of one request live in one int64 array (``meta``) and one int32
-array (``ids``, the block tables), copied to the device in one transfer (:func:`stage`).
+row; a launch of one row also carries that row as kernel arguments (:attr:`Launch.row`), so
+its programs start with the block-id load. All tables of all chunks of one request live in one
+int64 array (``meta``) and one int32 array (``ids``, the block tables), copied to the device in
+one transfer (:func:`stage`, through :mod:`~kvtriton.kernels.staging`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from kvtriton.kernels import staging
 
 __all__ = [
     "NCOL",
@@ -68,6 +75,8 @@ BLK = 4  # (divisor, magic, shift) of tokens per block
 SB, SKV, ST, SH = 7, 8, 9, 10  # block / kv / token / head strides (steps)
 NCOL = 33
 
+#: The row arguments of a launch that loads its rows from the table.
+ZERO_ROW = (0,) * NCOL
 #: Padding of the first-tile tables: larger than any program id.
 BIG = 1 << 62
 #: Most rows one launch searches with a single vector load (one level); up to SEG_FINE**2
@@ -91,9 +100,20 @@ class Tuning:
     # Shrink tiles until the grid has this many programs per SM: small moves need parallelism
     # more than long tiles; 4 keeps every SM busy through the launch tail (H100 sweep).
     programs_per_sm: int = 4
-    # Widest piece: 256 B holds a 128-dim bf16 head; wider pieces gain nothing (a thread
-    # moves 16 B per row either way) and pad small heads' tiles.
-    max_piece_bytes: int = 256
+    # Widest piece. Heads that lie side by side on every paged side of a move (NHD pools, all
+    # selected heads adjacent) merge into one wide head (``merge_heads``): a piece is then a
+    # whole token row (8 heads x 128 x bf16 = 2 KiB), so a tile needs a few block-id lookups
+    # and little index math per byte; 4 KiB keeps 32-head rows in one piece.
+    max_piece_bytes: int = 4096
+    # Merge adjacent heads into one wide head per move (see max_piece_bytes).
+    merge_heads: bool = True
+    # Looping programs: at most ``resident_per_sm`` programs per SM (fewer when the compiled
+    # kernel's registers say so), each looping over tiles with the next tile's descriptor
+    # and block-id loads overlapping the current tile's data. 0 (the default): one program
+    # per tile. On H200 every looping shape measured 2-8 points below one program per tile,
+    # on contiguous memory too (BENCHMARKS.md): the hardware's own scheduling of short
+    # programs keeps more bytes in flight than one tile of registers per looping program.
+    resident_per_sm: int = 0
     # Warps per program for tiles >= 4 KiB: 8 warps x 32 threads x 16 B = 4 KiB per pass.
     num_warps: int = 8
     # Data loads and stores evict first: every byte moves once, and L2 then keeps the
@@ -102,6 +122,15 @@ class Tuning:
     # Under the Triton interpreter every program is a Python-level loop iteration: few,
     # large tiles (units per program).
     interpret_tile_units: int = 1 << 14
+    # A launch of one descriptor row (one move: a chunk of one group) passes the row as
+    # kernel arguments: each program's block-id load no longer waits for a descriptor load.
+    row_args: bool = True
+    # Looping launches: pieces per thread at most (1: one base address per thread and side,
+    # the rest of its registers hold data; more rows per tile cost registers, not bytes).
+    rows_per_thread: int = 1
+    # Programs of a looping launch under the interpreter (0: no cap; tests use small caps to
+    # drive the loop through many tiles).
+    interpret_programs: int = 0
 
 
 #: What :func:`build` uses when no tuning is given (tests swap it to force many tiles).
@@ -177,7 +206,8 @@ class Launch:
     desc: int  # meta index of the first descriptor row
     starts: int  # meta index of the first-tile table
     rows: int
-    grid: int
+    grid: int  # programs
+    tiles: int  # tiles (== grid unless ``loop``)
     unit: int  # bytes of the copy unit
     piece: int  # units per piece
     tile_rows: int  # pieces per program
@@ -188,7 +218,14 @@ class Launch:
     src_paged: bool
     dst_paged: bool
     stream: bool  # eviction hint on the data accesses
+    loop: bool  # programs loop over tiles (grid < tiles possible)
     moves: tuple[Move, ...]  # the move of each row (the torch backend reads its tensors)
+    cap: int = 0  # looping launches: most programs per SM (Tuning.resident_per_sm)
+    sms: int = 1  # SMs of the device
+    fitted: bool = True  # the grid accounts for the compiled kernel's occupancy
+    consts: tuple = ()  # :func:`key`, kept
+    args: bool = False  # the one row's columns travel as kernel arguments (``row``)
+    row: tuple = ZERO_ROW  # those columns (zeros when the kernel loads its rows)
 
 
 @dataclass(slots=True, eq=False)
@@ -343,19 +380,77 @@ def _rows(m: Move, unit: int, piece: int, step: int, tables: _Tables, out: list)
 
 
 def _tile_rows(
-    pieces: list[int], unit: int, piece: int, sm_count: int, interpret: bool, tuning: Tuning
+    pieces: int, unit: int, piece: int, vec: int, sm_count: int, interpret: bool, tuning: Tuning
 ) -> tuple[int, int]:
-    """``(pieces per program, warps)`` of a launch: the widest tile (power of two, at most
-    ``tile_bytes``, at least ``min_tile_bytes``) that still gives ``programs_per_sm``
-    programs per SM."""
+    """``(pieces per tile, warps)`` of a launch of ``pieces`` pieces: the widest tile (power of
+    two, at most ``tile_bytes``, at least ``min_tile_bytes``) that still gives
+    ``programs_per_sm`` tiles per SM; looping launches also hold at most
+    ``rows_per_thread`` pieces per thread (a warp spans 32 x vec units of a piece, so a
+    thread keeps one base address per piece and its registers go to data)."""
     if interpret:
-        return min(_pow2_ceil(max(pieces)), max(1, tuning.interpret_tile_units // piece)), 4
+        return min(_pow2_ceil(pieces), max(1, tuning.interpret_tile_units // piece)), 4
     most = max(1, tuning.tile_bytes // unit // piece)
+    if tuning.resident_per_sm > 0:
+        per_pass = tuning.num_warps * max(1, 32 * vec // piece)  # pieces a pass covers
+        most = min(most, per_pass * tuning.rows_per_thread)
     least = min(most, max(1, tuning.min_tile_bytes // unit // piece))
-    fit = sum(pieces) // (tuning.programs_per_sm * sm_count)  # rows per program for `want`
-    rows = min(most, max(least, 1 << max(0, fit.bit_length() - 1)))
+    per = pieces // (tuning.programs_per_sm * sm_count)  # rows per tile for that many tiles
+    rows = min(most, max(least, 1 << max(0, per.bit_length() - 1)))
     # one 16-byte vector per thread per pass; at most tuning.num_warps warps
     return rows, max(1, min(tuning.num_warps, rows * piece * unit // 512))
+
+
+#: Programs per SM that fit at once, per compiled specialization (``key + (num_warps,)``):
+#: filled by the Triton launcher when it compiles a looping kernel (its registers decide).
+RESIDENT: dict[tuple, int] = {}
+
+
+def balanced(tiles: int, programs: int) -> int:
+    """At most ``programs`` programs for ``tiles`` tiles, each looping over the same number of
+    tiles (``rounds``; the last ones one fewer): as few programs as ``rounds`` rounds need,
+    so no program runs a round more than the others."""
+    rounds = -(-tiles // max(1, programs))
+    return -(-tiles // rounds)
+
+
+def fit(launch: Launch) -> None:
+    """Re-size a looping launch's grid to the programs that fit on the device at once (known
+    once its kernel is compiled): a program that waits for a free slot would run all its
+    tiles after the others."""
+    res = RESIDENT.get((*key(launch), launch.num_warps))
+    if res is not None:
+        launch.grid = balanced(launch.tiles, min(launch.cap, res) * launch.sms)
+        launch.fitted = True
+
+
+def key(launch: Launch) -> tuple:
+    """The constexpr parameters of ``launch``'s kernel, in the kernel's signature order."""
+    if launch.consts:
+        return launch.consts
+    return (
+        launch.unit,
+        launch.piece,
+        launch.tile_rows,
+        launch.vec,
+        launch.seg_block,
+        launch.levels,
+        launch.src_paged,
+        launch.dst_paged,
+        launch.stream,
+        launch.loop,
+        launch.args,
+    )
+
+
+def _merged(m: Move) -> Move:
+    """``m`` with its heads as one wide head when they lie side by side on every paged side
+    (the packed side always holds them so): same bytes, same packed order, wider pieces."""
+    if m.heads == 1:
+        return m
+    for side in (m.src, m.dst):
+        if type(side) is Paged and side.geo.strides[3] * side.geo.size != m.head_bytes:
+            return m
+    return Move(m.src, m.dst, m.layers, m.kv, m.tokens, 1, m.heads * m.head_bytes, m.state)
 
 
 def _launch(
@@ -370,14 +465,17 @@ def _launch(
     rows: list[tuple[tuple, int, Move]] = []
     for m in moves:
         _rows(m, unit, piece, unit * vec, tables, rows)
-    tile_rows, num_warps = _tile_rows(
-        [n for _, n, _ in rows], unit, piece, sm_count, interpret, tuning
-    )
+    total = sum([n for _, n, _ in rows]) if len(rows) > 1 else rows[0][1]
+    if interpret:
+        total = max([n for _, n, _ in rows])
+    tile_rows, num_warps = _tile_rows(total, unit, piece, vec, sm_count, interpret, tuning)
     out = []
-    cap = SEG_FINE * SEG_FINE
     meta = tables.meta
-    for lo in range(0, len(rows), cap):
-        part = rows[lo : lo + cap] if len(rows) > cap else rows
+    sp, dp = type(moves[0].src) is Paged, type(moves[0].dst) is Paged
+    hint, loop = tuning.stream_hint, tuning.resident_per_sm > 0
+    most = SEG_FINE * SEG_FINE
+    for lo in range(0, len(rows), most):
+        part = rows[lo : lo + most] if len(rows) > most else rows
         desc = len(meta)
         first, tiles = [], 0
         for row, n, _ in part:
@@ -399,27 +497,43 @@ def _launch(
             meta.extend([BIG] * (block - len(coarse)))
             meta.extend(first)
             meta.extend([BIG] * (len(coarse) * block - n))
-        m0 = part[0][2]
-        owners = tuple(m for _, _, m in part)
-        out.append(
-            Launch(
-                desc,
-                starts,
-                n,
-                tiles,
-                unit,
-                piece,
-                tile_rows,
-                vec,
-                block,
-                levels,
-                num_warps,
-                type(m0.src) is Paged,
-                type(m0.dst) is Paged,
-                tuning.stream_hint,
-                owners,
-            )
+        owners = tuple([m for _, _, m in part])
+        launch = Launch(
+            desc,
+            starts,
+            n,
+            tiles,
+            tiles,
+            unit,
+            piece,
+            tile_rows,
+            vec,
+            block,
+            levels,
+            num_warps,
+            sp,
+            dp,
+            hint,
+            loop,
+            owners,
         )
+        if levels == 0 and tuning.row_args:
+            launch.args, launch.row = True, part[0][0]
+        consts = (unit, piece, tile_rows, vec, block, levels, sp, dp, hint, loop, launch.args)
+        launch.consts = consts
+        if loop:
+            if interpret:
+                launch.grid = balanced(tiles, tuning.interpret_programs or tiles)
+            else:
+                res = RESIDENT.get((*consts, num_warps))
+                cap = tuning.resident_per_sm if res is None else min(res, tuning.resident_per_sm)
+                launch.cap, launch.sms, launch.fitted = (
+                    tuning.resident_per_sm,
+                    sm_count,
+                    res is not None,
+                )
+                launch.grid = balanced(tiles, cap * sm_count)
+        out.append(launch)
     return out
 
 
@@ -448,6 +562,8 @@ def build(
         for m in moves:
             if not (m.tokens and m.layers and m.heads and m.head_bytes):
                 continue
+            if tuning.merge_heads:
+                m = _merged(m)
             mg = _move_gcd(m)
             if m.state:
                 states.append((m, mg))
@@ -484,26 +600,34 @@ def build(
     return HostPlan(meta, ids, tuple(plans))
 
 
-def stage(plan: HostPlan, device: torch.device) -> tuple[torch.Tensor | np.ndarray, int, int]:
+def stage(
+    plan: HostPlan, device: torch.device, stream: int | None = None
+) -> tuple[torch.Tensor | np.ndarray, int, int]:
     """The plan's tables in device memory: ``(owner, meta address, ids address)``.
 
-    On CUDA: one pinned host buffer and ONE asynchronous host-to-device copy on the current
-    stream (torch's caching host allocator keeps the pinned block until the copy is done).
-    On CPU the host arrays themselves (one contiguous buffer).
+    On CUDA: a device tensor and ONE asynchronous host-to-device copy on ``stream`` (raw
+    handle; default: the current stream), from the device's pinned ring
+    (:mod:`~kvtriton.kernels.staging`) or, when that cannot take them, from a pinned block
+    of torch's caching host allocator (which keeps it until the copy is done). On CPU the
+    host arrays themselves (one contiguous buffer).
     """
     meta_bytes = len(plan.meta) * 8
     total = meta_bytes + plan.ids.size * 4
     if device.type == "cuda":
+        dev = torch.empty(total, dtype=torch.uint8, device=device)
+        addr = dev.data_ptr()
+        if stream is None:
+            stream = torch.cuda.current_stream(device).cuda_stream
+        if staging.stage_into(dev, memoryview(plan.meta).cast("B"), plan.ids, stream):
+            return dev, addr, addr + meta_bytes
         host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
         raw = host.numpy()
-    else:
-        raw = host = np.empty(total, dtype=np.uint8)
+        raw[:meta_bytes] = np.frombuffer(plan.meta, dtype=np.uint8)
+        raw[meta_bytes:] = plan.ids.view(np.uint8)
+        dev.copy_(host, non_blocking=True)  # on the current stream
+        return dev, addr, addr + meta_bytes
+    raw = np.empty(total, dtype=np.uint8)
     raw[:meta_bytes] = np.frombuffer(plan.meta, dtype=np.uint8)
     raw[meta_bytes:] = plan.ids.view(np.uint8)
-    if device.type == "cuda":
-        dev = torch.empty(total, dtype=torch.uint8, device=device)
-        dev.copy_(host, non_blocking=True)
-        addr = dev.data_ptr()
-        return dev, addr, addr + meta_bytes
     addr = raw.ctypes.data
     return raw, addr, addr + meta_bytes

@@ -148,7 +148,7 @@ class PreparedMoves:
         self._joined: set[int] = set()
         if triton:
             self._plan = None
-            self._owner, self._meta, self._ids = D.stage(plan, device)
+            self._owner, self._meta, self._ids = D.stage(plan, device, self._stream)
             T = triton_module()
             self._launch = T.launch
             self._current_stream = T.current_stream
