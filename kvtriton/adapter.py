@@ -6,13 +6,16 @@ Receiver side::
                          mode="per_group" | "single_boundary")
     # rx.plan: TransferPlan; rx.tokens {group: TokenRange to receive}; rx.states (state groups
     # whose state moves); rx.spans {group: destination BlockSpan}; rx.state_slots {group: slot}
-    ... receive into the pools (kvtriton.kernels.unpack_request) ...
+    # rx.target: the same as a TransferTarget (validated once, block ids as int32 arrays):
+    # what kvtriton.transfer and kvtriton.kernels take
+    ... receive into the pools (TransferAgent.request(rx.target, ...)) ...
     complete_receive(manager, rx)      # success: commit P tokens (blocks become matchable)
     abort_receive(manager, rx)         # failure: free; nothing reaches the prefix cache
 
 Sender side (the rank that prefilled the request; it allocated it with
 ``manager.allocate(request_id, tokens, prefill=True)`` and may commit it like any prefill)::
 
+    target = source_target(manager, request_id)         # everything it holds, validated once
     src = source_spans(manager, request_id, rx.plan)    # or ({group: TokenRange}, states)
     # src.spans {group: BlockSpan covering its range}, src.state_slots {group: slot}
 
@@ -31,6 +34,7 @@ from kvtriton.cache.hashing import ExtraKey
 from kvtriton.cache.manager import Allocation, KVCacheManager, PrefixMatch, RequestId
 from kvtriton.plan import Mode, TransferPlan, plan_transfer
 from kvtriton.ranges import BlockSpan, TokenRange
+from kvtriton.target import TransferTarget
 
 __all__ = [
     "ReceivePlan",
@@ -40,6 +44,7 @@ __all__ = [
     "prepare_receive",
     "preview_plan",
     "source_spans",
+    "source_target",
 ]
 
 
@@ -53,6 +58,8 @@ class ReceivePlan:
         spans: ``{attention group: destination BlockSpan}``; covers ``needed`` plus drafts.
         state_slots: ``{state group: destination slot}`` (every state group; see ``states``).
         allocation: what the manager reused and allocated.
+        target: the destination of exactly what moves (groups with a non-empty range, state
+            groups whose state moves), validated against the pool sizes once.
     """
 
     request_id: RequestId
@@ -60,6 +67,7 @@ class ReceivePlan:
     spans: Mapping[str, BlockSpan]
     state_slots: Mapping[str, int]
     allocation: Allocation
+    target: TransferTarget
 
     @property
     def num_tokens(self) -> int:
@@ -72,7 +80,7 @@ class ReceivePlan:
     @property
     def tokens(self) -> dict[str, TokenRange]:
         """``{attention group: positions to receive}`` (possibly empty), for ``packed_layout``."""
-        return {g.name: g.tokens for g in self.plan.groups if g.kind != "state"}
+        return {g.name: g.tokens for g in self.plan.groups if g.group.is_attention}
 
     @property
     def states(self) -> tuple[str, ...]:
@@ -147,7 +155,7 @@ def prepare_receive(
         )
         bsz = manager.tokens_per_block
         for g in plan.groups:
-            if g.kind == "state":
+            if g.group.is_state:
                 if g.moves_state == alloc.state_hits[g.name]:
                     raise RuntimeError(
                         f"request {request_id!r}: group {g.name!r}: state hit "
@@ -162,6 +170,19 @@ def prepare_receive(
                     f"request {request_id!r}: group {g.name!r}: transfer range {g.tokens} "
                     f"would write into reused cached blocks {reused}"
                 )
+        tokens = {g.name: g.tokens for g in plan.groups if g.group.is_attention}
+        states = plan.state_groups
+        target = TransferTarget.from_spans(
+            str(request_id),
+            alloc.num_tokens,
+            tokens,
+            alloc.spans,
+            {g: alloc.state_slots[g] for g in states},
+            tokens_per_block=bsz,
+            num_blocks={g: manager.num_blocks(g) for g in tokens},
+            num_slots={g: manager.num_blocks(g) for g in states},
+            destination=True,
+        )
     except BaseException:
         manager.free(request_id)
         raise
@@ -171,6 +192,7 @@ def prepare_receive(
         spans=dict(alloc.spans),
         state_slots=dict(alloc.state_slots),
         allocation=alloc,
+        target=target,
     )
 
 
@@ -214,7 +236,9 @@ def source_spans(
     spec = manager.spec
     held = set(spec.group_names)
     if isinstance(ranges, TransferPlan):
-        tokens = {g.name: g.tokens for g in ranges.groups if g.kind != "state" and g.name in held}
+        tokens = {
+            g.name: g.tokens for g in ranges.groups if g.group.is_attention and g.name in held
+        }
         wanted_states = tuple(name for name in ranges.state_groups if name in held)
     else:
         tokens = dict(ranges)
@@ -235,7 +259,7 @@ def source_spans(
                 f"request {request_id!r}: range of group {name!r} must be a "
                 f"TokenRange, got {type(rng).__name__}"
             )
-        if group.kind == "state":
+        if group.is_state:
             if not rng.is_empty:
                 raise ValueError(
                     f"request {request_id!r}: group {name!r} is a state group; "
@@ -253,9 +277,38 @@ def source_spans(
         spans[name] = span
     slots: dict[str, int] = {}
     for name in wanted_states:
-        if spec.group(name).kind != "state":
+        if not spec.group(name).is_state:
             raise ValueError(f"request {request_id!r}: group {name!r} is not a state group")
         slots[name] = state.state_slots[name]
     return SourceSpans(
         request_id=request_id, tokens=tokens, states=wanted_states, spans=spans, state_slots=slots
+    )
+
+
+def source_target(manager: KVCacheManager, request_id: RequestId) -> TransferTarget:
+    """Everything a sender holds of a prefilled request, as a :class:`TransferTarget`
+    (validated once): per attention group the positions of its prompt ``[0, P)`` its span
+    holds with valid KV (a slid window holds fewer), per state group its slot. What a
+    receiver may ask this sender for is checked against it."""
+    state = manager.request(request_id)
+    spec = manager.spec
+    bsz = manager.tokens_per_block
+    p = state.num_tokens
+    tokens: dict[str, TokenRange] = {}
+    for name, span in state.spans.items():
+        held = span.covered(bsz).intersect(TokenRange(0, p))
+        start = max(held.start, state.valid_from.get(name, 0))
+        if start < held.end:
+            tokens[name] = TokenRange(start, held.end)
+    states = {g.name: state.state_slots[g.name] for g in spec.groups if g.is_state}
+    return TransferTarget.from_spans(
+        str(request_id),
+        p,
+        tokens,
+        state.spans,
+        states,
+        tokens_per_block=bsz,
+        num_blocks={g: manager.num_blocks(g) for g in tokens},
+        num_slots={g: manager.num_blocks(g) for g in states},
+        destination=False,
     )

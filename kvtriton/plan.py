@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from kvtriton.ranges import GroupKind, TokenRange, check_count
-from kvtriton.spec import KVCacheSpec, LayerGroup
+from kvtriton.spec import KVCacheSpec, LayerGroup, resolve_spec
 from kvtriton.table import Column, Table, format_bytes, format_count, format_percent
 
 __all__ = [
@@ -402,7 +402,7 @@ def _group_transfer(
 
 
 def plan_transfer(
-    spec: KVCacheSpec,
+    spec: KVCacheSpec | str,
     num_tokens: int,
     cached_tokens: Mapping[str, int] | int,
     *,
@@ -411,7 +411,8 @@ def plan_transfer(
     """Plan what each layer group of ``spec`` moves for a prompt of ``num_tokens`` tokens.
 
     Args:
-        spec: the model (or shard) spec; bytes are counted over its layers and heads.
+        spec: the model (or shard) spec, or a preset name; bytes are counted over its layers
+            and heads.
         num_tokens: prompt length ``P >= 1``; the receiver decodes position ``P`` next.
         cached_tokens: a mapping ``{group: count}`` selects per-group mode (groups left out
             count as 0; unknown names are an error); an int ``c`` selects single-boundary
@@ -422,6 +423,7 @@ def plan_transfer(
         num_draft_tokens: speculative positions ``[P, P + k)`` the receiver allocates; they
             never move and are not counted.
     """
+    spec = resolve_spec(spec)
     p = check_count("num_tokens (prompt length P)", num_tokens, 1)
     check_count("num_draft_tokens", num_draft_tokens, 0)
     if isinstance(cached_tokens, Mapping):
@@ -473,7 +475,9 @@ def _check_counts(spec: KVCacheSpec, cached_tokens: object) -> dict[str, int]:
     }
 
 
-def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[str, int]) -> int:
+def single_boundary(
+    spec: KVCacheSpec | str, num_tokens: int, cached_tokens: Mapping[str, int]
+) -> int:
     """The one reuse boundary ``c`` that per-group counts alone establish (DESIGN.md §1).
 
     ``c`` is the largest prefix at which *every* group could resume: full attention holds
@@ -491,8 +495,10 @@ def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[s
     describe: for counts taken from a real cache it is a lower bound of that cache's
     ``PrefixMatch.boundary`` (the cache may hold more than its counts show). To plan with
     what a cache really holds, pass its ``PrefixMatch`` to :func:`compare_policies`, or the
-    boundary to :func:`plan_transfer`. Groups left out count as 0.
+    boundary to :func:`plan_transfer`. Groups left out count as 0. ``spec`` may be a preset
+    name.
     """
+    spec = resolve_spec(spec)
     p = check_count("num_tokens (prompt length P)", num_tokens, 1)
     counts = _check_counts(spec, cached_tokens)
     candidates = sorted({p, 0, *(min(n, p) for n in counts.values())}, reverse=True)
@@ -504,7 +510,7 @@ def single_boundary(spec: KVCacheSpec, num_tokens: int, cached_tokens: Mapping[s
 
 
 def compare_policies(
-    spec: KVCacheSpec,
+    spec: KVCacheSpec | str,
     num_tokens: int,
     cached_tokens: Mapping[str, int] | CacheHolding,
     *,
@@ -518,7 +524,9 @@ def compare_policies(
     ``match``) whose ``boundary`` came from the cache contents. The single-boundary plan uses
     ``boundary`` when given, else the holding's boundary, else :func:`single_boundary` of
     the counts -- one rule everywhere (DESIGN.md §1): ``c`` comes from what the cache holds.
+    ``spec`` may be a preset name.
     """
+    spec = resolve_spec(spec)
     p = check_count("num_tokens (prompt length P)", num_tokens, 1)
     holding = getattr(cached_tokens, "match", cached_tokens)  # an Allocation: its match
     if isinstance(holding, CacheHolding) and not isinstance(holding, Mapping):

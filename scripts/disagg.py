@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
-    from kvtriton.transfer.experiment import run_cli
+    from kvtriton.transfer.demo import run_cli
 
     try:
         return run_cli(args)

@@ -139,7 +139,7 @@ CASES = [
     ),
     (
         ["bench", "transfer"],
-        r"bench transfer needs 2 CUDA GPUs, found 0 \(`kvtriton bench transfer -- --cpu`",
+        r"bench transfer needs 1 CUDA GPU, found 0",
     ),
     (["bench", "--nproc", "1000", "transfer"], r"--nproc: the process count must be <= 64"),
     (
@@ -165,8 +165,8 @@ def nothing_spawns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _spawning_fails)
     monkeypatch.setattr(subprocess, "Popen", _spawning_fails)
     monkeypatch.setattr(cli_bench, "cuda_device_count", lambda: 0)
-    experiment = pytest.importorskip("kvtriton.transfer.experiment")
-    monkeypatch.setattr(experiment, "run_cli", _spawning_fails)
+    demo = pytest.importorskip("kvtriton.transfer.demo")
+    monkeypatch.setattr(demo, "run_cli", _spawning_fails)
 
 
 def _argv(argv: list[str], tmp_path: Path) -> list[str]:
@@ -253,7 +253,9 @@ def test_bench_cpu_modes_and_help_pass_the_gpu_check(monkeypatch: pytest.MonkeyP
     assert kernels.wants_cpu(["--device", "cpu", "--quick"])
     assert kernels.wants_cpu(["--quick", "--device=cpu"])
     assert not kernels.wants_cpu(["--device", "cuda"])
-    assert transfer.wants_cpu(["--cpu"])
+    assert not transfer.wants_cpu(["--cpu"])  # GPU only: the CPU path is `bench latency`
     cli_bench._check_device("kernels", kernels, ["--device", "cpu", "--quick"], 2)
     cli_bench._check_device("kernels", kernels, ["--help"], 2)
-    cli_bench._check_device("transfer", transfer, ["--cpu"], 2)
+    cli_bench._check_device("transfer", transfer, ["--help"], 2)
+    with pytest.raises(cli_bench.UsageError, match="needs 1 CUDA GPU"):
+        cli_bench._check_device("transfer", transfer, [], 2)

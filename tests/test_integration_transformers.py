@@ -526,3 +526,30 @@ def test_chat_on_cuda_through_compiled_triton_kernels(kind):
         else:
             torch.testing.assert_close(result.logits, logits, atol=ATOL, rtol=RTOL)
         conversation = prompt + result.tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma3", "qwen3-next"])
+def test_streamed_chat_matches_the_unstreamed_one(models, model):
+    """Layer-wise streaming: forward hooks copy and mark each decoder layer while the prefill
+    runs, the generation rank receives layer-major chunks meanwhile; the tokens and logits
+    are bit-identical to the one-process run (which matches the reference)."""
+    turns = [_prompt(USER_TURNS[0], seed=1), _prompt(USER_TURNS[1], seed=2)]
+    cfg = ChatConfig(
+        model=model,
+        user_turns=tuple(map(tuple, turns)),
+        steps=STEPS,
+        window=WINDOW,
+        ctx_tokens_per_block=4,
+        gen_tokens_per_block=5,
+        modes=("per_group",),
+        backend="reference",
+        timeout_s=30.0,
+        streaming=True,
+    )
+    demo = run_chat_demo(cfg)
+    assert demo.ok, demo.report
+    _, _, local = _chat(models[model], "per_group")
+    for rec, res in zip(demo.records["per_group"], local, strict=True):
+        assert rec["tokens"] == res.tokens
+        assert torch.equal(torch.from_numpy(rec["logits"]), res.logits)

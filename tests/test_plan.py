@@ -568,3 +568,15 @@ def test_plans_pretty_print_as_tables_in_jupyter() -> None:
     plans = compare_policies(preset("tiny-hybrid"), 50, {"full": 40})
     assert pretty(plans) == plans.table()
     assert pretty(plans["no_reuse"]) == plans["no_reuse"].table()
+
+
+def test_plans_take_a_preset_name_like_the_spec_it_names() -> None:
+    spec = preset("gpt-oss-20b")
+    held = {g: 100 for g in spec.group_names}
+    assert plan_transfer("gpt-oss-20b", 300, held) == plan_transfer(spec, 300, held)
+    assert single_boundary("gpt-oss-20b", 300, held) == single_boundary(spec, 300, held)
+    assert compare_policies("gpt-oss-20b", 300, held) == compare_policies(spec, 300, held)
+    with pytest.raises(ValueError, match="unknown preset 'gpt-oss-2b'"):
+        plan_transfer("gpt-oss-2b", 300, 0)
+    with pytest.raises(TypeError, match="KVCacheSpec or a preset name"):
+        plan_transfer(42, 300, 0)  # type: ignore[arg-type]

@@ -54,13 +54,20 @@ def test_terminal_states_are_never_overwritten(at: SessionState, end: str) -> No
     assert getattr(s, end)("first reason")
     final = s.state
     assert final is (S.ERROR if end == "fail" else S.CANCELLED)
-    # every later event is ignored
+    # every later event is ignored, except that a cancel outranks a failure (precedence
+    # cancel > fail > complete on conflicting ends: both sides then agree on CANCELLED)
     assert not s.fail("second")
-    assert not s.cancel("third")
     assert not s.advance(S.TRANSFERRED)
     assert not s.advance_to(S.TRANSFERRED)
     assert not s.check_deadline(now=1e12)
     assert s.state is final and s.error == "first reason"
+    if end == "fail":
+        assert s.cancel("third")
+        assert s.state is S.CANCELLED and s.error == "third"
+    else:
+        assert not s.cancel("third")
+    assert not s.fail("fourth") and not s.cancel("fifth")
+    assert s.state is S.CANCELLED
 
 
 def test_transferred_is_terminal_too() -> None:

@@ -657,7 +657,7 @@ def test_cli_simulate_time_options(tmp_path, capsys):
         (["--trace-format", "mooncake"], "apply to trace files, not --trace chat"),
         (["--link", "ib"], "invalid choice: 'ib'"),
         (["--link-gbps", "0"], "must be > 0"),
-        (["--prefill-tokens-per-s", "nan"], "must be > 0"),
+        (["--prefill-tokens-per-s", "nan"], "must be a finite number"),
     ):
         assert main(["simulate", "--preset", "gpt-oss-20b", *args]) == 2
         err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``kvtriton bench kernels|cache|transfer|latency``: run a benchmark module with its own
+"""``kvtriton bench kernels|cache|transfer|latency|ttft``: run a benchmark module with its own
 options (given after ``--``); ``transfer`` runs under torchrun with one process per rank.
 
 A benchmark that needs CUDA GPUs is refused in one line (exit 2) on a machine without enough
@@ -22,8 +22,8 @@ from kvtriton.options import UsageError, int_arg
 __all__ = ["BENCHMARKS", "Benchmark", "add_arguments", "cuda_device_count", "run"]
 
 HELP = (
-    "benchmarks: kernels (GPU; CPU smoke test), cache (CPU), transfer (2 GPUs, torchrun; "
-    "--cpu over gloo), latency (CPU)"
+    "benchmarks: kernels (GPU; CPU smoke test), cache (CPU), transfer (GPU), latency and ttft "
+    "(CPU or GPU)"
 )
 EPILOG = "example: kvtriton bench kernels -- --json kernels.json"
 
@@ -64,15 +64,20 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cache": Benchmark("kvtriton.cache.bench", "match + allocate + commit (CPU)"),
     "transfer": Benchmark(
         "kvtriton.transfer.bench",
-        "end to end vs raw NCCL send/recv (one GPU per rank, spawned with torchrun; "
-        "-- --cpu: over gloo)",
-        gpus=-1,
-        cpu_mode=(("--cpu",),),
-        torchrun=True,
-        cpu_example="--cpu",
+        "end to end (ask -> committed) vs a device copy, a peer copy and raw NCCL of the same "
+        "bytes (a CUDA GPU: the direct channel; 2 GPUs: also NCCL); `kvtriton bench latency` "
+        "is the CPU protocol benchmark",
+        gpus=1,
+    ),
+    "ttft": Benchmark(
+        "kvtriton.transfer.ttft",
+        "time to first token with and without layer-wise streaming, per reuse policy "
+        "(two spawned ranks; a GPU, or -- --device cpu)",
     ),
     "latency": Benchmark(
-        "kvtriton.transfer.bench_latency", "per-request latency of the transfer path (CPU)"
+        "kvtriton.transfer.bench_latency",
+        "ask -> committed of 1-block requests between two spawned ranks (gloo on CPU; the "
+        "direct channel on a GPU)",
     ),
 }
 

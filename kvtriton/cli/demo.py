@@ -53,6 +53,13 @@ def validate_args(args: argparse.Namespace) -> Any:
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     check_disagg_config(cfg)
+    if cfg.channel in ("ipc", "nccl"):  # a channel the GPUs here cannot carry: say so now
+        from kvtriton.transfer.launch import gpus_for
+
+        try:
+            gpus_for(cfg.channel, cfg.world_size)
+        except ValueError as exc:
+            raise UsageError(f"--channel {cfg.channel}: {exc}") from None
     return cfg
 
 
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         "(scripts/disagg.py has the same options, and runs under torchrun)."
     )
     print(flush=True)
-    from kvtriton.transfer.experiment import run_cli
+    from kvtriton.transfer.demo import run_cli
 
     try:
         return run_cli(args)

@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--boundary",
-        type=count_arg(),
+        type=token_count_arg(),
         metavar="C",
         help="the single boundary, when the cache holds more than the counts show (default: "
         "the largest c the counts prove, kvtriton.plan.single_boundary)",

@@ -20,7 +20,7 @@ prefill of the whole prompt, then greedy decoding on that cache).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -66,6 +66,15 @@ def _device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
+def _decoder_layers(model: Any) -> Any:
+    """The decoder layers of a transformers causal LM, in global layer order."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if layers is not None:
+            return layers
+    raise ValueError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
+
+
 def _forward(model: Any, tokens: Sequence[int], cache: Any) -> Any:
     from kvtriton.integrations.transformers import forward
 
@@ -102,7 +111,7 @@ def _pools_and_manager(
     from kvtriton.integrations.transformers import check_spec
 
     check_spec(spec, model.config)
-    has_state = any(g.kind == "state" for g in spec.groups)
+    has_state = any(g.is_state for g in spec.groups)
     pools = allocate_pools(
         spec, num_blocks, num_state_slots=num_state_slots if has_state else 0, device=_device(model)
     )
@@ -139,8 +148,21 @@ class ContextWorker:
         self.pool_map: dict[str, torch.Tensor] = {**self.pools.kv, **self.pools.state}
         self._live: dict[str, tuple[int, dict[str, BlockSpan], dict[str, int]]] = {}
 
-    def prefill(self, request_id: str, prompt: Sequence[int]) -> torch.Tensor:
-        """Prefill ``prompt``; keep its needed KV; return the last position's logits [vocab]."""
+    def prefill(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        on_allocated: Callable[[], None] | None = None,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Prefill ``prompt``; keep its needed KV; return the last position's logits [vocab].
+
+        Streaming: ``on_allocated()`` runs once the blocks exist (before the forward: register
+        the source there); with ``on_layer``, forward hooks copy each decoder layer's KV into
+        the pools as soon as that layer's forward wrote the cache, then call
+        ``on_layer(global layer id)`` (mark it ready there), while the next layers compute.
+        """
         import torch
         from transformers import DynamicCache
 
@@ -150,11 +172,10 @@ class ContextWorker:
             raise ValueError(f"request {request_id!r} is already live on the context side")
         p = len(prompt)
         alloc = self.manager.allocate(request_id, list(prompt))
-        try:
-            with torch.no_grad():
-                cache = DynamicCache(config=self.model.config)
-                out = _forward(self.model, prompt, cache)
-            needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.kind != "state"}
+        needed = {g.name: needed_range(g, p) for g in self.spec.groups if g.is_attention}
+        held = {i for g in self.spec.groups for i in g.layer_ids}
+
+        def write(cache: Any, layers: Sequence[int] | None) -> None:
             cache_to_pools(
                 cache,
                 self.spec,
@@ -164,11 +185,36 @@ class ContextWorker:
                 state_slots=alloc.state_slots,
                 config=self.model.config,
                 backend=self.backend,
+                layers=layers,
             )
+
+        hooks = []
+        try:
+            self._live[request_id] = (p, dict(alloc.spans), dict(alloc.state_slots))
+            if on_allocated is not None:
+                on_allocated()
+            with torch.no_grad():
+                cache = DynamicCache(config=self.model.config)
+                if on_layer is not None:
+                    for i, layer in enumerate(_decoder_layers(self.model)):
+                        if i not in held:
+                            continue  # another pipeline stage's layer
+
+                        def hook(*_: Any, i: int = i) -> None:
+                            write(cache, [i])
+                            on_layer(i)
+
+                        hooks.append(layer.register_forward_hook(hook))
+                out = _forward(self.model, prompt, cache)
+            if on_layer is None:
+                write(cache, None)
         except BaseException:
+            self._live.pop(request_id, None)
             self.manager.free(request_id)
             raise
-        self._live[request_id] = (p, dict(alloc.spans), dict(alloc.state_slots))
+        finally:
+            for h in hooks:
+                h.remove()
         return out.logits[0, -1].float().clone()
 
     def pack(
@@ -227,7 +273,12 @@ class ContextService(Protocol):
     """
 
     def prefill(
-        self, request_id: str, prompt: Sequence[int], *, send: bool = True
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        send: bool = True,
+        receive: ReceivePlan | None = None,
     ) -> torch.Tensor: ...
 
     def transfer(
@@ -243,7 +294,14 @@ class LocalContext:
         self.worker = worker
         self.backend = backend
 
-    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True) -> torch.Tensor:
+    def prefill(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        send: bool = True,
+        receive: ReceivePlan | None = None,
+    ) -> torch.Tensor:
         logits = self.worker.prefill(request_id, prompt)
         if not send:
             self.worker.release(request_id)
@@ -319,7 +377,7 @@ class TurnResult:
             "prompt_len": self.prompt_len,
             "mode": self.mode,
             "tokens": list(self.tokens),
-            "logits": self.logits.numpy(),
+            "logits": self.logits.tolist(),  # float32 -> float -> float32 is exact
             "moved": {g: (t.start, t.end) for g, t in self.moved.items()},
             "states": list(self.states),
             "bytes": self.bytes,
@@ -373,7 +431,7 @@ class GenerationWorker:
         rx = prepare_receive(self.manager, request_id, prompt, mode=mode)
         moves = bool(rx.states) or any(not rng.is_empty for rng in rx.tokens.values())
         try:
-            first_logits = context.prefill(request_id, prompt, send=moves)
+            first_logits = context.prefill(request_id, prompt, send=moves, receive=rx)
             wire_bytes = context.transfer(request_id, rx, self.pool_map) if moves else 0
         except BaseException:
             abort_receive(self.manager, rx)
@@ -398,9 +456,7 @@ class GenerationWorker:
                     q = p + i
                     out = _forward(self.model, tokens[-1:], cache)
                     spans = self.manager.append(request_id, tokens[-1:])
-                    new = {
-                        g.name: TokenRange(q, q + 1) for g in self.spec.groups if g.kind != "state"
-                    }
+                    new = {g.name: TokenRange(q, q + 1) for g in self.spec.groups if g.is_attention}
                     # the state now summarises [0, q + 1): commit may snapshot it
                     cache_to_pools(
                         cache,
@@ -441,9 +497,7 @@ class GenerationWorker:
         Models memory pressure: released sliding-window pages are the first a loaded server
         loses. Returns the number of blocks evicted.
         """
-        return sum(
-            self.manager.evict(group=g.name) for g in self.spec.groups if g.kind == "sliding"
-        )
+        return sum(self.manager.evict(group=g.name) for g in self.spec.groups if g.kind.has_window)
 
 
 def run_chat(
@@ -503,7 +557,7 @@ def _recv_ints(src: int, group: Any) -> list[int]:
 
 class AgentContext:
     """A :class:`ContextService` on another rank: the KV moves through the receiver's
-    :class:`kvtriton.transfer.transport.TransferAgent` (protocol, sessions, chunked
+    :class:`kvtriton.transfer.agent.TransferAgent` (protocol, sessions, chunked
     pipelining); prompts and logits go over ``router_group``.
 
     Args:
@@ -513,6 +567,10 @@ class AgentContext:
             and serves its own heads and layers, the agent asks each for its part).
         vocab_size: length of the logits row the context rank sends back.
         timeout_s: how long to wait for one request's transfer.
+        streaming: layer-wise streaming: the context rank registers the source before its
+            prefill and marks each layer as its forward writes it; this rank asks at once
+            (layer-major chunks, ``TransferOptions.layer_chunks``) and receives while the
+            prefill runs.
     """
 
     def __init__(
@@ -523,6 +581,7 @@ class AgentContext:
         vocab_size: int,
         *,
         timeout_s: float = 60.0,
+        streaming: bool = False,
     ) -> None:
         self.agent = agent
         self.router_group = router_group
@@ -531,18 +590,55 @@ class AgentContext:
             raise ValueError("AgentContext needs at least one context rank")
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
+        self.streaming = streaming
+        self._digests: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
 
-    def prefill(self, request_id: str, prompt: Sequence[int], *, send: bool = True) -> torch.Tensor:
+    def prefill(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        *,
+        send: bool = True,
+        receive: ReceivePlan | None = None,
+    ) -> torch.Tensor:
+        import threading
+
         import torch
         import torch.distributed as dist
 
+        from kvtriton.transfer.protocol import prompt_digest
+
+        self._digests[request_id] = prompt_digest(prompt)
+        stream = self.streaming and send and receive is not None
         rid = list(request_id.encode())
         for peer in self.peers:
-            _send_ints([_PREFILL, int(send), len(rid), *rid, *prompt], peer, self.router_group)
-        rows = []
-        for peer in self.peers:
-            rows.append(torch.empty(self.vocab_size, dtype=torch.float32))
-            dist.recv(rows[-1], peer, group=self.router_group)
+            msg = [_PREFILL, int(send), int(stream), len(rid), *rid, *prompt]
+            _send_ints(msg, peer, self.router_group)
+        rows = [torch.empty(self.vocab_size, dtype=torch.float32) for _ in self.peers]
+        if not stream:
+            for peer, row in zip(self.peers, rows, strict=True):
+                dist.recv(row, peer, group=self.router_group)
+        else:
+            for peer in self.peers:  # each context rank registered its streamed source
+                _recv_ints(peer, self.router_group)
+            assert receive is not None
+            self._handles[request_id] = self.agent.request(
+                receive.target, prompt_digest=self._digests.pop(request_id), mode=receive.mode
+            )
+            # receive the layers while the prefill runs; the logits come when it ends
+            works = [
+                dist.irecv(row, peer, group=self.router_group)
+                for peer, row in zip(self.peers, rows, strict=True)
+            ]
+            done = threading.Event()
+            waiter = threading.Thread(
+                target=lambda: ([w.wait() for w in works], done.set()), daemon=True
+            )
+            waiter.start()
+            while not done.is_set():
+                self.agent.progress(0.002)
+            waiter.join()
         for peer, row in zip(self.peers[1:], rows[1:], strict=True):
             if not torch.equal(row, rows[0]):
                 raise RuntimeError(
@@ -555,19 +651,21 @@ class AgentContext:
         from kvtriton.transfer.session import SessionState
 
         for name, tensor in pools.items():
-            if self.agent.pools.get(name) is not tensor:
+            if self.agent.pools.pools.get(name) is not tensor:
                 raise ValueError(
                     f"request {request_id!r}: pool {name!r} is not the agent's "
                     "pool; build the agent over the generation worker's pools"
                 )
-        handle = self.agent.request(
-            request_id, rx.num_tokens, rx.tokens, rx.states, rx.spans, rx.state_slots, mode=rx.mode
-        )
+        handle = self._handles.pop(request_id, None)
+        if handle is None:
+            handle = self.agent.request(
+                rx.target, prompt_digest=self._digests.pop(request_id), mode=rx.mode
+            )
         done = self.agent.wait([request_id], timeout=self.timeout_s)
-        state, error = handle.state, handle.session.error
         if not done:
             self.agent.cancel(request_id, f"no transfer within {self.timeout_s} s")
             self.agent.wait([request_id], timeout=self.timeout_s)
+        state, error = handle.state, handle.session.error
         self.agent.forget(request_id)
         if state is not SessionState.TRANSFERRED:
             raise RuntimeError(f"request {request_id!r}: transfer ended {state.value}: {error}")
@@ -588,6 +686,9 @@ def serve_context(
     """
     import torch.distributed as dist
 
+    from kvtriton.adapter import source_target
+    from kvtriton.transfer.protocol import prompt_digest
+
     served = 0
     finished: set[str] = set()
     while True:
@@ -596,19 +697,35 @@ def serve_context(
             return served
         if msg[0] != _PREFILL:
             raise ValueError(f"unknown router message {msg[0]} from rank {peer}")
-        send, n = bool(msg[1]), msg[2]
-        request_id = bytes(msg[3 : 3 + n]).decode()
-        prompt = msg[3 + n :]
-        logits = worker.prefill(request_id, prompt)
+        send, stream, n = bool(msg[1]), bool(msg[2]), msg[3]
+        request_id = bytes(msg[4 : 4 + n]).decode()
+        prompt = msg[4 + n :]
+
+        def register(streamed: bool, rid: str = request_id, prompt: list[int] = prompt) -> None:
+            agent.register_source(
+                source_target(worker.manager, rid),
+                prompt_digest=prompt_digest(prompt),
+                on_release=lambda r, _states: finished.add(r),
+                streamed=streamed,
+            )
+
+        def registered() -> None:  # streamed: the source exists before the prefill runs
+            register(True)
+            _send_ints([1], peer, router_group)
+
+        def layer_ready(layer: int, rid: str = request_id) -> None:
+            agent.mark_ready(rid, [layer])
+            agent.progress(0.0)  # this layer's chunks go while the next layer computes
+
         try:
-            if send:
-                agent.register_source(
-                    request_id,
-                    len(prompt),
-                    worker.spans(request_id),
-                    worker.state_slots(request_id),
-                    on_finished=lambda rid, _sessions: finished.add(rid),
+            if stream:
+                logits = worker.prefill(
+                    request_id, prompt, on_allocated=registered, on_layer=layer_ready
                 )
+            else:
+                logits = worker.prefill(request_id, prompt)
+                if send:
+                    register(False)
             dist.send(logits.contiguous(), peer, group=router_group)
             if send and not agent.serve(
                 until=lambda rid=request_id: rid in finished, timeout=timeout_s
@@ -650,6 +767,9 @@ class ChatConfig:
         evict_sliding_between_turns: see :func:`run_chat`.
         backend: kernel backend (``"auto"``: Triton on CUDA/interpreter, else reference).
         timeout_s: per-transfer timeout.
+        streaming: layer-wise streaming: each decoder layer's KV is copied into the pools and
+            marked ready by a forward hook while the prefill runs, and the generation rank
+            receives it meanwhile (the same tokens either way).
     """
 
     model: str = "gemma3"
@@ -667,6 +787,7 @@ class ChatConfig:
     evict_sliding_between_turns: bool = True
     backend: str = "auto"
     timeout_s: float = 60.0
+    streaming: bool = False
 
 
 def load_model(cfg: ChatConfig) -> Any:
@@ -703,33 +824,41 @@ def chat_rank(
     import torch.distributed as dist
 
     from kvtriton.integrations.transformers import spec_for_model
+    from kvtriton.transfer.config import TransferOptions
+    from kvtriton.transfer.launch import connect
     from kvtriton.transfer.topology import Topology
-    from kvtriton.transfer.transport import TransferAgent, TransferOptions
 
     model = load_model(cfg)
     spec = spec_for_model(model, tokens_per_block=cfg.ctx_tokens_per_block)
     topology = Topology(spec, cfg.ctx_tp, cfg.ctx_pp, gen_tokens_per_block=cfg.gen_tokens_per_block)
     local = topology.spec(rank)
     (gen_rank,) = topology.gen_ranks
-    options = TransferOptions(timeout_s=cfg.timeout_s, backend=cfg.backend)
+    options = TransferOptions(
+        timeout_s=cfg.timeout_s, backend=cfg.backend, layer_chunks=cfg.streaming
+    )
     out: dict[str, list[dict[str, Any]]] = {}
     for mode in cfg.modes:
         if rank != gen_rank:
             worker = ContextWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
-            agent = TransferAgent(topology, rank, worker.pool_map, ctrl, data, options)
+            agent = connect(
+                topology, rank, worker.pool_map, ctrl_group=ctrl, data_group=data, options=options
+            )
             try:
                 serve_context(worker, agent, router, gen_rank, timeout_s=cfg.timeout_s)
             finally:
                 agent.close(timeout=cfg.timeout_s)
         else:
             gen = GenerationWorker(model, local, num_blocks=cfg.num_blocks, backend=cfg.backend)
-            agent = TransferAgent(topology, rank, gen.pool_map, ctrl, data, options)
+            agent = connect(
+                topology, rank, gen.pool_map, ctrl_group=ctrl, data_group=data, options=options
+            )
             context = AgentContext(
                 agent,
                 router,
                 topology.ctx_ranks,
                 int(model.config.vocab_size),
                 timeout_s=cfg.timeout_s,
+                streaming=cfg.streaming,
             )
             try:
                 results = run_chat(
@@ -750,21 +879,21 @@ def chat_rank(
     return out if rank == gen_rank else None
 
 
-def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) -> None:
+def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, conn: Any) -> None:
     import datetime
-    import sys
+    import traceback
 
     import torch
     import torch.distributed as dist
 
-    from kvtriton.transfer.experiment import exit_worker
+    from kvtriton.transfer.launch import exit_worker, send_result
 
     torch.set_num_threads(cfg.num_threads)
-    sys.setswitchinterval(0.0002)  # the agent's network threads pass the GIL per message
     store = dist.TCPStore(
         "127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60)
     )
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    code = 0
     try:
         timeout = datetime.timedelta(seconds=max(120.0, 4 * cfg.timeout_s))
         ctrl, data, router = (
@@ -772,33 +901,37 @@ def _chat_worker(rank: int, cfg: ChatConfig, world: int, port: int, out_q: Any) 
         )
         result = chat_rank(cfg, rank, ctrl, data, router)
         if result is not None:
-            out_q.put(result)
-    except BaseException as exc:
-        out_q.put({"error": f"rank {rank}: {type(exc).__name__}: {exc}"})
-        raise
-    finally:
-        dist.destroy_process_group()
-    exit_worker(out_q)
+            send_result(conn, result)
+    except BaseException:
+        send_result(conn, {"error": f"rank {rank}: {traceback.format_exc()}"})
+        code = 1
+    exit_worker(conn, code)
 
 
 def launch_chat(cfg: ChatConfig) -> dict[str, list[dict[str, Any]]]:
     """Spawn the ranks of ``cfg`` on this machine (gloo) and return the generation rank's
     records (see :func:`chat_rank`). Raises ``RuntimeError`` with the failing rank's error
     if a rank fails."""
-    from kvtriton.transfer.experiment import spawn_for_result
+    import numpy as np
+
+    from kvtriton.transfer.launch import spawn_for_result
 
     if not cfg.user_turns:
         raise ValueError("ChatConfig.user_turns is empty: give the token ids of each turn")
     world = cfg.ctx_tp * cfg.ctx_pp + 1
     timeout_s = 120 + cfg.timeout_s * len(cfg.user_turns) * len(cfg.modes)
     result, codes = spawn_for_result(
-        _chat_worker, world, lambda rank, port, out_q: (rank, cfg, world, port, out_q), timeout_s
+        _chat_worker, world, lambda rank, port, conn: (rank, cfg, world, port, conn), timeout_s
     )
     if result is None:
         raise RuntimeError(f"the chat produced no result (exit codes {codes})")
     if "error" in result:
         raise RuntimeError(result["error"])
-    return result
+    for turns in result.values():  # the records came as JSON: logits back to float32 arrays
+        for rec in turns:
+            rec["logits"] = np.asarray(rec["logits"], dtype=np.float32)
+            rec["moved"] = {g: tuple(r) for g, r in rec["moved"].items()}
+    return result  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ a cache under the argument name its ``transformers`` version takes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -172,17 +172,24 @@ def held_positions(cache: Any, layer_idx: int) -> TokenRange:
     return TokenRange(total - held, total)
 
 
-def held_ranges(cache: Any, spec: KVCacheSpec) -> dict[str, TokenRange]:
+def held_ranges(
+    cache: Any, spec: KVCacheSpec, layers: Iterable[int] | None = None
+) -> dict[str, TokenRange]:
     """``{attention group: positions every layer of the group holds}`` (the intersection).
 
     Layers of one group normally hold the same range; a mismatch means the cache was built for
-    another spec and raises ``ValueError`` naming the layers.
+    another spec and raises ``ValueError`` naming the layers. ``layers``: look at these global
+    layers only (a prefill in progress has written the first layers and not yet the rest).
     """
+    wanted = None if layers is None else set(layers)
     ranges: dict[str, TokenRange] = {}
     for group in spec.groups:
         if group.is_state:
             continue
-        per_layer = {layer: held_positions(cache, layer) for layer in group.layer_ids}
+        ids = [i for i in group.layer_ids if wanted is None or i in wanted]
+        if not ids:
+            continue
+        per_layer = {layer: held_positions(cache, layer) for layer in ids}
         distinct = set(per_layer.values())
         if len(distinct) != 1:
             raise ValueError(
@@ -515,6 +522,7 @@ def cache_to_pools(
     config: Any = None,
     batch_index: int = 0,
     backend: str = "auto",
+    layers: Iterable[int] | None = None,
 ) -> dict[str, TokenRange]:
     """Copy K/V of ``cache`` at positions ``tokens[g]`` into ``pools[g]`` through ``spans[g]``.
 
@@ -532,6 +540,8 @@ def cache_to_pools(
         config: the model config (needed only to write state groups).
         batch_index: which sequence of the cache's batch to copy.
         backend: kernel backend (see :mod:`kvtriton.kernels`).
+        layers: global layer ids to copy (default every layer): a prefill streams layer by
+            layer, copying each as soon as its forward wrote the cache.
 
     Returns:
         the ranges written, per attention group. Everything is validated before the first write.
@@ -540,14 +550,15 @@ def cache_to_pools(
 
     from kvtriton import kernels
 
-    held = held_ranges(cache, spec)
+    held = held_ranges(cache, spec, layers)
     if tokens is None:
         tokens = {name: rng for name, rng in held.items() if not rng.is_empty}
-    unknown = sorted(set(tokens) - set(held))
+    attention = sorted(g.name for g in spec.groups if g.is_attention)
+    unknown = sorted(set(tokens) - set(attention))
     if unknown:
         raise ValueError(
             f"tokens names {unknown}, which are not attention groups of spec "
-            f"{spec.name!r} ({sorted(held)})"
+            f"{spec.name!r} ({attention})"
         )
     state_slots = dict(state_slots or {})
     states = [g.name for g in spec.groups if g.is_state]
@@ -557,9 +568,13 @@ def cache_to_pools(
             f"state_slots names {unknown}, which are not state groups of spec "
             f"{spec.name!r} ({states})"
         )
-    jobs: list[tuple[LayerGroup, TokenRange, torch.Tensor, BlockSpan]] = []
-    state_jobs: list[tuple[LayerGroup, torch.Tensor, int, StateLayout]] = []
+    wanted = None if layers is None else set(layers)
+    jobs: list[tuple[LayerGroup, TokenRange, torch.Tensor, BlockSpan, list[int]]] = []
+    state_jobs: list[tuple[LayerGroup, torch.Tensor, int, StateLayout, list[int]]] = []
     for group in spec.groups:
+        picked = [i for i, lid in enumerate(group.layer_ids) if wanted is None or lid in wanted]
+        if not picked:
+            continue
         if group.is_state:
             if group.name not in state_slots:
                 continue
@@ -580,7 +595,7 @@ def cache_to_pools(
                     f"{slot} do not fit {group.num_layers} layers x "
                     f"{layout.state_shape}"
                 )
-            for layer in group.layer_ids:
+            for layer in (group.layer_ids[i] for i in picked):
                 if cache_layer_kind(cache.layers[layer]) is not GroupKind.STATE:
                     raise ValueError(f"layer {layer} of the cache is not a state layer")
                 conv, rec = _state_tensors(cache.layers[layer], layer, batch_index)
@@ -596,7 +611,7 @@ def cache_to_pools(
                         f"state layer {layer}: recurrent state {rec.dtype} on "
                         f"{rec.device}, pool {pool.dtype} on {pool.device}"
                     )
-            state_jobs.append((group, pool, slot, layout))
+            state_jobs.append((group, pool, slot, layout, picked))
             continue
         rng = tokens.get(group.name)
         if rng is None or rng.is_empty:
@@ -612,7 +627,7 @@ def cache_to_pools(
         span = spans[group.name]
         span.check_covers(rng, spec.tokens_per_block, group=group.name, side="destination")
         pool = pools[group.name]
-        for layer in group.layer_ids:
+        for layer in (group.layer_ids[i] for i in picked):
             entry = cache.layers[layer]
             for what, t in (("keys", entry.keys), ("values", entry.values)):
                 _check_layer_tensor(
@@ -623,11 +638,11 @@ def cache_to_pools(
                     pool.device,
                     batch_index,
                 )
-        jobs.append((group, rng, pool, span))
-    for group, rng, pool, span in jobs:
+        jobs.append((group, rng, pool, span, picked))
+    for group, rng, pool, span, picked in jobs:
         lo, hi = group.held_heads
         rows = []
-        for layer in group.layer_ids:
+        for layer in (group.layer_ids[i] for i in picked):
             entry = cache.layers[layer]
             first = held[group.name].start
             sel = slice(rng.start - first, rng.end - first)
@@ -635,12 +650,13 @@ def cache_to_pools(
             v = entry.values[batch_index, lo:hi, sel]
             rows.append(torch.stack((k, v)).transpose(1, 2))  # [kv, T, H, D]
         packed = torch.stack(rows).contiguous()  # [L, kv, T, H, D]
-        kernels.scatter(packed, pool, span, rng, backend=backend)
-    for group, pool, slot, layout in state_jobs:
-        for local, layer in enumerate(group.layer_ids):
+        kernels.scatter(packed, pool, span, rng, layers=picked, backend=backend)
+    for group, pool, slot, layout, picked in state_jobs:
+        for local in picked:
+            layer = group.layer_ids[local]
             conv, rec = _state_tensors(cache.layers[layer], layer, batch_index)
             pool[local, slot] = layout.pack(conv, rec)
-    return {group.name: rng for group, rng, _, _ in jobs}
+    return {group.name: rng for group, rng, _, _, _ in jobs}
 
 
 def _unsharded(spec: KVCacheSpec, group: LayerGroup) -> LayerGroup:

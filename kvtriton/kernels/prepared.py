@@ -159,6 +159,7 @@ class PreparedMoves:
             meta = torch.from_numpy(np.frombuffer(plan.meta, dtype=np.int64).copy())
             self._owner = (meta.to(device), ids.to(device))
             self._meta = self._ids = 0
+            self._torch_cache: dict[int, object] = {}  # launch -> index tensors (small plans)
 
     def nbytes(self, k: int) -> int:
         """Packed bytes of chunk ``k`` (its layout's ``nbytes``)."""
@@ -177,7 +178,7 @@ class PreparedMoves:
         if self._plan is not None:
             from kvtriton.kernels import torch_backend
 
-            torch_backend.run(self._plan, launches, buffer, self._owner)
+            torch_backend.run(self._plan, launches, buffer, self._owner, self._torch_cache)
             return
         buf = buffer.data_ptr() if buffer is not None else self._meta
         if not self._cuda:

@@ -12,6 +12,7 @@ are tested against.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,25 +32,23 @@ def _units(t: torch.Tensor, unit: int) -> tuple[torch.Tensor, int]:
     return raw[:n].view(UNIT_DTYPES[unit]), storage.data_ptr()
 
 
-def _side(
+def _offsets(
     row: np.ndarray,
     col: int,
     tensor: torch.Tensor | None,
-    buffer: torch.Tensor | None,
     meta: torch.Tensor,
     ids: torch.Tensor,
     unit: int,
     piece: int,
     vec: int,
     idx: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat unit view, unit offset of each piece's first unit) of one side of a row."""
+) -> torch.Tensor:
+    """The unit offset of each piece's first unit on one side of a row (in the buffer's
+    units for a packed side, in the tensor's storage for a paged side)."""
     addr = int(row[col + D.ADDR])
     if tensor is None:  # dense: the buffer, pieces in order
-        assert buffer is not None, "a packed side needs a buffer"
-        flat = buffer[: buffer.numel() // unit * unit].view(UNIT_DTYPES[unit])
-        return flat, addr // unit + idx["i"] * piece
-    flat, base = _units(tensor, unit)
+        return addr // unit + idx["i"] * piece
+    base = tensor.untyped_storage().data_ptr()
     block = int(row[col + D.BLK])
     pos = int(row[col + D.REL]) + idx["t"]
     blk = ids[int(row[col + D.TBL]) + pos // block]
@@ -61,8 +60,12 @@ def _side(
         + (pos % block) * int(row[col + D.ST])
         + idx["h"] * int(row[col + D.SH])
     )
-    off = (addr - base) // unit + steps * vec + idx["p"] * piece
-    return flat, off
+    return (addr - base) // unit + steps * vec + idx["p"] * piece
+
+
+#: Index tensors of a launch are kept for later runs of the same prepared plan when they
+#: hold at most this many unit indices (8 bytes each: 32 MiB); larger moves recompute them.
+CACHE_UNITS = 1 << 22
 
 
 def run(
@@ -70,33 +73,76 @@ def run(
     launches: Sequence[D.Launch],
     buffer: torch.Tensor | None,
     device_tables: tuple[torch.Tensor, torch.Tensor],
+    cache: dict[int, Any] | None = None,
 ) -> None:
     """Execute ``launches`` of ``plan``; ``device_tables`` are ``(meta, ids)`` as int64
-    tensors on the data's device (index math runs there)."""
-    meta_t, ids_t = device_tables
+    tensors on the data's device (index math runs there). ``cache`` (one per prepared plan)
+    keeps each launch's index tensors for the next run: the plan fixes them, only the
+    buffer's contents change between runs."""
     for launch in launches:
-        meta = np.frombuffer(plan.meta, dtype=np.int64)
-        rows = meta[launch.desc : launch.desc + launch.rows * D.NCOL].reshape(-1, D.NCOL)
-        for row, move in zip(rows, launch.moves, strict=True):
-            src_t = move.src.geo.tensor if type(move.src) is D.Paged else None
-            dst_t = move.dst.geo.tensor if type(move.dst) is D.Paged else None
-            device = meta_t.device
-            i = torch.arange(int(row[D.NP]), device=device, dtype=torch.int64)
-            npc, hpp, pph = int(row[D.NPC]), int(row[D.HPP]), int(row[D.PPH])
-            lk, j = i // npc, i % npc
-            kvs = int(row[D.KVS])
-            idx = {
-                "i": i,
-                "l": lk >> kvs,
-                "kv": lk & ((1 << kvs) - 1),
-                "t": j // hpp,
-                "h": (j % hpp) // pph,
-                "p": j % pph,
-            }
-            shape = (launch.unit, launch.piece, launch.vec)
-            src, s_off = _side(row, D.SRC, src_t, buffer, meta_t, ids_t, *shape, idx)
-            dst, d_off = _side(row, D.DST, dst_t, buffer, meta_t, ids_t, *shape, idx)
-            piece = launch.piece
-            cols = torch.arange(piece, device=device, dtype=torch.int64)
-            values = src[(s_off[:, None] + cols).reshape(-1)]
-            dst[(d_off[:, None] + cols).reshape(-1)] = values
+        rows = cache.get(id(launch)) if cache is not None else None
+        if rows is None:
+            rows = _indices(plan, launch, device_tables)
+            if cache is not None and sum(s.numel() for _, s, _, _ in rows) <= CACHE_UNITS:
+                cache[id(launch)] = rows
+        for src_t, s_idx, dst_t, d_idx in rows:
+            src = _flat(src_t, buffer, launch.unit)
+            dst = _flat(dst_t, buffer, launch.unit)
+            dst[d_idx] = src[s_idx]
+
+
+def _flat(tensor: torch.Tensor | None, buffer: torch.Tensor | None, unit: int) -> torch.Tensor:
+    if tensor is None:  # the packed side: the buffer
+        assert buffer is not None, "a packed side needs a buffer"
+        return buffer[: buffer.numel() // unit * unit].view(UNIT_DTYPES[unit])
+    return _units(tensor, unit)[0]
+
+
+def _indices(
+    plan: D.HostPlan, launch: D.Launch, device_tables: tuple[torch.Tensor, torch.Tensor]
+) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Per descriptor row: (source tensor or None for the buffer, its unit indices,
+    destination tensor or None, its unit indices). The index math runs in numpy on the host
+    tables for CPU data (a numpy step on a small array costs a fraction of a torch op's
+    dispatch), in torch on the device tables otherwise."""
+    meta_t, ids_t = device_tables
+    cpu = meta_t.device.type == "cpu"
+    meta = np.frombuffer(plan.meta, dtype=np.int64)
+    tables: tuple[Any, Any] = (
+        (meta, plan.ids.astype(np.int64, copy=False)) if cpu else (meta_t, ids_t)
+    )
+    rows = meta[launch.desc : launch.desc + launch.rows * D.NCOL].reshape(-1, D.NCOL)
+    out = []
+    for row, move in zip(rows, launch.moves, strict=True):
+        src_t = move.src.geo.tensor if type(move.src) is D.Paged else None
+        dst_t = move.dst.geo.tensor if type(move.dst) is D.Paged else None
+        n = int(row[D.NP])
+        i: Any = (
+            np.arange(n, dtype=np.int64)
+            if cpu
+            else torch.arange(n, device=meta_t.device, dtype=torch.int64)
+        )
+        npc, hpp, pph = int(row[D.NPC]), int(row[D.HPP]), int(row[D.PPH])
+        lk, j = i // npc, i % npc
+        kvs = int(row[D.KVS])
+        idx = {
+            "i": i,
+            "l": lk >> kvs,
+            "kv": lk & ((1 << kvs) - 1),
+            "t": j // hpp,
+            "h": (j % hpp) // pph,
+            "p": j % pph,
+        }
+        shape = (launch.unit, launch.piece, launch.vec)
+        s_off = _offsets(row, D.SRC, src_t, *tables, *shape, idx)
+        d_off = _offsets(row, D.DST, dst_t, *tables, *shape, idx)
+        if cpu:
+            cols = np.arange(launch.piece, dtype=np.int64)
+            s_idx = torch.from_numpy((s_off[:, None] + cols).reshape(-1))
+            d_idx = torch.from_numpy((d_off[:, None] + cols).reshape(-1))
+        else:
+            cols_t = torch.arange(launch.piece, device=meta_t.device, dtype=torch.int64)
+            s_idx = (s_off[:, None] + cols_t).reshape(-1)
+            d_idx = (d_off[:, None] + cols_t).reshape(-1)
+        out.append((src_t, s_idx, dst_t, d_idx))
+    return out

@@ -1,29 +1,31 @@
-"""Transfer benchmark: kvtriton end to end (gather + send + recv + scatter) next to raw
-NCCL send/recv of the same bytes, in the same run (``scripts/bench_transfer.py``).
+"""Transfer benchmark: kvtriton end to end (ask -> committed) next to the baselines of the
+same run (``kvtriton bench transfer``, ``scripts/bench_transfer.py``).
 
-Two ranks under torchrun: rank 0 is a context rank (sender), rank 1 a generation rank
-(receiver), one GPU each, NCCL data and gloo control. The model is a llama-3-8b-shaped single
-full-attention group (32 layers x 8 kv heads x 128, bf16: 128 KiB per token) over paged pools
-with shuffled block ids. For each size (16 MiB .. 1 GiB of KV):
+Two ranks, a context rank 0 and a generation rank 1: spawned here, or one per process under
+torchrun. The model is a llama-3-8b-shaped full-attention group (32 layers x 8 kv heads x
+128, bf16: 128 KiB per token) over paged pools with shuffled block ids on both sides
+(NHD sender, HND receiver: every transfer is also a layout conversion). For each size (16
+MiB .. 1 GiB of KV) and channel:
 
-* ``raw``: ``K`` back-to-back ``dist.send``/``recv`` of one contiguous tensor of the size;
-* ``e2e x1``: one request at a time through :class:`TransferAgent` (receiver asks, sender
-  gathers chunks, NCCL moves them, receiver scatters): wall time from the ask until the
-  receiver's last scatter finished, handshake over gloo included;
-* ``e2e xK``: ``K`` requests in flight at once (the serving case), same bytes as ``raw``;
-* ``gather`` / ``scatter``: the pack / unpack kernels alone (CUDA events).
+* ``copy``: ``dst.copy_(src)`` of one contiguous tensor of the same bytes on the receiver's
+  GPU (one GPU: the device-copy limit; counted as payload bytes per second, each byte once);
+* ``peer``: ``copy_`` of the same bytes from the sender's GPU to the receiver's (two GPUs);
+* ``raw``: NCCL ``send``/``recv`` of one contiguous tensor of the same bytes (two GPUs);
+* ``e2e x1``: one request at a time through the agents: from the ask until the receiver
+  committed it (every chunk landed, its session TRANSFERRED); ``e2e xK``: K requests in
+  flight at once, from the first ask to the last commit.
 
-GB/s = payload bytes / seconds (each byte counted once). ``--chunk-sweep`` times ``e2e xK``
-for several chunk sizes (what ``chunking.DEFAULT_CHUNK_BYTES`` was picked from). The receiver's
-last request of each size is checked bit-exact against the raw NCCL copy of the same bytes.
+GB/s = payload bytes / seconds (each byte once). Every request is checked bit-exact against
+the sender's position-derived values after the clock stopped; a row says ``exact`` only
+if all were.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -34,320 +36,312 @@ MiB = 1 << 20
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes-mib", default="16,64,256,1024")
+    p = argparse.ArgumentParser(prog="kvtriton bench transfer", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes-mib", default="16,64,256,1024", help="request sizes (MiB)")
+    p.add_argument(
+        "--channel",
+        choices=("auto", "nccl", "ipc"),
+        default="auto",
+        help="auto: the direct channel on one host (default), nccl otherwise",
+    )
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per cell (median)")
+    p.add_argument(
+        "--in-flight-mib",
+        type=int,
+        default=1024,
+        help="bytes in flight for e2e xK (K = this / size, 2..16)",
+    )
     p.add_argument(
         "--chunk-mib",
         type=int,
         default=None,
         help="chunk size (default chunking.DEFAULT_CHUNK_BYTES)",
     )
-    p.add_argument(
-        "--chunk-sweep",
-        default="16,64,128,256",
-        help="chunk sizes (MiB) to sweep for e2e xK; empty to skip",
+    p.add_argument("--json", default=None, metavar="PATH")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    return args
+
+
+def _rank(rank: int, port: int, args: argparse.Namespace, ngpu: int, conn: Any) -> None:
+    import traceback
+
+    from kvtriton.transfer.launch import exit_worker, init_spawned, send_result
+
+    init_spawned(rank, 2, port, ngpu)
+    try:
+        out = _run(rank, args)
+    except BaseException:
+        send_result(conn, {"error": f"rank {rank}: {traceback.format_exc()}"})
+        exit_worker(conn, 1)
+    if rank == 1:
+        send_result(conn, out)
+    exit_worker(conn)
+
+
+def _run(rank: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from kvtriton.adapter import complete_receive, prepare_receive, source_target
+    from kvtriton.cache import KVCacheManager, allocate_pools
+    from kvtriton.spec import preset
+    from kvtriton.transfer.chunking import DEFAULT_CHUNK_BYTES
+    from kvtriton.transfer.config import TransferOptions
+    from kvtriton.transfer.launch import connect, make_groups
+    from kvtriton.transfer.protocol import prompt_digest
+    from kvtriton.transfer.session import SessionState
+    from kvtriton.transfer.topology import Topology
+    from kvtriton.transfer.values import prefill, verify
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    two_gpus = torch.cuda.device_count() >= 2
+    ctrl, data = make_groups(2, "nccl" if args.channel == "nccl" else "gloo", 600.0)
+    raw_pg = dist.new_group([0, 1], backend="nccl") if two_gpus else None
+    spec = preset("llama-3-8b")
+    topo = Topology(spec)
+    bpt = spec.bytes_per_token("full")
+    bsz = spec.tokens_per_block
+    sizes = [int(x) * MiB for x in args.sizes_mib.split(",") if x]
+    inflight = args.in_flight_mib * MiB
+
+    def k_for(nbytes: int) -> int:
+        return max(2, min(16, inflight // nbytes))
+
+    need = max(k_for(n) * n for n in sizes)
+    nblocks = need // (bpt * bsz) + 256  # + what the scrambling below keeps allocated
+    pools = allocate_pools(spec, nblocks, device=dev, layout="NHD" if rank == 0 else "HND")
+    manager = KVCacheManager(spec, pools=pools)
+    options = TransferOptions(
+        timeout_s=300.0,
+        lease_s=600.0,
+        chunk_bytes=(args.chunk_mib or DEFAULT_CHUNK_BYTES // MiB) * MiB,
     )
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument(
-        "--in-flight-bytes-mib",
-        type=int,
-        default=2048,
-        help="bytes kept in flight for e2e xK (K = this / size, at most 16)",
+    agent = connect(
+        topo,
+        rank,
+        dict(pools.kv),
+        ctrl_group=ctrl,
+        data_group=data,
+        channel=args.channel,
+        options=options,
+        timeout_s=120.0,
     )
-    p.add_argument("--json", default=None)
-    p.add_argument(
-        "--cpu", action="store_true", help="smoke test on CPU tensors over gloo (no GPU needed)"
+    # shuffle the free list: requests land on scattered blocks on both sides
+    g = torch.Generator().manual_seed(1234 + rank)
+    scramble = [f"s{i}" for i in range(128)]
+    for i, rid in enumerate(scramble):
+        manager.allocate(
+            rid, [i + 1] * (1 + int(torch.randint(0, 3 * bsz, (1,), generator=g))), prefill=True
+        )
+    for rid in scramble[::2]:
+        manager.free(rid)
+    counter = [0]
+    released: set[str] = set()
+
+    def prompts(nbytes: int, k: int) -> list[tuple[str, list[int]]]:
+        tokens = nbytes // bpt
+        out = []
+        for _ in range(k):
+            counter[0] += 1
+            c = counter[0]
+            out.append((f"b{c}", [(c * 7919 + j * 31) % 50_000 + 1 for j in range(tokens)]))
+        return out
+
+    def e2e(nbytes: int, k: int) -> tuple[float, bool]:
+        """Seconds from the first ask to the last commit of ``k`` requests of ``nbytes``
+        (generation rank; the context rank returns 0) and whether all were exact."""
+        reqs = prompts(nbytes, k)
+        if rank == 0:
+            for rid, tokens in reqs:
+                alloc = manager.allocate(rid, tokens, prefill=True)
+                prefill(spec, pools, dict(alloc.spans), {}, tokens, "auto")
+                agent.register_source(
+                    source_target(manager, rid),
+                    prompt_digest=prompt_digest(tokens),
+                    on_release=lambda r, _s: released.add(r),
+                )
+            torch.cuda.synchronize()
+        dist.barrier(group=ctrl)
+        if rank == 0:
+            agent.serve(until=lambda: all(r in released for r, _ in reqs), timeout=600)
+            for rid, _ in reqs:
+                manager.free(rid)
+            dist.barrier(group=ctrl)
+            return 0.0, True
+        plans = [(prepare_receive(manager, rid, tokens), tokens) for rid, tokens in reqs]
+        t0 = time.perf_counter()
+        handles = [
+            agent.request(
+                rx.target,
+                prompt_digest=prompt_digest(tokens),
+                on_commit=lambda h, rx=rx: complete_receive(manager, rx),
+            )
+            for rx, tokens in plans
+        ]
+        agent.wait([h.request_id for h in handles], timeout=600)
+        t = time.perf_counter() - t0
+        exact = all(h.state is SessionState.TRANSFERRED for h in handles)
+        for h, (rx, tokens) in zip(handles, plans, strict=True):
+            agent.forget(h.request_id)
+            exact = exact and not verify(spec, pools, dict(rx.spans), {}, tokens, "auto")
+            manager.free(rx.request_id)
+            manager.evict()
+        dist.barrier(group=ctrl)
+        return t, exact
+
+    def timed(fn: Any) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def baselines(nbytes: int) -> dict[str, float | None]:
+        a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        b = torch.empty_like(a)
+        out: dict[str, float | None] = {"copy": None, "peer": None, "raw": None}
+        if rank == 1:
+            b.copy_(a)
+            out["copy"] = statistics.median(timed(lambda: b.copy_(a)) for _ in range(args.reps))
+        if two_gpus:
+            other = torch.device("cuda", 1 - dev.index)
+            remote = torch.empty(nbytes, dtype=torch.uint8, device=other)
+            if rank == 1:
+                b.copy_(remote)
+                out["peer"] = statistics.median(
+                    timed(lambda: b.copy_(remote)) for _ in range(args.reps)
+                )
+            del remote
+            dist.barrier(group=ctrl)
+            op = dist.send if rank == 0 else dist.recv
+
+            def once() -> None:
+                op(a, 1 - rank, group=raw_pg)
+
+            once()
+            ts = []
+            for _ in range(args.reps):
+                dist.barrier(group=ctrl)
+                ts.append(timed(once))
+            out["raw"] = statistics.median(ts)
+        dist.barrier(group=ctrl)
+        return out
+
+    rows = []
+    e2e(sizes[0], 1)  # warm-up: compiles the kernels, maps nothing new
+    for nbytes in sizes:
+        k = k_for(nbytes)
+        base = baselines(nbytes)
+        t1, ok1 = zip(*(e2e(nbytes, 1) for _ in range(args.reps)), strict=True)
+        tk, okk = zip(*(e2e(nbytes, k) for _ in range(max(1, args.reps // 2))), strict=True)
+        if rank == 1:
+            e1, ek = statistics.median(t1), statistics.median(tk)
+
+            def gbps(t: float | None, n: int = 1, size: int = nbytes) -> float | None:
+                return n * size / t / 1e9 if t else None
+
+            row = {
+                "size_mib": nbytes // MiB,
+                "k": k,
+                "copy_gbps": gbps(base["copy"]),
+                "peer_gbps": gbps(base["peer"]),
+                "raw_gbps": gbps(base["raw"]),
+                "e2e_1_gbps": gbps(e1),
+                "e2e_k_gbps": gbps(ek, k),
+                "e2e_1_ms": 1e3 * e1,
+                "exact": all(ok1) and all(okk),
+            }
+            ref = "copy_gbps" if base["raw"] is None else "raw_gbps"
+            row["e2e_1_vs"] = row["e2e_1_gbps"] / row[ref]  # type: ignore[operator]
+            row["e2e_k_vs"] = row["e2e_k_gbps"] / row[ref]  # type: ignore[operator]
+            if base["peer"]:
+                row["e2e_1_vs_peer"] = row["e2e_1_gbps"] / row["peer_gbps"]  # type: ignore[operator]
+            rows.append(row)
+    agent.close(timeout=30)
+    out = {}
+    if rank == 1:
+        out = {
+            "device": torch.cuda.get_device_name(dev),
+            "gpus": torch.cuda.device_count(),
+            "channel": agent.channel.name,
+            "torch": torch.__version__,
+            "model": "llama-3-8b full attention (128 KiB/token), NHD -> HND",
+            "chunk_mib": options.chunk_bytes / MiB,
+            "baseline": "raw NCCL send/recv" if two_gpus else "contiguous copy_ on the GPU",
+            "rows": rows,
+        }
+    return out
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(
+        f"kvtriton transfer over the {r['channel']} channel, {r['gpus']} x {r['device']}, "
+        f"torch {r['torch']}; {r['model']}; chunks {r['chunk_mib']:.0f} MiB"
     )
-    return p.parse_args(argv)
+    print(
+        f"{'size':>8} {'K':>3} {'copy':>8} {'peer':>8} {'raw':>8} {'e2e x1':>8} {'% base':>7} "
+        f"{'e2e xK':>8} {'% base':>7} exact"
+    )
+
+    def f(x: float | None) -> str:
+        return f"{x:>8.1f}" if x is not None else f"{'-':>8}"
+
+    for row in r["rows"]:
+        print(
+            f"{row['size_mib']:>5}MiB {row['k']:>3} {f(row['copy_gbps'])} {f(row['peer_gbps'])} "
+            f"{f(row['raw_gbps'])} {f(row['e2e_1_gbps'])} {100 * row['e2e_1_vs']:>6.1f}% "
+            f"{f(row['e2e_k_gbps'])} {100 * row['e2e_k_vs']:>6.1f}% {row['exact']}"
+        )
+    print(
+        f"GB/s = payload bytes / s; % base = e2e against {r['baseline']} of the same bytes, "
+        f"same run; e2e = ask -> committed"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import torch
-    import torch.distributed as dist
 
-    from kvtriton import kernels
-    from kvtriton.cache import allocate_pools
-    from kvtriton.ranges import BlockSpan, TokenRange
-    from kvtriton.spec import preset
-    from kvtriton.transfer.chunking import DEFAULT_CHUNK_BYTES, plan_chunks
-    from kvtriton.transfer.config import TransferOptions
-    from kvtriton.transfer.topology import Topology
-    from kvtriton.transfer.transport import TransferAgent
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != 2:
-        print("bench_transfer needs exactly 2 ranks (torchrun --nproc-per-node 2)", file=sys.stderr)
+    if not torch.cuda.is_available():
+        print(
+            "kvtriton bench transfer: needs a CUDA GPU (the direct channel, or NCCL across two "
+            "GPUs); for the CPU protocol path run `kvtriton bench latency`",
+            file=sys.stderr,
+        )
         return 2
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if args.cpu:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo")
-        backend = "gloo"
+    if "RANK" in os.environ:  # under torchrun: this process is one rank
+        import torch.distributed as dist
+
+        rank = int(os.environ["RANK"])
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+        result = _run(rank, args)
+        dist.destroy_process_group()
+        if rank != 1:
+            return 0
     else:
-        torch.cuda.set_device(local)
-        dev = torch.device(f"cuda:{local}")
-        dist.init_process_group("cpu:gloo,cuda:nccl")  # lazy: p2p gets 2-rank comms
-        backend = "nccl"
-    sync_dev = torch.cuda.synchronize if not args.cpu else (lambda: None)
-    sys.setswitchinterval(0.0002)
-    tmo = datetime.timedelta(seconds=300)
-    ctrl = dist.new_group(backend="gloo", timeout=tmo)
-    data = dist.new_group(backend=backend, timeout=tmo)
-    sync = dist.new_group(backend="gloo", timeout=tmo)
-    raw_pg = dist.new_group(backend=backend, timeout=tmo)
+        from kvtriton.transfer.launch import gpus_for, spawn_for_result
 
-    model = preset("llama-3-8b")
-    topo = Topology(model, 1, 1, 1, 1)
-    spec = topo.spec(rank)
-    group = spec.groups[0]
-    bpt = spec.bytes_per_token(group)
-    bsz = spec.tokens_per_block
-    sizes = [int(x) * MiB for x in args.sizes_mib.split(",") if x]
-    max_tokens = max(sizes) // bpt
-    per_block = bpt * bsz
-    inflight_bytes = args.in_flight_bytes_mib * MiB
-    nblocks = (
-        max(max_tokens // bsz + 1, inflight_bytes // per_block + 1)
-        if rank == 1
-        else max_tokens // bsz + 1
-    )
-    recv_blocks = max(max_tokens // bsz + 1, inflight_bytes // per_block + 1)
-    pools = allocate_pools(spec, nblocks, device=dev)
-    pool = pools.kv[group.name]
-    gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
-    perm = torch.randperm(nblocks, generator=gen).tolist()
-    if rank == 0:
-        flat = pool.view(-1) if pool.is_contiguous() else None
-        assert flat is not None
-        flat.copy_((torch.arange(flat.numel(), device=dev) % 251 - 125).to(flat.dtype))
-
-    chunk_default = (args.chunk_mib * MiB) if args.chunk_mib else DEFAULT_CHUNK_BYTES
-    results: list[dict[str, Any]] = []
-    counter = [0]
-
-    def barrier() -> None:
-        dist.barrier(group=sync)
-
-    def raw(nbytes: int, k: int) -> tuple[float, torch.Tensor | None]:
-        """Seconds for k back-to-back sends of nbytes (receiver's wall clock)."""
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        if rank == 0:
-            tokens = nbytes // bpt
-            kernels.gather(
-                pool, BlockSpan(0, perm[: -(-tokens // bsz)]), TokenRange(0, tokens), out=None
-            )  # warm the kernel
-            packed = kernels.gather(
-                pool, BlockSpan(0, perm[: -(-tokens // bsz)]), TokenRange(0, tokens)
-            )
-            buf.copy_(packed.reshape(-1).view(torch.uint8))
-        sync_dev()
-        for _ in range(2):  # warm-up
-            (dist.send if rank == 0 else dist.recv)(buf, 1 - rank, group=raw_pg)
-        sync_dev()
-        barrier()
-        t0 = time.perf_counter()
-        for _ in range(k):
-            (dist.send if rank == 0 else dist.recv)(buf, 1 - rank, group=raw_pg)
-        sync_dev()
-        t = time.perf_counter() - t0
-        return t, (buf.clone() if rank == 1 else None)
-
-    def e2e(
-        nbytes: int, k: int, chunk_bytes: int, prepost: bool = False
-    ) -> tuple[float, dict[str, float]]:
-        """Seconds for k requests of nbytes in flight at once, through the agent."""
-        tokens = nbytes // bpt
-        nb = -(-tokens // bsz)
-        opts = TransferOptions(
-            chunk_bytes=chunk_bytes,
-            timeout_s=120.0,
-            checksum=False,
-            staging_slots=3,
-            prepost=prepost,
+        try:
+            ngpu = max(1, gpus_for(args.channel, 2))
+        except ValueError as exc:
+            print(f"kvtriton bench transfer: {exc}", file=sys.stderr)
+            return 2
+        result, codes = spawn_for_result(
+            _rank, 2, lambda rank, port, conn: (rank, port, args, ngpu, conn), 3600.0
         )
-        agent = TransferAgent(topo, rank, {group.name: pool}, ctrl, data, opts)
-        rids = []
-        for _ in range(k):
-            counter[0] += 1
-            rids.append(f"b{counter[0]}")
-        if rank == 0:
-            src = BlockSpan(0, perm[:nb])
-            for rid in rids:
-                agent.register_source(rid, tokens, {group.name: src})
-        barrier()
-        t0 = time.perf_counter()
-        if rank == 1:
-            for i, rid in enumerate(rids):
-                dst = BlockSpan(0, [perm[(i * nb + j) % nblocks] for j in range(nb)])
-                agent.request(
-                    rid, tokens, {group.name: TokenRange(0, tokens)}, (), {group.name: dst}
-                )
-            ok = agent.wait(rids, timeout=120)
-            t = time.perf_counter() - t0
-            states = {agent.handle(r).state.value for r in rids}
-            if not ok or states != {"TRANSFERRED"}:
-                raise RuntimeError(
-                    f"e2e transfer failed: {states} {[agent.handle(r).session.error for r in rids]}"
-                )
-            firsts = [agent.handle(r).t_first_data for r in rids]
-            lasts = [agent.handle(r).t_last_data for r in rids]
-            data_s = max(lasts) - min(firsts)  # type: ignore[type-var,operator]
-        else:
-            agent.serve(
-                until=lambda: (
-                    all(s.is_terminal for r in rids for s in agent.send_sessions(r).values())
-                    and len([1 for r in rids if agent.send_sessions(r)]) == k
-                ),
-                timeout=120,
-            )
-            t = time.perf_counter() - t0
-            data_s = float("nan")
-        agent.close()
-        stats = dict(agent.stats)
-        stats["data_s"] = data_s
-        barrier()
-        return t, stats
-
-    def kernel_only(nbytes: int) -> tuple[float, float]:
-        tokens = nbytes // bpt
-        span = BlockSpan(0, perm[: -(-tokens // bsz)])
-        rng = TokenRange(0, tokens)
-        out = kernels.gather(pool, span, rng)
-        for _ in range(2):
-            kernels.gather(pool, span, rng, out=out)
-            kernels.scatter(out, pool, span, rng)
-        sync_dev()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            kernels.gather(pool, span, rng, out=out)
-        sync_dev()
-        t1 = time.perf_counter()
-        for _ in range(5):
-            kernels.scatter(out, pool, span, rng)
-        sync_dev()
-        t2 = time.perf_counter()
-        return (t1 - t0) / 5, (t2 - t1) / 5
-
-    name = "cpu" if args.cpu else torch.cuda.get_device_name(dev)
-
-    def in_flight(nbytes: int) -> int:
-        """Requests in flight: distinct destination blocks on the receiver for each."""
-        nb = -(-(nbytes // bpt) // bsz)
-        return max(1, min(16, inflight_bytes // nbytes, recv_blocks // nb))
-
-    for nbytes in sizes:
-        k = in_flight(nbytes)
-        t_raw1 = min(raw(nbytes, 1)[0] for _ in range(args.reps))
-        t_rawk, ref = raw(nbytes, k)
-        for _ in range(args.reps - 1):
-            t_rawk = min(t_rawk, raw(nbytes, k)[0])
-        runs1 = [e2e(nbytes, 1, chunk_default) for _ in range(args.reps)]
-        runsk = [e2e(nbytes, k, chunk_default) for _ in range(args.reps)]
-        t_e1 = min(r[0] for r in runs1)
-        t_ek = min(r[0] for r in runsk)
-        d_e1 = min(r[1]["data_s"] for r in runs1)
-        d_ek = min(r[1]["data_s"] for r in runsk)
-        t_p1 = min(e2e(nbytes, 1, chunk_default, True)[0] for _ in range(args.reps))
-        t_pk = min(e2e(nbytes, k, chunk_default, True)[0] for _ in range(args.reps))
-        # bit-exact check of the last received request against the raw copy
-        if rank == 1 and ref is not None:
-            tokens = nbytes // bpt
-            nb = -(-tokens // bsz)
-            i = k - 1
-            dst = BlockSpan(0, [perm[(i * nb + j) % nblocks] for j in range(nb)])
-            got = kernels.gather(pool, dst, TokenRange(0, tokens)).reshape(-1).view(torch.uint8)
-            exact = bool(torch.equal(got, ref))
-        else:
-            exact = None
-        g_s, s_s = kernel_only(nbytes)
-        row = {
-            "size_mib": nbytes // MiB,
-            "k": k,
-            "chunk_mib": chunk_default / MiB,
-            "raw_1_gbps": nbytes / t_raw1 / 1e9,
-            "raw_k_gbps": k * nbytes / t_rawk / 1e9,
-            "e2e_1_gbps": nbytes / t_e1 / 1e9,
-            "e2e_k_gbps": k * nbytes / t_ek / 1e9,
-            "prepost_1_gbps": nbytes / t_p1 / 1e9,
-            "prepost_k_gbps": k * nbytes / t_pk / 1e9,
-            "data_1_gbps": nbytes / d_e1 / 1e9 if d_e1 > 0 else None,
-            "data_k_gbps": k * nbytes / d_ek / 1e9 if d_ek > 0 else None,
-            "gather_gbps": nbytes / g_s / 1e9,
-            "scatter_gbps": nbytes / s_s / 1e9,
-            "bit_exact": exact,
-        }
-        row["e2e_1_vs_raw_1"] = row["e2e_1_gbps"] / row["raw_1_gbps"]
-        row["e2e_k_vs_raw_k"] = row["e2e_k_gbps"] / row["raw_k_gbps"]
-        results.append(row)
-    sweep: list[dict[str, Any]] = []
-    for c in [int(x) for x in args.chunk_sweep.split(",") if x]:
-        for nbytes in (sizes[0], sizes[-1]):
-            k = in_flight(nbytes)
-            t = min(e2e(nbytes, k, c * MiB)[0] for _ in range(max(1, args.reps - 1)))
-            t1 = min(e2e(nbytes, 1, c * MiB)[0] for _ in range(max(1, args.reps - 1)))
-            sweep.append(
-                {
-                    "chunk_mib": c,
-                    "size_mib": nbytes // MiB,
-                    "k": k,
-                    "e2e_k_gbps": k * nbytes / t / 1e9,
-                    "e2e_1_gbps": nbytes / t1 / 1e9,
-                }
-            )
-    if rank == 1:
-        out = {
-            "device": name,
-            "torch": torch.__version__,
-            "model": "llama-3-8b (128 KiB/token)",
-            "results": results,
-            "chunk_sweep": sweep,
-            "chunks_at_max": len(
-                plan_chunks(
-                    model,
-                    {group.name: TokenRange(0, max(sizes) // bpt)},
-                    [],
-                    layers={},
-                    heads={},
-                    chunk_bytes=chunk_default,
-                )
-            ),
-        }
-        print(f"device: {name} x2 ({backend} data, gloo control), torch {torch.__version__}")
-        print(
-            f"{'size':>8} {'K':>3} {'raw x1':>8} {'e2e x1':>8} {'%':>5} {'pp x1':>8} "
-            f"{'data x1':>8} {'raw xK':>8} {'e2e xK':>8} {'%':>5} {'pp xK':>8} "
-            f"{'data xK':>8} {'gather':>8} {'scatter':>8} exact"
-        )
-
-        def f(x: float | None) -> str:
-            return f"{x:>8.1f}" if x is not None else f"{'-':>8}"
-
-        for r in results:
-            print(
-                f"{r['size_mib']:>5}MiB {r['k']:>3} {f(r['raw_1_gbps'])} "
-                f"{f(r['e2e_1_gbps'])} {100 * r['e2e_1_vs_raw_1']:>4.0f}% "
-                f"{f(r['prepost_1_gbps'])} {f(r['data_1_gbps'])} {f(r['raw_k_gbps'])} "
-                f"{f(r['e2e_k_gbps'])} {100 * r['e2e_k_vs_raw_k']:>4.0f}% "
-                f"{f(r['prepost_k_gbps'])} {f(r['data_k_gbps'])} "
-                f"{f(r['gather_gbps'])} {f(r['scatter_gbps'])} {r['bit_exact']}"
-            )
-        print(
-            "e2e: ask -> last scatter done (gloo handshake included); pp: the same with "
-            "pre-posted receives; data: first receive posted -> last scatter done"
-        )
-        print("GB/s = payload bytes / s. chunk sweep (e2e GB/s):")
-        for s in sweep:
-            print(
-                f"  chunk {s['chunk_mib']:>4} MiB, {s['size_mib']:>5} MiB x{s['k']}: "
-                f"{s['e2e_k_gbps']:.1f} (x1 {s['e2e_1_gbps']:.1f})"
-            )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-    dist.destroy_process_group()
-    return 0
+        if result is None or "error" in result:
+            why = result["error"] if result else f"no result (exit codes {codes})"
+            print(f"kvtriton bench transfer: {why}", file=sys.stderr)
+            return 1
+    _print(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if all(r["exact"] for r in result["rows"]) else 1
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ from kvtriton.spec import DTYPE_BYTES, KVCacheSpec
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "plan_chunks"]
 
-#: Default chunk size (bytes): 256 MiB. Measured on 2x H200 (NVLink) with
-#: scripts/bench_transfer.py (BENCHMARKS.md "## Transfer"): each chunk costs ~0.3-0.5 ms of
-#: host time to plan and launch its gather and its scatter, so a chunk must carry more than
-#: that much NVLink time (~150 MiB) for the pipeline to be wire-bound; 1 GiB moved at 85 / 154
-#: / 212 GB/s with 64 / 128 / 256 MiB chunks. Single-chunk requests to one receiver share a
-#: frame up to this size. CPU/gloo runs are insensitive to it.
-DEFAULT_CHUNK_BYTES = 256 << 20
+#: Default chunk size (bytes): 32 MiB, sized by the wire rather than by host cost. A chunk
+#: costs one kernel launch on each side (prepared once per request), so host time per chunk
+#: is a few tens of microseconds; 32 MiB takes ~90 us on NVLink (~360 GB/s) and ~8 us as a
+#: device copy, so the pipeline gather k+1 / send k / scatter k-1 keeps the wire busy while
+#: a request's first bytes arrive early.
+DEFAULT_CHUNK_BYTES = 32 << 20
 
 
 def _align(n: int) -> int:
@@ -45,6 +44,12 @@ class Chunk:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
+    @property
+    def layer_ids(self) -> frozenset[int]:
+        """Global layers whose KV or state this chunk holds (a streamed source can send it
+        once they are all written)."""
+        return frozenset(i for seg in self.layout.segments for i in seg.layer_ids)
+
 
 def plan_chunks(
     model: KVCacheSpec,
@@ -54,6 +59,7 @@ def plan_chunks(
     layers: Mapping[str, Sequence[int]],
     heads: Mapping[str, tuple[int, int]],
     chunk_bytes: int,
+    by_layer: bool = False,
 ) -> tuple[Chunk, ...]:
     """Chunks of one (request, sender) transfer, in wire order.
 
@@ -63,15 +69,20 @@ def plan_chunks(
         states: state groups whose state moves.
         layers, heads: global layer ids and head range per group (the topology slice).
         chunk_bytes: target chunk size in bytes (>= 1).
+        by_layer: layer-major chunks for streaming: in ascending global layer order, each
+            chunk holds ONE layer of one group (its requested positions, cut by
+            ``chunk_bytes`` when larger), so it can move as soon as that layer is written.
     Returns an empty tuple when nothing moves (a full hit).
     """
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     root = model.root
+    if by_layer:
+        return _by_layer(root, tokens, states, layers, heads, chunk_bytes)
     work: list[tuple[str, TokenRange, int]] = []  # (group, range, bytes per token)
     state_list: list[tuple[str, int]] = []
     for g in root.groups:
-        if g.kind == "state":
+        if g.is_state:
             if g.name in states:
                 hs = heads.get(g.name)
                 nh = (hs[1] - hs[0]) if hs else g.state_shape[0]  # type: ignore[index]
@@ -80,7 +91,7 @@ def plan_chunks(
                     len(layers.get(g.name, g.layer_ids))
                     * nh
                     * per_head
-                    * DTYPE_BYTES[g.state_dtype or root.dtype]
+                    * DTYPE_BYTES[g.item_dtype(root.dtype)]
                 )
                 state_list.append((g.name, nbytes))
             continue
@@ -142,4 +153,42 @@ def plan_chunks(
             heads={g: heads[g] for g in [*tok, *sts] if g in heads},
         )
         out.append(Chunk(i, tok, tuple(sts), layout))
+    return tuple(out)
+
+
+def _by_layer(
+    root: KVCacheSpec,
+    tokens: Mapping[str, TokenRange],
+    states: Sequence[str],
+    layers: Mapping[str, Sequence[int]],
+    heads: Mapping[str, tuple[int, int]],
+    chunk_bytes: int,
+) -> tuple[Chunk, ...]:
+    steps: list[tuple[int, str, TokenRange | None]] = []  # (layer, group, range or state)
+    for g in root.groups:
+        ids = tuple(layers.get(g.name, g.layer_ids))
+        if g.is_state:
+            if g.name in states:
+                steps += [(i, g.name, None) for i in ids]
+            continue
+        rng = tokens.get(g.name)
+        if rng is None or rng.is_empty:
+            continue
+        hs = heads.get(g.name)
+        nh = (hs[1] - hs[0]) if hs else g.num_kv_heads
+        bpt = g.kv_factor * nh * g.head_dim * DTYPE_BYTES[root.dtype]
+        per = max(1, chunk_bytes // bpt)  # tokens per chunk of one layer
+        for i in ids:
+            for pos in range(rng.start, rng.end, per):
+                steps.append((i, g.name, TokenRange(pos, min(rng.end, pos + per))))
+    steps.sort(key=lambda s: s[0])  # stable: a layer's token pieces keep their order
+    out = []
+    for k, (layer, name, sub) in enumerate(steps):
+        tok = {} if sub is None else {name: sub}
+        sts = [name] if sub is None else []
+        layout = packed_layout(
+            root, tok, sts, layers={name: (layer,)},
+            heads={name: heads[name]} if name in heads else {},
+        )  # fmt: skip
+        out.append(Chunk(k, tok, tuple(sts), layout))
     return tuple(out)

@@ -16,14 +16,15 @@ __all__ = ["DisaggConfig", "FaultInjection", "TransferOptions", "add_arguments",
 
 @dataclass
 class FaultInjection:
-    """Deliberate faults on the sender, for tests (all off by default).
+    """Deliberate faults of a sender, for tests (all off by default); applied by wrapping the
+    data channel (:class:`kvtriton.transfer.faults.FaultyChannel`), never inside the library.
 
     Attributes:
-        die_after_frames: the process exits (``os._exit``) right after handing this many
-            data frames to the wire.
+        die_after_frames: the process is killed once this many chunks left it (0: when
+            it is about to send its first chunk, with a request accepted).
         stall: accept requests but never send data (the receiver must time out).
         corrupt_chunk: flip one byte of this chunk index after its checksum was taken.
-        frame_delay_s: wait this long between data frames (a slow sender).
+        frame_delay_s: wait this long between chunks (a slow sender).
     """
 
     die_after_frames: int | None = None
@@ -31,36 +32,61 @@ class FaultInjection:
     corrupt_chunk: int | None = None
     frame_delay_s: float = 0.0
 
+    @property
+    def active(self) -> bool:
+        return (
+            self.die_after_frames is not None
+            or self.stall
+            or self.corrupt_chunk is not None
+            or self.frame_delay_s > 0
+        )
+
 
 @dataclass
 class TransferOptions:
-    """Tunables of a :class:`TransferAgent`.
+    """Tunables of a :class:`~kvtriton.transfer.agent.TransferAgent`.
 
     Attributes:
-        chunk_bytes: target bytes per data chunk (see ``chunking.DEFAULT_CHUNK_BYTES``).
+        chunk_bytes: target bytes per data chunk (``chunking.DEFAULT_CHUNK_BYTES``).
         timeout_s: per-session deadline in seconds from creation (both sides).
+        lease_s: seconds a registered source waits for receivers that have not asked yet
+            (default: twice ``timeout_s``).
         checksum: receivers ask senders for per-chunk checksums.
-        batch: pack several single-chunk requests to one receiver into one frame.
-        max_frames_in_flight: gloo frames handed to a peer's writer and not yet sent.
+        max_frames_in_flight: chunks handed to the wire and not yet sent, per receiver
+            (packed CPU channels; bounds staging memory).
         staging_slots: ring size of the CUDA staging buffers per peer and direction.
-        backend: kernel backend for pack/unpack (``"auto"``, ``"triton"``, ``"reference"``).
-        prepost: receivers post their receives (and, on CUDA, the scatters) when they ask,
-            instead of waiting for the sender's Schedule: one control hop less per request.
-            The sender then sends every chunk a receiver expects, strictly in request order
-            and without batching (dummy bytes for a refused or abandoned request), so a hung
-            sender also holds up the requests queued behind it on that pair.
-        faults: :class:`FaultInjection` (tests).
+        backend: kernel backend (``"auto"``, ``"triton"``, ``"reference"``).
+        layer_chunks: receivers ask for layer-major chunks (one layer of one group each), so
+            a streamed source can send each layer as soon as it is written.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     timeout_s: float = 60.0
+    lease_s: float | None = None
     checksum: bool = False
-    batch: bool = True
-    max_frames_in_flight: int = 2
-    staging_slots: int = 3
+    max_frames_in_flight: int = 4
+    staging_slots: int = 4
     backend: str = "auto"
-    prepost: bool = False
-    faults: FaultInjection = field(default_factory=FaultInjection)
+    layer_chunks: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "lease_s"):
+            v = getattr(self, name)
+            if v is None and name == "lease_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1e9):
+                raise ValueError(
+                    f"TransferOptions.{name} must be a finite number of seconds > 0, got {v!r}"
+                )
+        for name in ("chunk_bytes", "max_frames_in_flight", "staging_slots"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TransferOptions.{name} must be a positive int, got {v!r}")
+
+    @property
+    def lease(self) -> float:
+        """Seconds a source is leased for (``lease_s`` or twice the timeout)."""
+        return self.lease_s if self.lease_s is not None else 2 * self.timeout_s
 
 
 @dataclass
@@ -85,10 +111,10 @@ class DisaggConfig:
             memory-pressured decoder drops first).
         chunk_bytes, checksum, timeout_s: transfer options.
         ctx_layout, gen_layout: ``"NHD"`` / ``"HND"`` pools on each side.
-        backend: ``"auto"`` (NCCL data when every rank owns a GPU, else gloo on CPU),
-            ``"gloo"`` or ``"nccl"``.
+        channel: the data channel: ``"auto"`` (the direct channel when the ranks' GPUs are on
+            one host and can reach each other's memory, NCCL for GPUs otherwise, gloo on
+            CPU), ``"gloo"``, ``"nccl"`` or ``"ipc"``.
         kernel_backend: ``kernels`` backend for pack/unpack (``"auto"``/``"reference"``/...).
-        prepost: receivers post their receives when they ask (``TransferOptions.prepost``).
         devices: under torchrun with NCCL, the GPU of each local rank (default: its local
             rank); several ranks may share a GPU if every sender/receiver pair spans two.
         seed: token ids of the stream.
@@ -119,10 +145,9 @@ class DisaggConfig:
     timeout_s: float = 30.0
     ctx_layout: str = "NHD"
     gen_layout: str = "HND"
-    backend: str = "auto"
+    channel: str = "auto"
     kernel_backend: str = "auto"
     seed: int = 0
-    prepost: bool = False
     devices: tuple[int, ...] = ()
     faults: dict[int, FaultInjection] = field(default_factory=dict)
     cancel: tuple[str, ...] = ()
@@ -198,19 +223,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checksum", action="store_true", help="skip per-chunk checksums")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="session timeout (s)")
     p.add_argument(
-        "--backend",
-        choices=("auto", "gloo", "nccl"),
+        "--channel",
+        choices=("auto", "gloo", "nccl", "ipc"),
         default="auto",
-        help="data transport: auto = NCCL when every rank owns a GPU, else gloo",
+        help="data channel: auto = the direct channel (ipc, CUDA IPC) for GPUs on one host, "
+        "NCCL for GPUs otherwise, gloo on CPU",
     )
     p.add_argument("--kernel-backend", choices=("auto", "triton", "reference"), default="auto")
     p.add_argument("--ctx-layout", choices=("NHD", "HND"), default=d.ctx_layout)
     p.add_argument("--gen-layout", choices=("NHD", "HND"), default=d.gen_layout)
-    p.add_argument(
-        "--prepost",
-        action="store_true",
-        help="receivers post their receives when they ask (one control hop less)",
-    )
     p.add_argument(
         "--devices",
         default="",
@@ -266,11 +287,10 @@ def config_from_args(args: argparse.Namespace) -> DisaggConfig:
         chunk_bytes=args.chunk_bytes,
         checksum=not args.no_checksum,
         timeout_s=args.timeout,
-        backend=args.backend,
+        channel=args.channel,
         kernel_backend=args.kernel_backend,
         ctx_layout=args.ctx_layout,
         gen_layout=args.gen_layout,
         seed=args.seed,
-        prepost=args.prepost,
         devices=tuple(int(x) for x in args.devices.split(",") if x.strip()),
     )

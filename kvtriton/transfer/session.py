@@ -6,11 +6,13 @@
       \\        \\           \\
        +--------+-----------+----> ERROR | CANCELLED
 
-``INIT``: created (receiver: blocks allocated; sender: request received, source not yet
-known). ``READY``: receiver sent its request(s); sender validated the request and holds the
-source spans. ``TRANSFERRING``: data is moving. ``TRANSFERRED`` (receiver: every chunk
-arrived intact and was committed; sender: every chunk sent), ``ERROR`` and ``CANCELLED`` are
-terminal and are never overwritten: a late message after a terminal state changes nothing.
+``INIT``: created. ``READY``: the receiver sent its request(s); the sender validated a
+request against its source. ``TRANSFERRING``: data is moving. ``TRANSFERRED`` (receiver:
+every chunk arrived intact and was committed; sender: the receiver acknowledged that commit),
+``ERROR`` and ``CANCELLED`` are terminal. When two ends conflict (a cancel racing a failure
+or a completion), precedence decides: cancel > fail > complete. A terminal ``ERROR`` still
+becomes ``CANCELLED`` on a later cancel (both release the same blocks, and both sides then
+agree); nothing else ever changes a terminal state, so a late message changes nothing.
 Pure Python.
 """
 
@@ -78,6 +80,7 @@ class Session:
     error: str | None = None
     created: float = field(init=False)
     history: list[tuple[SessionState, float]] = field(init=False)
+    _deadline: float | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.side not in ("send", "recv"):
@@ -94,7 +97,14 @@ class Session:
 
     @property
     def deadline(self) -> float | None:
-        return None if self.timeout_s is None else self.created + self.timeout_s
+        if self.timeout_s is None:
+            return self._deadline
+        own = self.created + self.timeout_s
+        return own if self._deadline is None else min(own, self._deadline)
+
+    def limit_deadline(self, deadline: float) -> None:
+        """Never run past ``deadline`` (clock seconds), e.g. the peer's own deadline."""
+        self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
 
     def time_in(self, state: SessionState) -> float:
         """Seconds spent in ``state`` (0 if never entered; up to now if still in it)."""
@@ -152,8 +162,9 @@ class Session:
         return True
 
     def cancel(self, reason: str = "cancelled") -> bool:
-        """Move to ``CANCELLED`` unless already terminal (returns whether it did)."""
-        if self.is_terminal:
+        """Move to ``CANCELLED`` unless it already ended ``TRANSFERRED`` or ``CANCELLED``
+        (cancel takes precedence over a failure). Returns whether the state changed."""
+        if self.state in (SessionState.TRANSFERRED, SessionState.CANCELLED):
             return False
         self.error = reason
         self._enter(SessionState.CANCELLED)
@@ -166,7 +177,8 @@ class Session:
         now = self.clock() if now is None else now
         if now < self.deadline:
             return False
-        return self.fail(f"timed out after {self.timeout_s:.3g} s in state {self.state.value}")
+        limit = self.deadline - self.created
+        return self.fail(f"timed out after {limit:.3g} s in state {self.state.value}")
 
     def __repr__(self) -> str:
         extra = f", error={self.error!r}" if self.error else ""

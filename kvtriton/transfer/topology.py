@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from kvtriton.layout import PackedLayout, packed_layout
 from kvtriton.ranges import TokenRange
-from kvtriton.spec import KVCacheSpec, LayerGroup
+from kvtriton.spec import KVCacheSpec
 
 __all__ = ["RankInfo", "SourceSlice", "Topology"]
 
@@ -63,14 +63,6 @@ class SourceSlice:
             layers=self.layers,
             heads=self.heads,
         )
-
-
-def _held_heads(group: LayerGroup) -> tuple[int, int]:
-    if group.kind == "state":
-        assert group.state_head_end is not None
-        return group.state_head_start, group.state_head_end
-    assert group.head_end is not None
-    return group.head_start, group.head_end
 
 
 class Topology:
@@ -172,7 +164,7 @@ class Topology:
         layers: dict[int, dict[str, tuple[int, ...]]] = {}
         heads: dict[int, dict[str, tuple[int, int]]] = {}
         for g in rspec.groups:
-            r_lo, r_hi = _held_heads(g)
+            r_lo, r_hi = g.held_heads
             for pp in range(self.ctx_pp):
                 stage_spec = self.spec(self.ctx_rank(0, pp))
                 try:
@@ -187,7 +179,7 @@ class Topology:
                 for h in range(r_lo, r_hi):
                     holders = []
                     for tp in range(self.ctx_tp):
-                        lo, hi = _held_heads(self.spec(self.ctx_rank(tp, pp)).group(g.name))
+                        lo, hi = self.spec(self.ctx_rank(tp, pp)).group(g.name).held_heads
                         if lo <= h < hi:
                             holders.append(tp)
                     if not holders:  # impossible with a consistent split

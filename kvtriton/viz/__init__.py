@@ -2,7 +2,8 @@
 
 * :mod:`kvtriton.viz.blocks`: block maps of transfer plans and the what-if helpers;
 * :mod:`kvtriton.viz.sim`: simulation results (bytes, transfer-time and TTFT CDFs);
-* :mod:`kvtriton.viz.bench`: kernel bandwidth and distributed-transfer reports.
+* :mod:`kvtriton.viz.bench`: kernel bandwidth and distributed-transfer reports;
+* :mod:`kvtriton.viz.timeline`: layer-wise streaming (``kvtriton bench ttft``) on a time axis.
 
 Every ``plot_*`` function returns a ``matplotlib.figure.Figure`` and saves it to ``path``
 when one is given.
@@ -31,6 +32,7 @@ from kvtriton.viz.sim import (
     plot_time_cdfs,
     plot_time_sweep,
 )
+from kvtriton.viz.timeline import plot_ttft_bars, plot_ttft_timeline
 
 __all__ = [
     "CACHED",
@@ -52,5 +54,7 @@ __all__ = [
     "plot_time_cdfs",
     "plot_time_sweep",
     "plot_transfer_report",
+    "plot_ttft_bars",
+    "plot_ttft_timeline",
     "with_window",
 ]

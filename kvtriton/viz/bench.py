@@ -152,7 +152,7 @@ def plot_transfer_report(
     fig.suptitle(
         title
         or f"{report['model']}: {report['topology']}, data over "
-        f"{report['data_backend']} on {report['device']}"
+        f"{report['channel']} on {report['device']}"
         + ("" if report.get("verified") else " (NOT VERIFIED)"),
         fontsize=11,
     )

@@ -1,0 +1,36 @@
+"""Repository hygiene: no unresolved merge left in a tracked text file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: A line git writes around a conflict (``=======`` alone is a valid Markdown/RST underline).
+MARKER = re.compile(r"^(<{7} |>{7} |\|{7} )", re.MULTILINE)
+
+TEXT = {".py", ".md", ".toml", ".cfg", ".txt", ".ipynb", ".sh", ".json", ".jsonl", ".yml", ".yaml"}
+
+
+def tracked_files() -> list[Path]:
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, text=True
+        ).stdout
+        return [ROOT / p for p in out.split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):  # an sdist: no git
+        return [p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
+
+
+def test_no_merge_conflict_markers() -> None:
+    bad = []
+    for path in tracked_files():
+        if path.suffix in TEXT and path.is_file() and path.stat().st_size < 8 << 20:
+            text = path.read_text(errors="replace")
+            bad += [
+                f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+                for m in MARKER.finditer(text)
+            ]
+    assert not bad, f"unresolved merge conflict markers at {bad}"
