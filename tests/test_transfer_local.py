@@ -359,6 +359,28 @@ def test_a_source_is_leased_until_its_receivers_end_or_the_lease_expires(channel
     assert not w.leaked().get(ctx)
 
 
+def test_an_id_registered_again_after_release_keeps_its_own_lease() -> None:
+    """The lease of a released source must not end the lease of a later source of the same id."""
+    clock = Clock()
+    w = World(clock=clock)
+    t = prompt(25)
+    w.source("x", t, lease_s=5.0)
+    first = w.ask("x", t)
+    w.settle(first)
+    w.check(first, t)
+    w.run(lambda: "x" in w.released)  # served, acknowledged, released
+    for r in w.topo.gen_ranks:
+        w.agents[r].forget("x")
+        w.managers[r].free("x")
+    w.released.clear()
+    w.source("x", t, lease_s=60.0)
+    w.run(lambda: clock.t > 1000.0 + 10.0, dt=0.01)  # past the first lease, within the second
+    assert not w.released, "the second source was released by the first one's lease"
+    again = w.ask("x", t)
+    w.settle(again)
+    w.check(again, t)
+
+
 @pytest.mark.parametrize(
     "tamper,reason",
     [

@@ -10,6 +10,7 @@ the torch backend). Both execute the same descriptors.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None

@@ -51,6 +51,14 @@ LINK_MEASUREMENTS: dict[str, dict[str, Any]] = {
         "points": ((16, 5.3), (64, 21.0), (256, 67.0), (1024, 167.0)),
         "source": "BENCHMARKS.md, Transfer, column 'e2e x1' (measured 2026-11-28)",
     },
+    "kvtriton-direct": {
+        "description": "kvtriton's direct channel end to end (ask -> committed: control hops, "
+        "one copy kernel per chunk from the mapped sender pool, commit), one request at a "
+        "time, two processes on one GPU",
+        "device": "1x H200 (two processes, CUDA IPC)",
+        "points": ((16, 11.8), (64, 46.2), (256, 156.7), (1024, 353.6)),
+        "source": "BENCHMARKS.md, Direct channel, column 'e2e x1' (measured 2026-12-01)",
+    },
     "direct": {
         "description": "direct intra-host channel: one kernel copies the sender's pages into "
         "the receiver's (CUDA IPC / peer access)",
@@ -58,7 +66,8 @@ LINK_MEASUREMENTS: dict[str, dict[str, Any]] = {
         "gbps": 2000.0,
         "overhead_us": 100.0,
         "estimate": True,
-        "source": "ESTIMATE until measured: a device copy runs ~4.0-4.2 TB/s read+write on "
+        "source": "ESTIMATE of the hardware limit (kvtriton-direct is kvtriton's measured "
+        "channel): a device copy runs ~4.0-4.2 TB/s read+write on "
         "H200 (docs/DESIGN.md §4: 4239 GB/s copy_, 4035 GB/s written through CUDA IPC), i.e. "
         "~2 TB/s of payload; 100 us per request is the target of issue 11 (1-block ask -> "
         "committed p50)",

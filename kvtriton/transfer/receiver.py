@@ -96,6 +96,7 @@ class Receiver:
     def __init__(self, agent: TransferAgent) -> None:
         self.agent = agent
         self.handles: dict[str, RecvHandle] = {}
+        self._live: dict[str, RecvHandle] = {}  # handles whose session has not ended yet
         self.jobs: dict[tuple[int, str], RecvJob] = {}
         self.ended: dict[str, int] = {s.value: 0 for s in SessionState if s.is_terminal}
         self._sources = agent.topology.sources(agent.rank) if not agent.is_ctx else ()
@@ -170,6 +171,7 @@ class Receiver:
             agent.channel.prepare_recv(job)
             handle.jobs[src.sender] = job
         self.handles[rid] = handle
+        self._live[rid] = handle
         lost = [s for s in handle.jobs if agent.control.is_lost(s)]
         if lost:  # nothing was sent: fail at once
             for job in handle.jobs.values():
@@ -202,6 +204,7 @@ class Receiver:
         if not handle.session.is_terminal:
             raise ValueError(f"request {request_id!r} is still {handle.state.value}")
         del self.handles[request_id]
+        self._live.pop(request_id, None)
         return handle
 
     # -- sender messages ------------------------------------------------------------------
@@ -368,15 +371,18 @@ class Receiver:
 
     # -- timeouts and peers ---------------------------------------------------------------
     def check_deadlines(self, now: float) -> None:
-        for handle in list(self.handles.values()):
-            if handle.session.check_deadline(now):
+        for rid, handle in list(self._live.items()):
+            if handle.session.is_terminal:
+                del self._live[rid]
+            elif handle.session.check_deadline(now):
+                del self._live[rid]
                 self._notify(handle, str(handle.session.error), error=True)
                 self._settle(handle)
 
     def next_deadline(self) -> float | None:
         times = [
             h.session.deadline
-            for h in self.handles.values()
+            for h in self._live.values()
             if not h.session.is_terminal and h.session.deadline is not None
         ]
         return min(times) if times else None

@@ -22,6 +22,8 @@ Rules (each has a test):
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -117,6 +119,11 @@ class Sender:
         self.ended: dict[str, int] = {s.value: 0 for s in SessionState if s.is_terminal}
         self.refusals: deque[str] = deque(maxlen=16)  # the latest reasons, for reports
         self._marks = 0
+        # deadlines without a scan of every source: leases in a heap (stale entries of
+        # released sources are skipped), live jobs in a dict pruned once they end
+        self._leases: list[tuple[float, int, str]] = []
+        self._lease_seq = itertools.count()
+        self._live_jobs: dict[tuple[str, int], tuple[Source, SendJob]] = {}
         topo = agent.topology
         self.receivers = frozenset(topo.receivers(agent.rank)) if agent.is_ctx else frozenset()
         # what each receiver must ask this rank for, derived once
@@ -157,6 +164,9 @@ class Sender:
             self.receivers,
             ready,
             ready_layers=set() if streamed else None,
+        )
+        heapq.heappush(
+            self._leases, (self.sources[request_id].expires, next(self._lease_seq), request_id)
         )
 
     def mark_ready(self, request_id: str, layers: Any, marker: Any) -> bool:
@@ -226,6 +236,7 @@ class Sender:
             return
         src.sessions[peer] = session
         src.jobs[peer] = job
+        self._live_jobs[(req.request_id, peer)] = (src, job)
         session.advance(SessionState.READY)
         if not chunks:  # nothing moves from this rank: the Done/Ack closes it
             session.advance(SessionState.TRANSFERRING)
@@ -483,31 +494,41 @@ class Sender:
             src.on_release(src.request_id, {p: s.state for p, s in src.sessions.items()})
 
     def check_deadlines(self, now: float) -> None:
-        for src in list(self.sources.values()):
+        for key, (src, job) in list(self._live_jobs.items()):
+            if job.session.is_terminal:
+                del self._live_jobs[key]
+            elif job.session.check_deadline(now):
+                del self._live_jobs[key]
+                self.agent.control.send(
+                    job.peer,
+                    P.Abort(job.request_id, f"sender rank {self.agent.rank}: {job.session.error}"),
+                )
+                self._ended(src, job)
+        while self._leases and self._leases[0][0] <= now:
+            expires, _, rid = heapq.heappop(self._leases)
+            src = self.sources.get(rid)
+            if src is None or src.expired or src.expires != expires:
+                continue  # released meanwhile (or the id was registered again since)
+            src.expired = True
             for job in list(src.jobs.values()):
-                if job.session.check_deadline(now):
-                    self.agent.control.send(
-                        job.peer,
-                        P.Abort(
-                            job.request_id, f"sender rank {self.agent.rank}: {job.session.error}"
-                        ),
-                    )
-                    self._ended(src, job)
-            if not src.expired and now >= src.expires and src.request_id in self.sources:
-                src.expired = True
-                for job in list(src.jobs.values()):
-                    if not job.session.is_terminal:
-                        self._abort(job, "the source's lease expired")
-                if src.request_id in self.sources:
-                    self._maybe_release(src)
+                if not job.session.is_terminal:
+                    self._abort(job, "the source's lease expired")
+            if src.request_id in self.sources:
+                self._maybe_release(src)
+
+    def _lease_current(self, entry: tuple[float, int, str]) -> bool:
+        src = self.sources.get(entry[2])
+        return src is not None and not src.expired and src.expires == entry[0]
 
     def next_deadline(self) -> float | None:
-        times = [s.expires for s in self.sources.values() if not s.expired]
+        leases = self._leases
+        while leases and not self._lease_current(leases[0]):
+            heapq.heappop(leases)  # a released, expired or re-registered source's entry
+        times = [leases[0][0]] if leases else []
         times += [
-            j.session.deadline
-            for s in self.sources.values()
-            for j in s.jobs.values()
-            if not j.session.is_terminal and j.session.deadline is not None
+            job.session.deadline
+            for _, job in self._live_jobs.values()
+            if not job.session.is_terminal and job.session.deadline is not None
         ]
         return min(times) if times else None
 
