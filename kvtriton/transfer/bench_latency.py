@@ -40,7 +40,32 @@ def _spec() -> Any:
     )
 
 
-def _rank(rank: int, port: int, requests: int, channel: str, ngpu: int, conn: Any) -> None:
+def _rank(
+    rank: int, port: int, requests: int, channel: str, ngpu: int, profile: str | None, conn: Any
+) -> None:
+    from kvtriton.transfer.launch import exit_worker
+
+    if profile is None:
+        _run_rank(rank, port, requests, channel, ngpu, conn)
+        exit_worker(conn)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        _run_rank(rank, port, requests, channel, ngpu, conn)
+    finally:  # a rank that exits through exit_worker still writes its profile
+        prof.disable()
+        os.makedirs(profile, exist_ok=True)
+        prof.dump_stats(os.path.join(profile, f"rank{rank}.pstats"))
+        with open(os.path.join(profile, f"rank{rank}.txt"), "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
+            pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(60)
+    exit_worker(conn)
+
+
+def _run_rank(rank: int, port: int, requests: int, channel: str, ngpu: int, conn: Any) -> None:
     import time
 
     import torch
@@ -51,7 +76,6 @@ def _rank(rank: int, port: int, requests: int, channel: str, ngpu: int, conn: An
     from kvtriton.transfer.config import TransferOptions
     from kvtriton.transfer.launch import (
         connect,
-        exit_worker,
         init_spawned,
         make_groups,
         send_result,
@@ -132,19 +156,24 @@ def _rank(rank: int, port: int, requests: int, channel: str, ngpu: int, conn: An
     agent.close(timeout=10)
     if rank == 1:
         send_result(conn, out)
-    exit_worker(conn)
 
 
-def measure(requests: int = 200, channel: str = "auto") -> dict[str, Any]:
+def measure(
+    requests: int = 200, channel: str = "auto", profile: str | None = None
+) -> dict[str, Any]:
     """Spawn the two ranks, run ``requests`` 1-block requests one at a time over
     ``channel`` (``auto``: the direct channel on GPUs, gloo on CPU), return the result (see
-    the module docstring)."""
+    the module docstring). ``profile``: a folder where each rank writes its cProfile
+    (``rank{r}.pstats`` and the top functions as text)."""
     from kvtriton.transfer.launch import gpus_for, spawn_for_result
 
     ngpu = gpus_for(channel, 2)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     result, codes = spawn_for_result(
-        _rank, 2, lambda rank, port, conn: (rank, port, requests, channel, ngpu, conn), 300.0
+        _rank,
+        2,
+        lambda rank, port, conn: (rank, port, requests, channel, ngpu, profile, conn),
+        300.0,
     )
     if result is None:
         raise RuntimeError(f"the latency benchmark produced no result (exit codes {codes})")
@@ -161,12 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: the direct channel (ipc) when a GPU is visible (the two ranks may share "
         "it), gloo on CPU otherwise; nccl needs two GPUs",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="write each rank's cProfile here (rank{r}.pstats, rank{r}.txt)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result here")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 100_000:
         p.error(f"--requests must be in [1, 100000], got {args.requests}")
     try:
-        r = measure(args.requests, args.channel)
+        r = measure(args.requests, args.channel, args.profile)
     except ValueError as exc:
         print(f"kvtriton bench latency: error: {exc}", file=sys.stderr)
         return 2
