@@ -28,6 +28,7 @@ class FaultyChannel(DataChannel):
         self.faults = faults
         self.name = inner.name  # type: ignore[misc]
         self.checksums = inner.checksums  # type: ignore[misc]
+        self.announce_ends = inner.announce_ends  # type: ignore[misc]
         self._sent = 0
         self._next_at = 0.0
 

@@ -229,6 +229,12 @@ class Receiver:
                 self.agent.peer_lost(peer, f"request {rid!r}: {error}")
                 return
             handle.session.advance_to(SessionState.TRANSFERRING)
+            n = len(job.chunks)
+            channel = self.agent.channel
+            if channel.announce_ends and not job.request.checksum and job.posted == n:
+                job.done = P.Done(rid, n, ())  # the sender sends no Done on this channel
+                job.closed = True
+                self._maybe_complete(handle)
         elif isinstance(msg, P.Done):
             if msg.num_chunks != len(job.chunks) or (
                 job.request.checksum and len(msg.checksums) != msg.num_chunks

@@ -47,6 +47,9 @@ class DataChannel(ABC):
     name: ClassVar[str]
     #: whether chunks travel as bytes a checksum can cover (the direct channel's never do)
     checksums: ClassVar[bool] = True
+    #: whether the announce that opens a request's last chunks also says the sender is done
+    #: (the sender then sends no ``Done``: a direct channel has nothing left in flight)
+    announce_ends: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()

@@ -205,6 +205,7 @@ class DirectChannel(DataChannel):
 
     name = "ipc"
     checksums = False
+    announce_ends = True  # the receiver pulls: once it holds every block id, nothing is owed
 
     def __init__(self, memory: PeerMemory, device: torch.device | str) -> None:
         super().__init__()
@@ -313,6 +314,8 @@ class DirectChannel(DataChannel):
             job.peer, P.Blocks(job.request_id, blocks, slots, b"", first, count)
         )
         job.scheduled = job.handed = first + count
+        if job.handed == len(job.chunks) and not req.checksum:
+            job.done_sent = True  # this Blocks doubles as the Done (announce_ends)
         self._events.put(Handed(job))
 
     # -- receiver -------------------------------------------------------------------------
