@@ -44,9 +44,12 @@ from kvtriton.transfer.jobs import Handed, Landed, RecvJob, SendJob, WriteDone
 from kvtriton.transfer.moves import PoolSet, prepare_copy
 from kvtriton.transfer.trace import trace
 
-#: How long the receiver's loop waits in place for the copies it just launched (s): a 1-block
-#: copy lands ~10 us after its launch on an H200 and 64 MiB in ~50 us; a copy still running
-#: after this goes to the completion thread, so the loop never blocks longer.
+#: The receiver's loop waits in place for the copies it just launched when they hold at most
+#: _SPIN_BYTES (a 1-block copy lands ~10 us after its launch on an H200, 8 MiB in ~15 us;
+#: the completion thread's round trip costs ~0.2 ms), for at most _SPIN_S seconds (the GPU
+#: may be busy with other work): then the completion thread takes over. Larger copies go
+#: to the thread at once, so the loop stays free for other requests meanwhile.
+_SPIN_BYTES = 8 << 20
 _SPIN_S = 200e-6
 
 __all__ = ["CudaIpcMemory", "DirectChannel", "LocalMemory", "PeerMemory"]
@@ -410,7 +413,8 @@ class DirectChannel(DataChannel):
         # briefly, rather than through the completion thread (its wake-up, the callback and
         # the wake of this loop cost ~0.2 ms on the H200 host). Only when nothing waits in
         # that thread (Landed stays in launch order) and no peer event gates the copy.
-        if not event and self._done.outstanding == 0:
+        small = sum(job.chunks[k].nbytes for k in range(first, first + count)) <= _SPIN_BYTES
+        if small and not event and self._done.outstanding == 0:
             last = launched[-1][0]
             until = time.perf_counter() + _SPIN_S
             while not last.query():
