@@ -24,7 +24,9 @@ One request, receiver ``R`` asking sender ``S``::
     R -> S  Ready     packed CPU channels: those receives are posted (the chunks may go)
     S -> R  Blocks    direct channel: the sender's block ids / slots of the requested ranges
                       and an interprocess event that fires once its KV is written
-    S -> R  Done      every chunk was handed to the wire (with per-chunk checksums when on)
+    S -> R  Done      every chunk was handed to the wire (with per-chunk checksums when on);
+                      on the direct channel the Blocks that opens the last chunks stands for
+                      it (the receiver pulls: nothing is owed after it) and no Done is sent
     R -> S  Ack       everything arrived intact and was committed: the sender's session ends
                       TRANSFERRED and the receiver's share of the source lease is returned
     R -> S  Cancel    the receiver gave up (cancel, timeout, error)
@@ -351,7 +353,8 @@ class Blocks:
     physical ids of the blocks the range touches, in logical order, and per state group the
     slot (in the request's first Blocks only), and which chunks may be read now with the
     event that fires once their KV is written (a streamed source sends one Blocks per run of
-    ready layers). The receiver checks every id against the mapped pool before use."""
+    ready layers). The receiver checks every id against the mapped pool before use. The
+    Blocks that opens the request's last chunks is also its Done (none is sent)."""
 
     KIND: ClassVar[int] = 5
     request_id: str
