@@ -154,8 +154,8 @@ def _host_row(
     spans: dict[str, BlockSpan] = {}
     slots: dict[str, int] = {}
     for g in spec.groups:
-        if g.kind == "state":
-            dtype = getattr(torch, g.state_dtype or spec.dtype)
+        if g.is_state:
+            dtype = getattr(torch, g.item_dtype(spec.dtype))
             shape = (g.num_layers, 2, *g.local_state_shape)
             pools[g.name] = torch.zeros(shape, dtype=dtype, device=device)
             slots[g.name] = 1

@@ -159,14 +159,14 @@ def compare_backends(
     recv_spec = spec.with_block_size(8)
     p = 30
     plan = plan_transfer(spec, p, {"full": 13, "sliding8": 0, "state": 0})
-    tokens = {g.name: g.tokens for g in plan.groups if g.kind != "state"}
+    tokens = {g.name: g.tokens for g in plan.groups if not g.group.is_state}
     layout = packed_layout(spec, tokens, plan.state_groups)
 
     def pools(s: Any, blocks: int, hnd: bool) -> dict[str, torch.Tensor]:
         out = {}
         for g in s.groups:
-            if g.kind == "state":
-                dtype = getattr(torch, g.state_dtype or s.dtype)
+            if g.is_state:
+                dtype = getattr(torch, g.item_dtype(s.dtype))
                 out[g.name] = torch.empty(
                     (g.num_layers, 4, *g.local_state_shape), dtype=dtype, device=device
                 )

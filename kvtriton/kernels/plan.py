@@ -33,7 +33,7 @@ class _GroupPool:
 
     def __init__(self, group: LayerGroup, pool: torch.Tensor) -> None:
         self.name = group.name
-        self.state = group.kind == "state"
+        self.state = group.is_state
         self.tensor = pool
         self.dtype = str(pool.dtype).removeprefix("torch.")
         self.size = pool.element_size()

@@ -53,7 +53,7 @@ class PackedRequest:
 
 
 def _is_state(group: LayerGroup) -> bool:
-    return group.kind == "state"
+    return group.is_state
 
 
 def held_heads(group: LayerGroup) -> tuple[int, int]:
@@ -99,7 +99,7 @@ def check_group_pool(
         pool = check_state_pool(name, pools[group.name], writable=writable)
         expected = (group.num_layers, *group.local_state_shape)
         got = (pool.shape[0], *pool.shape[2:])
-        dtype = getattr(torch, group.state_dtype or spec.dtype)
+        dtype = getattr(torch, group.item_dtype(spec.dtype))
         if got != expected:
             raise ValueError(
                 f"{name} has shape {tuple(pool.shape)}; expected [layers={expected[0]}, slots, "
