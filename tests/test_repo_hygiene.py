@@ -34,3 +34,21 @@ def test_no_merge_conflict_markers() -> None:
                 for m in MARKER.finditer(text)
             ]
     assert not bad, f"unresolved merge conflict markers at {bad}"
+
+
+#: A layer group's kind compared with a string (``g.kind == "state"``): per-kind behaviour
+#: goes through ``GroupKind`` and ``LayerGroup.is_state`` / ``.is_attention`` / ``.rule``.
+KIND_STRING = re.compile(
+    r"\b(g|group|grp|layer_group|spec_group)\.kind\s*[!=]=\s*[\"'](full|sliding|state)[\"']"
+)
+
+
+def test_no_group_kind_string_switch_in_the_package() -> None:
+    bad = []
+    for path in sorted((ROOT / "kvtriton").rglob("*.py")):
+        text = path.read_text()
+        bad += [
+            f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+            for m in KIND_STRING.finditer(text)
+        ]
+    assert not bad, f"group kind compared with a string (use GroupKind / is_state): {bad}"
