@@ -1,5 +1,9 @@
 """Model KV-cache specifications: layer groups, TP/PP sharding and built-in presets.
 
+(Over 600 lines on purpose: one job, the spec types with their validation and sharding; the
+last ~180 lines are the preset table built from those types, kept beside them so a preset and
+the rules it must satisfy are read together.)
+
 Pure Python (no torch import): a spec names its dtype as a string and only converts it to a
 ``torch.dtype`` on request (:attr:`KVCacheSpec.torch_dtype`).
 """

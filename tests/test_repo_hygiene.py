@@ -52,3 +52,12 @@ def test_no_group_kind_string_switch_in_the_package() -> None:
             for m in KIND_STRING.finditer(text)
         ]
     assert not bad, f"group kind compared with a string (use GroupKind / is_state): {bad}"
+
+
+def test_a_module_over_600_lines_says_why_at_its_top() -> None:
+    long = []
+    for path in sorted((ROOT / "kvtriton").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        if len(lines) > 600 and "600 lines" not in "\n".join(lines[:12]):
+            long.append(f"{path.relative_to(ROOT)} ({len(lines)} lines)")
+    assert not long, f"split these modules or state at their top why they stay whole: {long}"

@@ -1,6 +1,10 @@
 """Kernel benchmark: prepared plans against a contiguous copy of the same bytes, and the host
 time per request.
 
+(Over 600 lines on purpose: one benchmark whose timing harness, case builders, design-variant
+comparison, page-locality diagnostic and report share the same cases; the host-time table
+lives in :mod:`kvtriton.kernels.bench_host`.)
+
 Entry points: :func:`run_benchmark` (returns a dict, optionally writes JSON) and :func:`main`
 (``python scripts/bench_kernels.py`` or ``kvtriton bench kernels``).
 

@@ -1,5 +1,9 @@
 """Move descriptors: the int64 tables one launch reads, built in numpy on the host.
 
+(Slightly over 600 lines: the column layout, its builder and its staging are one contract
+with the kernel in :mod:`kvtriton.kernels.triton_kernels`; split, the layout would be read in
+three places.)
+
 A :class:`Move` copies ``layers x kv x tokens x heads`` rows of ``head_bytes`` contiguous bytes
 from one side to the other. A side is either
 

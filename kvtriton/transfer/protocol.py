@@ -1,5 +1,8 @@
 """Control messages of the transfer protocol and their wire encoding.
 
+(Slightly over 600 lines: every message with its bounds checks in one module, so the wire
+format is reviewed as one.)
+
 Every control message is one frame on a control connection (:mod:`kvtriton.transfer.control`):
 a fixed :data:`HEADER_BYTES` header (magic, protocol version, message kind, payload length)
 followed by a compact JSON payload (short keys, no spaces). Peers of one job are trusted
