@@ -582,3 +582,41 @@ def test_packed_shapes_follow_layout():
     seg = layout.segment("full")
     assert seg.shape == (2, 2, 7, 2, 8)
     assert math.prod(seg.shape) * 2 == seg.nbytes
+
+
+@pytest.mark.parametrize("offset", [0, 2], ids=["pieces-aligned", "pieces-misaligned"])
+def test_torch_backend_indexes_whole_pieces_only_when_every_piece_is_aligned(
+    offset: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The torch backend moves whole head rows when they start on a multiple of their width
+    and falls back to one index per unit otherwise (a pool view 4 bytes into its storage):
+    both bit-exact against the naive oracle."""
+    from kvtriton.kernels import torch_backend
+
+    widths: list[int] = []
+    indices = torch_backend._indices
+
+    def spy(*args: object) -> list:
+        rows = indices(*args)  # type: ignore[arg-type]
+        widths.extend(r[4] for r in rows)
+        return rows
+
+    monkeypatch.setattr(torch_backend, "_indices", spy)
+    shape = (3, 12, 2, 4, 4, 16)
+    gen = torch.Generator().manual_seed(offset)
+    storage = torch.randn(math.prod(shape) + offset, generator=gen).to(torch.bfloat16)
+    pool = storage[offset:].view(shape)
+    tokens = TokenRange(5, 27)
+    span = BlockSpan(1, torch.randperm(12, generator=gen)[:7].tolist())
+    out = K.gather(pool, span, tokens, backend="reference")
+    assert torch.equal(naive.bits(out), naive.bits(naive.gather(pool, span, tokens)))
+
+    def nan_pool() -> torch.Tensor:  # the same misalignment on the scatter side
+        nans = torch.full((math.prod(shape) + offset,), float("nan"), dtype=torch.bfloat16)
+        return nans[offset:].view(shape)
+
+    dst, want = nan_pool(), nan_pool()
+    K.scatter(out, dst, span, tokens, backend="reference")
+    naive.scatter(out, want, span, tokens)
+    assert torch.equal(naive.bits(dst), naive.bits(want))
+    assert widths and all((w > 1) == (offset == 0) for w in widths), widths

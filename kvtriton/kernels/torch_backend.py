@@ -83,11 +83,14 @@ def run(
         rows = cache.get(id(launch)) if cache is not None else None
         if rows is None:
             rows = _indices(plan, launch, device_tables)
-            if cache is not None and sum(s.numel() for _, s, _, _ in rows) <= CACHE_UNITS:
+            if cache is not None and sum(r[1].numel() for r in rows) <= CACHE_UNITS:
                 cache[id(launch)] = rows
-        for src_t, s_idx, dst_t, d_idx in rows:
+        for src_t, s_idx, dst_t, d_idx, width in rows:
             src = _flat(src_t, buffer, launch.unit)
             dst = _flat(dst_t, buffer, launch.unit)
+            if width > 1:  # indices of whole pieces
+                src = src[: src.numel() // width * width].view(-1, width)
+                dst = dst[: dst.numel() // width * width].view(-1, width)
             dst[d_idx] = src[s_idx]
 
 
@@ -100,11 +103,12 @@ def _flat(tensor: torch.Tensor | None, buffer: torch.Tensor | None, unit: int) -
 
 def _indices(
     plan: D.HostPlan, launch: D.Launch, device_tables: tuple[torch.Tensor, torch.Tensor]
-) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-    """Per descriptor row: (source tensor or None for the buffer, its unit indices,
-    destination tensor or None, its unit indices). The index math runs in numpy on the host
-    tables for CPU data (a numpy step on a small array costs a fraction of a torch op's
-    dispatch), in torch on the device tables otherwise."""
+) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, int]]:
+    """Per descriptor row: (source tensor or None for the buffer, its indices, destination
+    tensor or None, its indices, width): unit indices (width 1), or indices of whole pieces
+    of ``width`` units when every piece is aligned to its width on both sides. The index math
+    runs in numpy on the host tables for CPU data (a numpy step on a small array costs a
+    fraction of a torch op's dispatch), in torch on the device tables otherwise."""
     meta_t, ids_t = device_tables
     cpu = meta_t.device.type == "cpu"
     meta = np.frombuffer(plan.meta, dtype=np.int64)
@@ -133,16 +137,29 @@ def _indices(
             "h": (j % hpp) // pph,
             "p": j % pph,
         }
-        shape = (launch.unit, launch.piece, launch.vec)
+        piece = launch.piece
+        shape = (launch.unit, piece, launch.vec)
         s_off = _offsets(row, D.SRC, src_t, *tables, *shape, idx)
         d_off = _offsets(row, D.DST, dst_t, *tables, *shape, idx)
+        # Every piece starts on a multiple of its width on both sides (the usual case: rows
+        # of whole heads in aligned pools): index whole pieces of a [units / piece, piece]
+        # view, piece times fewer indices than one per unit.
         if cpu:
-            cols = np.arange(launch.piece, dtype=np.int64)
+            whole = piece > 1 and not (s_off % piece).any() and not (d_off % piece).any()
+            if whole:
+                out.append((src_t, torch.from_numpy(s_off // piece), dst_t,
+                            torch.from_numpy(d_off // piece), piece))  # fmt: skip
+                continue
+            cols = np.arange(piece, dtype=np.int64)
             s_idx = torch.from_numpy((s_off[:, None] + cols).reshape(-1))
             d_idx = torch.from_numpy((d_off[:, None] + cols).reshape(-1))
         else:
-            cols_t = torch.arange(launch.piece, device=meta_t.device, dtype=torch.int64)
+            whole = piece > 1 and not bool(((s_off % piece) | (d_off % piece)).any())
+            if whole:
+                out.append((src_t, s_off // piece, dst_t, d_off // piece, piece))
+                continue
+            cols_t = torch.arange(piece, device=meta_t.device, dtype=torch.int64)
             s_idx = (s_off[:, None] + cols_t).reshape(-1)
             d_idx = (d_off[:, None] + cols_t).reshape(-1)
-        out.append((src_t, s_idx, dst_t, d_idx))
+        out.append((src_t, s_idx, dst_t, d_idx, 1))
     return out
