@@ -505,10 +505,10 @@ class Sender:
                 )
                 self._ended(src, job)
         while self._leases and self._leases[0][0] <= now:
-            expires, _, rid = heapq.heappop(self._leases)
-            src = self.sources.get(rid)
-            if src is None or src.expired or src.expires != expires:
+            entry = heapq.heappop(self._leases)
+            if not self._lease_current(entry):
                 continue  # released meanwhile (or the id was registered again since)
+            src = self.sources[entry[2]]
             src.expired = True
             for job in list(src.jobs.values()):
                 if not job.session.is_terminal:
