@@ -144,22 +144,18 @@ def _indices(
         # Every piece starts on a multiple of its width on both sides (the usual case: rows
         # of whole heads in aligned pools): index whole pieces of a [units / piece, piece]
         # view, piece times fewer indices than one per unit.
-        if cpu:
-            whole = piece > 1 and not (s_off % piece).any() and not (d_off % piece).any()
-            if whole:
-                out.append((src_t, torch.from_numpy(s_off // piece), dst_t,
-                            torch.from_numpy(d_off // piece), piece))  # fmt: skip
-                continue
-            cols = np.arange(piece, dtype=np.int64)
-            s_idx = torch.from_numpy((s_off[:, None] + cols).reshape(-1))
-            d_idx = torch.from_numpy((d_off[:, None] + cols).reshape(-1))
+        if piece > 1 and not bool(((s_off % piece) | (d_off % piece)).any()):
+            s_idx, d_idx, width = s_off // piece, d_off // piece, piece
         else:
-            whole = piece > 1 and not bool(((s_off % piece) | (d_off % piece)).any())
-            if whole:
-                out.append((src_t, s_off // piece, dst_t, d_off // piece, piece))
-                continue
-            cols_t = torch.arange(piece, device=meta_t.device, dtype=torch.int64)
-            s_idx = (s_off[:, None] + cols_t).reshape(-1)
-            d_idx = (d_off[:, None] + cols_t).reshape(-1)
-        out.append((src_t, s_idx, dst_t, d_idx, 1))
+            cols: Any = (
+                np.arange(piece, dtype=np.int64)
+                if cpu
+                else torch.arange(piece, device=meta_t.device, dtype=torch.int64)
+            )
+            s_idx = (s_off[:, None] + cols).reshape(-1)
+            d_idx = (d_off[:, None] + cols).reshape(-1)
+            width = 1
+        if cpu:
+            s_idx, d_idx = torch.from_numpy(s_idx), torch.from_numpy(d_idx)
+        out.append((src_t, s_idx, dst_t, d_idx, width))
     return out
